@@ -1,0 +1,282 @@
+//! The daemon's settings: embedded defaults, then a TOML file, then
+//! `MAILBRIDGE_…` environment variables (`__` between levels).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use figment::{
+    Figment,
+    providers::{Env, Format as _, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Endpoint, Provider, Security};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub api: ApiConfig,
+    pub webhooks: Vec<WebhookConfig>,
+    pub tls: TlsConfig,
+    pub providers: ProvidersConfig,
+    pub sync: SyncConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Base of OAuth callbacks and attachment URLs.
+    pub public_url: String,
+    /// How long a graceful shutdown may take before the daemon stops anyway.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            public_url: "http://127.0.0.1:8787".into(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// 32 bytes, base64, that encrypt credentials at rest. When unset, a key is
+    /// generated on first start and kept in `<path>/secret.key` (mode 0600).
+    pub encryption_key: Option<String>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./mailbridge-data"),
+            encryption_key: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Accepted as `Authorization: Bearer <key>`, besides the key generated on first start.
+    pub keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// A Standard Webhooks secret: `whsec_` + base64 of the key.
+    pub secret: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM files trusted besides the system roots (private CAs, tests).
+    pub extra_roots: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvidersConfig {
+    pub gmail: ProviderOverrides,
+    pub outlook: ProviderOverrides,
+    pub imap: ProviderOverrides,
+}
+
+/// Per-provider settings; anything unset keeps the built-in preset.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderOverrides {
+    pub imap: Option<Endpoint>,
+    pub smtp: Option<Endpoint>,
+    pub daily_send_limit: Option<u32>,
+    /// How long one IDLE may last before the bridge re-issues it.
+    pub idle_secs: Option<u64>,
+}
+
+/// A provider's effective settings.
+#[derive(Clone, Debug)]
+pub struct ProviderSettings {
+    pub imap: Option<Endpoint>,
+    pub smtp: Option<Endpoint>,
+    pub daily_send_limit: Option<u32>,
+    pub idle: Duration,
+}
+
+impl ProvidersConfig {
+    pub fn settings(&self, provider: Provider) -> ProviderSettings {
+        let (preset, overrides) = match provider {
+            // Gmail drops an idle session after about 10 minutes and sends no
+            // keepalive; Exchange Online is reported to do the same.
+            Provider::Gmail => (
+                ProviderSettings {
+                    imap: Some(endpoint("imap.gmail.com", 993)),
+                    smtp: Some(endpoint("smtp.gmail.com", 465)),
+                    daily_send_limit: Some(500),
+                    idle: Duration::from_secs(9 * 60),
+                },
+                &self.gmail,
+            ),
+            Provider::Outlook => (
+                ProviderSettings {
+                    imap: Some(endpoint("outlook.office365.com", 993)),
+                    smtp: Some(Endpoint {
+                        host: "smtp.office365.com".into(),
+                        port: 587,
+                        security: Security::Starttls,
+                    }),
+                    daily_send_limit: Some(300),
+                    idle: Duration::from_secs(9 * 60),
+                },
+                &self.outlook,
+            ),
+            // RFC 2177: servers may end IDLE after 30 minutes; stay below 29.
+            Provider::Imap => (
+                ProviderSettings {
+                    imap: None,
+                    smtp: None,
+                    daily_send_limit: None,
+                    idle: Duration::from_secs(25 * 60),
+                },
+                &self.imap,
+            ),
+        };
+        ProviderSettings {
+            imap: overrides.imap.clone().or(preset.imap),
+            smtp: overrides.smtp.clone().or(preset.smtp),
+            daily_send_limit: overrides.daily_send_limit.or(preset.daily_send_limit),
+            idle: overrides
+                .idle_secs
+                .map(|s| Duration::from_secs(s.clamp(1, 29 * 60)))
+                .unwrap_or(preset.idle),
+        }
+    }
+}
+
+fn endpoint(host: &str, port: u16) -> Endpoint {
+    Endpoint {
+        host: host.into(),
+        port,
+        security: Security::Tls,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Timeout of every single IMAP network step (connect, login, select, fetch, DONE).
+    pub step_timeout_secs: u64,
+    /// Reconnect backoff: first delay and cap (jittered, doubling).
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Messages larger than this are not fetched; they are skipped with a logged reason.
+    pub max_message_bytes: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            step_timeout_secs: 60,
+            reconnect_min_ms: 1_000,
+            reconnect_max_ms: 5 * 60 * 1_000,
+            max_message_bytes: 50 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    pub timeout_secs: u64,
+    /// Retry backoff: first delay and cap (jittered, doubling).
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// An event still failing after this long is set aside (and logged) instead of retried.
+    pub give_up_after_hours: u64,
+    /// Deliveries in flight at once (to different threads).
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 15,
+            retry_min_ms: 5_000,
+            retry_max_ms: 60 * 60 * 1_000,
+            give_up_after_hours: 72,
+            concurrency: 16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `mailbridge=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `MAILBRIDGE_…` variables.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("MAILBRIDGE_").split("__"));
+        let config: Config = figment.extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for webhook in &self.webhooks {
+            anyhow::ensure!(
+                webhook.url.starts_with("http://") || webhook.url.starts_with("https://"),
+                "webhook url {:?} must start with http:// or https://",
+                webhook.url
+            );
+            crate::webhook::signing::SigningKey::from_secret(&webhook.secret)
+                .with_context(|| format!("webhook secret for {}", webhook.url))?;
+        }
+        anyhow::ensure!(
+            self.delivery.concurrency > 0,
+            "delivery.concurrency must be at least 1"
+        );
+        Ok(())
+    }
+}

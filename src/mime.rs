@@ -1,0 +1,293 @@
+//! Raw RFC 5322 bytes in, one normalized [`Message`] out. Lenient by design:
+//! whatever cannot be read is skipped with a reason in `parse_warnings`, and no
+//! input, however broken, panics.
+
+use chrono::{DateTime, Utc};
+use mailparse::{
+    DispositionType, MailAddr, MailHeader, MailHeaderMap, ParsedMail, addrparse_header, dateparse,
+};
+
+use crate::model::{AttachmentInfo, EmailAddress, Message, normalize_email};
+
+/// Parses a message. Never fails: an unreadable message yields an empty
+/// [`Message`] whose `parse_warnings` say why.
+pub fn parse(raw: &[u8]) -> Message {
+    // mailparse has panicked on hostile input in older versions; a panic must
+    // cost one message, never the mailbox's sync task.
+    match std::panic::catch_unwind(|| parse_inner(raw)) {
+        Ok(message) => message,
+        Err(_) => Message {
+            parse_warnings: vec!["the MIME parser panicked on this message".into()],
+            ..Message::default()
+        },
+    }
+}
+
+fn parse_inner(raw: &[u8]) -> Message {
+    let mut message = Message::default();
+    match mailparse::parse_mail(raw) {
+        Ok(mail) => {
+            read_headers(&mail.headers, &mut message);
+            let mut body = BodyParts::default();
+            walk(&mail, &mut body, &mut message.parse_warnings);
+            message.text = body.text;
+            message.html = body.html;
+            message.attachments = body.attachments;
+        }
+        Err(err) => {
+            // The body structure is unreadable (e.g. multipart nesting past the
+            // parser's limit): keep what the headers say.
+            message.parse_warnings.push(format!("body skipped: {err}"));
+            match mailparse::parse_headers(raw) {
+                Ok((headers, _)) => read_headers(&headers, &mut message),
+                Err(err) => message
+                    .parse_warnings
+                    .push(format!("headers unreadable: {err}")),
+            }
+        }
+    }
+    message
+}
+
+fn read_headers(headers: &[MailHeader<'_>], message: &mut Message) {
+    let warnings = &mut message.parse_warnings;
+    message.from = addresses(headers, "From", warnings).into_iter().next();
+    message.to = addresses(headers, "To", warnings);
+    message.cc = addresses(headers, "Cc", warnings);
+    message.bcc = addresses(headers, "Bcc", warnings);
+    message.message_id = headers
+        .get_first_value("Message-ID")
+        .and_then(|v| message_ids(&v).into_iter().next());
+    message.in_reply_to = headers
+        .get_first_value("In-Reply-To")
+        .and_then(|v| message_ids(&v).into_iter().next());
+    message.references = headers
+        .get_first_value("References")
+        .map(|v| message_ids(&v))
+        .unwrap_or_default();
+    message.subject = headers
+        .get_first_value("Subject")
+        .map(|s| s.trim().to_string());
+    message.date = headers.get_first_value("Date").and_then(|v| parse_date(&v));
+}
+
+fn parse_date(value: &str) -> Option<DateTime<Utc>> {
+    let seconds = dateparse(value).ok()?;
+    DateTime::<Utc>::from_timestamp(seconds, 0)
+}
+
+fn addresses(
+    headers: &[MailHeader<'_>],
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<EmailAddress> {
+    let mut out = Vec::new();
+    for header in headers.get_all_headers(name) {
+        match addrparse_header(header) {
+            Ok(list) => {
+                for entry in list.iter() {
+                    match entry {
+                        MailAddr::Single(single) => {
+                            push_address(&mut out, &single.addr, single.display_name.as_deref())
+                        }
+                        MailAddr::Group(group) => {
+                            for single in &group.addrs {
+                                push_address(
+                                    &mut out,
+                                    &single.addr,
+                                    single.display_name.as_deref(),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                // Fall back to anything that looks like an address, so a sloppy
+                // header still matches contacts.
+                let value = header.get_value();
+                let found = lenient_addresses(&value);
+                warnings.push(format!(
+                    "{name} header malformed ({err}); read {} address(es) leniently",
+                    found.len()
+                ));
+                for email in found {
+                    push_address(&mut out, &email, None);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn push_address(out: &mut Vec<EmailAddress>, email: &str, name: Option<&str>) {
+    let email = normalize_email(email);
+    if !email.contains('@') || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return;
+    }
+    let name = name
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    out.push(EmailAddress { email, name });
+}
+
+fn lenient_addresses(value: &str) -> Vec<String> {
+    value
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '<' | '>' | '"' | '(' | ')'))
+        .filter(|token| {
+            let mut parts = token.splitn(2, '@');
+            matches!((parts.next(), parts.next()), (Some(local), Some(domain)) if !local.is_empty() && domain.contains('.') && !domain.contains('@'))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Message ids with their angle brackets (`<id@host>`), in header order.
+/// Reads `<…>` tokens and falls back to bare tokens, since real mail carries
+/// ids that strict RFC 5322 parsers reject.
+pub fn message_ids(value: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find('<') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('>') else { break };
+        let id = after[..end].trim();
+        if !id.is_empty() && !id.chars().any(char::is_whitespace) {
+            ids.push(format!("<{id}>"));
+        }
+        rest = &after[end + 1..];
+    }
+    if ids.is_empty() {
+        ids = value
+            .split_whitespace()
+            .filter(|token| token.contains('@'))
+            .map(|token| format!("<{}>", token.trim_matches(|c| c == '<' || c == '>')))
+            .collect();
+    }
+    ids
+}
+
+#[derive(Default)]
+struct BodyParts {
+    text: Option<String>,
+    html: Option<String>,
+    attachments: Vec<AttachmentInfo>,
+}
+
+fn walk(part: &ParsedMail<'_>, out: &mut BodyParts, warnings: &mut Vec<String>) {
+    if !part.subparts.is_empty() {
+        for sub in &part.subparts {
+            walk(sub, out, warnings);
+        }
+        return;
+    }
+    let disposition = part.get_content_disposition();
+    let filename = disposition
+        .params
+        .get("filename")
+        .or_else(|| part.ctype.params.get("name"))
+        .cloned();
+    let mimetype = part.ctype.mimetype.to_ascii_lowercase();
+    let is_body_text = disposition.disposition == DispositionType::Inline && filename.is_none();
+    match mimetype.as_str() {
+        "text/plain" if is_body_text && out.text.is_none() => match part.get_body() {
+            Ok(text) => out.text = Some(text),
+            Err(err) => warnings.push(format!("text/plain part skipped: {err}")),
+        },
+        "text/html" if is_body_text && out.html.is_none() => match part.get_body() {
+            Ok(html) => out.html = Some(html),
+            Err(err) => warnings.push(format!("text/html part skipped: {err}")),
+        },
+        _ => match part.get_body_raw() {
+            Ok(bytes) => {
+                let index = out.attachments.len();
+                out.attachments.push(AttachmentInfo {
+                    index,
+                    filename: filename.unwrap_or_else(|| format!("attachment-{index}")),
+                    content_type: mimetype,
+                    size: bytes.len(),
+                });
+            }
+            Err(err) => warnings.push(format!("{mimetype} part skipped: {err}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_names_ids_and_encoded_subject() {
+        let raw = concat!(
+            "From: =?utf-8?q?J=C3=B6rg?= <Joerg@Example.COM>\r\n",
+            "To: \"Doe, Jane\" <jane@example.net>, bob@example.org\r\n",
+            "Cc: Team: alice@example.org;\r\n",
+            "Subject: =?utf-8?b?R3LDtsOfZQ==?=\r\n",
+            "Message-ID: <abc@mail>\r\n",
+            "In-Reply-To: <orig@x>\r\n",
+            "References: <root@x>\r\n <orig@x>\r\n",
+            "Date: Tue, 5 May 2026 10:11:12 +0200\r\n",
+            "\r\n",
+            "hello\r\n",
+        );
+        let m = parse(raw.as_bytes());
+        let from = m.from.clone().unwrap();
+        assert_eq!(from.email, "joerg@example.com");
+        assert_eq!(from.name.as_deref(), Some("Jörg"));
+        assert_eq!(m.to.len(), 2);
+        assert_eq!(m.to[0].name.as_deref(), Some("Doe, Jane"));
+        assert_eq!(m.cc[0].email, "alice@example.org");
+        assert_eq!(m.subject.as_deref(), Some("Größe"));
+        assert_eq!(m.message_id.as_deref(), Some("<abc@mail>"));
+        assert_eq!(m.in_reply_to.as_deref(), Some("<orig@x>"));
+        assert_eq!(m.references, vec!["<root@x>", "<orig@x>"]);
+        assert_eq!(m.date.unwrap().to_rfc3339(), "2026-05-05T08:11:12+00:00");
+        assert_eq!(m.text.as_deref(), Some("hello\r\n"));
+        assert!(m.parse_warnings.is_empty(), "{:?}", m.parse_warnings);
+    }
+
+    #[test]
+    fn lenient_message_ids() {
+        assert_eq!(message_ids("<a@b> <c@d>"), vec!["<a@b>", "<c@d>"]);
+        assert_eq!(message_ids("a@b"), vec!["<a@b>"]);
+        assert_eq!(message_ids("<a@b"), vec!["<a@b>"]);
+        assert_eq!(message_ids("<>"), Vec::<String>::new());
+        assert_eq!(message_ids(""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn deep_nesting_keeps_the_headers() {
+        let mut raw = String::from("From: ann@x.test\r\nMessage-ID: <deep@x>\r\n");
+        for i in 0..150 {
+            raw.push_str(&format!(
+                "Content-Type: multipart/mixed; boundary=x{i}y\r\n\r\n--x{i}y\r\n"
+            ));
+        }
+        let m = parse(raw.as_bytes());
+        assert_eq!(m.from.unwrap().email, "ann@x.test");
+        assert_eq!(m.message_id.as_deref(), Some("<deep@x>"));
+        assert!(!m.parse_warnings.is_empty());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for raw in [
+            &b""[..],
+            b"\xff\xfe\x00\x01",
+            b"To: <<<@@@>>>, \"unterminated\r\n\r\nb",
+            b"Content-Transfer-Encoding: base64\r\n\r\n!!!notbase64***",
+            b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\n",
+        ] {
+            let _ = parse(raw);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = parse(&raw);
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Plain data shared by every room: contacts, mailboxes, integrations, the normalized
+//! message and the events the CRM receives. Depends on nothing else in the crate.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A contact of one location, as the CRM pushed it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub location_id: String,
+    pub id: String,
+    /// Lower-cased, trimmed addresses; the first one is the contact's main address.
+    pub emails: Vec<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub assigned_user_ids: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Contact {
+    pub fn has_email(&self, email: &str) -> bool {
+        self.emails.iter().any(|e| e == email)
+    }
+
+    pub fn is_assigned_to(&self, user_id: &str) -> bool {
+        self.assigned_user_ids.iter().any(|u| u == user_id)
+    }
+}
+
+/// Normalizes an address for comparisons and index keys.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_ascii_lowercase()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Gmail,
+    Outlook,
+    Imap,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Gmail => "gmail",
+            Provider::Outlook => "outlook",
+            Provider::Imap => "imap",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Implicit TLS from the first byte (993, 465).
+    Tls,
+    /// Plain connection upgraded with STARTTLS before anything secret is sent.
+    Starttls,
+    /// No TLS at all; only ever allowed towards a loopback address.
+    Plain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+}
+
+/// How the bridge logs in to a mailbox. Kept encrypted at rest by the store.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Credentials {
+    Password { username: String, password: String },
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never let a secret reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Password { username, .. } => f
+                .debug_struct("Password")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailboxState {
+    Connecting,
+    Active,
+    NeedsReauth,
+    Error,
+}
+
+/// One real email account. Synced by one set of IMAP sessions however many
+/// integrations point at it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mailbox {
+    /// Lower-cased address; the mailbox's key.
+    pub address: String,
+    pub provider: Provider,
+    pub credentials: Credentials,
+    pub imap: Endpoint,
+    pub smtp: Endpoint,
+    pub daily_send_limit: Option<u32>,
+    pub state: MailboxState,
+    pub last_error: Option<String>,
+    pub connected_at: DateTime<Utc>,
+}
+
+/// Which of a mailbox's folders a message was found in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FolderRole {
+    Inbox,
+    Sent,
+}
+
+impl FolderRole {
+    pub const ALL: [FolderRole; 2] = [FolderRole::Inbox, FolderRole::Sent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FolderRole::Inbox => "inbox",
+            FolderRole::Sent => "sent",
+        }
+    }
+}
+
+/// Where a folder's sync stands: every UID below `next_uid` was handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderCursor {
+    pub uid_validity: u32,
+    pub next_uid: u32,
+}
+
+/// (location, user) → mailbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Integration {
+    pub location_id: String,
+    pub user_id: String,
+    pub mailbox: String,
+    pub connected_at: DateTime<Utc>,
+    /// The folders' UIDNEXT when this integration was connected: mail below it
+    /// arrived earlier and never syncs for this integration (R2).
+    pub baseline: Vec<(FolderRole, FolderCursor)>,
+    /// The integration's Auto BCC address (R15).
+    pub smart_bcc_address: String,
+}
+
+impl Integration {
+    /// Whether a message at `uid` of `folder` arrived after this integration was connected (R2).
+    pub fn accepts(&self, folder: FolderRole, uid_validity: u32, uid: u32) -> bool {
+        match self.baseline.iter().find(|(role, _)| *role == folder) {
+            Some((_, start)) if start.uid_validity == uid_validity => uid >= start.next_uid,
+            // The folder was recreated since (new UIDVALIDITY): everything in it is newer.
+            Some(_) => true,
+            // Folder unknown at connect time (e.g. no Sent folder then): accept.
+            None => true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailAddress {
+    pub email: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    pub index: usize,
+    pub filename: String,
+    pub content_type: String,
+    pub size: usize,
+}
+
+/// A parsed email, reduced to what sync needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub from: Option<EmailAddress>,
+    pub to: Vec<EmailAddress>,
+    pub cc: Vec<EmailAddress>,
+    pub bcc: Vec<EmailAddress>,
+    /// With angle brackets, as in the header: `<id@host>`.
+    pub message_id: Option<String>,
+    pub in_reply_to: Option<String>,
+    pub references: Vec<String>,
+    pub subject: Option<String>,
+    pub date: Option<DateTime<Utc>>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub attachments: Vec<AttachmentInfo>,
+    /// Why parts of the message were skipped; empty for a clean message.
+    pub parse_warnings: Vec<String>,
+}
+
+impl Message {
+    /// The ids that tie this message to a thread, most specific first.
+    pub fn thread_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        if let Some(id) = &self.in_reply_to {
+            keys.push(id.clone());
+        }
+        for id in self.references.iter().rev() {
+            if !keys.contains(id) {
+                keys.push(id.clone());
+            }
+        }
+        if let Some(id) = &self.message_id
+            && !keys.contains(id)
+        {
+            keys.push(id.clone());
+        }
+        keys
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Mailbox,
+    Crm,
+    AutoBcc,
+}
+
+/// One conversation of a thread: which contact of which location it lands in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRoute {
+    pub location_id: String,
+    pub user_id: String,
+    pub contact_id: String,
+}
+
+/// A synced email conversation in one mailbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thread {
+    pub id: String,
+    pub mailbox: String,
+    pub routes: Vec<ThreadRoute>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the CRM receives for one synced message (the webhook `data`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageEventData {
+    pub id: String,
+    pub location_id: String,
+    pub user_id: String,
+    pub contact_id: String,
+    pub thread_id: String,
+    pub mailbox: String,
+    pub direction: Direction,
+    pub origin: Origin,
+    pub message_id: Option<String>,
+    pub in_reply_to: Option<String>,
+    pub references: Vec<String>,
+    pub from: Option<EmailAddress>,
+    pub to: Vec<EmailAddress>,
+    pub cc: Vec<EmailAddress>,
+    pub bcc: Vec<EmailAddress>,
+    pub subject: Option<String>,
+    pub date: Option<DateTime<Utc>>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub attachments: Vec<AttachmentEventInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentEventInfo {
+    pub index: usize,
+    pub filename: String,
+    pub content_type: String,
+    pub size: usize,
+    pub url: String,
+}
+
+/// An event waiting in the outbox for the CRM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `webhook-id`: stable across retries so the CRM can drop repeats.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub timestamp: DateTime<Utc>,
+    /// Events with the same key are delivered one after another, in order
+    /// (a thread id, or the mailbox for lifecycle events).
+    pub ordering_key: String,
+    pub data: serde_json::Value,
+}
+
+impl Event {
+    /// The webhook body: `{"type", "timestamp", "data"}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": self.kind,
+            "timestamp": self.timestamp,
+            "data": self.data,
+        })
+    }
+}

@@ -1,0 +1,736 @@
+//! The sync rules (R1–R21) as one pure function: a parsed message plus what the
+//! directory knows in, decisions out. No I/O, no clock, no randomness: the caller
+//! loads the directory and the thread, and mints ids for new threads.
+
+use std::fmt;
+
+use crate::model::{
+    Contact, Direction, FolderRole, Integration, Message, Origin, Thread, ThreadRoute,
+    normalize_email,
+};
+
+/// A message as found in a mailbox folder.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    pub message: &'a Message,
+    pub folder: FolderRole,
+    pub uid_validity: u32,
+    pub uid: u32,
+}
+
+/// What the directory holds that matters for one message: the mailbox's
+/// integrations and every contact (of those integrations' locations) that has one
+/// of the message's addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Directory<'a> {
+    pub mailbox: &'a str,
+    pub integrations: &'a [Integration],
+    pub contacts: &'a [Contact],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub route: ThreadRoute,
+    pub direction: Direction,
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ThreadDecision {
+    /// The message belongs to a thread that already syncs (R6).
+    Continue { thread_id: String },
+    /// The message starts a new synced thread with these conversations.
+    Start,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Routing {
+    Ignore(IgnoreReason),
+    Deliver {
+        thread: ThreadDecision,
+        deliveries: Vec<Delivery>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IgnoreReason {
+    /// No integration uses the mailbox any more (R18, R19).
+    NoIntegration,
+    /// Arrived before every integration was connected (R2).
+    BeforeConnect,
+    /// Mail the user sent, seen in the inbox (the Sent folder reports it).
+    OwnMessageInInbox,
+    /// No From address to match.
+    NoSender,
+    /// The sender is no contact assigned to the integration's user (R3).
+    SenderNotContact,
+    /// No recipient is a contact assigned to the integration's user (R4).
+    NoRecipientContact,
+    /// The message's thread syncs, but to no integration that still uses this mailbox.
+    ThreadDetached,
+}
+
+impl fmt::Display for IgnoreReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IgnoreReason::NoIntegration => "no integration uses this mailbox",
+            IgnoreReason::BeforeConnect => "arrived before the integration was connected (R2)",
+            IgnoreReason::OwnMessageInInbox => {
+                "sent by the mailbox itself; the Sent folder reports it"
+            }
+            IgnoreReason::NoSender => "no From address",
+            IgnoreReason::SenderNotContact => {
+                "sender is not a contact assigned to the integration's user (R3)"
+            }
+            IgnoreReason::NoRecipientContact => {
+                "no recipient is a contact assigned to the integration's user (R4)"
+            }
+            IgnoreReason::ThreadDetached => {
+                "its thread syncs to no integration that still uses this mailbox"
+            }
+        })
+    }
+}
+
+/// Decides where a message goes.
+pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&Thread>) -> Routing {
+    let message = incoming.message;
+    let mailbox = normalize_email(directory.mailbox);
+    if directory.integrations.is_empty() {
+        return Routing::Ignore(IgnoreReason::NoIntegration);
+    }
+    let live: Vec<&Integration> = directory
+        .integrations
+        .iter()
+        .filter(|i| i.mailbox == mailbox)
+        .filter(|i| i.accepts(incoming.folder, incoming.uid_validity, incoming.uid))
+        .collect();
+    if live.is_empty() {
+        return Routing::Ignore(IgnoreReason::BeforeConnect);
+    }
+    let sender = message.from.as_ref().map(|a| normalize_email(&a.email));
+    let direction = match incoming.folder {
+        FolderRole::Sent => Direction::Outbound,
+        FolderRole::Inbox if sender.as_deref() == Some(mailbox.as_str()) => {
+            return Routing::Ignore(IgnoreReason::OwnMessageInInbox);
+        }
+        FolderRole::Inbox => Direction::Inbound,
+    };
+
+    if let Some(thread) = thread {
+        return r06_continue_thread(thread, &live, direction);
+    }
+
+    let deliveries: Vec<Delivery> = match direction {
+        Direction::Inbound => {
+            let Some(sender) = sender else {
+                return Routing::Ignore(IgnoreReason::NoSender);
+            };
+            r03_r11_inbound_from_contact(&sender, &live, directory.contacts)
+        }
+        Direction::Outbound => r04_r09_outbound_to_contact(message, &live, directory.contacts),
+    };
+    if deliveries.is_empty() {
+        return Routing::Ignore(match direction {
+            Direction::Inbound => IgnoreReason::SenderNotContact,
+            Direction::Outbound => IgnoreReason::NoRecipientContact,
+        });
+    }
+    Routing::Deliver {
+        thread: ThreadDecision::Start,
+        deliveries,
+    }
+}
+
+/// R6: later messages of a synced thread, from anyone, go to the thread's
+/// conversations, as long as their integration still uses this mailbox (R18, R19).
+fn r06_continue_thread(thread: &Thread, live: &[&Integration], direction: Direction) -> Routing {
+    let deliveries: Vec<Delivery> = thread
+        .routes
+        .iter()
+        .filter(|r| {
+            live.iter()
+                .any(|i| i.location_id == r.location_id && i.user_id == r.user_id)
+        })
+        .map(|r| Delivery {
+            route: r.clone(),
+            direction,
+            origin: Origin::Mailbox,
+        })
+        .collect();
+    if deliveries.is_empty() {
+        return Routing::Ignore(IgnoreReason::ThreadDetached);
+    }
+    Routing::Deliver {
+        thread: ThreadDecision::Continue {
+            thread_id: thread.id.clone(),
+        },
+        deliveries,
+    }
+}
+
+/// R3 + R11: a message from a contact goes to every location where the sender
+/// is a contact assigned to that location's integrated user.
+fn r03_r11_inbound_from_contact(
+    sender: &str,
+    live: &[&Integration],
+    contacts: &[Contact],
+) -> Vec<Delivery> {
+    live.iter()
+        .filter_map(|integration| {
+            r10_first_created(contacts, integration, sender).map(|contact| Delivery {
+                route: ThreadRoute {
+                    location_id: integration.location_id.clone(),
+                    user_id: integration.user_id.clone(),
+                    contact_id: contact.id.clone(),
+                },
+                direction: Direction::Inbound,
+                origin: Origin::Mailbox,
+            })
+        })
+        .collect()
+}
+
+/// R4 + R9 (+ R7, R16): mail sent from the mailbox goes to the conversation of
+/// the first recipient that is a contact: To first, then Cc, then Bcc, in header
+/// order. Cc/Bcc addresses never create contacts; they only match existing ones.
+fn r04_r09_outbound_to_contact(
+    message: &Message,
+    live: &[&Integration],
+    contacts: &[Contact],
+) -> Vec<Delivery> {
+    let recipients: Vec<String> = message
+        .to
+        .iter()
+        .chain(&message.cc)
+        .chain(&message.bcc)
+        .map(|a| normalize_email(&a.email))
+        .collect();
+    live.iter()
+        .filter_map(|integration| {
+            recipients
+                .iter()
+                .find_map(|address| r10_first_created(contacts, integration, address))
+                .map(|contact| Delivery {
+                    route: ThreadRoute {
+                        location_id: integration.location_id.clone(),
+                        user_id: integration.user_id.clone(),
+                        contact_id: contact.id.clone(),
+                    },
+                    direction: Direction::Outbound,
+                    origin: Origin::Mailbox,
+                })
+        })
+        .collect()
+}
+
+/// R10: where several contacts of a location share an address, the one created
+/// first wins (ties broken by id so the choice is stable).
+fn r10_first_created<'c>(
+    contacts: &'c [Contact],
+    integration: &Integration,
+    address: &str,
+) -> Option<&'c Contact> {
+    contacts
+        .iter()
+        .filter(|c| c.location_id == integration.location_id)
+        .filter(|c| c.is_assigned_to(&integration.user_id))
+        .filter(|c| c.has_email(address))
+        .min_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EmailAddress, FolderCursor};
+    use chrono::{TimeZone, Utc};
+
+    const MAILBOX: &str = "me@example.test";
+
+    fn addr(email: &str) -> EmailAddress {
+        EmailAddress {
+            email: email.into(),
+            name: None,
+        }
+    }
+
+    fn contact(location: &str, id: &str, email: &str, users: &[&str], created_day: u32) -> Contact {
+        Contact {
+            location_id: location.into(),
+            id: id.into(),
+            emails: vec![email.into()],
+            name: None,
+            assigned_user_ids: users.iter().map(|u| u.to_string()).collect(),
+            created_at: Utc.with_ymd_and_hms(2026, 1, created_day, 0, 0, 0).unwrap(),
+        }
+    }
+
+    fn integration(location: &str, user: &str, inbox_start: u32) -> Integration {
+        Integration {
+            location_id: location.into(),
+            user_id: user.into(),
+            mailbox: MAILBOX.into(),
+            connected_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            baseline: vec![
+                (
+                    FolderRole::Inbox,
+                    FolderCursor {
+                        uid_validity: 1,
+                        next_uid: inbox_start,
+                    },
+                ),
+                (
+                    FolderRole::Sent,
+                    FolderCursor {
+                        uid_validity: 1,
+                        next_uid: 1,
+                    },
+                ),
+            ],
+            smart_bcc_address: "bcc@bridge.test".into(),
+        }
+    }
+
+    fn message(from: &str, to: &[&str], cc: &[&str], bcc: &[&str]) -> Message {
+        Message {
+            from: Some(addr(from)),
+            to: to.iter().map(|a| addr(a)).collect(),
+            cc: cc.iter().map(|a| addr(a)).collect(),
+            bcc: bcc.iter().map(|a| addr(a)).collect(),
+            message_id: Some("<m@x>".into()),
+            ..Message::default()
+        }
+    }
+
+    /// (location, user, contact) triples of the deliveries, or the ignore reason.
+    fn outcome(
+        message: &Message,
+        folder: FolderRole,
+        uid: u32,
+        integrations: &[Integration],
+        contacts: &[Contact],
+        thread: Option<&Thread>,
+    ) -> Result<Vec<(String, String, String, Direction)>, IgnoreReason> {
+        let routing = route(
+            Incoming {
+                message,
+                folder,
+                uid_validity: 1,
+                uid,
+            },
+            Directory {
+                mailbox: MAILBOX,
+                integrations,
+                contacts,
+            },
+            thread,
+        );
+        match routing {
+            Routing::Ignore(reason) => Err(reason),
+            Routing::Deliver { deliveries, .. } => Ok(deliveries
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.route.location_id,
+                        d.route.user_id,
+                        d.route.contact_id,
+                        d.direction,
+                    )
+                })
+                .collect()),
+        }
+    }
+
+    fn to(
+        location: &str,
+        user: &str,
+        contact: &str,
+        direction: Direction,
+    ) -> (String, String, String, Direction) {
+        (location.into(), user.into(), contact.into(), direction)
+    }
+
+    struct Case {
+        name: &'static str,
+        message: Message,
+        folder: FolderRole,
+        uid: u32,
+        integrations: Vec<Integration>,
+        contacts: Vec<Contact>,
+        expect: Result<Vec<(String, String, String, Direction)>, IgnoreReason>,
+    }
+
+    fn run(cases: Vec<Case>) {
+        for case in cases {
+            let got = outcome(
+                &case.message,
+                case.folder,
+                case.uid,
+                &case.integrations,
+                &case.contacts,
+                None,
+            );
+            assert_eq!(got, case.expect, "case: {}", case.name);
+        }
+    }
+
+    #[test]
+    fn r02_mail_older_than_the_connection_never_syncs() {
+        let ann = contact("L1", "c1", "ann@x.test", &["u1"], 1);
+        run(vec![
+            Case {
+                name: "uid below the baseline",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 9,
+                integrations: vec![integration("L1", "u1", 10)],
+                contacts: vec![ann.clone()],
+                expect: Err(IgnoreReason::BeforeConnect),
+            },
+            Case {
+                name: "uid at the baseline",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 10,
+                integrations: vec![integration("L1", "u1", 10)],
+                contacts: vec![ann],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r03_inbound_only_from_contacts_assigned_to_the_user() {
+        run(vec![
+            Case {
+                name: "assigned contact",
+                message: message("Ann@X.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            },
+            Case {
+                name: "stranger",
+                message: message("eve@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::SenderNotContact),
+            },
+            Case {
+                name: "contact assigned to another user",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u2"], 1)],
+                expect: Err(IgnoreReason::SenderNotContact),
+            },
+            Case {
+                name: "contact of another location",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L2", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::SenderNotContact),
+            },
+            Case {
+                name: "no From",
+                message: Message::default(),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![],
+                expect: Err(IgnoreReason::NoSender),
+            },
+            Case {
+                name: "the user's own mail in the inbox",
+                message: message(MAILBOX, &["ann@x.test"], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::OwnMessageInInbox),
+            },
+            Case {
+                name: "no integration",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::NoIntegration),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r04_mail_sent_from_the_mailbox_to_a_contact_is_outbound() {
+        run(vec![
+            Case {
+                name: "sent to a contact",
+                message: message(MAILBOX, &["ann@x.test"], &[], &[]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+            },
+            Case {
+                name: "sent to a stranger",
+                message: message(MAILBOX, &["eve@x.test"], &[], &[]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::NoRecipientContact),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r07_cc_and_bcc_contacts_match_but_nothing_is_created() {
+        run(vec![
+            Case {
+                name: "only contact is in Cc",
+                message: message(MAILBOX, &["eve@x.test"], &["ann@x.test"], &[]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+            },
+            Case {
+                name: "only contact is in Bcc",
+                message: message(MAILBOX, &["eve@x.test"], &[], &["ann@x.test"]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+            },
+            Case {
+                name: "no contact anywhere: nothing created, nothing synced",
+                message: message(MAILBOX, &["eve@x.test"], &["bob@x.test"], &[]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![],
+                expect: Err(IgnoreReason::NoRecipientContact),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r08_contact_writing_to_others_with_the_user_in_cc_syncs() {
+        run(vec![Case {
+            name: "user in Cc",
+            message: message("ann@x.test", &["eve@x.test"], &[MAILBOX], &[]),
+            folder: FolderRole::Inbox,
+            uid: 1,
+            integrations: vec![integration("L1", "u1", 1)],
+            contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+            expect: Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+        }]);
+    }
+
+    #[test]
+    fn r09_first_to_contact_owns_the_conversation() {
+        let contacts = vec![
+            contact("L1", "c-bob", "bob@x.test", &["u1"], 1),
+            contact("L1", "c-ann", "ann@x.test", &["u1"], 2),
+            contact("L1", "c-cat", "cat@x.test", &["u1"], 3),
+        ];
+        run(vec![
+            Case {
+                name: "To order decides, not creation order",
+                message: message(
+                    MAILBOX,
+                    &["eve@x.test", "ann@x.test", "bob@x.test"],
+                    &[],
+                    &[],
+                ),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: contacts.clone(),
+                expect: Ok(vec![to("L1", "u1", "c-ann", Direction::Outbound)]),
+            },
+            Case {
+                name: "To beats an earlier Cc",
+                message: message(MAILBOX, &["cat@x.test"], &["bob@x.test"], &[]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: contacts.clone(),
+                expect: Ok(vec![to("L1", "u1", "c-cat", Direction::Outbound)]),
+            },
+            Case {
+                name: "Cc beats Bcc",
+                message: message(MAILBOX, &["eve@x.test"], &["cat@x.test"], &["bob@x.test"]),
+                folder: FolderRole::Sent,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts,
+                expect: Ok(vec![to("L1", "u1", "c-cat", Direction::Outbound)]),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r10_duplicate_contacts_first_created_wins() {
+        run(vec![
+            Case {
+                name: "older contact wins whatever the list order",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![
+                    contact("L1", "c-new", "ann@x.test", &["u1"], 5),
+                    contact("L1", "c-old", "ann@x.test", &["u1"], 2),
+                ],
+                expect: Ok(vec![to("L1", "u1", "c-old", Direction::Inbound)]),
+            },
+            Case {
+                name: "same creation time: lowest id",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![
+                    contact("L1", "c-b", "ann@x.test", &["u1"], 2),
+                    contact("L1", "c-a", "ann@x.test", &["u1"], 2),
+                ],
+                expect: Ok(vec![to("L1", "u1", "c-a", Direction::Inbound)]),
+            },
+            Case {
+                name: "older contact not assigned to the user does not count",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![
+                    contact("L1", "c-old", "ann@x.test", &["u9"], 1),
+                    contact("L1", "c-new", "ann@x.test", &["u1"], 5),
+                ],
+                expect: Ok(vec![to("L1", "u1", "c-new", Direction::Inbound)]),
+            },
+        ]);
+    }
+
+    #[test]
+    fn r11_inbound_fans_out_to_every_location_where_the_sender_is_assigned() {
+        run(vec![Case {
+            name: "two of three locations",
+            message: message("ann@x.test", &[MAILBOX], &[], &[]),
+            folder: FolderRole::Inbox,
+            uid: 1,
+            integrations: vec![
+                integration("L1", "u1", 1),
+                integration("L2", "u1", 1),
+                integration("L3", "u1", 1),
+            ],
+            contacts: vec![
+                contact("L1", "c1", "ann@x.test", &["u1"], 1),
+                contact("L2", "c2", "ann@x.test", &["u1"], 1),
+                contact("L3", "c3", "ann@x.test", &["u7"], 1),
+            ],
+            expect: Ok(vec![
+                to("L1", "u1", "c1", Direction::Inbound),
+                to("L2", "u1", "c2", Direction::Inbound),
+            ]),
+        }]);
+    }
+
+    fn thread(routes: &[(&str, &str, &str)]) -> Thread {
+        Thread {
+            id: "thr_1".into(),
+            mailbox: MAILBOX.into(),
+            routes: routes
+                .iter()
+                .map(|(l, u, c)| ThreadRoute {
+                    location_id: l.to_string(),
+                    user_id: u.to_string(),
+                    contact_id: c.to_string(),
+                })
+                .collect(),
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn r06_later_messages_of_a_synced_thread_keep_its_thread_and_conversation() {
+        let integrations = vec![integration("L1", "u1", 1)];
+        let known = thread(&[("L1", "u1", "c1")]);
+        let cases: Vec<(&str, Message, FolderRole, Result<Vec<_>, IgnoreReason>)> = vec![
+            (
+                "reply from a non-contact colleague in the thread",
+                message("colleague@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            ),
+            (
+                "the user's reply from the mailbox",
+                message(MAILBOX, &["colleague@x.test"], &[], &[]),
+                FolderRole::Sent,
+                Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+            ),
+        ];
+        for (name, message, folder, expect) in cases {
+            let got = outcome(&message, folder, 1, &integrations, &[], Some(&known));
+            assert_eq!(got, expect, "case: {name}");
+            let routing = route(
+                Incoming {
+                    message: &message,
+                    folder,
+                    uid_validity: 1,
+                    uid: 1,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &integrations,
+                    contacts: &[],
+                },
+                Some(&known),
+            );
+            assert!(
+                matches!(routing, Routing::Deliver { thread: ThreadDecision::Continue { ref thread_id }, .. } if thread_id == "thr_1"),
+                "case {name}: {routing:?}"
+            );
+        }
+        let detached = thread(&[("L9", "u1", "c1")]);
+        let got = outcome(
+            &message("ann@x.test", &[MAILBOX], &[], &[]),
+            FolderRole::Inbox,
+            1,
+            &integrations,
+            &[],
+            Some(&detached),
+        );
+        assert_eq!(
+            got,
+            Err(IgnoreReason::ThreadDetached),
+            "thread of a gone integration"
+        );
+    }
+
+    #[test]
+    fn r06_thread_keys_prefer_in_reply_to_then_references_newest_first() {
+        let m = Message {
+            message_id: Some("<c@x>".into()),
+            in_reply_to: Some("<b@x>".into()),
+            references: vec!["<a@x>".into(), "<b@x>".into()],
+            ..Message::default()
+        };
+        assert_eq!(m.thread_keys(), vec!["<b@x>", "<a@x>", "<c@x>"]);
+    }
+}

@@ -1,0 +1,146 @@
+//! Everything the bridge must remember, behind one narrow trait. The sled engine
+//! lives in [`sled_store`]; the trait's test suite in [`suite`] runs against it.
+//!
+//! Durability contract: when a method that changes state returns `Ok`, the change
+//! is on disk (flushed). Callers acknowledge to the outside world only after that.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Contact, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, Thread,
+};
+
+pub mod secret_box;
+pub mod sled_store;
+#[cfg(test)]
+mod suite;
+
+pub use sled_store::SledStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("stored record unreadable: {0}")]
+    Corrupt(String),
+    #[error("file storage: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("credentials cannot be decrypted with the configured key")]
+    Decrypt,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One message's effect, committed atomically: where the folder's cursor moves,
+/// the thread it joins or starts, and the events it produces. Either all of it
+/// is stored or none, so a crash re-handles the message, never loses or doubles it.
+#[derive(Clone, Debug)]
+pub struct IngestCommit {
+    pub mailbox: String,
+    pub folder: FolderRole,
+    pub cursor: FolderCursor,
+    pub thread: Option<Thread>,
+    /// Message ids to file under `thread` in the thread index.
+    pub message_ids: Vec<String>,
+    pub events: Vec<Event>,
+}
+
+/// An event in the outbox, with its delivery progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub event: Event,
+    pub attempts: u32,
+    /// Unix milliseconds before which no new attempt is made.
+    pub next_attempt_ms: i64,
+    /// Webhook URLs that already acknowledged the event.
+    pub delivered_to: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+impl OutboxEntry {
+    pub fn new(event: Event) -> Self {
+        Self {
+            event,
+            attempts: 0,
+            next_attempt_ms: 0,
+            delivered_to: Vec::new(),
+            last_error: None,
+        }
+    }
+}
+
+/// Outcome of removing an integration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Disconnected {
+    pub integration: Integration,
+    /// No integration uses the mailbox any more: its credentials and cursors are gone.
+    pub mailbox_released: bool,
+}
+
+pub trait Store: Send + Sync + 'static {
+    // --- the CRM's directory
+    /// Upserts contacts (the bulk path; one contact is a slice of one).
+    fn put_contacts(&self, contacts: &[Contact]) -> StoreResult<()>;
+    fn contact(&self, location_id: &str, contact_id: &str) -> StoreResult<Option<Contact>>;
+    /// Returns whether the contact existed.
+    fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool>;
+    /// Contacts of a location with this (normalized) address.
+    fn contacts_by_email(&self, location_id: &str, email: &str) -> StoreResult<Vec<Contact>>;
+
+    // --- mailboxes and integrations
+    /// Stores the mailbox and the integration, seeds each folder cursor that does
+    /// not exist yet, and queues `events`, all at once.
+    fn connect(
+        &self,
+        mailbox: &Mailbox,
+        integration: &Integration,
+        cursors: &[(FolderRole, FolderCursor)],
+        events: &[Event],
+    ) -> StoreResult<()>;
+    /// Removes an integration (queueing `events`); when it was the mailbox's
+    /// last, forgets the mailbox's credentials and cursors too.
+    fn disconnect(
+        &self,
+        location_id: &str,
+        user_id: &str,
+        events: &[Event],
+    ) -> StoreResult<Option<Disconnected>>;
+    fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>>;
+    fn mailboxes(&self) -> StoreResult<Vec<Mailbox>>;
+    fn set_mailbox_state(
+        &self,
+        address: &str,
+        state: MailboxState,
+        last_error: Option<String>,
+    ) -> StoreResult<()>;
+    fn integration(&self, location_id: &str, user_id: &str) -> StoreResult<Option<Integration>>;
+    fn integrations_of_mailbox(&self, address: &str) -> StoreResult<Vec<Integration>>;
+
+    // --- sync state
+    fn cursor(&self, mailbox: &str, folder: FolderRole) -> StoreResult<Option<FolderCursor>>;
+    fn set_cursor(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        cursor: FolderCursor,
+    ) -> StoreResult<()>;
+    /// The synced thread that one of these message ids belongs to, trying them in order.
+    fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
+    fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()>;
+
+    // --- the webhook outbox, in enqueue order
+    fn enqueue(&self, events: &[Event]) -> StoreResult<()>;
+    /// Up to `limit` entries after sequence number `after`, oldest first.
+    fn outbox_page(&self, after: Option<u64>, limit: usize)
+    -> StoreResult<Vec<(u64, OutboxEntry)>>;
+    fn update_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
+    /// Removes a delivered entry.
+    fn complete_outbox(&self, sequence: u64) -> StoreResult<()>;
+    /// Moves an entry that will not be retried any more aside, for an operator to inspect.
+    fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
+    fn outbox_len(&self) -> StoreResult<usize>;
+
+    // --- small settings (the generated API key's hash, …)
+    fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()>;
+}

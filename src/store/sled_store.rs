@@ -1,0 +1,619 @@
+//! The [`Store`] on sled. Keys join their parts with a NUL byte (the API refuses
+//! ids that contain control characters). Large event bodies live in files beside
+//! the database, because sled leaks space when big values churn.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use sled::{
+    Transactional as _,
+    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
+};
+
+use super::{
+    Disconnected, IngestCommit, OutboxEntry, Store, StoreError, StoreResult, secret_box::SecretBox,
+};
+use crate::model::{
+    Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
+    Thread,
+};
+
+/// Event data above this size is kept in a file instead of in sled.
+const INLINE_EVENT_LIMIT: usize = 32 * 1024;
+
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    contacts: sled::Tree,
+    contact_emails: sled::Tree,
+    mailboxes: sled::Tree,
+    integrations: sled::Tree,
+    mailbox_integrations: sled::Tree,
+    cursors: sled::Tree,
+    threads: sled::Tree,
+    thread_keys: sled::Tree,
+    outbox: sled::Tree,
+    dead_letters: sled::Tree,
+    settings: sled::Tree,
+    secrets: SecretBox,
+    bodies: PathBuf,
+    /// Connect and disconnect read the mailbox's other integrations before they
+    /// write; one at a time keeps that read true.
+    lifecycle: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+fn engine(err: sled::Error) -> StoreError {
+    StoreError::Engine(err.to_string())
+}
+
+fn tx_error(err: TransactionError<StoreError>) -> StoreError {
+    match err {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => engine(e),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0);
+    k
+}
+
+fn cursor_key(mailbox: &str, folder: FolderRole) -> Vec<u8> {
+    key(&[mailbox, folder.as_str()])
+}
+
+/// How a mailbox is kept: everything readable but the credentials, which are sealed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredMailbox {
+    #[serde(flatten)]
+    public: serde_json::Map<String, serde_json::Value>,
+    sealed_credentials: String,
+}
+
+/// An outbox entry on disk: the event's data inline or in a file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredEntry {
+    #[serde(flatten)]
+    entry: OutboxEntry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_file: Option<String>,
+}
+
+impl SledStore {
+    pub fn open(path: &Path, secrets: SecretBox) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| anyhow::anyhow!("creating data folder {}: {e}", path.display()))?;
+        let db = sled::Config::new()
+            .path(path.join("db"))
+            .open()
+            .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
+        let bodies = path.join("event-bodies");
+        std::fs::create_dir_all(&bodies)?;
+        let tree = |name: &str| db.open_tree(name);
+        Ok(Self {
+            contacts: tree("contacts")?,
+            contact_emails: tree("contact_emails")?,
+            mailboxes: tree("mailboxes")?,
+            integrations: tree("integrations")?,
+            mailbox_integrations: tree("mailbox_integrations")?,
+            cursors: tree("cursors")?,
+            threads: tree("threads")?,
+            thread_keys: tree("thread_keys")?,
+            outbox: tree("outbox")?,
+            dead_letters: tree("dead_letters")?,
+            settings: tree("settings")?,
+            db,
+            secrets,
+            bodies,
+            lifecycle: Default::default(),
+        })
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush().map_err(engine)?;
+        Ok(())
+    }
+
+    fn seal_mailbox(&self, mailbox: &Mailbox) -> StoreResult<Vec<u8>> {
+        let mut public = match serde_json::to_value(mailbox) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => return Err(StoreError::Corrupt("mailbox is not an object".into())),
+        };
+        public.remove("credentials");
+        let credentials = encode(&mailbox.credentials)?;
+        encode(&StoredMailbox {
+            public,
+            sealed_credentials: self.secrets.seal(&credentials)?,
+        })
+    }
+
+    fn open_mailbox(&self, bytes: &[u8]) -> StoreResult<Mailbox> {
+        let stored: StoredMailbox = decode(bytes)?;
+        let credentials: Credentials = decode(&self.secrets.open(&stored.sealed_credentials)?)?;
+        let mut public = stored.public;
+        public.insert(
+            "credentials".into(),
+            serde_json::to_value(credentials).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        );
+        serde_json::from_value(serde_json::Value::Object(public))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    fn body_path(&self, event_id: &str) -> PathBuf {
+        // Event ids are minted by the bridge (uuid based); keep the file name safe anyway.
+        let safe: String = event_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.bodies.join(format!("{safe}.json"))
+    }
+
+    /// Prepares outbox values, writing large event data to files first (fsynced),
+    /// so the transaction that references them stays small and side-effect free.
+    fn stored_entries(&self, events: &[Event]) -> StoreResult<Vec<Vec<u8>>> {
+        events
+            .iter()
+            .map(|event| {
+                let data = encode(&event.data)?;
+                if data.len() <= INLINE_EVENT_LIMIT {
+                    return encode(&StoredEntry {
+                        entry: OutboxEntry::new(event.clone()),
+                        data_file: None,
+                    });
+                }
+                let path = self.body_path(&event.id);
+                let mut file = std::fs::File::create(&path)?;
+                file.write_all(&data)?;
+                file.sync_all()?;
+                let mut light = event.clone();
+                light.data = serde_json::Value::Null;
+                encode(&StoredEntry {
+                    entry: OutboxEntry::new(light),
+                    data_file: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                })
+            })
+            .collect()
+    }
+
+    fn load_entry(&self, bytes: &[u8]) -> StoreResult<OutboxEntry> {
+        let stored: StoredEntry = decode(bytes)?;
+        let mut entry = stored.entry;
+        if let Some(file) = stored.data_file {
+            let data = std::fs::read(self.bodies.join(file))?;
+            entry.event.data = decode(&data)?;
+        }
+        Ok(entry)
+    }
+
+    fn save_entry(&self, entry: &OutboxEntry, previous: &[u8]) -> StoreResult<Vec<u8>> {
+        let stored: StoredEntry = decode(previous)?;
+        let mut light = entry.clone();
+        if stored.data_file.is_some() {
+            light.event.data = serde_json::Value::Null;
+        }
+        encode(&StoredEntry {
+            entry: light,
+            data_file: stored.data_file,
+        })
+    }
+
+    fn remove_body_file(&self, previous: &[u8]) {
+        if let Ok(StoredEntry {
+            data_file: Some(file),
+            ..
+        }) = decode::<StoredEntry>(previous)
+        {
+            // A file left behind costs disk space only; the entry is already gone.
+            let _ = std::fs::remove_file(self.bodies.join(file));
+        }
+    }
+
+    fn put_outbox_tx(
+        outbox: &TransactionalTree,
+        values: &[Vec<u8>],
+    ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        for value in values {
+            let sequence = outbox.generate_id()?;
+            outbox.insert(&sequence.to_be_bytes(), value.as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn put_contacts(&self, contacts: &[Contact]) -> StoreResult<()> {
+        // Index entries first, records second: a lookup checks the record, so a
+        // crash in between leaves at worst a harmless stale index entry, and
+        // repeating the upsert repairs everything.
+        let mut index = sled::Batch::default();
+        let mut records = sled::Batch::default();
+        for contact in contacts {
+            let record_key = key(&[&contact.location_id, &contact.id]);
+            if let Some(old) = self.contacts.get(&record_key).map_err(engine)? {
+                let old: Contact = decode(&old)?;
+                for email in old.emails.iter().filter(|e| !contact.has_email(e)) {
+                    index.remove(key(&[&old.location_id, email, &old.id]));
+                }
+            }
+            for email in &contact.emails {
+                index.insert(key(&[&contact.location_id, email, &contact.id]), &[][..]);
+            }
+            records.insert(record_key, encode(contact)?);
+        }
+        self.contact_emails.apply_batch(index).map_err(engine)?;
+        self.contacts.apply_batch(records).map_err(engine)?;
+        self.flush()
+    }
+
+    fn contact(&self, location_id: &str, contact_id: &str) -> StoreResult<Option<Contact>> {
+        self.contacts
+            .get(key(&[location_id, contact_id]))
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool> {
+        let Some(old) = self
+            .contacts
+            .remove(key(&[location_id, contact_id]))
+            .map_err(engine)?
+        else {
+            return Ok(false);
+        };
+        let old: Contact = decode(&old)?;
+        for email in &old.emails {
+            self.contact_emails
+                .remove(key(&[location_id, email, contact_id]))
+                .map_err(engine)?;
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn contacts_by_email(&self, location_id: &str, email: &str) -> StoreResult<Vec<Contact>> {
+        let mut found = Vec::new();
+        let scan = prefix(&[location_id, email]);
+        for item in self.contact_emails.scan_prefix(&scan) {
+            let (index_key, _) = item.map_err(engine)?;
+            let contact_id = String::from_utf8_lossy(&index_key[scan.len()..]).into_owned();
+            if let Some(contact) = self.contact(location_id, &contact_id)?
+                && contact.has_email(email)
+            {
+                found.push(contact);
+            }
+        }
+        Ok(found)
+    }
+
+    fn connect(
+        &self,
+        mailbox: &Mailbox,
+        integration: &Integration,
+        cursors: &[(FolderRole, FolderCursor)],
+        events: &[Event],
+    ) -> StoreResult<()> {
+        let mailbox_value = self.seal_mailbox(mailbox)?;
+        let integration_value = encode(integration)?;
+        let cursor_values: Vec<(Vec<u8>, Vec<u8>)> = cursors
+            .iter()
+            .map(|(role, cursor)| Ok((cursor_key(&mailbox.address, *role), encode(cursor)?)))
+            .collect::<StoreResult<_>>()?;
+        let outbox_values = self.stored_entries(events)?;
+        let integration_key = key(&[&integration.location_id, &integration.user_id]);
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (
+            &self.mailboxes,
+            &self.integrations,
+            &self.mailbox_integrations,
+            &self.cursors,
+            &self.outbox,
+        )
+            .transaction(|(mailboxes, integrations, by_mailbox, cursors, outbox)| {
+                // "Update email": the integration may have pointed at another mailbox.
+                if let Some(old) = integrations.get(&integration_key)? {
+                    let old: Integration =
+                        decode(&old).map_err(ConflictableTransactionError::Abort)?;
+                    by_mailbox.remove(key(&[&old.mailbox, &old.location_id, &old.user_id]))?;
+                }
+                mailboxes.insert(mailbox.address.as_bytes(), mailbox_value.as_slice())?;
+                integrations.insert(integration_key.as_slice(), integration_value.as_slice())?;
+                by_mailbox.insert(
+                    key(&[
+                        &mailbox.address,
+                        &integration.location_id,
+                        &integration.user_id,
+                    ]),
+                    &[][..],
+                )?;
+                for (cursor_key, value) in &cursor_values {
+                    if cursors.get(cursor_key)?.is_none() {
+                        cursors.insert(cursor_key.as_slice(), value.as_slice())?;
+                    }
+                }
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    fn disconnect(
+        &self,
+        location_id: &str,
+        user_id: &str,
+        events: &[Event],
+    ) -> StoreResult<Option<Disconnected>> {
+        let outbox_values = self.stored_entries(events)?;
+        let integration_key = key(&[location_id, user_id]);
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(integration) = self.integration(location_id, user_id)? else {
+            return Ok(None);
+        };
+        let address = integration.mailbox.clone();
+        let own_key = key(&[&address, location_id, user_id]);
+        let mut others = false;
+        for k in self
+            .mailbox_integrations
+            .scan_prefix(prefix(&[&address]))
+            .keys()
+        {
+            if k.map_err(engine)? != own_key {
+                others = true;
+                break;
+            }
+        }
+        (
+            &self.mailboxes,
+            &self.integrations,
+            &self.mailbox_integrations,
+            &self.cursors,
+            &self.outbox,
+        )
+            .transaction(|(mailboxes, integrations, by_mailbox, cursors, outbox)| {
+                integrations.remove(integration_key.as_slice())?;
+                by_mailbox.remove(own_key.as_slice())?;
+                if !others {
+                    mailboxes.remove(address.as_bytes())?;
+                    for role in FolderRole::ALL {
+                        cursors.remove(cursor_key(&address, role))?;
+                    }
+                }
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        let result = Some(Disconnected {
+            integration,
+            mailbox_released: !others,
+        });
+        self.flush()?;
+        Ok(result)
+    }
+
+    fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>> {
+        self.mailboxes
+            .get(address.as_bytes())
+            .map_err(engine)?
+            .map(|v| self.open_mailbox(&v))
+            .transpose()
+    }
+
+    fn mailboxes(&self) -> StoreResult<Vec<Mailbox>> {
+        self.mailboxes
+            .iter()
+            .values()
+            .map(|v| self.open_mailbox(&v.map_err(engine)?))
+            .collect()
+    }
+
+    fn set_mailbox_state(
+        &self,
+        address: &str,
+        state: MailboxState,
+        last_error: Option<String>,
+    ) -> StoreResult<()> {
+        let Some(mut mailbox) = self.mailbox(address)? else {
+            return Ok(());
+        };
+        if mailbox.state == state && mailbox.last_error == last_error {
+            return Ok(());
+        }
+        mailbox.state = state;
+        mailbox.last_error = last_error;
+        self.mailboxes
+            .insert(address.as_bytes(), self.seal_mailbox(&mailbox)?)
+            .map_err(engine)?;
+        self.flush()
+    }
+
+    fn integration(&self, location_id: &str, user_id: &str) -> StoreResult<Option<Integration>> {
+        self.integrations
+            .get(key(&[location_id, user_id]))
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn integrations_of_mailbox(&self, address: &str) -> StoreResult<Vec<Integration>> {
+        let scan = prefix(&[address]);
+        let mut found = Vec::new();
+        for item in self.mailbox_integrations.scan_prefix(&scan) {
+            let (k, _) = item.map_err(engine)?;
+            let rest = String::from_utf8_lossy(&k[scan.len()..]).into_owned();
+            let Some((location_id, user_id)) = rest.split_once('\0') else {
+                continue;
+            };
+            if let Some(integration) = self.integration(location_id, user_id)?
+                && integration.mailbox == address
+            {
+                found.push(integration);
+            }
+        }
+        Ok(found)
+    }
+
+    fn cursor(&self, mailbox: &str, folder: FolderRole) -> StoreResult<Option<FolderCursor>> {
+        self.cursors
+            .get(cursor_key(mailbox, folder))
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn set_cursor(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        cursor: FolderCursor,
+    ) -> StoreResult<()> {
+        self.cursors
+            .insert(cursor_key(mailbox, folder), encode(&cursor)?)
+            .map_err(engine)?;
+        self.flush()
+    }
+
+    fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>> {
+        for message_id in message_ids {
+            if let Some(thread_id) = self
+                .thread_keys
+                .get(key(&[mailbox, message_id]))
+                .map_err(engine)?
+                && let Some(thread) = self.threads.get(&thread_id).map_err(engine)?
+            {
+                return Ok(Some(decode(&thread)?));
+            }
+        }
+        Ok(None)
+    }
+
+    fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()> {
+        let cursor_value = encode(&commit.cursor)?;
+        let thread_value = commit.thread.as_ref().map(encode).transpose()?;
+        let outbox_values = self.stored_entries(&commit.events)?;
+        let cursor_at = cursor_key(&commit.mailbox, commit.folder);
+        (
+            &self.cursors,
+            &self.threads,
+            &self.thread_keys,
+            &self.outbox,
+        )
+            .transaction(|(cursors, threads, thread_keys, outbox)| {
+                cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
+                    threads.insert(thread.id.as_bytes(), value.as_slice())?;
+                    for message_id in &commit.message_ids {
+                        thread_keys
+                            .insert(key(&[&commit.mailbox, message_id]), thread.id.as_bytes())?;
+                    }
+                }
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    fn enqueue(&self, events: &[Event]) -> StoreResult<()> {
+        let values = self.stored_entries(events)?;
+        self.outbox
+            .transaction(|outbox| Self::put_outbox_tx(outbox, &values))
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    fn outbox_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<(u64, OutboxEntry)>> {
+        let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
+        let mut page = Vec::new();
+        for item in self.outbox.range(start.to_be_bytes()..).take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            let sequence = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("outbox key is not 8 bytes".into()))?,
+            );
+            page.push((sequence, self.load_entry(&v)?));
+        }
+        Ok(page)
+    }
+
+    fn update_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()> {
+        let k = sequence.to_be_bytes();
+        let Some(previous) = self.outbox.get(k).map_err(engine)? else {
+            return Ok(());
+        };
+        self.outbox
+            .insert(k, self.save_entry(entry, &previous)?)
+            .map_err(engine)?;
+        self.flush()
+    }
+
+    fn complete_outbox(&self, sequence: u64) -> StoreResult<()> {
+        if let Some(previous) = self.outbox.remove(sequence.to_be_bytes()).map_err(engine)? {
+            self.flush()?;
+            self.remove_body_file(&previous);
+        }
+        Ok(())
+    }
+
+    fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()> {
+        let k = sequence.to_be_bytes();
+        let value = encode(&StoredEntry {
+            entry: entry.clone(),
+            data_file: None,
+        })?;
+        (&self.outbox, &self.dead_letters)
+            .transaction(|(outbox, dead)| {
+                outbox.remove(&k)?;
+                dead.insert(&k, value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    fn outbox_len(&self) -> StoreResult<usize> {
+        Ok(self.outbox.len())
+    }
+
+    fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.settings.get(name).map_err(engine)?.map(|v| v.to_vec()))
+    }
+
+    fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()> {
+        self.settings.insert(name, value).map_err(engine)?;
+        self.flush()
+    }
+}

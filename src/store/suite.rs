@@ -1,0 +1,314 @@
+//! One test suite for the [`Store`] trait. Every engine runs all of it.
+
+use chrono::{TimeZone as _, Utc};
+
+use super::*;
+use crate::model::{
+    Credentials, Endpoint, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, Provider,
+    Security, Thread, ThreadRoute,
+};
+
+fn engines() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+    vec![(dir, Box::new(store))]
+}
+
+fn contact(id: &str, emails: &[&str]) -> Contact {
+    Contact {
+        location_id: "L1".into(),
+        id: id.into(),
+        emails: emails.iter().map(|e| e.to_string()).collect(),
+        name: Some("Ann".into()),
+        assigned_user_ids: vec!["u1".into()],
+        created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+    }
+}
+
+fn mailbox(address: &str) -> Mailbox {
+    let endpoint = Endpoint {
+        host: "127.0.0.1".into(),
+        port: 993,
+        security: Security::Tls,
+    };
+    Mailbox {
+        address: address.into(),
+        provider: Provider::Imap,
+        credentials: Credentials::Password {
+            username: address.into(),
+            password: "top-secret-password".into(),
+        },
+        imap: endpoint.clone(),
+        smtp: endpoint,
+        daily_send_limit: None,
+        state: MailboxState::Connecting,
+        last_error: None,
+        connected_at: Utc::now(),
+    }
+}
+
+fn integration(location: &str, user: &str, mailbox: &str) -> Integration {
+    Integration {
+        location_id: location.into(),
+        user_id: user.into(),
+        mailbox: mailbox.into(),
+        connected_at: Utc::now(),
+        baseline: vec![],
+        smart_bcc_address: "x@bcc".into(),
+    }
+}
+
+fn event(id: &str, ordering_key: &str, data: serde_json::Value) -> Event {
+    Event {
+        id: id.into(),
+        kind: "message.inbound".into(),
+        timestamp: Utc::now(),
+        ordering_key: ordering_key.into(),
+        data,
+    }
+}
+
+#[test]
+fn contacts_upsert_lookup_by_email_and_delete() {
+    for (_dir, store) in engines() {
+        store
+            .put_contacts(&[contact("c1", &["ann@x.test", "a2@x.test"])])
+            .unwrap();
+        assert_eq!(
+            store.contacts_by_email("L1", "ann@x.test").unwrap().len(),
+            1
+        );
+        assert!(
+            store
+                .contacts_by_email("L2", "ann@x.test")
+                .unwrap()
+                .is_empty()
+        );
+        // changing the emails drops the old index entry
+        store
+            .put_contacts(&[contact("c1", &["new@x.test"])])
+            .unwrap();
+        assert!(
+            store
+                .contacts_by_email("L1", "ann@x.test")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.contacts_by_email("L1", "new@x.test").unwrap()[0].id,
+            "c1"
+        );
+        assert!(store.delete_contact("L1", "c1").unwrap());
+        assert!(!store.delete_contact("L1", "c1").unwrap());
+        assert!(
+            store
+                .contacts_by_email("L1", "new@x.test")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.contact("L1", "c1").unwrap(), None);
+    }
+}
+
+#[test]
+fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
+    for (dir, store) in engines() {
+        let first = FolderCursor {
+            uid_validity: 5,
+            next_uid: 10,
+        };
+        let later = FolderCursor {
+            uid_validity: 5,
+            next_uid: 99,
+        };
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, first)],
+                &[],
+            )
+            .unwrap();
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L2", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, later)],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            store.cursor("me@x.test", FolderRole::Inbox).unwrap(),
+            Some(first),
+            "existing cursor kept"
+        );
+        assert_eq!(store.integrations_of_mailbox("me@x.test").unwrap().len(), 2);
+        // credentials are sealed on disk
+        let on_disk: Vec<u8> = walk(dir.path());
+        assert!(
+            !contains(&on_disk, b"top-secret-password"),
+            "password readable on disk"
+        );
+        assert_eq!(
+            store.mailbox("me@x.test").unwrap().unwrap().credentials,
+            mailbox("me@x.test").credentials
+        );
+
+        let gone = store.disconnect("L1", "u1", &[]).unwrap().unwrap();
+        assert!(!gone.mailbox_released);
+        assert!(store.mailbox("me@x.test").unwrap().is_some());
+        let gone = store.disconnect("L2", "u1", &[]).unwrap().unwrap();
+        assert!(gone.mailbox_released);
+        assert!(store.mailbox("me@x.test").unwrap().is_none());
+        assert_eq!(store.cursor("me@x.test", FolderRole::Inbox).unwrap(), None);
+        assert_eq!(store.disconnect("L2", "u1", &[]).unwrap(), None);
+    }
+}
+
+#[test]
+fn update_email_moves_the_integration() {
+    for (_dir, store) in engines() {
+        store
+            .connect(
+                &mailbox("old@x.test"),
+                &integration("L1", "u1", "old@x.test"),
+                &[],
+                &[],
+            )
+            .unwrap();
+        store
+            .connect(
+                &mailbox("new@x.test"),
+                &integration("L1", "u1", "new@x.test"),
+                &[],
+                &[],
+            )
+            .unwrap();
+        assert!(
+            store
+                .integrations_of_mailbox("old@x.test")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.integrations_of_mailbox("new@x.test").unwrap().len(),
+            1
+        );
+    }
+}
+
+#[test]
+fn ingest_commits_cursor_thread_and_events_together() {
+    for (_dir, store) in engines() {
+        let thread = Thread {
+            id: "thr_1".into(),
+            mailbox: "me@x.test".into(),
+            routes: vec![ThreadRoute {
+                location_id: "L1".into(),
+                user_id: "u1".into(),
+                contact_id: "c1".into(),
+            }],
+            created_at: Utc::now(),
+        };
+        let commit = IngestCommit {
+            mailbox: "me@x.test".into(),
+            folder: FolderRole::Inbox,
+            cursor: FolderCursor {
+                uid_validity: 1,
+                next_uid: 8,
+            },
+            thread: Some(thread.clone()),
+            message_ids: vec!["<a@x>".into()],
+            events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
+        };
+        store.commit_ingest(&commit).unwrap();
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .unwrap()
+                .next_uid,
+            8
+        );
+        let found = store
+            .thread_of("me@x.test", &["<nope@x>".into(), "<a@x>".into()])
+            .unwrap();
+        assert_eq!(found, Some(thread));
+        assert_eq!(
+            store.thread_of("other@x.test", &["<a@x>".into()]).unwrap(),
+            None
+        );
+        assert_eq!(store.outbox_len().unwrap(), 1);
+    }
+}
+
+#[test]
+fn outbox_keeps_order_updates_and_large_bodies() {
+    for (_dir, store) in engines() {
+        let big = "x".repeat(200 * 1024);
+        store
+            .enqueue(&[
+                event("evt_1", "t", serde_json::json!({"n": 1})),
+                event("evt_2", "t", serde_json::json!({"text": big})),
+                event("evt_3", "t", serde_json::json!({"n": 3})),
+            ])
+            .unwrap();
+        let page = store.outbox_page(None, 10).unwrap();
+        let ids: Vec<&str> = page.iter().map(|(_, e)| e.event.id.as_str()).collect();
+        assert_eq!(ids, ["evt_1", "evt_2", "evt_3"]);
+        assert_eq!(
+            page[1].1.event.data["text"].as_str().map(str::len),
+            Some(200 * 1024)
+        );
+
+        let (seq2, mut entry2) = page[1].clone();
+        entry2.attempts = 3;
+        entry2.delivered_to.push("http://a".into());
+        store.update_outbox(seq2, &entry2).unwrap();
+        let again = store.outbox_page(Some(page[0].0), 1).unwrap();
+        assert_eq!(again[0].1, entry2, "update keeps the large body");
+
+        store.complete_outbox(page[0].0).unwrap();
+        store.bury_outbox(page[2].0, &page[2].1).unwrap();
+        let rest = store.outbox_page(None, 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.event.id, "evt_2");
+        assert_eq!(store.outbox_len().unwrap(), 1);
+    }
+}
+
+#[test]
+fn state_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+        store
+            .put_contacts(&[contact("c1", &["ann@x.test"])])
+            .unwrap();
+        store
+            .enqueue(&[event("evt_1", "t", serde_json::json!({}))])
+            .unwrap();
+        store.put_setting("k", b"v").unwrap();
+    }
+    let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+    assert!(store.contact("L1", "c1").unwrap().is_some());
+    assert_eq!(store.outbox_len().unwrap(), 1);
+    assert_eq!(store.setting("k").unwrap().as_deref(), Some(&b"v"[..]));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            all.extend(walk(&path));
+        } else {
+            all.extend(std::fs::read(&path).unwrap_or_default());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,257 @@
+//! Delivers the outbox to the CRM's webhooks: signed (Standard Webhooks), at least
+//! once, retried with backoff, one at a time per ordering key (thread) so the CRM
+//! sees each thread in order, many threads in parallel.
+
+pub mod signing;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::Utc;
+use tokio::{sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backoff,
+    config::{DeliveryConfig, WebhookConfig},
+    store::{OutboxEntry, Store},
+};
+use signing::SigningKey;
+
+/// Entries looked at per pass; keeps one pass cheap when the CRM is down and
+/// the backlog is long.
+const SCAN_LIMIT: usize = 20_000;
+const PAGE: usize = 500;
+
+#[derive(Clone, Debug)]
+struct Endpoint {
+    url: String,
+    key: SigningKey,
+}
+
+/// Wakes the delivery worker when something was queued.
+#[derive(Clone, Default)]
+pub struct OutboxSignal(Arc<Notify>);
+
+impl OutboxSignal {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+pub struct Deliverer {
+    store: Arc<dyn Store>,
+    endpoints: Arc<Vec<Endpoint>>,
+    http: reqwest::Client,
+    config: DeliveryConfig,
+    signal: OutboxSignal,
+}
+
+impl Deliverer {
+    pub fn new(
+        store: Arc<dyn Store>,
+        webhooks: &[WebhookConfig],
+        http: reqwest::Client,
+        config: DeliveryConfig,
+        signal: OutboxSignal,
+    ) -> anyhow::Result<Self> {
+        let endpoints = webhooks
+            .iter()
+            .map(|w| {
+                Ok(Endpoint {
+                    url: w.url.clone(),
+                    key: SigningKey::from_secret(&w.secret)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            store,
+            endpoints: Arc::new(endpoints),
+            http,
+            config,
+            signal,
+        })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.endpoints.is_empty() {
+            tracing::warn!("no webhook configured: events stay in the outbox until one is");
+            shutdown.cancelled().await;
+            return;
+        }
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut task_keys: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut busy_keys: HashSet<String> = HashSet::new();
+        loop {
+            let next_due = match self.start_due(&mut in_flight, &mut task_keys, &mut busy_keys) {
+                Ok(next_due) => next_due,
+                Err(err) => {
+                    tracing::error!("reading the outbox failed: {err:#}");
+                    Some(Duration::from_secs(1))
+                }
+            };
+            let sleep = next_due.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.signal.0.notified() => {}
+                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(err) => {
+                            tracing::error!("a webhook attempt crashed (it will be retried): {err}");
+                            err.id()
+                        }
+                    };
+                    if let Some(key) = task_keys.remove(&id) {
+                        busy_keys.remove(&key);
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        // Attempts under way finish (they are short and bounded by the HTTP
+        // timeout) so that an acknowledged event is recorded as such.
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Starts every deliverable entry and returns when the next retry falls due.
+    fn start_due(
+        &self,
+        in_flight: &mut JoinSet<()>,
+        task_keys: &mut HashMap<tokio::task::Id, String>,
+        busy_keys: &mut HashSet<String>,
+    ) -> anyhow::Result<Option<Duration>> {
+        let now = Utc::now().timestamp_millis();
+        let mut waiting: HashSet<String> = HashSet::new();
+        let mut next_due: Option<i64> = None;
+        let mut after = None;
+        let mut scanned = 0;
+        'scan: loop {
+            let page = self.store.outbox_page(after, PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            for (sequence, entry) in page {
+                scanned += 1;
+                let key = entry.event.ordering_key.clone();
+                // An earlier event of the same thread is pending or in flight:
+                // this one waits its turn.
+                if busy_keys.contains(&key) || waiting.contains(&key) {
+                    continue;
+                }
+                if entry.next_attempt_ms > now {
+                    next_due = Some(
+                        next_due.map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)),
+                    );
+                    waiting.insert(key);
+                    continue;
+                }
+                if in_flight.len() >= self.config.concurrency {
+                    break 'scan;
+                }
+                busy_keys.insert(key.clone());
+                let attempt = Attempt {
+                    store: self.store.clone(),
+                    endpoints: self.endpoints.clone(),
+                    http: self.http.clone(),
+                    config: self.config.clone(),
+                };
+                let handle = in_flight.spawn(attempt.deliver(sequence, entry));
+                task_keys.insert(handle.id(), key);
+                if scanned >= SCAN_LIMIT {
+                    break 'scan;
+                }
+            }
+            if scanned >= SCAN_LIMIT {
+                break;
+            }
+        }
+        Ok(next_due.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
+    }
+}
+
+struct Attempt {
+    store: Arc<dyn Store>,
+    endpoints: Arc<Vec<Endpoint>>,
+    http: reqwest::Client,
+    config: DeliveryConfig,
+}
+
+impl Attempt {
+    async fn deliver(self, sequence: u64, mut entry: OutboxEntry) {
+        let body = match serde_json::to_vec(&entry.event.body()) {
+            Ok(body) => body,
+            Err(err) => {
+                tracing::error!(event = %entry.event.id, "event cannot be serialized, set aside: {err:#}");
+                entry.last_error = Some(err.to_string());
+                let _ = self.store.bury_outbox(sequence, &entry);
+                return;
+            }
+        };
+        let mut failure = None;
+        for endpoint in self.endpoints.iter() {
+            if entry.delivered_to.contains(&endpoint.url) {
+                continue;
+            }
+            match self.post(endpoint, &entry.event.id, &body).await {
+                Ok(()) => entry.delivered_to.push(endpoint.url.clone()),
+                Err(err) => failure = Some(format!("{}: {err}", endpoint.url)),
+            }
+        }
+        let outcome = match failure {
+            None => {
+                metrics::counter!("mailbridge_webhooks_delivered_total").increment(1);
+                self.store.complete_outbox(sequence)
+            }
+            Some(error) => {
+                metrics::counter!("mailbridge_webhook_failures_total").increment(1);
+                let age = Utc::now() - entry.event.timestamp;
+                entry.attempts += 1;
+                entry.last_error = Some(error.clone());
+                if age.num_hours()
+                    >= i64::try_from(self.config.give_up_after_hours).unwrap_or(i64::MAX)
+                {
+                    tracing::error!(event = %entry.event.id, attempts = entry.attempts, "webhook still failing after {}h, set aside: {error}", age.num_hours());
+                    self.store.bury_outbox(sequence, &entry)
+                } else {
+                    let wait = backoff::delay(
+                        entry.attempts - 1,
+                        Duration::from_millis(self.config.retry_min_ms),
+                        Duration::from_millis(self.config.retry_max_ms),
+                    );
+                    tracing::warn!(event = %entry.event.id, attempts = entry.attempts, "webhook delivery failed, retrying in {wait:?}: {error}");
+                    entry.next_attempt_ms = Utc::now().timestamp_millis()
+                        + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                    self.store.update_outbox(sequence, &entry)
+                }
+            }
+        };
+        if let Err(err) = outcome {
+            tracing::error!(event = %entry.event.id, "recording the delivery outcome failed (it will be retried): {err:#}");
+        }
+    }
+
+    async fn post(&self, endpoint: &Endpoint, id: &str, body: &[u8]) -> Result<(), String> {
+        let timestamp = Utc::now().timestamp();
+        let response = self
+            .http
+            .post(&endpoint.url)
+            .timeout(Duration::from_secs(self.config.timeout_secs))
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", endpoint.key.sign(id, timestamp, body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    }
+}
