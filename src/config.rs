@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub public_url: String,
     /// How long a graceful shutdown may take before the daemon stops anyway.
     pub shutdown_grace_secs: u64,
+    /// Domain of the integrations' Auto BCC addresses (R15).
+    pub smart_bcc_domain: String,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +44,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             public_url: "http://127.0.0.1:8787".into(),
             shutdown_grace_secs: 10,
+            smart_bcc_domain: "bcc.mailbridge.invalid".into(),
         }
     }
 }

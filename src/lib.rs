@@ -1,12 +1,21 @@
 //! mailbridge: two-way sync between users' own mailboxes and a CRM.
 //!
 //! Data flows inward: `imap` fetches, `mime` parses, `routing` (pure) decides,
-//! `ingest` commits to `store`, `webhook` delivers. `api` serves the CRM.
+//! `ingest` commits to `store`, `webhook` delivers. `api` serves the CRM;
+//! `daemon::run` wires it all together.
 
+pub mod api;
 pub mod backoff;
 pub mod config;
+pub mod daemon;
+pub mod imap;
+pub mod ingest;
 pub mod mime;
 pub mod model;
 pub mod routing;
+pub mod scheduler;
 pub mod store;
+pub mod tls;
 pub mod webhook;
+
+pub use daemon::run;

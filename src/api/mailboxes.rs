@@ -1,0 +1,351 @@
+//! Connecting, inspecting and disconnecting a user's mailbox (an integration).
+
+use axum::{Json, extract::State, http::StatusCode};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AppState,
+    error::{ApiError, ApiJson, ApiPath, check_email, check_id},
+};
+use crate::{
+    imap::{ConnectError, connection::is_loopback, folders},
+    ingest::new_id,
+    model::{
+        Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
+        Provider, Security,
+    },
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectBody {
+    email: String,
+    provider: Provider,
+    auth: AuthBody,
+    #[serde(default)]
+    imap: Option<Endpoint>,
+    #[serde(default)]
+    smtp: Option<Endpoint>,
+    #[serde(default)]
+    daily_send_limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum AuthBody {
+    Password {
+        username: Option<String>,
+        password: String,
+    },
+    #[serde(rename = "oauth2")]
+    OAuth2 {
+        #[allow(dead_code)]
+        #[serde(default)]
+        refresh_token: Option<String>,
+        #[allow(dead_code)]
+        #[serde(default)]
+        access_token: Option<String>,
+        #[allow(dead_code)]
+        #[serde(default)]
+        expires_at: Option<String>,
+    },
+}
+
+#[derive(Serialize)]
+pub struct MailboxStatus {
+    email: String,
+    provider: Provider,
+    state: MailboxState,
+    last_error: Option<String>,
+    connected_at: DateTime<Utc>,
+    sent_last_24h: u32,
+    daily_send_limit: Option<u32>,
+    smart_bcc_address: String,
+}
+
+fn status_of(mailbox: &Mailbox, integration: &Integration) -> MailboxStatus {
+    MailboxStatus {
+        email: mailbox.address.clone(),
+        provider: mailbox.provider,
+        state: mailbox.state,
+        last_error: mailbox.last_error.clone(),
+        connected_at: integration.connected_at,
+        sent_last_24h: 0,
+        daily_send_limit: mailbox.daily_send_limit,
+        smart_bcc_address: integration.smart_bcc_address.clone(),
+    }
+}
+
+fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {
+    if endpoint.host.is_empty()
+        || endpoint.host.len() > 253
+        || endpoint
+            .host
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(ApiError::invalid(format!(
+            "{field}.host is not a host name"
+        )));
+    }
+    if endpoint.port == 0 {
+        return Err(ApiError::invalid(format!("{field}.port must not be 0")));
+    }
+    if endpoint.security == Security::Plain && !is_loopback(&endpoint.host) {
+        return Err(ApiError::invalid(format!(
+            "{field}.security \"plain\" is only allowed towards a loopback address; use \"tls\" or \"starttls\""
+        )));
+    }
+    Ok(())
+}
+
+fn lifecycle_event(
+    kind: &str,
+    location_id: &str,
+    user_id: &str,
+    mailbox: &str,
+    extra: serde_json::Value,
+) -> Event {
+    let mut data = serde_json::json!({
+        "location_id": location_id,
+        "user_id": user_id,
+        "mailbox": mailbox,
+    });
+    if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
+        data.extend(extra);
+    }
+    Event {
+        id: new_id("evt"),
+        kind: kind.to_string(),
+        timestamp: Utc::now(),
+        ordering_key: mailbox.to_string(),
+        data,
+    }
+}
+
+fn smart_bcc_address(domain: &str) -> String {
+    // 128 random bits: the address cannot be guessed (R15).
+    format!("sync-{}@{domain}", uuid::Uuid::new_v4().simple())
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    ApiPath((location_id, user_id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<ConnectBody>,
+) -> Result<Json<MailboxStatus>, ApiError> {
+    check_id("location_id", &location_id)?;
+    check_id("user_id", &user_id)?;
+    let address = check_email("email", &body.email)?;
+    let credentials = match body.auth {
+        AuthBody::Password { username, password } => {
+            let username = username.unwrap_or_else(|| address.clone());
+            if username.is_empty() || password.is_empty() {
+                return Err(ApiError::invalid(
+                    "auth.username and auth.password must not be empty",
+                ));
+            }
+            if username
+                .chars()
+                .chain(password.chars())
+                .any(|c| c == '\r' || c == '\n' || c == '\0')
+            {
+                return Err(ApiError::invalid(
+                    "auth.username and auth.password must not contain CR, LF or NUL",
+                ));
+            }
+            Credentials::Password { username, password }
+        }
+        AuthBody::OAuth2 { .. } => {
+            return Err(ApiError::invalid(
+                "auth.type \"oauth2\" is not available in this version yet; connect with {\"type\": \"password\"} (for Gmail: an app password)",
+            ));
+        }
+    };
+    let preset = state.providers.settings(body.provider);
+    let imap = body
+        .imap
+        .or(preset.imap)
+        .ok_or_else(|| ApiError::invalid("imap is required for provider \"imap\""))?;
+    let smtp = body
+        .smtp
+        .or(preset.smtp)
+        .ok_or_else(|| ApiError::invalid("smtp is required for provider \"imap\""))?;
+    check_endpoint("imap", &imap)?;
+    check_endpoint("smtp", &smtp)?;
+
+    // The credentials are checked against the server before anything is stored,
+    // and the folders' current ends become this integration's starting point (R2).
+    let baseline = check_login(&state, &imap, &credentials).await?;
+
+    let existing = state.store.integration(&location_id, &user_id)?;
+    let now = Utc::now();
+    let mut events = Vec::new();
+    let integration = match existing {
+        // Same mailbox, new credentials (R20): keep the starting point, so mail
+        // that arrived meanwhile still syncs.
+        Some(existing) if existing.mailbox == address => existing,
+        other => {
+            if let Some(previous) = other {
+                // "Update email" (R18): the old mailbox's threads stop syncing here.
+                let released = state.store.disconnect(&location_id, &user_id, &[])?;
+                if let Some(released) = released
+                    && released.mailbox_released
+                {
+                    state.scheduler.stop(&previous.mailbox);
+                }
+                events.push(lifecycle_event(
+                    "mailbox.updated",
+                    &location_id,
+                    &user_id,
+                    &address,
+                    serde_json::json!({"previous_mailbox": previous.mailbox}),
+                ));
+            } else {
+                events.push(lifecycle_event(
+                    "mailbox.connected",
+                    &location_id,
+                    &user_id,
+                    &address,
+                    serde_json::json!({}),
+                ));
+            }
+            Integration {
+                location_id: location_id.clone(),
+                user_id: user_id.clone(),
+                mailbox: address.clone(),
+                connected_at: now,
+                baseline: baseline.clone(),
+                smart_bcc_address: smart_bcc_address(&state.smart_bcc_domain),
+            }
+        }
+    };
+    let mailbox = Mailbox {
+        address: address.clone(),
+        provider: body.provider,
+        credentials,
+        imap,
+        smtp,
+        daily_send_limit: body.daily_send_limit.or(preset.daily_send_limit),
+        state: MailboxState::Connecting,
+        last_error: None,
+        connected_at: state
+            .store
+            .mailbox(&address)?
+            .map(|m| m.connected_at)
+            .unwrap_or(now),
+    };
+    state
+        .store
+        .connect(&mailbox, &integration, &baseline, &events)?;
+    state.signal.notify();
+    state.scheduler.start(&address);
+    Ok(Json(status_of(&mailbox, &integration)))
+}
+
+async fn check_login(
+    state: &AppState,
+    imap: &Endpoint,
+    credentials: &Credentials,
+) -> Result<Vec<(FolderRole, FolderCursor)>, ApiError> {
+    let mut session = state
+        .connector
+        .open(imap, credentials)
+        .await
+        .map_err(|err| match err {
+            ConnectError::Rejected(words) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_credentials",
+                format!("auth: the IMAP server rejected the login: {words}"),
+            ),
+            other => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "imap_connection_failed",
+                format!("imap: {other}"),
+            ),
+        })?;
+    let step = state.connector.step_timeout();
+    let failed = |what: &str, err: String| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "imap_connection_failed",
+            format!("imap: {what}: {err}"),
+        )
+    };
+    let sent = tokio::time::timeout(step, folders::find_sent(&mut session))
+        .await
+        .map_err(|_| failed("listing folders", "timed out".into()))?
+        .map_err(|e| failed("listing folders", e.to_string()))?;
+    let mut baseline = Vec::new();
+    for (role, folder) in [
+        (FolderRole::Inbox, Some("INBOX".to_string())),
+        (FolderRole::Sent, sent),
+    ] {
+        let Some(folder) = folder else { continue };
+        let status = tokio::time::timeout(step, session.status(&folder, "(UIDNEXT UIDVALIDITY)"))
+            .await
+            .map_err(|_| failed("reading folder status", "timed out".into()))?
+            .map_err(|e| failed("reading folder status", e.to_string()))?;
+        if let (Some(uid_validity), Some(next_uid)) = (status.uid_validity, status.uid_next) {
+            baseline.push((
+                role,
+                FolderCursor {
+                    uid_validity,
+                    next_uid,
+                },
+            ));
+        }
+    }
+    let _ = tokio::time::timeout(step, session.logout()).await;
+    Ok(baseline)
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath((location_id, user_id)): ApiPath<(String, String)>,
+) -> Result<Json<MailboxStatus>, ApiError> {
+    check_id("location_id", &location_id)?;
+    check_id("user_id", &user_id)?;
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no mailbox connected for user {user_id:?} in location {location_id:?}"
+        ))
+    };
+    let integration = state
+        .store
+        .integration(&location_id, &user_id)?
+        .ok_or_else(not_found)?;
+    let mailbox = state
+        .store
+        .mailbox(&integration.mailbox)?
+        .ok_or_else(not_found)?;
+    Ok(Json(status_of(&mailbox, &integration)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath((location_id, user_id)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    check_id("location_id", &location_id)?;
+    check_id("user_id", &user_id)?;
+    let Some(integration) = state.store.integration(&location_id, &user_id)? else {
+        return Err(ApiError::not_found(format!(
+            "no mailbox connected for user {user_id:?} in location {location_id:?}"
+        )));
+    };
+    let event = lifecycle_event(
+        "mailbox.disconnected",
+        &location_id,
+        &user_id,
+        &integration.mailbox,
+        serde_json::json!({}),
+    );
+    if let Some(gone) = state.store.disconnect(&location_id, &user_id, &[event])?
+        && gone.mailbox_released
+    {
+        // R19: sync stops at once; nothing synced is deleted.
+        state.scheduler.stop(&gone.integration.mailbox);
+    }
+    state.signal.notify();
+    Ok(StatusCode::NO_CONTENT)
+}

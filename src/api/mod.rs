@@ -1,0 +1,171 @@
+//! The HTTP API the CRM calls: authentication, validation and the error shape.
+//! Handlers call into the store, the scheduler and the IMAP connector; no sync
+//! rule lives here.
+
+pub mod contacts;
+pub mod error;
+pub mod mailboxes;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    config::ProvidersConfig, imap::ImapConnector, scheduler::Scheduler, store::Store,
+    webhook::OutboxSignal,
+};
+use error::ApiError;
+
+/// Requests up to this size are read; a bulk contact upload may be larger.
+const BODY_LIMIT: usize = 48 * 1024 * 1024;
+const BULK_BODY_LIMIT: usize = 256 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub scheduler: Arc<Scheduler>,
+    pub connector: ImapConnector,
+    pub providers: ProvidersConfig,
+    pub signal: OutboxSignal,
+    /// SHA-256 of every accepted API key.
+    pub key_hashes: Arc<Vec<[u8; 32]>>,
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub smart_bcc_domain: String,
+}
+
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/locations/{location_id}/contacts/bulk",
+            post(contacts::bulk).layer(DefaultBodyLimit::max(BULK_BODY_LIMIT)),
+        )
+        .route(
+            "/locations/{location_id}/contacts/{contact_id}",
+            put(contacts::put)
+                .get(contacts::get)
+                .delete(contacts::delete),
+        )
+        .route(
+            "/locations/{location_id}/users/{user_id}/mailbox",
+            put(mailboxes::put)
+                .get(mailboxes::get)
+                .delete(mailboxes::delete),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .with_state(state)
+}
+
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(key) if state.key_hashes.contains(&hash_key(key)) => next.run(request).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the API key is not valid",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the API key as \"Authorization: Bearer <key>\"",
+        )
+        .into_response(),
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "starting up or shutting down",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Ok(len) = state.store.outbox_len() {
+        metrics::gauge!("mailbridge_outbox_pending").set(len as f64);
+    }
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics_unavailable",
+            "no metrics recorder is installed",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // A bug, never the client's fault; the daemon keeps serving.
+    tracing::error!("a request handler panicked");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "internal_error",
+        "the request failed inside the bridge; retry, and report it if it persists",
+    )
+    .into_response()
+}
+
+pub fn mark_ready(state: &AppState, ready: bool) {
+    state.ready.store(ready, Ordering::Relaxed);
+}

@@ -1,0 +1,155 @@
+//! Starting and stopping the whole daemon: `run(config, listener, shutdown)`
+//! wires the rooms together, so tests start exactly what `mailbridge serve` runs.
+
+use std::{
+    sync::{Arc, OnceLock, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, AppState},
+    config::Config,
+    imap::{ImapConnector, SyncContext},
+    ingest::Ingest,
+    scheduler::Scheduler,
+    store::{SledStore, Store, secret_box::SecretBox},
+    tls,
+    webhook::{Deliverer, OutboxSignal},
+};
+
+const API_KEY_SETTING: &str = "generated_api_key_sha256";
+
+fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .clone()
+}
+
+/// The accepted API keys' hashes. With no key configured, one is generated on
+/// first start, its hash stored and the key itself printed once.
+fn api_key_hashes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<[u8; 32]>> {
+    let mut hashes: Vec<[u8; 32]> = config.api.keys.iter().map(|k| api::hash_key(k)).collect();
+    match store.setting(API_KEY_SETTING)? {
+        Some(stored) => {
+            if let Ok(hash) = <[u8; 32]>::try_from(stored.as_slice()) {
+                hashes.push(hash);
+            }
+        }
+        None if config.api.keys.is_empty() => {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw)
+                .map_err(|e| anyhow::anyhow!("no randomness for an API key: {e}"))?;
+            let key = format!("mb_{}", URL_SAFE_NO_PAD.encode(raw));
+            let hash = api::hash_key(&key);
+            store.put_setting(API_KEY_SETTING, &hash)?;
+            hashes.push(hash);
+            println!(
+                "mailbridge: generated an API key (shown only this once; only its hash is stored):\n\n    {key}\n"
+            );
+            tracing::warn!("generated an API key and printed it on standard output; store it now");
+        }
+        None => {}
+    }
+    Ok(hashes)
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled, then stops
+/// within the configured grace period.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let tls = tls::client_config(&config.tls.extra_roots)?;
+    let secrets = SecretBox::load(
+        config.storage.encryption_key.as_deref(),
+        &config.storage.path.join("secret.key"),
+    )?;
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&config.storage.path, secrets).context("opening the data folder")?,
+    );
+    let key_hashes = api_key_hashes(&config, store.as_ref())?;
+    let signal = OutboxSignal::default();
+    let connector = ImapConnector::new(
+        tls.clone(),
+        Duration::from_secs(config.sync.step_timeout_secs),
+    );
+    let ctx = Arc::new(SyncContext {
+        store: store.clone(),
+        connector: connector.clone(),
+        ingest: Ingest::new(store.clone(), signal.clone(), &config.server.public_url),
+        providers: config.providers.clone(),
+        sync: config.sync.clone(),
+        signal: signal.clone(),
+    });
+    let sync_shutdown = CancellationToken::new();
+    let scheduler = Arc::new(Scheduler::new(ctx, sync_shutdown.clone()));
+
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the webhook HTTP client")?;
+    let deliverer = Deliverer::new(
+        store.clone(),
+        &config.webhooks,
+        http,
+        config.delivery.clone(),
+        signal.clone(),
+    )?;
+    let delivery_shutdown = CancellationToken::new();
+    let delivery = tokio::spawn(deliverer.run(delivery_shutdown.clone()));
+
+    let state = AppState {
+        store: store.clone(),
+        scheduler: scheduler.clone(),
+        connector,
+        providers: config.providers.clone(),
+        signal: signal.clone(),
+        key_hashes: Arc::new(key_hashes),
+        ready: Arc::new(AtomicBool::new(false)),
+        metrics: metrics_handle(),
+        smart_bcc_domain: config.server.smart_bcc_domain.clone(),
+    };
+    let started = scheduler.start_all()?;
+    tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");
+    api::mark_ready(&state, true);
+
+    let app = api::router(state.clone());
+    let api_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
+            .await
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    api::mark_ready(&state, false);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let stopping = async {
+        sync_shutdown.cancel();
+        scheduler.wait().await;
+        delivery_shutdown.cancel();
+        let _ = delivery.await;
+        let _ = server.await;
+    };
+    if tokio::time::timeout(grace, stopping).await.is_err() {
+        tracing::warn!(
+            "shutdown took longer than {grace:?}; stopping anyway (nothing acknowledged is lost)"
+        );
+    }
+    Ok(())
+}

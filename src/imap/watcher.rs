@@ -1,0 +1,300 @@
+//! One folder of one mailbox, kept in sync: select, catch up from the stored
+//! cursor, IDLE until something changes (or the provider's IDLE period ends),
+//! repeat. Any failure ends the session; the watcher reconnects with backoff and
+//! catches up from the cursor, so nothing that arrived meanwhile is lost.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_imap::{extensions::idle::IdleResponse, imap_proto::Response, imap_proto::Status};
+use futures_util::TryStreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::{SyncContext, connection::ConnectError, connection::ImapSession, folders};
+use crate::{
+    backoff,
+    ingest::Found,
+    model::{FolderCursor, FolderRole, Mailbox, MailboxState},
+};
+
+/// Bodies fetched per round trip while catching up.
+const FETCH_BATCH: usize = 20;
+const FETCH_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+
+pub enum WatchEnd {
+    Cancelled,
+    /// The server refused the credentials (R20): retrying would only hammer it.
+    Rejected(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("IMAP: {0}")]
+    Imap(#[from] async_imap::error::Error),
+    #[error("timed out while {0}")]
+    Timeout(&'static str),
+    #[error("the server closed the session")]
+    Closed,
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub struct FolderWatcher {
+    pub ctx: Arc<SyncContext>,
+    pub mailbox: Mailbox,
+    pub role: FolderRole,
+    pub idle_period: Duration,
+}
+
+impl FolderWatcher {
+    pub async fn run(self, cancel: CancellationToken) -> WatchEnd {
+        let mut failures: u32 = 0;
+        loop {
+            let result = tokio::select! {
+                result = self.session(&cancel, &mut failures) => result,
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            };
+            let err = match result {
+                Ok(()) => return WatchEnd::Cancelled,
+                Err(SessionError::Connect(err)) if err.is_rejected_login() => {
+                    return WatchEnd::Rejected(err.to_string());
+                }
+                Err(err) => err,
+            };
+            let wait = backoff::delay(
+                failures,
+                Duration::from_millis(self.ctx.sync.reconnect_min_ms),
+                Duration::from_millis(self.ctx.sync.reconnect_max_ms),
+            );
+            failures = failures.saturating_add(1);
+            tracing::warn!(mailbox = %self.mailbox.address, folder = self.role.as_str(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
+            metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
+            if let Err(e) = self.ctx.store.set_mailbox_state(
+                &self.mailbox.address,
+                MailboxState::Error,
+                Some(err.to_string()),
+            ) {
+                tracing::error!("recording the mailbox state failed: {e:#}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            }
+        }
+    }
+
+    async fn timed<T, E>(
+        &self,
+        what: &'static str,
+        future: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, SessionError>
+    where
+        SessionError: From<E>,
+    {
+        match tokio::time::timeout(self.ctx.connector.step_timeout(), future).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SessionError::Timeout(what)),
+        }
+    }
+
+    /// One session: returns `Ok` only when cancelled.
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        failures: &mut u32,
+    ) -> Result<(), SessionError> {
+        let address = self.mailbox.address.as_str();
+        let mut session = self
+            .ctx
+            .connector
+            .open(&self.mailbox.imap, &self.mailbox.credentials)
+            .await?;
+        let folder = match self.role {
+            FolderRole::Inbox => "INBOX".to_string(),
+            FolderRole::Sent => match self
+                .timed("listing folders", folders::find_sent(&mut session))
+                .await?
+            {
+                Some(name) => name,
+                None => {
+                    tracing::warn!(
+                        mailbox = address,
+                        "no Sent folder found: mail sent from other clients cannot sync"
+                    );
+                    cancel.cancelled().await;
+                    return Ok(());
+                }
+            },
+        };
+        let selected = self
+            .timed("selecting the folder", session.select(&folder))
+            .await?;
+        let uid_validity = selected.uid_validity.unwrap_or(0);
+        let uid_next = selected.uid_next.unwrap_or(1);
+        let mut cursor = match self.ctx.store.cursor(address, self.role)? {
+            Some(cursor) if cursor.uid_validity == uid_validity => cursor,
+            stored => {
+                // No cursor yet, or the folder was recreated (its UIDs mean
+                // something else now): start at the present, never backfill (R2).
+                if let Some(old) = stored {
+                    tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: resuming from the folder's current end", old.uid_validity);
+                }
+                let fresh = FolderCursor {
+                    uid_validity,
+                    next_uid: uid_next,
+                };
+                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                fresh
+            }
+        };
+        *failures = 0;
+        self.ctx
+            .store
+            .set_mailbox_state(address, MailboxState::Active, None)?;
+        tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
+
+        loop {
+            self.catch_up(&mut session, &mut cursor).await?;
+
+            let mut idle = session.idle();
+            self.timed("starting IDLE", idle.init()).await?;
+            enum Woke {
+                Server(Result<IdleResponse, async_imap::error::Error>),
+                Renew,
+                Cancel,
+            }
+            let woke = {
+                // async-imap's own timeout only counts silence (keepalives reset
+                // it); the select's sleep is the hard re-IDLE deadline.
+                let (wait, _stop) =
+                    idle.wait_with_timeout(self.idle_period + Duration::from_secs(60));
+                tokio::select! {
+                    response = wait => Woke::Server(response),
+                    _ = tokio::time::sleep(self.idle_period) => Woke::Renew,
+                    _ = cancel.cancelled() => Woke::Cancel,
+                }
+            };
+            match woke {
+                Woke::Server(Err(err)) => return Err(err.into()),
+                Woke::Server(Ok(IdleResponse::ManualInterrupt)) => {
+                    // Nobody interrupted us: the stream ended.
+                    return Err(SessionError::Closed);
+                }
+                Woke::Server(Ok(IdleResponse::NewData(ref data))) => {
+                    if let Response::Data {
+                        status: Status::Bye,
+                        ..
+                    } = data.parsed()
+                    {
+                        return Err(SessionError::Closed);
+                    }
+                }
+                Woke::Server(Ok(IdleResponse::Timeout)) | Woke::Renew | Woke::Cancel => {}
+            }
+            session = self.timed("ending IDLE", idle.done()).await?;
+            if matches!(woke, Woke::Cancel) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fetches and handles every message at or after the cursor, in UID order.
+    async fn catch_up(
+        &self,
+        session: &mut ImapSession,
+        cursor: &mut FolderCursor,
+    ) -> Result<(), SessionError> {
+        let address = self.mailbox.address.as_str();
+        // Sizes first: cheap, and `n:*` always names at least the last message,
+        // which must not be fetched again.
+        let listing: Vec<_> = self
+            .timed("listing new messages", async {
+                session
+                    .uid_fetch(format!("{}:*", cursor.next_uid), "(UID RFC822.SIZE)")
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?;
+        let mut pending: Vec<(u32, u32)> = listing
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            .filter(|(uid, _)| *uid >= cursor.next_uid)
+            .collect();
+        pending.sort_unstable();
+        pending.dedup_by_key(|(uid, _)| *uid);
+
+        let mut start = 0;
+        while start < pending.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < pending.len()
+                && end - start < FETCH_BATCH
+                && (end == start || bytes + u64::from(pending[end].1) <= FETCH_BATCH_BYTES)
+            {
+                bytes += u64::from(pending[end].1);
+                end += 1;
+            }
+            let batch = &pending[start..end];
+            start = end;
+            let wanted: Vec<u32> = batch
+                .iter()
+                .filter(|(_, size)| *size <= self.ctx.sync.max_message_bytes)
+                .map(|(uid, _)| *uid)
+                .collect();
+            let mut bodies: HashMap<u32, Vec<u8>> = HashMap::new();
+            if !wanted.is_empty() {
+                let set = wanted
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let fetched: Vec<_> = self
+                    .timed("fetching messages", async {
+                        session
+                            .uid_fetch(&set, "(UID BODY.PEEK[])")
+                            .await?
+                            .try_collect::<Vec<_>>()
+                            .await
+                    })
+                    .await?;
+                for fetch in fetched {
+                    if let (Some(uid), Some(body)) = (fetch.uid, fetch.body()) {
+                        bodies.insert(uid, body.to_vec());
+                    }
+                }
+            }
+            for (uid, size) in batch {
+                let found = Found {
+                    mailbox: address,
+                    folder: self.role,
+                    uid_validity: cursor.uid_validity,
+                    uid: *uid,
+                };
+                match bodies.remove(uid) {
+                    Some(raw) => {
+                        self.ctx.ingest.handle(found, &raw)?;
+                    }
+                    None => {
+                        let reason = if *size > self.ctx.sync.max_message_bytes {
+                            format!("{size} bytes is over sync.max_message_bytes")
+                        } else {
+                            "it was removed before it could be fetched".to_string()
+                        };
+                        tracing::warn!(
+                            mailbox = address,
+                            folder = self.role.as_str(),
+                            uid,
+                            "message skipped: {reason}"
+                        );
+                        self.ctx.ingest.skip(found)?;
+                    }
+                }
+                cursor.next_uid = uid.saturating_add(1);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! One fetched message, start to finish: parse, load what the rules need, route,
+//! and commit the outcome together with the folder's cursor. Called by the IMAP
+//! watchers; knows nothing of IMAP itself.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use chrono::Utc;
+
+use crate::{
+    mime,
+    model::{
+        AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Message,
+        MessageEventData, Thread, normalize_email,
+    },
+    routing::{self, Directory, Incoming, Routing, ThreadDecision},
+    store::{IngestCommit, Store, StoreResult},
+    webhook::OutboxSignal,
+};
+
+#[derive(Clone)]
+pub struct Ingest {
+    store: Arc<dyn Store>,
+    signal: OutboxSignal,
+    public_url: String,
+}
+
+/// Where a message was found.
+#[derive(Clone, Copy, Debug)]
+pub struct Found<'a> {
+    pub mailbox: &'a str,
+    pub folder: FolderRole,
+    pub uid_validity: u32,
+    pub uid: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ignored(routing::IgnoreReason),
+    Queued { thread_id: String, events: usize },
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+impl Ingest {
+    pub fn new(store: Arc<dyn Store>, signal: OutboxSignal, public_url: &str) -> Self {
+        Self {
+            store,
+            signal,
+            public_url: public_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// Handles the message at `found` and moves the folder's cursor past it.
+    pub fn handle(&self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
+        let message = mime::parse(raw);
+        for warning in &message.parse_warnings {
+            tracing::info!(
+                mailbox = found.mailbox,
+                uid = found.uid,
+                "message partly unreadable: {warning}"
+            );
+        }
+        let cursor = FolderCursor {
+            uid_validity: found.uid_validity,
+            next_uid: found.uid.saturating_add(1),
+        };
+        let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
+        let contacts = self.contacts_for(
+            &message,
+            integrations.iter().map(|i| i.location_id.as_str()),
+        )?;
+        let thread = self
+            .store
+            .thread_of(found.mailbox, &message.thread_keys())?;
+        let routing = routing::route(
+            Incoming {
+                message: &message,
+                folder: found.folder,
+                uid_validity: found.uid_validity,
+                uid: found.uid,
+            },
+            Directory {
+                mailbox: found.mailbox,
+                integrations: &integrations,
+                contacts: &contacts,
+            },
+            thread.as_ref(),
+        );
+        let (decision, deliveries) = match routing {
+            Routing::Ignore(reason) => {
+                tracing::debug!(
+                    mailbox = found.mailbox,
+                    folder = found.folder.as_str(),
+                    uid = found.uid,
+                    "not synced: {reason}"
+                );
+                self.store.commit_ingest(&IngestCommit {
+                    mailbox: found.mailbox.to_string(),
+                    folder: found.folder,
+                    cursor,
+                    thread: None,
+                    message_ids: vec![],
+                    events: vec![],
+                })?;
+                return Ok(Outcome::Ignored(reason));
+            }
+            Routing::Deliver { thread, deliveries } => (thread, deliveries),
+        };
+        let now = Utc::now();
+        let thread = match (decision, thread) {
+            (ThreadDecision::Continue { .. }, Some(thread)) => thread,
+            _ => Thread {
+                id: new_id("thr"),
+                mailbox: found.mailbox.to_string(),
+                routes: deliveries.iter().map(|d| d.route.clone()).collect(),
+                created_at: now,
+            },
+        };
+        let message_record_id = new_id("msg");
+        let events: Vec<Event> = deliveries
+            .iter()
+            .map(|delivery| {
+                let data = MessageEventData {
+                    id: message_record_id.clone(),
+                    location_id: delivery.route.location_id.clone(),
+                    user_id: delivery.route.user_id.clone(),
+                    contact_id: delivery.route.contact_id.clone(),
+                    thread_id: thread.id.clone(),
+                    mailbox: found.mailbox.to_string(),
+                    direction: delivery.direction,
+                    origin: delivery.origin,
+                    message_id: message.message_id.clone(),
+                    in_reply_to: message.in_reply_to.clone(),
+                    references: message.references.clone(),
+                    from: message.from.clone(),
+                    to: message.to.clone(),
+                    cc: message.cc.clone(),
+                    bcc: message.bcc.clone(),
+                    subject: message.subject.clone(),
+                    date: message.date,
+                    text: message.text.clone(),
+                    html: message.html.clone(),
+                    attachments: self.attachment_links(&message_record_id, &message),
+                };
+                Event {
+                    id: new_id("evt"),
+                    kind: match delivery.direction {
+                        Direction::Inbound => "message.inbound",
+                        Direction::Outbound => "message.outbound",
+                    }
+                    .to_string(),
+                    timestamp: now,
+                    ordering_key: thread.id.clone(),
+                    data: serde_json::to_value(&data).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let count = events.len();
+        self.store.commit_ingest(&IngestCommit {
+            mailbox: found.mailbox.to_string(),
+            folder: found.folder,
+            cursor,
+            message_ids: message.message_id.iter().cloned().collect(),
+            thread: Some(thread.clone()),
+            events,
+        })?;
+        metrics::counter!("mailbridge_messages_synced_total").increment(1);
+        self.signal.notify();
+        tracing::info!(mailbox = found.mailbox, folder = found.folder.as_str(), uid = found.uid, thread = %thread.id, events = count, "synced");
+        Ok(Outcome::Queued {
+            thread_id: thread.id,
+            events: count,
+        })
+    }
+
+    /// Moves the cursor past a message that cannot be handled (logged by the caller).
+    pub fn skip(&self, found: Found<'_>) -> StoreResult<()> {
+        self.store.commit_ingest(&IngestCommit {
+            mailbox: found.mailbox.to_string(),
+            folder: found.folder,
+            cursor: FolderCursor {
+                uid_validity: found.uid_validity,
+                next_uid: found.uid.saturating_add(1),
+            },
+            thread: None,
+            message_ids: vec![],
+            events: vec![],
+        })
+    }
+
+    /// Every contact, in the given locations, that has one of the message's addresses.
+    fn contacts_for<'l>(
+        &self,
+        message: &Message,
+        locations: impl Iterator<Item = &'l str>,
+    ) -> StoreResult<Vec<Contact>> {
+        let addresses: BTreeSet<String> = message
+            .from
+            .iter()
+            .chain(&message.to)
+            .chain(&message.cc)
+            .chain(&message.bcc)
+            .map(|a| normalize_email(&a.email))
+            .collect();
+        let locations: BTreeSet<&str> = locations.collect();
+        let mut contacts = Vec::new();
+        for location in locations {
+            for address in &addresses {
+                for contact in self.store.contacts_by_email(location, address)? {
+                    if !contacts.iter().any(|c: &Contact| {
+                        c.location_id == contact.location_id && c.id == contact.id
+                    }) {
+                        contacts.push(contact);
+                    }
+                }
+            }
+        }
+        Ok(contacts)
+    }
+
+    fn attachment_links(&self, record_id: &str, message: &Message) -> Vec<AttachmentEventInfo> {
+        message
+            .attachments
+            .iter()
+            .map(|a| AttachmentEventInfo {
+                index: a.index,
+                filename: a.filename.clone(),
+                content_type: a.content_type.clone(),
+                size: a.size,
+                url: format!(
+                    "{}/v1/messages/{record_id}/attachments/{}",
+                    self.public_url, a.index
+                ),
+            })
+            .collect()
+    }
+}

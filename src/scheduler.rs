@@ -1,0 +1,81 @@
+//! Which mailboxes are being synced: starts, restarts and stops the per-mailbox
+//! tasks, and waits for all of them at shutdown.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::task::JoinHandle;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::imap::{SyncContext, sync_mailbox};
+
+struct Running {
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+pub struct Scheduler {
+    ctx: Arc<SyncContext>,
+    running: Mutex<HashMap<String, Running>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Scheduler {
+    pub fn new(ctx: Arc<SyncContext>, shutdown: CancellationToken) -> Self {
+        Self {
+            ctx,
+            running: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// Starts syncing every stored mailbox.
+    pub fn start_all(&self) -> crate::store::StoreResult<usize> {
+        let mailboxes = self.ctx.store.mailboxes()?;
+        for mailbox in &mailboxes {
+            self.start(&mailbox.address);
+        }
+        Ok(mailboxes.len())
+    }
+
+    /// Starts (or restarts, e.g. with new credentials) a mailbox's sync. A
+    /// restart waits for the old task to end first, so two sessions never
+    /// handle the same folder at once.
+    pub fn start(&self, address: &str) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = running.remove(address);
+        if let Some(previous) = &previous {
+            previous.cancel.cancel();
+        }
+        let cancel = self.shutdown.child_token();
+        let ctx = self.ctx.clone();
+        let owned = address.to_string();
+        let token = cancel.clone();
+        let handle = tokio::spawn(self.tracker.track_future(async move {
+            if let Some(previous) = previous {
+                let _ = previous.handle.await;
+            }
+            sync_mailbox(ctx, owned, token).await;
+        }));
+        running.insert(address.to_string(), Running { cancel, handle });
+        metrics::gauge!("mailbridge_mailboxes_syncing").set(running.len() as f64);
+    }
+
+    pub fn stop(&self, address: &str) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = running.remove(address) {
+            previous.cancel.cancel();
+        }
+        metrics::gauge!("mailbridge_mailboxes_syncing").set(running.len() as f64);
+    }
+
+    /// Waits until every mailbox task has ended (call after cancelling `shutdown`).
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
