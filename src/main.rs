@@ -11,7 +11,11 @@ use mailbridge::{
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "mailbridge", version, about = "Two-way sync between users' own mailboxes and a CRM")]
+#[command(
+    name = "mailbridge",
+    version,
+    about = "Two-way sync between users' own mailboxes and a CRM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,9 @@ fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
@@ -107,7 +113,10 @@ fn serve(config_file: Option<PathBuf>, log_format: Option<LogFormatArg>) -> Exit
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut interrupt), Ok(mut terminate)) => {
             tokio::select! {
                 _ = interrupt.recv() => {}
@@ -124,7 +133,7 @@ fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
     let raw = match std::fs::read(file) {
         Ok(raw) => raw,
         Err(err) => {
-            elet _ = writeln!(out, "mailbridge: cannot read {}: {err}", file.display());
+            eprintln!("mailbridge: cannot read {}: {err}", file.display());
             return ExitCode::FAILURE;
         }
     };
@@ -150,32 +159,75 @@ fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
         match serde_json::to_string_pretty(&view) {
             Ok(text) => out = text + "\n",
             Err(err) => {
-                elet _ = writeln!(out, "mailbridge: {err}");
+                eprintln!("mailbridge: {err}");
                 return ExitCode::FAILURE;
             }
         }
         return emit(&out);
     }
     let list = |addresses: &[mailbridge::model::EmailAddress]| {
-        addresses.iter().map(|a| match &a.name {
-            Some(name) => format!("{name} <{}>", a.email),
-            None => a.email.clone(),
-        }).collect::<Vec<_>>().join(", ")
+        addresses
+            .iter()
+            .map(|a| match &a.name {
+                Some(name) => format!("{name} <{}>", a.email),
+                None => a.email.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    let _ = writeln!(out, "From:        {}", message.from.as_ref().map(|f| list(std::slice::from_ref(f))).unwrap_or_else(|| "(none)".into()));
+    let _ = writeln!(
+        out,
+        "From:        {}",
+        message
+            .from
+            .as_ref()
+            .map(|f| list(std::slice::from_ref(f)))
+            .unwrap_or_else(|| "(none)".into())
+    );
     let _ = writeln!(out, "To:          {}", list(&message.to));
     let _ = writeln!(out, "Cc:          {}", list(&message.cc));
     let _ = writeln!(out, "Bcc:         {}", list(&message.bcc));
-    let _ = writeln!(out, "Subject:     {}", message.subject.as_deref().unwrap_or("(none)"));
-    let _ = writeln!(out, "Date:        {}", message.date.map(|d| d.to_rfc3339()).unwrap_or_else(|| "(none)".into()));
-    let _ = writeln!(out, "Message-ID:  {}", message.message_id.as_deref().unwrap_or("(none)"));
-    let _ = writeln!(out, "In-Reply-To: {}", message.in_reply_to.as_deref().unwrap_or("(none)"));
+    let _ = writeln!(
+        out,
+        "Subject:     {}",
+        message.subject.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(
+        out,
+        "Date:        {}",
+        message
+            .date
+            .map(|d| d.to_rfc3339())
+            .unwrap_or_else(|| "(none)".into())
+    );
+    let _ = writeln!(
+        out,
+        "Message-ID:  {}",
+        message.message_id.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(
+        out,
+        "In-Reply-To: {}",
+        message.in_reply_to.as_deref().unwrap_or("(none)")
+    );
     let _ = writeln!(out, "References:  {}", message.references.join(" "));
     let _ = writeln!(out, "Thread keys: {}", message.thread_keys().join(" "));
-    let _ = writeln!(out, "Text:        {} characters", message.text.as_ref().map_or(0, |t| t.chars().count()));
-    let _ = writeln!(out, "HTML:        {} characters", message.html.as_ref().map_or(0, |t| t.chars().count()));
+    let _ = writeln!(
+        out,
+        "Text:        {} characters",
+        message.text.as_ref().map_or(0, |t| t.chars().count())
+    );
+    let _ = writeln!(
+        out,
+        "HTML:        {} characters",
+        message.html.as_ref().map_or(0, |t| t.chars().count())
+    );
     for a in &message.attachments {
-        let _ = writeln!(out, "Attachment {}: {} ({}, {} bytes)", a.index, a.filename, a.content_type, a.size);
+        let _ = writeln!(
+            out,
+            "Attachment {}: {} ({}, {} bytes)",
+            a.index, a.filename, a.content_type, a.size
+        );
     }
     for w in &message.parse_warnings {
         let _ = writeln!(out, "Warning:     {w}");
