@@ -1,0 +1,172 @@
+//! The real daemon, started in-process (`mailbridge::run` on port 0) or as a
+//! child process of the built binary (for crash tests).
+
+use std::{path::Path, time::Duration};
+
+use mailbridge::config::{Config, WebhookConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    receiver::{Receiver, SECRET},
+    stack::{Stack, User},
+};
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// A test configuration: its own data folder, the stack's CA, the receiver,
+/// and short retry delays so tests do not wait minutes.
+pub fn test_config(data: &Path, stack: &Stack, receiver: &Receiver) -> Config {
+    let mut config = Config::default();
+    config.storage.path = data.to_path_buf();
+    config.api.keys = vec![API_KEY.into()];
+    config.webhooks = vec![WebhookConfig {
+        url: receiver.url.clone(),
+        secret: SECRET.into(),
+    }];
+    config.tls.extra_roots = vec![stack.ca_cert.clone()];
+    config.delivery.retry_min_ms = 100;
+    config.delivery.retry_max_ms = 1_000;
+    config.sync.reconnect_min_ms = 100;
+    config.sync.reconnect_max_ms = 1_000;
+    config.sync.step_timeout_secs = 20;
+    config.server.shutdown_grace_secs = 5;
+    config
+}
+
+pub struct Daemon {
+    pub base: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub async fn start(config: Config) -> Daemon {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(mailbridge::run(config, listener, shutdown.clone()));
+        let daemon = Daemon {
+            base,
+            http: reqwest::Client::new(),
+            shutdown,
+            task,
+        };
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.base);
+        super::eventually(
+            "the daemon to be ready",
+            super::DEADLINE,
+            async || match self.http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            },
+        )
+        .await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("daemon stops within its grace period")
+            .expect("daemon task");
+        result.expect("daemon ran cleanly");
+    }
+}
+
+/// Calls the API with the test key.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(API_KEY)
+            .timeout(Duration::from_secs(120));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("API reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    pub async fn put_contact(&self, location: &str, id: &str, email: &str, users: &[&str]) {
+        let (status, body) = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/locations/{location}/contacts/{id}"),
+                Some(
+                    serde_json::json!({"emails": [email], "name": id, "assigned_user_ids": users}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 200, "put contact: {body}");
+    }
+
+    pub async fn connect(
+        &self,
+        location: &str,
+        user_id: &str,
+        stack: &Stack,
+        user: &User,
+    ) -> serde_json::Value {
+        let (status, body) = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/locations/{location}/users/{user_id}/mailbox"),
+                Some(serde_json::json!({
+                    "email": user.address,
+                    "provider": "imap",
+                    "auth": {"type": "password", "username": user.address, "password": user.password},
+                    "imap": stack.imap_endpoint(),
+                    "smtp": stack.smtp_endpoint(),
+                })),
+            )
+            .await;
+        assert_eq!(status, 200, "connect mailbox: {body}");
+        body
+    }
+
+    /// Waits until the mailbox's sync sessions are up (state `active`).
+    pub async fn wait_active(&self, location: &str, user_id: &str) {
+        super::eventually(
+            "the mailbox to become active",
+            super::DEADLINE,
+            async || {
+                let (_, body) = self
+                    .send(
+                        reqwest::Method::GET,
+                        &format!("/v1/locations/{location}/users/{user_id}/mailbox"),
+                        None,
+                    )
+                    .await;
+                (body["state"] == "active").then_some(())
+            },
+        )
+        .await;
+    }
+}

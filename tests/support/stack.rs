@@ -1,0 +1,254 @@
+//! The Dovecot + Postfix stack started by scripts/mailstack/start.sh.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use lettre::{
+    AsyncSmtpTransport, AsyncTransport, Tokio1Executor,
+    address::Envelope,
+    transport::smtp::{
+        authentication::Credentials as SmtpCredentials,
+        client::{Certificate, CertificateStore, Tls, TlsParameters},
+    },
+};
+use mailbridge::{
+    imap::{ImapConnector, connection::ImapSession},
+    model::{Credentials, Endpoint, Security},
+};
+
+pub struct Stack {
+    pub domain: String,
+    pub imaps_port: u16,
+    pub imap_port: u16,
+    pub submissions_port: u16,
+    pub mx_port: u16,
+    pub ca_cert: PathBuf,
+    pub users_file: PathBuf,
+    pub runtime: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub address: String,
+    pub password: String,
+}
+
+static NEXT_USER: AtomicU32 = AtomicU32::new(0);
+
+impl Stack {
+    pub fn get() -> Stack {
+        let runtime = std::env::var("MAILSTACK_RUNTIME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir().join("mailbridge-mailstack"));
+        let env_file = runtime.join("stack.env");
+        let text = std::fs::read_to_string(&env_file).unwrap_or_else(|e| {
+            panic!(
+                "the mail stack is not running ({}: {e}); start it with `sudo scripts/mailstack/start.sh` or run scripts/test.sh",
+                env_file.display()
+            )
+        });
+        let vars: HashMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        let var = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing in {}", env_file.display()))
+        };
+        let port = |k: &str| var(k).parse::<u16>().unwrap_or_else(|e| panic!("{k}: {e}"));
+        Stack {
+            domain: var("MAILSTACK_DOMAIN"),
+            imaps_port: port("MAILSTACK_IMAPS_PORT"),
+            imap_port: port("MAILSTACK_IMAP_PORT"),
+            submissions_port: port("MAILSTACK_SUBMISSIONS_PORT"),
+            mx_port: port("MAILSTACK_SMTP_PORT"),
+            ca_cert: PathBuf::from(var("MAILSTACK_CA_CERT")),
+            users_file: PathBuf::from(var("MAILSTACK_USERS_FILE")),
+            runtime,
+        }
+    }
+
+    /// A fresh mailbox no other test touches. Dovecot re-reads its passwd-file
+    /// when it changes (checked about once a second), so this waits until the
+    /// new user can log in; a login also proves the userdb (used by LMTP
+    /// delivery) knows the user.
+    pub async fn new_user(&self, prefix: &str) -> User {
+        let n = NEXT_USER.fetch_add(1, Ordering::SeqCst);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let local = format!("{prefix}{}x{n}x{nanos:x}", std::process::id());
+        let address = format!("{local}@{}", self.domain);
+        let password = format!("pw-{local}");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.users_file)
+            .unwrap_or_else(|e| panic!("cannot add a user to {}: {e}", self.users_file.display()));
+        // One write per line keeps concurrent appends from interleaving.
+        file.write_all(format!("{address}:{{PLAIN}}{password}::::::\n").as_bytes())
+            .expect("append user");
+        drop(file);
+        let user = User { address, password };
+        let credentials = Credentials::Password {
+            username: user.address.clone(),
+            password: user.password.clone(),
+        };
+        let tls = mailbridge::tls::client_config(std::slice::from_ref(&self.ca_cert))
+            .expect("tls config");
+        let connector = ImapConnector::new(tls, Duration::from_secs(20));
+        super::eventually(
+            &format!("Dovecot to know {}", user.address),
+            super::DEADLINE,
+            async || {
+                let mut session = connector
+                    .open(&self.imap_endpoint(), &credentials)
+                    .await
+                    .ok()?;
+                let _ = session.logout().await;
+                Some(())
+            },
+        )
+        .await;
+        user
+    }
+
+    pub fn imap_endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port: self.imaps_port,
+            security: Security::Tls,
+        }
+    }
+
+    pub fn smtp_endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port: self.submissions_port,
+            security: Security::Tls,
+        }
+    }
+
+    /// Delivers a message as the outside world does: through the MX port.
+    pub async fn deliver(&self, from: &str, to: &[&str], raw: &[u8]) {
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(self.mx_port)
+            .timeout(Some(Duration::from_secs(20)))
+            .build();
+        let envelope = Envelope::new(
+            Some(from.parse().expect("from address")),
+            to.iter().map(|t| t.parse().expect("to address")).collect(),
+        )
+        .expect("envelope");
+        transport
+            .send_raw(&envelope, raw)
+            .await
+            .expect("MX accepts the message");
+    }
+
+    /// Submits a message as `user` on the submission port, as a mail client does.
+    pub async fn submit(&self, user: &User, to: &[&str], raw: &[u8]) {
+        let pem = std::fs::read(&self.ca_cert).expect("CA cert");
+        let tls = TlsParameters::builder("localhost".into())
+            .certificate_store(CertificateStore::None)
+            .add_root_certificate(Certificate::from_pem(&pem).expect("CA pem"))
+            .build_rustls()
+            .expect("tls parameters");
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(self.submissions_port)
+            .tls(Tls::Wrapper(tls))
+            .credentials(SmtpCredentials::new(
+                user.address.clone(),
+                user.password.clone(),
+            ))
+            .timeout(Some(Duration::from_secs(20)))
+            .build();
+        let envelope = Envelope::new(
+            Some(user.address.parse().expect("from")),
+            to.iter().map(|t| t.parse().expect("to address")).collect(),
+        )
+        .expect("envelope");
+        transport
+            .send_raw(&envelope, raw)
+            .await
+            .expect("submission accepted");
+    }
+
+    pub async fn session(&self, user: &User) -> ImapSession {
+        mailbridge::tls::install_crypto_provider();
+        let tls = mailbridge::tls::client_config(std::slice::from_ref(&self.ca_cert))
+            .expect("tls config");
+        ImapConnector::new(tls, Duration::from_secs(20))
+            .open(
+                &self.imap_endpoint(),
+                &Credentials::Password {
+                    username: user.address.clone(),
+                    password: user.password.clone(),
+                },
+            )
+            .await
+            .expect("IMAP login")
+    }
+
+    /// Files a copy in the user's Sent folder, marked \Seen, as a mail client does after sending.
+    pub async fn append_sent(&self, user: &User, raw: &[u8]) {
+        let mut session = self.session(user).await;
+        session
+            .append("Sent", Some("(\\Seen)"), None, raw)
+            .await
+            .expect("APPEND to Sent");
+        let _ = session.logout().await;
+    }
+
+    /// Number of messages in a folder.
+    pub async fn count(&self, user: &User, folder: &str) -> u32 {
+        let mut session = self.session(user).await;
+        let status = session.status(folder, "(MESSAGES)").await.expect("STATUS");
+        let _ = session.logout().await;
+        status.exists
+    }
+
+    /// Waits until a folder holds `n` messages (delivery through LMTP is asynchronous).
+    pub async fn wait_count(&self, user: &User, folder: &str, n: u32) {
+        super::eventually(
+            &format!("{n} messages in {folder} of {}", user.address),
+            super::DEADLINE,
+            async || (self.count(user, folder).await >= n).then_some(()),
+        )
+        .await;
+    }
+}
+
+/// A small RFC 5322 message.
+pub fn message(
+    from: &str,
+    to: &str,
+    subject: &str,
+    message_id: &str,
+    in_reply_to: Option<&str>,
+) -> Vec<u8> {
+    let mut raw = format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\nDate: {}\r\n",
+        chrono::Utc::now().to_rfc2822()
+    );
+    if let Some(parent) = in_reply_to {
+        raw.push_str(&format!(
+            "In-Reply-To: {parent}\r\nReferences: {parent}\r\n"
+        ));
+    }
+    raw.push_str(&format!(
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBody of {subject}\r\n"
+    ));
+    raw.into_bytes()
+}
+
+pub fn new_message_id(tag: &str) -> String {
+    format!("<{tag}.{}@test.example>", uuid::Uuid::now_v7().simple())
+}
