@@ -64,6 +64,19 @@ fn api_key_hashes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<[u8;
     Ok(hashes)
 }
 
+/// The data folder holds credentials (encrypted) and their key: owner only.
+fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("creating the data folder {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then stops
 /// within the configured grace period.
 pub async fn run(
@@ -73,6 +86,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let tls = tls::client_config(&config.tls.extra_roots)?;
+    create_private_dir(&config.storage.path)?;
     let secrets = SecretBox::load(
         config.storage.encryption_key.as_deref(),
         &config.storage.path.join("secret.key"),

@@ -184,10 +184,15 @@ fi
 chown -R dovecot:dovecot "$K/keys"   # read by the auth process (runs as 'dovecot')
 
 # ------------------------------------------------------------------- users --
+# Users added at run time (tests append their own) survive a restart: only
+# missing predefined users are added.
+touch "$RT/etc/dovecot/users"
 {
     for u in $USERS; do echo "$u@$DOMAIN:{PLAIN}${u}pw::::::"; done
     i=0; while [ "$i" -lt "$LOAD_USERS" ]; do echo "load$i@$DOMAIN:{PLAIN}loadpw::::::"; i=$((i+1)); done
-} > "$RT/etc/dovecot/users"
+} | while IFS= read -r line; do
+    grep -qxF "$line" "$RT/etc/dovecot/users" || printf '%s\n' "$line" >> "$RT/etc/dovecot/users"
+done
 # Postfix accepts every address of the domain; Dovecot's passwd-file decides
 # who exists.  Dovecot re-reads that file when it changes, so a test adds its
 # own users (one line appended to etc/dovecot/users) without any restart and

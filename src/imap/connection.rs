@@ -110,6 +110,15 @@ pub struct ImapConnector {
     step_timeout: Duration,
 }
 
+/// async-imap renders a NO as `code: None, info: Some("…")`; the server's own
+/// words are the part worth showing.
+fn server_words(text: &str) -> String {
+    text.split_once("info: Some(\"")
+        .and_then(|(_, rest)| rest.rsplit_once("\")"))
+        .map(|(words, _)| words.replace("\\\"", "\""))
+        .unwrap_or_else(|| text.trim().to_string())
+}
+
 pub fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
         || host
@@ -249,5 +258,31 @@ impl ImapConnector {
             Ok(Err(e)) => Err(ConnectError::Protocol(format!("greeting: {e}"))),
             Err(_) => Err(ConnectError::Timeout("waiting for the greeting")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_words_are_taken_from_async_imaps_rendering() {
+        assert_eq!(
+            server_words(
+                r#"code: None, info: Some("[AUTHENTICATIONFAILED] Authentication failed.")"#
+            ),
+            "[AUTHENTICATIONFAILED] Authentication failed."
+        );
+        assert_eq!(server_words(" plain words "), "plain words");
+    }
+
+    #[test]
+    fn plain_is_only_for_loopback() {
+        assert!(is_loopback("127.0.0.1"));
+        assert!(is_loopback("::1"));
+        assert!(is_loopback("[::1]"));
+        assert!(is_loopback("localhost"));
+        assert!(!is_loopback("imap.gmail.com"));
+        assert!(!is_loopback("10.0.0.1"));
     }
 }

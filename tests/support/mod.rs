@@ -3,6 +3,7 @@
 //! and the real daemon started in-process or as a child process.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod daemon;
 pub mod receiver;
 pub mod stack;

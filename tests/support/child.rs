@@ -1,0 +1,77 @@
+//! The daemon as a child process of the built binary, for tests that kill it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use mailbridge::config::Config;
+use tokio::{
+    io::{AsyncBufReadExt as _, BufReader},
+    process::{Child, Command},
+};
+
+pub struct ChildDaemon {
+    pub base: String,
+    child: Child,
+}
+
+impl ChildDaemon {
+    /// Starts `mailbridge serve` on port 0 and learns the port from its log.
+    pub async fn start(config: &Config, dir: &Path) -> ChildDaemon {
+        let mut config = config.clone();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        let file: PathBuf = dir.join("mailbridge.toml");
+        std::fs::write(&file, toml::to_string(&config).expect("config as TOML")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailbridge"))
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the mailbridge binary");
+        let stderr = child.stderr.take().unwrap();
+        let (found, port) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut found = Some(found);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[daemon] {line}");
+                if let Some(rest) = line.split("listen=").nth(1)
+                    && let Some(tx) = found.take()
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let address = tokio::time::timeout(super::DEADLINE, port)
+            .await
+            .expect("the daemon logs its address")
+            .expect("the daemon started");
+        ChildDaemon {
+            base: format!("http://{address}"),
+            child,
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("SIGKILL the daemon");
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        tokio::time::timeout(super::DEADLINE, self.child.wait())
+            .await
+            .expect("the daemon exits after SIGTERM")
+            .expect("wait")
+    }
+}
