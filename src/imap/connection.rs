@@ -234,7 +234,7 @@ impl ImapConnector {
                 {
                     Ok(Ok(session)) => Ok(session),
                     Ok(Err((async_imap::error::Error::No(text), _))) => {
-                        Err(ConnectError::Rejected(text.trim().to_string()))
+                        Err(ConnectError::Rejected(server_words(&text)))
                     }
                     Ok(Err((async_imap::error::Error::Validate(e), _))) => {
                         Err(ConnectError::Rejected(format!(
