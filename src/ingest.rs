@@ -39,6 +39,14 @@ pub enum Outcome {
     Queued { thread_id: String, events: usize },
 }
 
+/// Writes a file and syncs it to disk before returning.
+pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
@@ -66,6 +74,15 @@ impl Ingest {
             uid_validity: found.uid_validity,
             next_uid: found.uid.saturating_add(1),
         };
+        if found.folder == FolderRole::Sent
+            && let Some(id) = &message.message_id
+            && self.store.is_crm_message(found.mailbox, id)?
+        {
+            // R5: the CRM already knows this message (message.sent); its copy in
+            // Sent must not come back as message.outbound.
+            self.skip(found)?;
+            return Ok(Outcome::Ignored(routing::IgnoreReason::SentByCrm));
+        }
         let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
         let contacts = self.contacts_for(
             &message,
@@ -103,6 +120,7 @@ impl Ingest {
                     thread: None,
                     message_ids: vec![],
                     events: vec![],
+                    history: vec![],
                 })?;
                 return Ok(Outcome::Ignored(reason));
             }
@@ -119,10 +137,9 @@ impl Ingest {
             },
         };
         let message_record_id = new_id("msg");
-        let events: Vec<Event> = deliveries
+        let history: Vec<MessageEventData> = deliveries
             .iter()
-            .map(|delivery| {
-                let data = MessageEventData {
+            .map(|delivery| MessageEventData {
                     id: message_record_id.clone(),
                     location_id: delivery.route.location_id.clone(),
                     user_id: delivery.route.user_id.clone(),
@@ -143,21 +160,26 @@ impl Ingest {
                     text: message.text.clone(),
                     html: message.html.clone(),
                     attachments: self.attachment_links(&message_record_id, &message),
-                };
-                Event {
-                    id: new_id("evt"),
-                    kind: match delivery.direction {
-                        Direction::Inbound => "message.inbound",
-                        Direction::Outbound => "message.outbound",
-                    }
-                    .to_string(),
-                    timestamp: now,
-                    ordering_key: thread.id.clone(),
-                    data: serde_json::to_value(&data).unwrap_or_default(),
+            })
+            .collect();
+        let events: Vec<Event> = history
+            .iter()
+            .map(|data| Event {
+                id: new_id("evt"),
+                kind: match data.direction {
+                    Direction::Inbound => "message.inbound",
+                    Direction::Outbound => "message.outbound",
                 }
+                .to_string(),
+                timestamp: now,
+                ordering_key: thread.id.clone(),
+                data: serde_json::to_value(data).unwrap_or_default(),
             })
             .collect();
         let count = events.len();
+        // The source is kept for /raw and attachment downloads; written (and
+        // synced to disk) before the commit that makes it reachable.
+        write_durably(&self.store.raw_path(&message_record_id), raw)?;
         self.store.commit_ingest(&IngestCommit {
             mailbox: found.mailbox.to_string(),
             folder: found.folder,
@@ -165,6 +187,7 @@ impl Ingest {
             message_ids: message.message_id.iter().cloned().collect(),
             thread: Some(thread.clone()),
             events,
+            history,
         })?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
         self.signal.notify();
@@ -187,6 +210,7 @@ impl Ingest {
             thread: None,
             message_ids: vec![],
             events: vec![],
+            history: vec![],
         })
     }
 

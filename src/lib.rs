@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod compose;
 pub mod config;
 pub mod daemon;
 pub mod imap;
@@ -14,6 +15,7 @@ pub mod mime;
 pub mod model;
 pub mod routing;
 pub mod scheduler;
+pub mod smtp;
 pub mod store;
 pub mod tls;
 pub mod webhook;

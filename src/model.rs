@@ -313,3 +313,39 @@ impl Event {
         })
     }
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    Queued,
+    /// Handed to the SMTP server; if the bridge stops now, the outcome is
+    /// settled on restart by looking for the Message-ID in Sent.
+    Submitting,
+    Sent,
+    Failed,
+}
+
+/// A message the CRM sends as the user, from accept to its final state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendRecord {
+    pub id: String,
+    pub location_id: String,
+    pub user_id: String,
+    pub contact_id: String,
+    pub mailbox: String,
+    pub thread_id: String,
+    pub message_id: String,
+    pub status: SendStatus,
+    pub error: Option<String>,
+    /// The server's reply to the end of DATA, once accepted.
+    pub smtp_response: Option<String>,
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    /// Envelope recipients (To, Cc and Bcc).
+    pub recipients: Vec<String>,
+    /// The webhook/history `data` of this message.
+    pub data: MessageEventData,
+}

@@ -68,6 +68,8 @@ pub enum IgnoreReason {
     NoRecipientContact,
     /// The message's thread syncs, but to no integration that still uses this mailbox.
     ThreadDetached,
+    /// The CRM sent it through the bridge; `message.sent` already reported it (R5).
+    SentByCrm,
 }
 
 impl fmt::Display for IgnoreReason {
@@ -88,6 +90,7 @@ impl fmt::Display for IgnoreReason {
             IgnoreReason::ThreadDetached => {
                 "its thread syncs to no integration that still uses this mailbox"
             }
+            IgnoreReason::SentByCrm => "sent by the CRM through the bridge (R5)",
         })
     }
 }

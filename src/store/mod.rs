@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Contact, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, Thread,
+    Contact, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, MessageEventData,
+    SendRecord, Thread,
 };
 
 pub mod secret_box;
@@ -43,7 +44,24 @@ pub struct IngestCommit {
     /// Message ids to file under `thread` in the thread index.
     pub message_ids: Vec<String>,
     pub events: Vec<Event>,
+    /// History entries (one per conversation the message lands in).
+    pub history: Vec<MessageEventData>,
 }
+
+/// What became of a send the CRM asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SendAcceptance {
+    Accepted,
+    /// The same idempotency key was used within 48 hours: the first send's record.
+    Repeat(Box<SendRecord>),
+    /// The mailbox's rolling 24-hour limit is reached until this time (unix ms).
+    LimitReached { retry_at_ms: i64, limit: u32 },
+}
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 48 * 3600 * 1000;
+/// The sending limit's rolling window.
+pub const QUOTA_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 /// An event in the outbox, with its delivery progress.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +157,41 @@ pub trait Store: Send + Sync + 'static {
     /// Moves an entry that will not be retried any more aside, for an operator to inspect.
     fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
     fn outbox_len(&self) -> StoreResult<usize>;
+
+    // --- CRM sends (R5, R14, R21)
+    /// Checks the idempotency key and the mailbox's daily limit and, when both
+    /// allow, records the send (queued), its quota use, its idempotency key and
+    /// its thread (so a reply threads before the message even leaves), at once.
+    fn accept_send(
+        &self,
+        send: &SendRecord,
+        thread: &Thread,
+        daily_limit: Option<u32>,
+        now_ms: i64,
+    ) -> StoreResult<SendAcceptance>;
+    fn send(&self, id: &str) -> StoreResult<Option<SendRecord>>;
+    /// Stores a send's new state and queues `events` with it. A send that
+    /// failed for good gives its quota back.
+    fn update_send(&self, send: &SendRecord, events: &[Event]) -> StoreResult<()>;
+    /// Sends not yet settled (queued or submitting), oldest first.
+    fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>>;
+    /// Whether the CRM sent this Message-ID from this mailbox.
+    fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool>;
+    /// Sends through the mailbox in the 24 hours before `now_ms`, and when the oldest of them ages out.
+    fn quota_use(&self, mailbox: &str, now_ms: i64) -> StoreResult<(u32, Option<i64>)>;
+    fn thread(&self, thread_id: &str) -> StoreResult<Option<Thread>>;
+
+    // --- synced history
+    /// A contact's synced messages, newest first, before `before_ms` (unix ms).
+    fn history(
+        &self,
+        location_id: &str,
+        contact_id: &str,
+        before_ms: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageEventData>>;
+    /// Where the raw source of a synced or sent message is kept.
+    fn raw_path(&self, message_record_id: &str) -> std::path::PathBuf;
 
     // --- small settings (the generated API key's hash, …)
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;

@@ -14,11 +14,12 @@ use sled::{
 };
 
 use super::{
-    Disconnected, IngestCommit, OutboxEntry, Store, StoreError, StoreResult, secret_box::SecretBox,
+    Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS, SendAcceptance,
+    Store, StoreError, StoreResult, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-    Thread,
+    MessageEventData, SendRecord, SendStatus, Thread,
 };
 
 /// Event data above this size is kept in a file instead of in sled.
@@ -38,7 +39,13 @@ pub struct SledStore {
     outbox: sled::Tree,
     dead_letters: sled::Tree,
     settings: sled::Tree,
+    sends: sled::Tree,
+    idempotency: sled::Tree,
+    quota: sled::Tree,
+    crm_message_ids: sled::Tree,
+    history: sled::Tree,
     secrets: SecretBox,
+    raw_messages: PathBuf,
     bodies: PathBuf,
     /// Connect and disconnect read the mailbox's other integrations before they
     /// write; one at a time keeps that read true.
@@ -74,6 +81,30 @@ fn prefix(parts: &[&str]) -> Vec<u8> {
     k
 }
 
+/// `parts…\0<time, big-endian>\0suffix`: keys that sort by time within a prefix.
+fn timed_key(parts: &[&str], time_ms: i64, suffix: &str) -> Vec<u8> {
+    let mut k = prefix(parts);
+    k.extend_from_slice(&(time_ms.max(0) as u64).to_be_bytes());
+    k.push(0);
+    k.extend_from_slice(suffix.as_bytes());
+    k
+}
+
+fn time_of_timed_key(key: &[u8], prefix_len: usize) -> Option<i64> {
+    let bytes: [u8; 8] = key.get(prefix_len..prefix_len + 8)?.try_into().ok()?;
+    i64::try_from(u64::from_be_bytes(bytes)).ok()
+}
+
+fn history_key(data: &MessageEventData, time_ms: i64) -> Vec<u8> {
+    timed_key(&[&data.location_id, &data.contact_id], time_ms, &data.id)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdempotencyEntry {
+    send_id: String,
+    created_ms: i64,
+}
+
 fn cursor_key(mailbox: &str, folder: FolderRole) -> Vec<u8> {
     key(&[mailbox, folder.as_str()])
 }
@@ -105,6 +136,8 @@ impl SledStore {
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
         let bodies = path.join("event-bodies");
         std::fs::create_dir_all(&bodies)?;
+        let raw_messages = path.join("messages");
+        std::fs::create_dir_all(&raw_messages)?;
         let tree = |name: &str| db.open_tree(name);
         Ok(Self {
             contacts: tree("contacts")?,
@@ -118,6 +151,12 @@ impl SledStore {
             outbox: tree("outbox")?,
             dead_letters: tree("dead_letters")?,
             settings: tree("settings")?,
+            sends: tree("sends")?,
+            idempotency: tree("idempotency")?,
+            quota: tree("quota")?,
+            crm_message_ids: tree("crm_message_ids")?,
+            history: tree("history")?,
+            raw_messages,
             db,
             secrets,
             bodies,
@@ -606,6 +645,194 @@ impl Store for SledStore {
 
     fn outbox_len(&self) -> StoreResult<usize> {
         Ok(self.outbox.len())
+    }
+
+    fn accept_send(
+        &self,
+        send: &SendRecord,
+        thread: &Thread,
+        daily_limit: Option<u32>,
+        now_ms: i64,
+    ) -> StoreResult<SendAcceptance> {
+        // Checks and writes happen under one lock so two concurrent requests
+        // cannot both take the last unit of quota or both claim one key.
+        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let idempotency_key = send
+            .idempotency_key
+            .as_ref()
+            .map(|k| key(&[&send.location_id, &send.user_id, k]));
+        if let Some(k) = &idempotency_key
+            && let Some(existing) = self.idempotency.get(k).map_err(engine)?
+        {
+            let entry: IdempotencyEntry = decode(&existing)?;
+            if now_ms - entry.created_ms < IDEMPOTENCY_WINDOW_MS
+                && let Some(first) = self.send(&entry.send_id)?
+            {
+                return Ok(SendAcceptance::Repeat(Box::new(first)));
+            }
+        }
+        if let Some(limit) = daily_limit {
+            let (used, oldest) = self.quota_use(&send.mailbox, now_ms)?;
+            if used >= limit {
+                return Ok(SendAcceptance::LimitReached {
+                    retry_at_ms: oldest.map_or(now_ms, |t| t + QUOTA_WINDOW_MS),
+                    limit,
+                });
+            }
+        }
+        let send_value = encode(send)?;
+        let thread_value = encode(thread)?;
+        let idempotency_value = encode(&IdempotencyEntry {
+            send_id: send.id.clone(),
+            created_ms: now_ms,
+        })?;
+        let quota_key = timed_key(&[&send.mailbox], now_ms, &send.id);
+        let message_key = key(&[&send.mailbox, &send.message_id]);
+        (
+            &self.sends,
+            &self.idempotency,
+            &self.quota,
+            &self.threads,
+            &self.thread_keys,
+            &self.crm_message_ids,
+        )
+            .transaction(|(sends, idempotency, quota, threads, thread_keys, crm_ids)| {
+                sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                if let Some(k) = &idempotency_key {
+                    idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
+                }
+                quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
+                threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
+                thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
+                crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(SendAcceptance::Accepted)
+    }
+
+    fn send(&self, id: &str) -> StoreResult<Option<SendRecord>> {
+        self.sends.get(id.as_bytes()).map_err(engine)?.map(|v| decode(&v)).transpose()
+    }
+
+    fn update_send(&self, send: &SendRecord, events: &[Event]) -> StoreResult<()> {
+        let send_value = encode(send)?;
+        let outbox_values = self.stored_entries(events)?;
+        let history_value = match send.status {
+            SendStatus::Sent => Some((
+                history_key(&send.data, send.created_at.timestamp_millis()),
+                encode(&send.data)?,
+            )),
+            _ => None,
+        };
+        // A send that never left gives its unit of quota back.
+        let refund: Vec<sled::IVec> = if send.status == SendStatus::Failed {
+            self.quota
+                .scan_prefix(prefix(&[&send.mailbox]))
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (&self.sends, &self.outbox, &self.history, &self.quota)
+            .transaction(|(sends, outbox, history, quota)| {
+                sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                if let Some((k, v)) = &history_value {
+                    history.insert(k.as_slice(), v.as_slice())?;
+                }
+                for k in &refund {
+                    quota.remove(k)?;
+                }
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>> {
+        let mut found: Vec<SendRecord> = Vec::new();
+        for value in self.sends.iter().values() {
+            let send: SendRecord = decode(&value.map_err(engine)?)?;
+            if matches!(send.status, SendStatus::Queued | SendStatus::Submitting) {
+                found.push(send);
+            }
+        }
+        found.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(found)
+    }
+
+    fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .crm_message_ids
+            .contains_key(key(&[mailbox, message_id]))
+            .map_err(engine)?)
+    }
+
+    fn quota_use(&self, mailbox: &str, now_ms: i64) -> StoreResult<(u32, Option<i64>)> {
+        let scan = prefix(&[mailbox]);
+        let since = now_ms - QUOTA_WINDOW_MS;
+        let mut used = 0u32;
+        let mut oldest = None;
+        let mut expired = Vec::new();
+        for item in self.quota.scan_prefix(&scan) {
+            let (k, _) = item.map_err(engine)?;
+            let Some(time) = time_of_timed_key(&k, scan.len()) else { continue };
+            if time <= since {
+                expired.push(k);
+                continue;
+            }
+            used += 1;
+            oldest = Some(oldest.map_or(time, |o: i64| o.min(time)));
+        }
+        // Entries older than the window never count again.
+        for k in expired {
+            self.quota.remove(k).map_err(engine)?;
+        }
+        Ok((used, oldest))
+    }
+
+    fn thread(&self, thread_id: &str) -> StoreResult<Option<Thread>> {
+        self.threads
+            .get(thread_id.as_bytes())
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn history(
+        &self,
+        location_id: &str,
+        contact_id: &str,
+        before_ms: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageEventData>> {
+        let scan = prefix(&[location_id, contact_id]);
+        let mut found = Vec::new();
+        for item in self.history.scan_prefix(&scan).rev() {
+            let (k, v) = item.map_err(engine)?;
+            if let (Some(before), Some(time)) = (before_ms, time_of_timed_key(&k, scan.len()))
+                && time >= before
+            {
+                continue;
+            }
+            found.push(decode(&v)?);
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    fn raw_path(&self, message_record_id: &str) -> PathBuf {
+        let safe: String = message_record_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect();
+        self.raw_messages.join(format!("{safe}.eml"))
     }
 
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -220,6 +220,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
             thread: Some(thread.clone()),
             message_ids: vec!["<a@x>".into()],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
+            history: vec![],
         };
         store.commit_ingest(&commit).unwrap();
         assert_eq!(
