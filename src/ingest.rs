@@ -127,15 +127,18 @@ impl Ingest {
             Routing::Deliver { thread, deliveries } => (thread, deliveries),
         };
         let now = Utc::now();
-        let thread = match (decision, thread) {
+        let mut thread = match (decision, thread) {
             (ThreadDecision::Continue { .. }, Some(thread)) => thread,
             _ => Thread {
                 id: new_id("thr"),
                 mailbox: found.mailbox.to_string(),
                 routes: deliveries.iter().map(|d| d.route.clone()).collect(),
                 created_at: now,
+                message_ids: Vec::new(),
+                subject: None,
             },
         };
+        thread.remember(message.message_id.as_deref(), message.subject.as_deref());
         let message_record_id = new_id("msg");
         let history: Vec<MessageEventData> = deliveries
             .iter()

@@ -89,6 +89,27 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Who puts a CRM send into the Sent folder (R5: exactly once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveSent {
+    /// Gmail and Outlook file SMTP submissions themselves: never; others: append.
+    #[default]
+    Auto,
+    Append,
+    Never,
+}
+
+impl SaveSent {
+    pub fn bridge_appends(self, provider: Provider) -> bool {
+        match self {
+            SaveSent::Append => true,
+            SaveSent::Never => false,
+            SaveSent::Auto => provider == Provider::Imap,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MailboxState {
@@ -109,6 +130,9 @@ pub struct Mailbox {
     pub imap: Endpoint,
     pub smtp: Endpoint,
     pub daily_send_limit: Option<u32>,
+    /// Whether the bridge files CRM sends in Sent itself (R5).
+    #[serde(default)]
+    pub save_sent: SaveSent,
     pub state: MailboxState,
     pub last_error: Option<String>,
     pub connected_at: DateTime<Utc>,
@@ -253,6 +277,30 @@ pub struct Thread {
     pub mailbox: String,
     pub routes: Vec<ThreadRoute>,
     pub created_at: DateTime<Utc>,
+    /// The thread's latest Message-IDs, oldest first (for a reply's References).
+    #[serde(default)]
+    pub message_ids: Vec<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+/// How many Message-IDs a thread remembers for References.
+pub const THREAD_REFERENCES_KEPT: usize = 20;
+
+impl Thread {
+    /// Remembers a message of the thread (its id for References, its subject for replies).
+    pub fn remember(&mut self, message_id: Option<&str>, subject: Option<&str>) {
+        if let Some(id) = message_id
+            && !self.message_ids.iter().any(|m| m == id)
+        {
+            self.message_ids.push(id.to_string());
+            let excess = self.message_ids.len().saturating_sub(THREAD_REFERENCES_KEPT);
+            self.message_ids.drain(..excess);
+        }
+        if self.subject.is_none() {
+            self.subject = subject.map(str::to_string);
+        }
+    }
 }
 
 /// What the CRM receives for one synced message (the webhook `data`).
@@ -348,4 +396,7 @@ pub struct SendRecord {
     pub recipients: Vec<String>,
     /// The webhook/history `data` of this message.
     pub data: MessageEventData,
+    /// Whether the copy in Sent is there (filed by the bridge or the server).
+    #[serde(default)]
+    pub filed_in_sent: bool,
 }

@@ -667,6 +667,8 @@ mod tests {
                 })
                 .collect(),
             created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            message_ids: vec![],
+            subject: None,
         }
     }
 

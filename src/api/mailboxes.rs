@@ -13,7 +13,7 @@ use crate::{
     ingest::new_id,
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-        Provider, Security,
+        Provider, SaveSent, Security,
     },
 };
 
@@ -29,6 +29,8 @@ pub struct ConnectBody {
     smtp: Option<Endpoint>,
     #[serde(default)]
     daily_send_limit: Option<u32>,
+    #[serde(default)]
+    save_sent: SaveSent,
 }
 
 #[derive(Deserialize)]
@@ -62,19 +64,24 @@ pub struct MailboxStatus {
     sent_last_24h: u32,
     daily_send_limit: Option<u32>,
     smart_bcc_address: String,
+    save_sent: SaveSent,
 }
 
-fn status_of(mailbox: &Mailbox, integration: &Integration) -> MailboxStatus {
-    MailboxStatus {
+fn status_of(state: &AppState, mailbox: &Mailbox, integration: &Integration) -> Result<MailboxStatus, ApiError> {
+    let (sent_last_24h, _) = state
+        .store
+        .quota_use(&mailbox.address, Utc::now().timestamp_millis())?;
+    Ok(MailboxStatus {
         email: mailbox.address.clone(),
         provider: mailbox.provider,
         state: mailbox.state,
         last_error: mailbox.last_error.clone(),
         connected_at: integration.connected_at,
-        sent_last_24h: 0,
+        sent_last_24h,
         daily_send_limit: mailbox.daily_send_limit,
         smart_bcc_address: integration.smart_bcc_address.clone(),
-    }
+        save_sent: mailbox.save_sent,
+    })
 }
 
 fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {
@@ -227,6 +234,7 @@ pub async fn put(
         imap,
         smtp,
         daily_send_limit: body.daily_send_limit.or(preset.daily_send_limit),
+        save_sent: body.save_sent,
         state: MailboxState::Connecting,
         last_error: None,
         connected_at: state
@@ -240,7 +248,7 @@ pub async fn put(
         .connect(&mailbox, &integration, &baseline, &events)?;
     state.signal.notify();
     state.scheduler.start(&address);
-    Ok(Json(status_of(&mailbox, &integration)))
+    Ok(Json(status_of(&state, &mailbox, &integration)?))
 }
 
 async fn check_login(
@@ -319,7 +327,7 @@ pub async fn get(
         .store
         .mailbox(&integration.mailbox)?
         .ok_or_else(not_found)?;
-    Ok(Json(status_of(&mailbox, &integration)))
+    Ok(Json(status_of(&state, &mailbox, &integration)?))
 }
 
 pub async fn delete(

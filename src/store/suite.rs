@@ -41,6 +41,7 @@ fn mailbox(address: &str) -> Mailbox {
         imap: endpoint.clone(),
         smtp: endpoint,
         daily_send_limit: None,
+        save_sent: Default::default(),
         state: MailboxState::Connecting,
         last_error: None,
         connected_at: Utc::now(),
@@ -209,6 +210,8 @@ fn ingest_commits_cursor_thread_and_events_together() {
                 contact_id: "c1".into(),
             }],
             created_at: Utc::now(),
+            message_ids: vec!["<a@x>".into()],
+            subject: None,
         };
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
