@@ -23,7 +23,28 @@ pub struct Config {
     pub providers: ProvidersConfig,
     pub sync: SyncConfig,
     pub delivery: DeliveryConfig,
+    pub sending: SendingConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SendingConfig {
+    /// Timeout of one SMTP submission.
+    pub timeout_secs: u64,
+    /// Retry backoff for transient SMTP failures (jittered, doubling); retried for 24 hours.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for SendingConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 60,
+            retry_min_ms: 5_000,
+            retry_max_ms: 10 * 60 * 1_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,6 +74,9 @@ impl Default for ServerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub path: PathBuf,
+    /// Days the source of synced and sent messages is kept for `/raw` and
+    /// attachment downloads (0 keeps it forever).
+    pub raw_retention_days: u64,
     /// 32 bytes, base64, that encrypt credentials at rest. When unset, a key is
     /// generated on first start and kept in `<path>/secret.key` (mode 0600).
     pub encryption_key: Option<String>,
@@ -62,6 +86,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("./mailbridge-data"),
+            raw_retention_days: 30,
             encryption_key: None,
         }
     }

@@ -17,6 +17,8 @@ use crate::{
     imap::{ImapConnector, SyncContext},
     ingest::Ingest,
     scheduler::Scheduler,
+    send_queue::{SendQueue, SendSignal},
+    smtp::Submitter,
     store::{SledStore, Store, secret_box::SecretBox},
     tls,
     webhook::{Deliverer, OutboxSignal},
@@ -64,6 +66,49 @@ fn api_key_hashes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<[u8;
     Ok(hashes)
 }
 
+/// Removes message sources older than the retention period, hourly. Copies of
+/// sends still queued (`*.submit.eml`) are kept whatever their age.
+async fn prune_raw_messages(folder: std::path::PathBuf, days: u64, shutdown: CancellationToken) {
+    if days == 0 {
+        return;
+    }
+    let keep = Duration::from_secs(days * 24 * 3600);
+    loop {
+        let removed = tokio::task::spawn_blocking({
+            let folder = folder.clone();
+            move || {
+                let mut removed = 0usize;
+                let Ok(entries) = std::fs::read_dir(&folder) else { return 0 };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.to_string_lossy().ends_with(".submit.eml") {
+                        continue;
+                    }
+                    let old = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > keep);
+                    if old && std::fs::remove_file(&path).is_ok() {
+                        removed += 1;
+                    }
+                }
+                removed
+            }
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed message sources past storage.raw_retention_days");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 /// The data folder holds credentials (encrypted) and their key: owner only.
 fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
@@ -109,7 +154,25 @@ pub async fn run(
         signal: signal.clone(),
     });
     let sync_shutdown = CancellationToken::new();
-    let scheduler = Arc::new(Scheduler::new(ctx, sync_shutdown.clone()));
+    let scheduler = Arc::new(Scheduler::new(ctx.clone(), sync_shutdown.clone()));
+    let send_signal = SendSignal::default();
+    let send_queue = SendQueue {
+        store: store.clone(),
+        submitter: Submitter::new(&config.tls.extra_roots, Duration::from_secs(config.sending.timeout_secs))?,
+        connector: connector.clone(),
+        sync: ctx,
+        outbox: signal.clone(),
+        signal: send_signal.clone(),
+        retry_min: Duration::from_millis(config.sending.retry_min_ms),
+        retry_max: Duration::from_millis(config.sending.retry_max_ms),
+    };
+    let sending_shutdown = CancellationToken::new();
+    let sending = tokio::spawn(send_queue.run(sending_shutdown.clone()));
+    let retention = tokio::spawn(prune_raw_messages(
+        config.storage.path.join("messages"),
+        config.storage.raw_retention_days,
+        sending_shutdown.clone(),
+    ));
 
     let http = reqwest::Client::builder()
         .use_preconfigured_tls((*tls).clone())
@@ -136,6 +199,8 @@ pub async fn run(
         ready: Arc::new(AtomicBool::new(false)),
         metrics: metrics_handle(),
         smart_bcc_domain: config.server.smart_bcc_domain.clone(),
+        send_signal,
+        public_url: config.server.public_url.trim_end_matches('/').to_string(),
     };
     let started = scheduler.start_all()?;
     tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");
@@ -155,7 +220,10 @@ pub async fn run(
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let stopping = async {
         sync_shutdown.cancel();
+        sending_shutdown.cancel();
         scheduler.wait().await;
+        let _ = sending.await;
+        let _ = retention.await;
         delivery_shutdown.cancel();
         let _ = delivery.await;
         let _ = server.await;

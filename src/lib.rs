@@ -15,6 +15,7 @@ pub mod mime;
 pub mod model;
 pub mod routing;
 pub mod scheduler;
+pub mod send_queue;
 pub mod smtp;
 pub mod store;
 pub mod tls;

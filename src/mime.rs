@@ -291,3 +291,51 @@ mod tests {
         }
     }
 }
+
+/// The bytes of attachment `index` (numbered as in [`Message::attachments`]):
+/// (filename, content type, transfer-decoded bytes).
+pub fn attachment(raw: &[u8], index: usize) -> Option<(String, String, Vec<u8>)> {
+    let found = std::panic::catch_unwind(|| {
+        let mail = mailparse::parse_mail(raw).ok()?;
+        let mut leaves = Vec::new();
+        collect_attachments(&mail, &mut BodyParts::default(), &mut leaves);
+        leaves.into_iter().nth(index)
+    });
+    found.ok().flatten()
+}
+
+/// Walks the parts like [`walk`], collecting the attachments' bytes.
+fn collect_attachments(part: &ParsedMail<'_>, body: &mut BodyParts, out: &mut Vec<(String, String, Vec<u8>)>) {
+    if !part.subparts.is_empty() {
+        for sub in &part.subparts {
+            collect_attachments(sub, body, out);
+        }
+        return;
+    }
+    let before = body.attachments.len();
+    let mut warnings = Vec::new();
+    walk(part, body, &mut warnings);
+    if body.attachments.len() > before
+        && let (Some(info), Ok(bytes)) = (body.attachments.last(), part.get_body_raw())
+    {
+        out.push((info.filename.clone(), info.content_type.clone(), bytes));
+    }
+}
+
+#[cfg(test)]
+mod attachment_tests {
+    #[test]
+    fn attachment_bytes_are_served_by_index() {
+        let raw = concat!(
+            "Content-Type: multipart/mixed; boundary=b\r\n\r\n",
+            "--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n",
+            "--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"a.pdf\"\r\n",
+            "Content-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n",
+            "--b--\r\n"
+        );
+        let (name, content_type, bytes) = super::attachment(raw.as_bytes(), 0).unwrap();
+        assert_eq!((name.as_str(), content_type.as_str(), bytes.as_slice()), ("a.pdf", "application/pdf", &b"%PDF"[..]));
+        assert!(super::attachment(raw.as_bytes(), 1).is_none());
+        assert_eq!(super::parse(raw.as_bytes()).attachments[0].size, 4);
+    }
+}

@@ -5,6 +5,7 @@
 pub mod contacts;
 pub mod error;
 pub mod mailboxes;
+pub mod messages;
 
 use std::sync::{
     Arc,
@@ -43,6 +44,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub smart_bcc_domain: String,
+    pub send_signal: crate::send_queue::SendSignal,
+    pub public_url: String,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {

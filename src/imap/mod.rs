@@ -65,7 +65,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
 }
 
 /// R20: the mailbox stops syncing and the CRM hears of it once.
-fn mark_needs_reauth(ctx: &SyncContext, address: &str, reason: &str) {
+pub fn mark_needs_reauth(ctx: &SyncContext, address: &str, reason: &str) {
     tracing::warn!(
         mailbox = address,
         "credentials refused, sync stopped until new ones arrive: {reason}"

@@ -1,0 +1,316 @@
+//! The durable queue of CRM sends: submits each over SMTP from the user's own
+//! mailbox at most once, retries what a retry can fix, files the copy in Sent
+//! where the server does not, and reports `message.sent` / `message.failed`.
+//!
+//! At most once (R21): a send is marked `submitting` (flushed) before the SMTP
+//! transaction and `sent` right after the server's 250. A stop between those two
+//! leaves it `submitting`; on restart it is settled by looking for its
+//! Message-ID in Sent: found → sent; not found → failed as "interrupted", never
+//! submitted again. The window is the time between the server's 250 and the
+//! flush (about a millisecond); in it a message that did leave can be reported
+//! failed on a server where the bridge files Sent itself, but never sent twice.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use tokio::{sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backoff,
+    imap::{ImapConnector, SyncContext, folders},
+    ingest::new_id,
+    model::{Event, Mailbox, MailboxState, SendRecord, SendStatus},
+    smtp::{SubmitError, Submitter},
+    store::{Store, StoreResult},
+    webhook::OutboxSignal,
+};
+
+/// A transient failure is retried this long before the send fails for good.
+const RETRY_FOR: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// Wakes the send queue when a send was accepted.
+#[derive(Clone, Default)]
+pub struct SendSignal(Arc<Notify>);
+
+impl SendSignal {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+#[derive(Clone)]
+pub struct SendQueue {
+    pub store: Arc<dyn Store>,
+    pub submitter: Submitter,
+    pub connector: ImapConnector,
+    pub sync: Arc<SyncContext>,
+    pub outbox: OutboxSignal,
+    pub signal: SendSignal,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// Where the two copies of a send are kept until it settles.
+pub fn submit_copy_path(store: &dyn Store, send_id: &str) -> std::path::PathBuf {
+    let mut path = store.raw_path(send_id);
+    path.set_extension("submit.eml");
+    path
+}
+
+impl SendQueue {
+    pub async fn run(self, shutdown: CancellationToken) {
+        match self.store.unsettled_sends() {
+            Ok(sends) => {
+                for send in sends.into_iter().filter(|s| s.status == SendStatus::Submitting) {
+                    self.settle_interrupted(send).await;
+                }
+            }
+            Err(err) => tracing::error!("reading the send queue failed: {err:#}"),
+        }
+        let mut in_flight: JoinSet<String> = JoinSet::new();
+        let mut busy: HashSet<String> = HashSet::new();
+        loop {
+            let next_due = match self.start_due(&mut in_flight, &mut busy) {
+                Ok(next) => next,
+                Err(err) => {
+                    tracing::error!("reading the send queue failed: {err:#}");
+                    Some(Duration::from_secs(1))
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.signal.0.notified() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    match done {
+                        Ok(mailbox) => { busy.remove(&mailbox); }
+                        Err(err) => {
+                            tracing::error!("a send attempt crashed: {err}");
+                            busy.clear();
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(next_due.unwrap_or(Duration::from_secs(3600))) => {}
+            }
+        }
+        // A submission under way is finished and recorded, never abandoned midway.
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Starts due sends, one at a time per mailbox; returns when the next retry is due.
+    fn start_due(&self, in_flight: &mut JoinSet<String>, busy: &mut HashSet<String>) -> StoreResult<Option<Duration>> {
+        let now = Utc::now().timestamp_millis();
+        let mut next_due: Option<i64> = None;
+        for send in self.store.unsettled_sends()? {
+            if send.status != SendStatus::Queued || busy.contains(&send.mailbox) {
+                continue;
+            }
+            if send.next_attempt_ms > now {
+                next_due = Some(next_due.map_or(send.next_attempt_ms, |d| d.min(send.next_attempt_ms)));
+                continue;
+            }
+            busy.insert(send.mailbox.clone());
+            let queue = self.clone();
+            in_flight.spawn(async move {
+                let mailbox = send.mailbox.clone();
+                queue.attempt(send).await;
+                mailbox
+            });
+        }
+        Ok(next_due.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
+    }
+
+    fn record(&self, send: &SendRecord, events: &[Event]) {
+        if let Err(err) = self.store.update_send(send, events) {
+            tracing::error!(send = %send.id, "recording the send's state failed: {err:#}");
+        }
+        if !events.is_empty() {
+            self.outbox.notify();
+        }
+    }
+
+    fn fail(&self, mut send: SendRecord, error: String) {
+        tracing::warn!(send = %send.id, mailbox = %send.mailbox, "send failed: {error}");
+        metrics::counter!("mailbridge_sends_failed_total").increment(1);
+        send.status = SendStatus::Failed;
+        send.error = Some(error.clone());
+        let event = Event {
+            id: new_id("evt"),
+            kind: "message.failed".into(),
+            timestamp: Utc::now(),
+            ordering_key: send.thread_id.clone(),
+            data: serde_json::json!({
+                "id": send.id,
+                "location_id": send.location_id,
+                "user_id": send.user_id,
+                "contact_id": send.contact_id,
+                "thread_id": send.thread_id,
+                "mailbox": send.mailbox,
+                "message_id": send.message_id,
+                "error": error,
+            }),
+        };
+        self.record(&send, &[event]);
+        let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
+    }
+
+    fn sent_event(send: &SendRecord) -> Event {
+        let mut data = serde_json::to_value(&send.data).unwrap_or_default();
+        if let Some(map) = data.as_object_mut() {
+            map.insert("status".into(), "sent".into());
+            map.insert("smtp_response".into(), send.smtp_response.clone().into());
+        }
+        Event {
+            id: new_id("evt"),
+            kind: "message.sent".into(),
+            timestamp: Utc::now(),
+            ordering_key: send.thread_id.clone(),
+            data,
+        }
+    }
+
+    async fn attempt(&self, mut send: SendRecord) {
+        let mailbox = match self.store.mailbox(&send.mailbox) {
+            Ok(Some(mailbox)) => mailbox,
+            Ok(None) => return self.fail(send, "the mailbox was disconnected before the message could be sent".into()),
+            Err(err) => {
+                tracing::error!(send = %send.id, "loading the mailbox failed: {err:#}");
+                return;
+            }
+        };
+        if mailbox.state == MailboxState::NeedsReauth {
+            return self.fail(send, "the mailbox needs new credentials (needs_reauth); nothing was sent".into());
+        }
+        let raw = match std::fs::read(submit_copy_path(self.store.as_ref(), &send.id)) {
+            Ok(raw) => raw,
+            Err(err) => return self.fail(send, format!("the queued message is missing from the data folder: {err}")),
+        };
+        send.status = SendStatus::Submitting;
+        send.attempts += 1;
+        if let Err(err) = self.store.update_send(&send, &[]) {
+            // Not recorded as submitting: do not submit.
+            tracing::error!(send = %send.id, "recording the submission failed, will retry: {err:#}");
+            return;
+        }
+        let started = std::time::Instant::now();
+        let result = self
+            .submitter
+            .submit(&mailbox.smtp, &mailbox.credentials, &mailbox.address, &send.recipients, &raw)
+            .await;
+        match result {
+            Ok(response) => {
+                metrics::histogram!("mailbridge_smtp_submit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("mailbridge_sends_total").increment(1);
+                send.status = SendStatus::Sent;
+                send.error = None;
+                send.smtp_response = Some(response);
+                send.sent_at = Some(Utc::now());
+                send.filed_in_sent = !mailbox.save_sent.bridge_appends(mailbox.provider);
+                let event = Self::sent_event(&send);
+                self.record(&send, &[event]);
+                let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
+                tracing::info!(send = %send.id, mailbox = %send.mailbox, "sent");
+                if !send.filed_in_sent {
+                    self.file_in_sent(&mailbox, &mut send).await;
+                }
+            }
+            Err(SubmitError::Permanent(words)) => self.fail(send, format!("the SMTP server refused the message: {words}")),
+            Err(SubmitError::Rejected(words)) => {
+                crate::imap::mark_needs_reauth(&self.sync, &mailbox.address, &words);
+                self.fail(send, format!("the SMTP server refused the credentials: {words}"));
+            }
+            Err(SubmitError::Transient(words)) => {
+                if Utc::now() - send.created_at > RETRY_FOR {
+                    return self.fail(send, format!("still failing after 24 hours: {words}"));
+                }
+                let wait = backoff::delay(send.attempts - 1, self.retry_min, self.retry_max);
+                tracing::warn!(send = %send.id, attempts = send.attempts, "send failed, retrying in {wait:?}: {words}");
+                send.status = SendStatus::Queued;
+                send.error = Some(words);
+                send.next_attempt_ms = Utc::now().timestamp_millis() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                self.record(&send, &[]);
+            }
+        }
+    }
+
+    /// APPENDs the copy with Bcc, marked \Seen, to the mailbox's Sent folder.
+    async fn file_in_sent(&self, mailbox: &Mailbox, send: &mut SendRecord) {
+        let result = async {
+            let raw = std::fs::read(self.store.raw_path(&send.id)).map_err(|e| e.to_string())?;
+            let mut session = self.connector.open(&mailbox.imap, &mailbox.credentials).await.map_err(|e| e.to_string())?;
+            let step = self.connector.step_timeout();
+            let sent = tokio::time::timeout(step, folders::find_sent(&mut session))
+                .await
+                .map_err(|_| "timed out listing folders".to_string())?
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "the mailbox has no Sent folder".to_string())?;
+            tokio::time::timeout(step, session.append(&sent, Some("(\\Seen)"), None, &raw))
+                .await
+                .map_err(|_| "timed out appending".to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = tokio::time::timeout(step, session.logout()).await;
+            Ok::<_, String>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                send.filed_in_sent = true;
+                self.record(send, &[]);
+            }
+            Err(err) => tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent, but filing the copy in Sent failed: {err}"),
+        }
+    }
+
+    /// A send left `submitting` by a stop: sent if its Message-ID is in Sent,
+    /// otherwise failed as interrupted (never submitted twice).
+    async fn settle_interrupted(&self, mut send: SendRecord) {
+        let found = match self.store.mailbox(&send.mailbox) {
+            Ok(Some(mailbox)) => self.in_sent(&mailbox, &send.message_id).await,
+            _ => Ok(false),
+        };
+        match found {
+            Ok(true) => {
+                tracing::info!(send = %send.id, "interrupted send found in Sent: it was sent");
+                send.status = SendStatus::Sent;
+                send.sent_at = Some(Utc::now());
+                send.filed_in_sent = true;
+                let event = Self::sent_event(&send);
+                self.record(&send, &[event]);
+                let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
+            }
+            Ok(false) => self.fail(
+                send,
+                "the bridge stopped while submitting this message and cannot tell whether the server accepted it; \
+                 it was not sent again to avoid a duplicate"
+                    .into(),
+            ),
+            Err(err) => {
+                tracing::warn!(send = %send.id, "cannot settle the interrupted send yet ({err}); trying at the next start");
+            }
+        }
+    }
+
+    async fn in_sent(&self, mailbox: &Mailbox, message_id: &str) -> Result<bool, String> {
+        let mut session = self.connector.open(&mailbox.imap, &mailbox.credentials).await.map_err(|e| e.to_string())?;
+        let step = self.connector.step_timeout();
+        let Some(sent) = tokio::time::timeout(step, folders::find_sent(&mut session))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(false);
+        };
+        tokio::time::timeout(step, session.examine(&sent))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        // Our Message-IDs are `<hex@domain>`: nothing that needs escaping.
+        let query = format!("HEADER Message-ID \"{}\"", message_id.replace(['"', '\\'], ""));
+        let hits = tokio::time::timeout(step, session.uid_search(query))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tokio::time::timeout(step, session.logout()).await;
+        Ok(!hits.is_empty())
+    }
+}
