@@ -32,8 +32,12 @@ async fn hook(State(arrivals): State<Arrivals>, body: Bytes) -> StatusCode {
 }
 
 fn stack_env() -> HashMap<String, String> {
-    let runtime = std::env::var("MAILSTACK_RUNTIME")
-        .unwrap_or_else(|_| std::env::temp_dir().join("mailbridge-mailstack").display().to_string());
+    let runtime = std::env::var("MAILSTACK_RUNTIME").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join("mailbridge-mailstack")
+            .display()
+            .to_string()
+    });
     std::fs::read_to_string(format!("{runtime}/stack.env"))
         .expect("start the stack first: scripts/mailstack/start.sh")
         .lines()
@@ -57,7 +61,10 @@ async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -76,7 +83,9 @@ async fn main() {
     let arrivals: Arrivals = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = Router::new().route("/hook", post(hook)).with_state(arrivals.clone());
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(arrivals.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let dir = tempfile::tempdir().unwrap();
@@ -87,7 +96,13 @@ async fn main() {
     );
     let config_file = dir.path().join("bench.toml");
     std::fs::write(&config_file, config).unwrap();
-    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("mailbridge");
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("mailbridge");
     let mut child = tokio::process::Command::new(&binary)
         .args(["serve", "--config"])
         .arg(&config_file)
@@ -108,20 +123,31 @@ async fn main() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let http = reqwest::Client::new();
     let api = |method: reqwest::Method, path: String, body: serde_json::Value| {
-        http.request(method, format!("{base}{path}")).bearer_auth("bench").json(&body).send()
+        http.request(method, format!("{base}{path}"))
+            .bearer_auth("bench")
+            .json(&body)
+            .send()
     };
 
     let run = std::process::id();
     let new_user = |n: usize| {
         let address = format!("bench{run}x{n}@{domain}");
-        let mut file = std::fs::OpenOptions::new().append(true).open(&users_file).unwrap();
-        file.write_all(format!("{address}:{{PLAIN}}benchpw::::::\n").as_bytes()).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&users_file)
+            .unwrap();
+        file.write_all(format!("{address}:{{PLAIN}}benchpw::::::\n").as_bytes())
+            .unwrap();
         address
     };
     let contact = format!("contact{run}@{domain}");
-    api(reqwest::Method::PUT, "/v1/locations/L1/contacts/c1".into(), serde_json::json!({"emails": [contact], "assigned_user_ids": ["u1"]}))
-        .await
-        .unwrap();
+    api(
+        reqwest::Method::PUT,
+        "/v1/locations/L1/contacts/c1".into(),
+        serde_json::json!({"emails": [contact], "assigned_user_ids": ["u1"]}),
+    )
+    .await
+    .unwrap();
     let addresses: Vec<String> = (0..mailboxes).map(new_user).collect();
     let connect = async |i: usize, address: &str| {
         let body = serde_json::json!({
@@ -132,7 +158,13 @@ async fn main() {
         });
         // Dovecot notices new users within about a second.
         wait_until("the user to exist", async || {
-            let r = api(reqwest::Method::PUT, format!("/v1/locations/L1/users/u{}/mailbox", i + 1), body.clone()).await.ok()?;
+            let r = api(
+                reqwest::Method::PUT,
+                format!("/v1/locations/L1/users/u{}/mailbox", i + 1),
+                body.clone(),
+            )
+            .await
+            .ok()?;
             r.status().is_success().then_some(())
         })
         .await;
@@ -156,7 +188,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_one = rss_kib(pid);
 
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1").port(mx).build();
+    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(mx)
+        .build();
     let mut latencies = Vec::new();
     for n in 0..messages {
         let subject = format!("latency {n}");
@@ -164,10 +198,17 @@ async fn main() {
             "From: {contact}\r\nTo: {}\r\nSubject: {subject}\r\nMessage-ID: <lat{n}.{run}@bench>\r\n\r\nhello\r\n",
             addresses[0]
         );
-        let envelope = Envelope::new(Some(contact.parse().unwrap()), vec![addresses[0].parse().unwrap()]).unwrap();
+        let envelope = Envelope::new(
+            Some(contact.parse().unwrap()),
+            vec![addresses[0].parse().unwrap()],
+        )
+        .unwrap();
         transport.send_raw(&envelope, raw.as_bytes()).await.unwrap();
         let accepted = Instant::now();
-        let arrived = wait_until("the webhook", async || arrivals.lock().unwrap().get(&subject).copied()).await;
+        let arrived = wait_until("the webhook", async || {
+            arrivals.lock().unwrap().get(&subject).copied()
+        })
+        .await;
         latencies.push(arrived.duration_since(accepted));
         // Spaced like real mail, not a burst: Dovecot batches notifications.
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -197,12 +238,19 @@ async fn main() {
         ms(min),
         ms(max)
     );
-    println!("| daemon RSS, 1 mailbox connected (2 IDLE sessions) | {:.1} MiB |", rss_one as f64 / 1024.0);
+    println!(
+        "| daemon RSS, 1 mailbox connected (2 IDLE sessions) | {:.1} MiB |",
+        rss_one as f64 / 1024.0
+    );
     println!(
         "| daemon RSS, {mailboxes} mailboxes connected ({} IDLE sessions) | {:.1} MiB |",
         mailboxes * 2,
         rss_many as f64 / 1024.0
     );
-    println!("| connecting {} more mailboxes through the API, until all active | {:.1} s |", mailboxes - 1, connect_time.as_secs_f64());
+    println!(
+        "| connecting {} more mailboxes through the API, until all active | {:.1} s |",
+        mailboxes - 1,
+        connect_time.as_secs_f64()
+    );
     let _ = child.kill().await;
 }

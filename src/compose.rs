@@ -2,9 +2,7 @@
 //! multipart/alternative, attachments, encoded non-ASCII headers, a fresh
 //! Message-ID on the sender's domain, and reply headers (RFC 5322 §3.6.4).
 
-use lettre::message::{
-    Attachment, Mailbox as Address, MultiPart, SinglePart, header::ContentType,
-};
+use lettre::message::{Attachment, Mailbox as Address, MultiPart, SinglePart, header::ContentType};
 
 /// Everything a send needs, already validated.
 #[derive(Clone, Debug)]
@@ -45,12 +43,17 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> ComposeError {
 
 /// A Message-ID on the sender's domain, so Gmail and others thread replies to it.
 pub fn new_message_id(from: &str) -> String {
-    let domain = from.rsplit_once('@').map(|(_, d)| d).unwrap_or("mailbridge.invalid");
+    let domain = from
+        .rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or("mailbridge.invalid");
     format!("<{}@{domain}>", uuid::Uuid::now_v7().simple())
 }
 
 fn address(field: &str, email: &str, name: Option<&str>) -> Result<Address, ComposeError> {
-    let parsed = email.parse().map_err(|e| invalid(field, format!("{email:?} is not a valid address ({e})")))?;
+    let parsed = email
+        .parse()
+        .map_err(|e| invalid(field, format!("{email:?} is not a valid address ({e})")))?;
     Ok(Address::new(name.map(str::to_string), parsed))
 }
 
@@ -88,7 +91,10 @@ impl Draft {
             builder = builder.keep_bcc();
         }
         let body = match (&self.text, &self.html) {
-            (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(text.clone(), html.clone())),
+            (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(
+                text.clone(),
+                html.clone(),
+            )),
             (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
             (Some(text), None) => Body::Single(SinglePart::plain(text.clone())),
             (None, None) => Body::Single(SinglePart::plain(String::new())),
@@ -106,7 +112,9 @@ impl Draft {
             for (i, a) in self.attachments.iter().enumerate() {
                 let content_type = ContentType::parse(&a.content_type)
                     .map_err(|e| invalid(&format!("attachments[{i}].content_type"), e))?;
-                mixed = mixed.singlepart(Attachment::new(a.filename.clone()).body(a.bytes.clone(), content_type));
+                mixed = mixed.singlepart(
+                    Attachment::new(a.filename.clone()).body(a.bytes.clone(), content_type),
+                );
             }
             builder.multipart(mixed)
         };
@@ -164,7 +172,10 @@ mod tests {
         assert_eq!(m.from.unwrap().name.as_deref(), Some("Jörg Müller"));
         assert_eq!(m.message_id.as_deref(), Some("<abc@example.test>"));
         assert_eq!(m.in_reply_to.as_deref(), Some("<parent@example.org>"));
-        assert_eq!(m.references, vec!["<root@example.org>", "<parent@example.org>"]);
+        assert_eq!(
+            m.references,
+            vec!["<root@example.org>", "<parent@example.org>"]
+        );
         assert_eq!(m.text.as_deref().map(str::trim), Some("Hallo"));
         assert!(m.html.unwrap().contains("<p>Hallo</p>"));
         assert_eq!(m.attachments.len(), 1);

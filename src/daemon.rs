@@ -78,7 +78,9 @@ async fn prune_raw_messages(folder: std::path::PathBuf, days: u64, shutdown: Can
             let folder = folder.clone();
             move || {
                 let mut removed = 0usize;
-                let Ok(entries) = std::fs::read_dir(&folder) else { return 0 };
+                let Ok(entries) = std::fs::read_dir(&folder) else {
+                    return 0;
+                };
                 for entry in entries.flatten() {
                     let path = entry.path();
                     if path.to_string_lossy().ends_with(".submit.eml") {
@@ -100,7 +102,10 @@ async fn prune_raw_messages(folder: std::path::PathBuf, days: u64, shutdown: Can
         .await
         .unwrap_or(0);
         if removed > 0 {
-            tracing::info!(removed, "removed message sources past storage.raw_retention_days");
+            tracing::info!(
+                removed,
+                "removed message sources past storage.raw_retention_days"
+            );
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -158,7 +163,10 @@ pub async fn run(
     let send_signal = SendSignal::default();
     let send_queue = SendQueue {
         store: store.clone(),
-        submitter: Submitter::new(&config.tls.extra_roots, Duration::from_secs(config.sending.timeout_secs))?,
+        submitter: Submitter::new(
+            &config.tls.extra_roots,
+            Duration::from_secs(config.sending.timeout_secs),
+        )?,
         connector: connector.clone(),
         sync: ctx,
         outbox: signal.clone(),

@@ -305,7 +305,11 @@ pub fn attachment(raw: &[u8], index: usize) -> Option<(String, String, Vec<u8>)>
 }
 
 /// Walks the parts like [`walk`], collecting the attachments' bytes.
-fn collect_attachments(part: &ParsedMail<'_>, body: &mut BodyParts, out: &mut Vec<(String, String, Vec<u8>)>) {
+fn collect_attachments(
+    part: &ParsedMail<'_>,
+    body: &mut BodyParts,
+    out: &mut Vec<(String, String, Vec<u8>)>,
+) {
     if !part.subparts.is_empty() {
         for sub in &part.subparts {
             collect_attachments(sub, body, out);
@@ -334,7 +338,10 @@ mod attachment_tests {
             "--b--\r\n"
         );
         let (name, content_type, bytes) = super::attachment(raw.as_bytes(), 0).unwrap();
-        assert_eq!((name.as_str(), content_type.as_str(), bytes.as_slice()), ("a.pdf", "application/pdf", &b"%PDF"[..]));
+        assert_eq!(
+            (name.as_str(), content_type.as_str(), bytes.as_slice()),
+            ("a.pdf", "application/pdf", &b"%PDF"[..])
+        );
         assert!(super::attachment(raw.as_bytes(), 1).is_none());
         assert_eq!(super::parse(raw.as_bytes()).attachments[0].size, 4);
     }

@@ -294,7 +294,10 @@ impl Thread {
             && !self.message_ids.iter().any(|m| m == id)
         {
             self.message_ids.push(id.to_string());
-            let excess = self.message_ids.len().saturating_sub(THREAD_REFERENCES_KEPT);
+            let excess = self
+                .message_ids
+                .len()
+                .saturating_sub(THREAD_REFERENCES_KEPT);
             self.message_ids.drain(..excess);
         }
         if self.subject.is_none() {

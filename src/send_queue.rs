@@ -62,7 +62,10 @@ impl SendQueue {
     pub async fn run(self, shutdown: CancellationToken) {
         match self.store.unsettled_sends() {
             Ok(sends) => {
-                for send in sends.into_iter().filter(|s| s.status == SendStatus::Submitting) {
+                for send in sends
+                    .into_iter()
+                    .filter(|s| s.status == SendStatus::Submitting)
+                {
                     self.settle_interrupted(send).await;
                 }
             }
@@ -98,7 +101,11 @@ impl SendQueue {
     }
 
     /// Starts due sends, one at a time per mailbox; returns when the next retry is due.
-    fn start_due(&self, in_flight: &mut JoinSet<String>, busy: &mut HashSet<String>) -> StoreResult<Option<Duration>> {
+    fn start_due(
+        &self,
+        in_flight: &mut JoinSet<String>,
+        busy: &mut HashSet<String>,
+    ) -> StoreResult<Option<Duration>> {
         let now = Utc::now().timestamp_millis();
         let mut next_due: Option<i64> = None;
         for send in self.store.unsettled_sends()? {
@@ -106,7 +113,8 @@ impl SendQueue {
                 continue;
             }
             if send.next_attempt_ms > now {
-                next_due = Some(next_due.map_or(send.next_attempt_ms, |d| d.min(send.next_attempt_ms)));
+                next_due =
+                    Some(next_due.map_or(send.next_attempt_ms, |d| d.min(send.next_attempt_ms)));
                 continue;
             }
             busy.insert(send.mailbox.clone());
@@ -172,18 +180,31 @@ impl SendQueue {
     async fn attempt(&self, mut send: SendRecord) {
         let mailbox = match self.store.mailbox(&send.mailbox) {
             Ok(Some(mailbox)) => mailbox,
-            Ok(None) => return self.fail(send, "the mailbox was disconnected before the message could be sent".into()),
+            Ok(None) => {
+                return self.fail(
+                    send,
+                    "the mailbox was disconnected before the message could be sent".into(),
+                );
+            }
             Err(err) => {
                 tracing::error!(send = %send.id, "loading the mailbox failed: {err:#}");
                 return;
             }
         };
         if mailbox.state == MailboxState::NeedsReauth {
-            return self.fail(send, "the mailbox needs new credentials (needs_reauth); nothing was sent".into());
+            return self.fail(
+                send,
+                "the mailbox needs new credentials (needs_reauth); nothing was sent".into(),
+            );
         }
         let raw = match std::fs::read(submit_copy_path(self.store.as_ref(), &send.id)) {
             Ok(raw) => raw,
-            Err(err) => return self.fail(send, format!("the queued message is missing from the data folder: {err}")),
+            Err(err) => {
+                return self.fail(
+                    send,
+                    format!("the queued message is missing from the data folder: {err}"),
+                );
+            }
         };
         send.status = SendStatus::Submitting;
         send.attempts += 1;
@@ -195,11 +216,18 @@ impl SendQueue {
         let started = std::time::Instant::now();
         let result = self
             .submitter
-            .submit(&mailbox.smtp, &mailbox.credentials, &mailbox.address, &send.recipients, &raw)
+            .submit(
+                &mailbox.smtp,
+                &mailbox.credentials,
+                &mailbox.address,
+                &send.recipients,
+                &raw,
+            )
             .await;
         match result {
             Ok(response) => {
-                metrics::histogram!("mailbridge_smtp_submit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("mailbridge_smtp_submit_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::counter!("mailbridge_sends_total").increment(1);
                 send.status = SendStatus::Sent;
                 send.error = None;
@@ -214,10 +242,16 @@ impl SendQueue {
                     self.file_in_sent(&mailbox, &mut send).await;
                 }
             }
-            Err(SubmitError::Permanent(words)) => self.fail(send, format!("the SMTP server refused the message: {words}")),
+            Err(SubmitError::Permanent(words)) => self.fail(
+                send,
+                format!("the SMTP server refused the message: {words}"),
+            ),
             Err(SubmitError::Rejected(words)) => {
                 crate::imap::mark_needs_reauth(&self.sync, &mailbox.address, &words);
-                self.fail(send, format!("the SMTP server refused the credentials: {words}"));
+                self.fail(
+                    send,
+                    format!("the SMTP server refused the credentials: {words}"),
+                );
             }
             Err(SubmitError::Transient(words)) => {
                 if Utc::now() - send.created_at > RETRY_FOR {
@@ -227,7 +261,8 @@ impl SendQueue {
                 tracing::warn!(send = %send.id, attempts = send.attempts, "send failed, retrying in {wait:?}: {words}");
                 send.status = SendStatus::Queued;
                 send.error = Some(words);
-                send.next_attempt_ms = Utc::now().timestamp_millis() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                send.next_attempt_ms = Utc::now().timestamp_millis()
+                    + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
                 self.record(&send, &[]);
             }
         }
@@ -237,7 +272,11 @@ impl SendQueue {
     async fn file_in_sent(&self, mailbox: &Mailbox, send: &mut SendRecord) {
         let result = async {
             let raw = std::fs::read(self.store.raw_path(&send.id)).map_err(|e| e.to_string())?;
-            let mut session = self.connector.open(&mailbox.imap, &mailbox.credentials).await.map_err(|e| e.to_string())?;
+            let mut session = self
+                .connector
+                .open(&mailbox.imap, &mailbox.credentials)
+                .await
+                .map_err(|e| e.to_string())?;
             let step = self.connector.step_timeout();
             let sent = tokio::time::timeout(step, folders::find_sent(&mut session))
                 .await
@@ -257,7 +296,9 @@ impl SendQueue {
                 send.filed_in_sent = true;
                 self.record(send, &[]);
             }
-            Err(err) => tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent, but filing the copy in Sent failed: {err}"),
+            Err(err) => {
+                tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent, but filing the copy in Sent failed: {err}")
+            }
         }
     }
 
@@ -291,7 +332,11 @@ impl SendQueue {
     }
 
     async fn in_sent(&self, mailbox: &Mailbox, message_id: &str) -> Result<bool, String> {
-        let mut session = self.connector.open(&mailbox.imap, &mailbox.credentials).await.map_err(|e| e.to_string())?;
+        let mut session = self
+            .connector
+            .open(&mailbox.imap, &mailbox.credentials)
+            .await
+            .map_err(|e| e.to_string())?;
         let step = self.connector.step_timeout();
         let Some(sent) = tokio::time::timeout(step, folders::find_sent(&mut session))
             .await
@@ -305,7 +350,10 @@ impl SendQueue {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         // Our Message-IDs are `<hex@domain>`: nothing that needs escaping.
-        let query = format!("HEADER Message-ID \"{}\"", message_id.replace(['"', '\\'], ""));
+        let query = format!(
+            "HEADER Message-ID \"{}\"",
+            message_id.replace(['"', '\\'], "")
+        );
         let hits = tokio::time::timeout(step, session.uid_search(query))
             .await
             .map_err(|_| "timed out".to_string())?

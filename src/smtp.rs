@@ -44,16 +44,22 @@ impl Submitter {
             .iter()
             .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display())))
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { extra_roots, timeout })
+        Ok(Self {
+            extra_roots,
+            timeout,
+        })
     }
 
     fn tls(&self, host: &str) -> Result<TlsParameters, SubmitError> {
         let mut builder = TlsParameters::builder(host.to_string());
         for pem in &self.extra_roots {
-            let certificate = Certificate::from_pem(pem).map_err(|e| SubmitError::Permanent(format!("tls.extra_roots: {e}")))?;
+            let certificate = Certificate::from_pem(pem)
+                .map_err(|e| SubmitError::Permanent(format!("tls.extra_roots: {e}")))?;
             builder = builder.add_root_certificate(certificate);
         }
-        builder.build_rustls().map_err(|e| SubmitError::Permanent(format!("TLS setup for {host}: {e}")))
+        builder
+            .build_rustls()
+            .map_err(|e| SubmitError::Permanent(format!("TLS setup for {host}: {e}")))
     }
 
     /// Submits `raw` to `recipients`; returns the server's reply to the end of DATA.
@@ -87,15 +93,25 @@ impl Submitter {
             .timeout(Some(self.timeout))
             .build();
         let envelope = Envelope::new(
-            Some(from.parse().map_err(|e| SubmitError::Permanent(format!("from {from:?}: {e}")))?),
+            Some(
+                from.parse()
+                    .map_err(|e| SubmitError::Permanent(format!("from {from:?}: {e}")))?,
+            ),
             recipients
                 .iter()
-                .map(|r| r.parse().map_err(|e| SubmitError::Permanent(format!("recipient {r:?}: {e}"))))
+                .map(|r| {
+                    r.parse()
+                        .map_err(|e| SubmitError::Permanent(format!("recipient {r:?}: {e}")))
+                })
                 .collect::<Result<_, _>>()?,
         )
         .map_err(|e| SubmitError::Permanent(format!("envelope: {e}")))?;
         match transport.send_raw(&envelope, raw).await {
-            Ok(response) => Ok(format!("{} {}", response.code(), response.message().collect::<Vec<_>>().join(" "))),
+            Ok(response) => Ok(format!(
+                "{} {}",
+                response.code(),
+                response.message().collect::<Vec<_>>().join(" ")
+            )),
             Err(err) => Err(classify(&err)),
         }
     }

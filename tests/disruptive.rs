@@ -75,3 +75,64 @@ async fn r21_dovecot_restart_under_the_daemon_resumes_with_nothing_lost() {
     assert_eq!(status["state"], "active");
     daemon.stop().await;
 }
+
+fn postfix(command: &str) {
+    let stack = Stack::get();
+    let config = stack.runtime.join("etc/postfix");
+    let status = Command::new("postfix")
+        .arg("-c")
+        .arg(&config)
+        .arg(command)
+        .status()
+        .unwrap_or_else(|e| panic!("postfix {command}: {e}"));
+    assert!(status.success(), "postfix {command} failed: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared Postfix; scripts/test.sh runs it alone"]
+async fn r05_a_send_while_postfix_is_down_stays_queued_and_goes_out_when_it_returns() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
+    let api = Api::new(&daemon.base);
+    let me = stack.new_user("me").await;
+    let ann = stack.new_user("ann").await;
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+
+    postfix("stop");
+    let (status, accepted, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "while down", "text": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    // It was tried, failed transiently, and waits in the queue.
+    let state = support::eventually("a failed attempt", support::DEADLINE, async || {
+        let (_, state) = api
+            .send(reqwest::Method::GET, &format!("/v1/messages/{id}"), None)
+            .await;
+        (state["attempts"].as_u64().unwrap_or(0) >= 1 && state["status"] == "queued")
+            .then_some(state)
+    })
+    .await;
+    assert!(
+        state["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{state}"
+    );
+
+    postfix("start");
+    let sent = receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    assert_eq!(sent.data()["id"], id.as_str());
+    stack.wait_count(&ann, "INBOX", 1).await;
+    assert!(receiver.all().iter().all(|r| r.kind() != "message.failed"));
+    daemon.stop().await;
+}

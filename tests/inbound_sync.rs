@@ -291,3 +291,34 @@ async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thre
     }
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
+    let w = world().await;
+    let me = w.stack.new_user("me").await;
+    let ann = w.stack.new_user("ann").await;
+    w.api
+        .put_contact("L1", "c-ann", &ann.address, &["u1"])
+        .await;
+    w.api.connect("L1", "u1", &w.stack, &me).await;
+    w.api.wait_active("L1", "u1").await;
+    // Something a stranger sent, forwarded by the user to the contact.
+    let forward = format!(
+        "From: {me}\r\nTo: {ann}\r\nSubject: Fwd: invoice\r\nMessage-ID: {id}\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain\r\n\r\n---------- Forwarded message ---------\r\nFrom: eve@elsewhere.test\r\n\r\nthe invoice\r\n",
+        me = me.address,
+        ann = ann.address,
+        id = new_message_id("fwd")
+    );
+    w.stack
+        .submit(&me, &[&ann.address], forward.as_bytes())
+        .await;
+    w.stack.append_sent(&me, forward.as_bytes()).await;
+    let event = w
+        .receiver
+        .wait_for("the forward", |r| r.subject() == "Fwd: invoice")
+        .await;
+    assert_eq!(event.kind(), "message.outbound");
+    assert_eq!(event.data()["contact_id"], "c-ann");
+    w.daemon.stop().await;
+}

@@ -67,7 +67,11 @@ pub struct MailboxStatus {
     save_sent: SaveSent,
 }
 
-fn status_of(state: &AppState, mailbox: &Mailbox, integration: &Integration) -> Result<MailboxStatus, ApiError> {
+fn status_of(
+    state: &AppState,
+    mailbox: &Mailbox,
+    integration: &Integration,
+) -> Result<MailboxStatus, ApiError> {
     let (sent_last_24h, _) = state
         .store
         .quota_use(&mailbox.address, Utc::now().timestamp_millis())?;

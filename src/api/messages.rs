@@ -20,8 +20,8 @@ use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
     ingest::{new_id, write_durably},
     model::{
-        Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord, SendStatus, Thread,
-        ThreadRoute,
+        Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord,
+        SendStatus, Thread, ThreadRoute,
     },
     send_queue::submit_copy_path,
     store::SendAcceptance,
@@ -63,7 +63,9 @@ struct AttachmentBody {
 
 fn no_line_breaks(field: &str, value: &str) -> Result<(), ApiError> {
     if value.chars().any(|c| matches!(c, '\r' | '\n' | '\0')) {
-        return Err(ApiError::invalid(format!("{field} must not contain CR, LF or NUL")));
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain CR, LF or NUL"
+        )));
     }
     Ok(())
 }
@@ -110,7 +112,9 @@ pub async fn send(
                 .to_str()
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 255 && !k.chars().any(char::is_control))
-                .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1 to 255 printable characters"))?;
+                .ok_or_else(|| {
+                    ApiError::invalid("Idempotency-Key must be 1 to 255 printable characters")
+                })?;
             Some(key.to_string())
         }
     };
@@ -131,17 +135,24 @@ pub async fn send(
     for (i, a) in body.attachments.iter().enumerate() {
         no_line_breaks(&format!("attachments[{i}].filename"), &a.filename)?;
         if a.filename.trim().is_empty() {
-            return Err(ApiError::invalid(format!("attachments[{i}].filename must not be empty")));
+            return Err(ApiError::invalid(format!(
+                "attachments[{i}].filename must not be empty"
+            )));
         }
-        let content_type = a.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+        let content_type = a
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".into());
         no_line_breaks(&format!("attachments[{i}].content_type"), &content_type)?;
         // Refuse before decoding when even the base64 text is over the limit.
         if a.content_base64.len() / 4 * 3 > MAX_ATTACHMENT_BYTES + 3 {
             return Err(too_large());
         }
-        let bytes = BASE64
-            .decode(a.content_base64.as_bytes())
-            .map_err(|e| ApiError::invalid(format!("attachments[{i}].content_base64 is not base64: {e}")))?;
+        let bytes = BASE64.decode(a.content_base64.as_bytes()).map_err(|e| {
+            ApiError::invalid(format!(
+                "attachments[{i}].content_base64 is not base64: {e}"
+            ))
+        })?;
         total += bytes.len();
         if total > MAX_ATTACHMENT_BYTES {
             return Err(too_large());
@@ -153,22 +164,46 @@ pub async fn send(
         });
     }
 
-    let not_connected = || ApiError::not_found(format!("no mailbox connected for user {user_id:?} in location {location_id:?}"));
-    let integration = state.store.integration(&location_id, &user_id)?.ok_or_else(not_connected)?;
-    let mailbox = state.store.mailbox(&integration.mailbox)?.ok_or_else(not_connected)?;
+    let not_connected = || {
+        ApiError::not_found(format!(
+            "no mailbox connected for user {user_id:?} in location {location_id:?}"
+        ))
+    };
+    let integration = state
+        .store
+        .integration(&location_id, &user_id)?
+        .ok_or_else(not_connected)?;
+    let mailbox = state
+        .store
+        .mailbox(&integration.mailbox)?
+        .ok_or_else(not_connected)?;
     if mailbox.state == MailboxState::NeedsReauth {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "needs_reauth",
-            format!("the mailbox {} needs new credentials before it can send; reconnect it", mailbox.address),
+            format!(
+                "the mailbox {} needs new credentials before it can send; reconnect it",
+                mailbox.address
+            ),
         ));
     }
     let contact = state
         .store
         .contact(&location_id, &body.contact_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no contact {:?} in location {location_id:?}", body.contact_id)))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no contact {:?} in location {location_id:?}",
+                body.contact_id
+            ))
+        })?;
     let to = if to_given.is_empty() {
-        vec![contact.emails.first().cloned().ok_or_else(|| ApiError::invalid("the contact has no email address"))?]
+        vec![
+            contact
+                .emails
+                .first()
+                .cloned()
+                .ok_or_else(|| ApiError::invalid("the contact has no email address"))?,
+        ]
     } else {
         to_given
     };
@@ -196,13 +231,21 @@ pub async fn send(
         ),
         Some(reply_to) => {
             no_line_breaks("reply_to", reply_to)?;
-            let by_thread = state.store.thread(reply_to)?.filter(|t| t.mailbox == mailbox.address);
+            let by_thread = state
+                .store
+                .thread(reply_to)?
+                .filter(|t| t.mailbox == mailbox.address);
             let found = match by_thread {
                 Some(thread) => Some(thread),
-                None => state.store.thread_of(&mailbox.address, std::slice::from_ref(reply_to))?,
+                None => state
+                    .store
+                    .thread_of(&mailbox.address, std::slice::from_ref(reply_to))?,
             };
             let mut thread = found.ok_or_else(|| {
-                ApiError::not_found(format!("reply_to: no thread or message {reply_to:?} in mailbox {}", mailbox.address))
+                ApiError::not_found(format!(
+                    "reply_to: no thread or message {reply_to:?} in mailbox {}",
+                    mailbox.address
+                ))
             })?;
             let parent = if reply_to.starts_with('<') {
                 Some(reply_to.clone())
@@ -211,9 +254,15 @@ pub async fn send(
             };
             let references = thread.message_ids.clone();
             // R13: replying from this location pins the thread here.
-            let (kept, others): (Vec<ThreadRoute>, Vec<ThreadRoute>) =
-                thread.routes.drain(..).partition(|r| r.location_id == location_id);
-            thread.routes = if kept.is_empty() { vec![route.clone()] } else { kept };
+            let (kept, others): (Vec<ThreadRoute>, Vec<ThreadRoute>) = thread
+                .routes
+                .drain(..)
+                .partition(|r| r.location_id == location_id);
+            thread.routes = if kept.is_empty() {
+                vec![route.clone()]
+            } else {
+                kept
+            };
             detached = others;
             (thread, parent, references)
         }
@@ -221,7 +270,11 @@ pub async fn send(
     let subject = match (subject_given, &body.reply_to) {
         (Some(subject), _) => subject,
         (None, Some(_)) => reply_subject(thread.subject.as_deref().unwrap_or("")),
-        (None, None) => return Err(ApiError::invalid("subject is required for a new conversation")),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "subject is required for a new conversation",
+            ));
+        }
     };
     let message_id = new_message_id(&mailbox.address);
     thread.remember(Some(&message_id), Some(&subject));
@@ -240,7 +293,9 @@ pub async fn send(
         in_reply_to: in_reply_to.clone(),
         references: references.clone(),
     };
-    let (submitted, filed) = draft.build().map_err(|e| ApiError::invalid(e.to_string()))?;
+    let (submitted, filed) = draft
+        .build()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let send_id = new_id("msg");
     let parsed = crate::mime::parse(&filed);
     let as_address = |email: &String| EmailAddress {
@@ -275,7 +330,10 @@ pub async fn send(
                 filename: a.filename.clone(),
                 content_type: a.content_type.clone(),
                 size: a.size,
-                url: format!("{}/v1/messages/{send_id}/attachments/{}", state.public_url, a.index),
+                url: format!(
+                    "{}/v1/messages/{send_id}/attachments/{}",
+                    state.public_url, a.index
+                ),
             })
             .collect(),
     };
@@ -302,13 +360,19 @@ pub async fn send(
     // Both copies reach the disk before the send is recorded as accepted.
     let filed_path = state.store.raw_path(&send_id);
     let submit_path = submit_copy_path(state.store.as_ref(), &send_id);
-    let written = write_durably(&filed_path, &filed).and_then(|()| write_durably(&submit_path, &submitted));
+    let written =
+        write_durably(&filed_path, &filed).and_then(|()| write_durably(&submit_path, &submitted));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&filed_path);
         let _ = std::fs::remove_file(&submit_path);
         return Err(crate::store::StoreError::Io(err).into());
     }
-    let acceptance = state.store.accept_send(&record, &thread, mailbox.daily_send_limit, now.timestamp_millis());
+    let acceptance = state.store.accept_send(
+        &record,
+        &thread,
+        mailbox.daily_send_limit,
+        now.timestamp_millis(),
+    );
     let answer = match acceptance {
         Ok(SendAcceptance::Accepted) => {
             let events: Vec<Event> = detached
@@ -335,7 +399,9 @@ pub async fn send(
             state.send_signal.notify();
             return Ok((StatusCode::ACCEPTED, Json(send_view(&record))).into_response());
         }
-        Ok(SendAcceptance::Repeat(first)) => Ok((StatusCode::ACCEPTED, Json(send_view(&first))).into_response()),
+        Ok(SendAcceptance::Repeat(first)) => {
+            Ok((StatusCode::ACCEPTED, Json(send_view(&first))).into_response())
+        }
         Ok(SendAcceptance::LimitReached { retry_at_ms, limit }) => {
             let retry_after = ((retry_at_ms - now.timestamp_millis()).max(0) / 1000 + 1) as u64;
             let retry_at = DateTime::<Utc>::from_timestamp_millis(retry_at_ms).unwrap_or(now);
@@ -363,24 +429,38 @@ fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "attachments_too_large",
-        format!("attachments may total at most {} MB per message (R17); nothing was sent", MAX_ATTACHMENT_BYTES / 1024 / 1024),
+        format!(
+            "attachments may total at most {} MB per message (R17); nothing was sent",
+            MAX_ATTACHMENT_BYTES / 1024 / 1024
+        ),
     )
 }
 
-pub async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     check_id("id", &id)?;
-    let send = state.store.send(&id)?.ok_or_else(|| ApiError::not_found(format!("no message {id:?}")))?;
+    let send = state
+        .store
+        .send(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("no message {id:?}")))?;
     Ok(Json(send_view(&send)))
 }
 
 fn read_raw(state: &AppState, id: &str) -> Result<Vec<u8>, ApiError> {
     check_id("id", id)?;
     std::fs::read(state.store.raw_path(id)).map_err(|_| {
-        ApiError::not_found(format!("no stored source for message {id:?} (unknown, or removed by retention)"))
+        ApiError::not_found(format!(
+            "no stored source for message {id:?} (unknown, or removed by retention)"
+        ))
     })
 }
 
-pub async fn raw(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+pub async fn raw(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     let raw = read_raw(&state, &id)?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], Body::from(raw)).into_response())
 }
@@ -390,17 +470,30 @@ pub async fn attachment(
     ApiPath((id, index)): ApiPath<(String, usize)>,
 ) -> Result<Response, ApiError> {
     let raw = read_raw(&state, &id)?;
-    let (filename, content_type, bytes) = tokio::task::spawn_blocking(move || crate::mime::attachment(&raw, index))
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| ApiError::not_found(format!("message {id:?} has no attachment {index}")))?;
-    let safe_name: String = filename.chars().filter(|c| !c.is_control() && *c != '"' && *c != '\\').collect();
-    let content_type = if content_type.chars().any(|c| c.is_control()) { "application/octet-stream".to_string() } else { content_type };
+    let (filename, content_type, bytes) =
+        tokio::task::spawn_blocking(move || crate::mime::attachment(&raw, index))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                ApiError::not_found(format!("message {id:?} has no attachment {index}"))
+            })?;
+    let safe_name: String = filename
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .collect();
+    let content_type = if content_type.chars().any(|c| c.is_control()) {
+        "application/octet-stream".to_string()
+    } else {
+        content_type
+    };
     Ok((
         [
             (header::CONTENT_TYPE, content_type),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{safe_name}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{safe_name}\""),
+            ),
         ],
         Body::from(bytes),
     )
@@ -420,10 +513,14 @@ pub async fn history(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("contact_id", &contact_id)?;
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(50).clamp(1, 500);
-    let messages = state
-        .store
-        .history(&location_id, &contact_id, query.before.map(|b| b.timestamp_millis()), limit)?;
+    let messages = state.store.history(
+        &location_id,
+        &contact_id,
+        query.before.map(|b| b.timestamp_millis()),
+        limit,
+    )?;
     Ok(Json(serde_json::json!({ "messages": messages })))
 }

@@ -70,6 +70,20 @@ pub fn router(state: AppState) -> Router {
                 .get(mailboxes::get)
                 .delete(mailboxes::delete),
         )
+        .route(
+            "/locations/{location_id}/users/{user_id}/messages",
+            post(messages::send),
+        )
+        .route(
+            "/locations/{location_id}/contacts/{contact_id}/messages",
+            get(messages::history),
+        )
+        .route("/messages/{id}", get(messages::get))
+        .route("/messages/{id}/raw", get(messages::raw))
+        .route(
+            "/messages/{id}/attachments/{index}",
+            get(messages::attachment),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

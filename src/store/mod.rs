@@ -55,7 +55,10 @@ pub enum SendAcceptance {
     /// The same idempotency key was used within 48 hours: the first send's record.
     Repeat(Box<SendRecord>),
     /// The mailbox's rolling 24-hour limit is reached until this time (unix ms).
-    LimitReached { retry_at_ms: i64, limit: u32 },
+    LimitReached {
+        retry_at_ms: i64,
+        limit: u32,
+    },
 }
 
 /// How long an idempotency key is remembered.

@@ -14,8 +14,8 @@ use sled::{
 };
 
 use super::{
-    Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS, SendAcceptance,
-    Store, StoreError, StoreResult, secret_box::SecretBox,
+    Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS,
+    SendAcceptance, Store, StoreError, StoreResult, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
@@ -559,14 +559,24 @@ impl Store for SledStore {
         let thread_value = commit.thread.as_ref().map(encode).transpose()?;
         let outbox_values = self.stored_entries(&commit.events)?;
         let cursor_at = cursor_key(&commit.mailbox, commit.folder);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
+            .history
+            .iter()
+            .map(|data| Ok((history_key(data, now_ms), encode(data)?)))
+            .collect::<StoreResult<_>>()?;
         (
             &self.cursors,
             &self.threads,
             &self.thread_keys,
             &self.outbox,
+            &self.history,
         )
-            .transaction(|(cursors, threads, thread_keys, outbox)| {
+            .transaction(|(cursors, threads, thread_keys, outbox, history)| {
                 cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                for (k, v) in &history_values {
+                    history.insert(k.as_slice(), v.as_slice())?;
+                }
                 if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
                     threads.insert(thread.id.as_bytes(), value.as_slice())?;
                     for message_id in &commit.message_ids {
@@ -656,7 +666,10 @@ impl Store for SledStore {
     ) -> StoreResult<SendAcceptance> {
         // Checks and writes happen under one lock so two concurrent requests
         // cannot both take the last unit of quota or both claim one key.
-        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let idempotency_key = send
             .idempotency_key
             .as_ref()
@@ -696,24 +709,30 @@ impl Store for SledStore {
             &self.thread_keys,
             &self.crm_message_ids,
         )
-            .transaction(|(sends, idempotency, quota, threads, thread_keys, crm_ids)| {
-                sends.insert(send.id.as_bytes(), send_value.as_slice())?;
-                if let Some(k) = &idempotency_key {
-                    idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
-                }
-                quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
-                threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
-                thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
-                crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
+            .transaction(
+                |(sends, idempotency, quota, threads, thread_keys, crm_ids)| {
+                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                    if let Some(k) = &idempotency_key {
+                        idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
+                    }
+                    quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
+                    threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
+                    thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
+                    crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                },
+            )
             .map_err(tx_error)?;
         self.flush()?;
         Ok(SendAcceptance::Accepted)
     }
 
     fn send(&self, id: &str) -> StoreResult<Option<SendRecord>> {
-        self.sends.get(id.as_bytes()).map_err(engine)?.map(|v| decode(&v)).transpose()
+        self.sends
+            .get(id.as_bytes())
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     fn update_send(&self, send: &SendRecord, events: &[Event]) -> StoreResult<()> {
@@ -761,15 +780,14 @@ impl Store for SledStore {
                 found.push(send);
             }
         }
-        found.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        found.sort_by_key(|send| send.created_at);
         Ok(found)
     }
 
     fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool> {
-        Ok(self
-            .crm_message_ids
+        self.crm_message_ids
             .contains_key(key(&[mailbox, message_id]))
-            .map_err(engine)?)
+            .map_err(engine)
     }
 
     fn quota_use(&self, mailbox: &str, now_ms: i64) -> StoreResult<(u32, Option<i64>)> {
@@ -780,7 +798,9 @@ impl Store for SledStore {
         let mut expired = Vec::new();
         for item in self.quota.scan_prefix(&scan) {
             let (k, _) = item.map_err(engine)?;
-            let Some(time) = time_of_timed_key(&k, scan.len()) else { continue };
+            let Some(time) = time_of_timed_key(&k, scan.len()) else {
+                continue;
+            };
             if time <= since {
                 expired.push(k);
                 continue;

@@ -141,17 +141,34 @@ impl Api {
         stack: &Stack,
         user: &User,
     ) -> serde_json::Value {
+        self.connect_with(location, user_id, stack, user, serde_json::json!({}))
+            .await
+    }
+
+    /// Connects with extra fields (e.g. `daily_send_limit`) merged into the body.
+    pub async fn connect_with(
+        &self,
+        location: &str,
+        user_id: &str,
+        stack: &Stack,
+        user: &User,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut request = serde_json::json!({
+            "email": user.address,
+            "provider": "imap",
+            "auth": {"type": "password", "username": user.address, "password": user.password},
+            "imap": stack.imap_endpoint(),
+            "smtp": stack.smtp_endpoint(),
+        });
+        if let (Some(body), serde_json::Value::Object(extra)) = (request.as_object_mut(), extra) {
+            body.extend(extra);
+        }
         let (status, body) = self
             .send(
                 reqwest::Method::PUT,
                 &format!("/v1/locations/{location}/users/{user_id}/mailbox"),
-                Some(serde_json::json!({
-                    "email": user.address,
-                    "provider": "imap",
-                    "auth": {"type": "password", "username": user.address, "password": user.password},
-                    "imap": stack.imap_endpoint(),
-                    "smtp": stack.smtp_endpoint(),
-                })),
+                Some(request),
             )
             .await;
         assert_eq!(status, 200, "connect mailbox: {body}");
@@ -175,5 +192,38 @@ impl Api {
             },
         )
         .await;
+    }
+}
+
+impl Api {
+    /// POST a CRM send; returns status, body and the Retry-After header.
+    pub async fn send_message(
+        &self,
+        location: &str,
+        user_id: &str,
+        body: serde_json::Value,
+        idempotency_key: Option<&str>,
+    ) -> (u16, serde_json::Value, Option<String>) {
+        let mut request = self
+            .http
+            .post(format!(
+                "{}/v1/locations/{location}/users/{user_id}/messages",
+                self.base
+            ))
+            .bearer_auth(API_KEY)
+            .timeout(Duration::from_secs(120))
+            .json(&body);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await.expect("API reachable");
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let json = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, json, retry_after)
     }
 }

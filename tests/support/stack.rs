@@ -207,6 +207,31 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// Every message in a folder, in UID order.
+    pub async fn fetch_all(&self, user: &User, folder: &str) -> Vec<Vec<u8>> {
+        use futures_util::TryStreamExt as _;
+        let mut session = self.session(user).await;
+        let selected = session.examine(folder).await.expect("EXAMINE");
+        let mut all = Vec::new();
+        if selected.exists > 0 {
+            let fetched: Vec<_> = session
+                .uid_fetch("1:*", "(UID BODY.PEEK[])")
+                .await
+                .expect("FETCH")
+                .try_collect()
+                .await
+                .expect("FETCH responses");
+            let mut with_uid: Vec<(u32, Vec<u8>)> = fetched
+                .iter()
+                .filter_map(|f| Some((f.uid?, f.body()?.to_vec())))
+                .collect();
+            with_uid.sort_by_key(|(uid, _)| *uid);
+            all = with_uid.into_iter().map(|(_, body)| body).collect();
+        }
+        let _ = session.logout().await;
+        all
+    }
+
     /// Number of messages in a folder.
     pub async fn count(&self, user: &User, folder: &str) -> u32 {
         let mut session = self.session(user).await;
