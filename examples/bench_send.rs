@@ -1,0 +1,154 @@
+//! Measures CRM sends against the real mail stack (scripts/mailstack/start.sh):
+//! the time from the API's 202 to the SMTP server's acceptance, per send, and
+//! the throughput of one mailbox when many sends are queued at once.
+//!
+//!     cargo build --release && cargo run --release --example bench_send -- [sends]
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+fn stack_env() -> HashMap<String, String> {
+    let runtime = std::env::var("MAILSTACK_RUNTIME")
+        .unwrap_or_else(|_| std::env::temp_dir().join("mailbridge-mailstack").display().to_string());
+    std::fs::read_to_string(format!("{runtime}/stack.env"))
+        .expect("start the stack first: scripts/mailstack/start.sh")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let sends: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(60);
+    let env = stack_env();
+    let domain = env["MAILSTACK_DOMAIN"].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[api]\nkeys = [\"bench\"]\n[tls]\nextra_roots = [\"{}\"]\n[log]\nlevel = \"warn,mailbridge::daemon=info\"\n",
+        dir.path().join("data").display(),
+        env["MAILSTACK_CA_CERT"]
+    );
+    let config_file = dir.path().join("bench.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("mailbridge");
+    let mut child = tokio::process::Command::new(&binary)
+        .args(["serve", "--config"])
+        .arg(&config_file)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next_line().await.unwrap().expect("daemon exited");
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let http = reqwest::Client::new();
+
+    let run = std::process::id();
+    let me = format!("sender{run}@{domain}");
+    let contact = format!("rcpt{run}@{domain}");
+    let mut users = std::fs::OpenOptions::new().append(true).open(&env["MAILSTACK_USERS_FILE"]).unwrap();
+    users.write_all(format!("{me}:{{PLAIN}}benchpw::::::\n{contact}:{{PLAIN}}benchpw::::::\n").as_bytes()).unwrap();
+    http.put(format!("{base}/v1/locations/L1/contacts/c1"))
+        .bearer_auth("bench")
+        .json(&serde_json::json!({"emails": [contact], "assigned_user_ids": ["u1"]}))
+        .send()
+        .await
+        .unwrap();
+    let connect = serde_json::json!({
+        "email": me, "provider": "imap",
+        "auth": {"type": "password", "password": "benchpw"},
+        "imap": {"host": "127.0.0.1", "port": env["MAILSTACK_IMAPS_PORT"].parse::<u16>().unwrap(), "security": "tls"},
+        "smtp": {"host": "127.0.0.1", "port": env["MAILSTACK_SUBMISSIONS_PORT"].parse::<u16>().unwrap(), "security": "tls"},
+    });
+    wait_until("the mailbox to connect", async || {
+        let r = http.put(format!("{base}/v1/locations/L1/users/u1/mailbox")).bearer_auth("bench").json(&connect).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    let status_of = async |id: &str| -> serde_json::Value {
+        http.get(format!("{base}/v1/messages/{id}")).bearer_auth("bench").send().await.unwrap().json().await.unwrap()
+    };
+    let send = async |n: usize| -> String {
+        let body = serde_json::json!({"contact_id": "c1", "subject": format!("bench {n}"), "text": "hello", "html": "<p>hello</p>"});
+        let r: serde_json::Value = http
+            .post(format!("{base}/v1/locations/L1/users/u1/messages"))
+            .bearer_auth("bench")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["id"].as_str().expect("202 with an id").to_string()
+    };
+    let sent_at = |s: &serde_json::Value| -> Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
+        let created = s["created_at"].as_str()?.parse().ok()?;
+        let sent = s["sent_at"].as_str()?.parse().ok()?;
+        Some((created, sent))
+    };
+
+    // 1. One at a time: API accept → SMTP accepted.
+    let mut latencies = Vec::new();
+    for n in 0..sends {
+        let id = send(n).await;
+        let (created, sent) = wait_until("the send", async || sent_at(&status_of(&id).await)).await;
+        latencies.push((sent - created).to_std().unwrap_or_default());
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+
+    // 2. Burst: queue them all, then see how fast one mailbox drains them.
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for n in 0..sends {
+        ids.push(send(sends + n).await);
+    }
+    let accepted_all = started.elapsed();
+    let last = ids.last().unwrap().clone();
+    wait_until("the burst", async || sent_at(&status_of(&last).await)).await;
+    let drained = started.elapsed();
+
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| API accept → SMTP accepted, {sends} sends one at a time | median {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(*latencies.last().unwrap())
+    );
+    println!(
+        "| {sends} sends queued at once through one mailbox | all accepted (202) in {:.2} s; all submitted after {:.2} s → {:.1} sends/s |",
+        accepted_all.as_secs_f64(),
+        drained.as_secs_f64(),
+        sends as f64 / drained.as_secs_f64()
+    );
+    let _ = child.kill().await;
+}
