@@ -14,8 +14,12 @@ use std::{
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 fn stack_env() -> HashMap<String, String> {
-    let runtime = std::env::var("MAILSTACK_RUNTIME")
-        .unwrap_or_else(|_| std::env::temp_dir().join("mailbridge-mailstack").display().to_string());
+    let runtime = std::env::var("MAILSTACK_RUNTIME").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join("mailbridge-mailstack")
+            .display()
+            .to_string()
+    });
     std::fs::read_to_string(format!("{runtime}/stack.env"))
         .expect("start the stack first: scripts/mailstack/start.sh")
         .lines()
@@ -30,14 +34,20 @@ async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 #[tokio::main]
 async fn main() {
-    let sends: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(60);
+    let sends: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(60);
     let env = stack_env();
     let domain = env["MAILSTACK_DOMAIN"].clone();
     let dir = tempfile::tempdir().unwrap();
@@ -48,7 +58,13 @@ async fn main() {
     );
     let config_file = dir.path().join("bench.toml");
     std::fs::write(&config_file, config).unwrap();
-    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("mailbridge");
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("mailbridge");
     let mut child = tokio::process::Command::new(&binary)
         .args(["serve", "--config"])
         .arg(&config_file)
@@ -71,8 +87,15 @@ async fn main() {
     let run = std::process::id();
     let me = format!("sender{run}@{domain}");
     let contact = format!("rcpt{run}@{domain}");
-    let mut users = std::fs::OpenOptions::new().append(true).open(&env["MAILSTACK_USERS_FILE"]).unwrap();
-    users.write_all(format!("{me}:{{PLAIN}}benchpw::::::\n{contact}:{{PLAIN}}benchpw::::::\n").as_bytes()).unwrap();
+    let mut users = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&env["MAILSTACK_USERS_FILE"])
+        .unwrap();
+    users
+        .write_all(
+            format!("{me}:{{PLAIN}}benchpw::::::\n{contact}:{{PLAIN}}benchpw::::::\n").as_bytes(),
+        )
+        .unwrap();
     http.put(format!("{base}/v1/locations/L1/contacts/c1"))
         .bearer_auth("bench")
         .json(&serde_json::json!({"emails": [contact], "assigned_user_ids": ["u1"]}))
@@ -86,13 +109,26 @@ async fn main() {
         "smtp": {"host": "127.0.0.1", "port": env["MAILSTACK_SUBMISSIONS_PORT"].parse::<u16>().unwrap(), "security": "tls"},
     });
     wait_until("the mailbox to connect", async || {
-        let r = http.put(format!("{base}/v1/locations/L1/users/u1/mailbox")).bearer_auth("bench").json(&connect).send().await.ok()?;
+        let r = http
+            .put(format!("{base}/v1/locations/L1/users/u1/mailbox"))
+            .bearer_auth("bench")
+            .json(&connect)
+            .send()
+            .await
+            .ok()?;
         r.status().is_success().then_some(())
     })
     .await;
 
     let status_of = async |id: &str| -> serde_json::Value {
-        http.get(format!("{base}/v1/messages/{id}")).bearer_auth("bench").send().await.unwrap().json().await.unwrap()
+        http.get(format!("{base}/v1/messages/{id}"))
+            .bearer_auth("bench")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     };
     let send = async |n: usize| -> String {
         let body = serde_json::json!({"contact_id": "c1", "subject": format!("bench {n}"), "text": "hello", "html": "<p>hello</p>"});

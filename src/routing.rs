@@ -227,6 +227,25 @@ fn r04_r09_outbound_to_contact(
         .collect()
 }
 
+/// R12 + R13: a CRM send from `sender`'s location binds the thread there. A new
+/// thread has that one conversation; a reply in a thread that went to several
+/// locations (R11) pins it to the replying one. Returns the thread's routes and
+/// the conversations that stop receiving it (`thread.detached`).
+pub fn r13_pin_thread(
+    routes: &[ThreadRoute],
+    sender: &ThreadRoute,
+) -> (Vec<ThreadRoute>, Vec<ThreadRoute>) {
+    let (kept, detached): (Vec<ThreadRoute>, Vec<ThreadRoute>) = routes
+        .iter()
+        .cloned()
+        .partition(|r| r.location_id == sender.location_id);
+    if kept.is_empty() {
+        (vec![sender.clone()], detached)
+    } else {
+        (kept, detached)
+    }
+}
+
 /// R10: where several contacts of a location share an address, the one created
 /// first wins (ties broken by id so the choice is stable).
 fn r10_first_created<'c>(
@@ -726,6 +745,64 @@ mod tests {
             Err(IgnoreReason::ThreadDetached),
             "thread of a gone integration"
         );
+    }
+
+    #[test]
+    fn r12_a_crm_thread_stays_in_its_location_even_when_the_sender_is_a_contact_elsewhere() {
+        let integrations = vec![integration("L1", "u1", 1), integration("L2", "u1", 1)];
+        let contacts = vec![
+            contact("L1", "c1", "ann@x.test", &["u1"], 1),
+            contact("L2", "c2", "ann@x.test", &["u1"], 1),
+        ];
+        let crm_thread = thread(&[("L1", "u1", "c1")]);
+        let got = outcome(
+            &message("ann@x.test", &[MAILBOX], &[], &[]),
+            FolderRole::Inbox,
+            1,
+            &integrations,
+            &contacts,
+            Some(&crm_thread),
+        );
+        assert_eq!(got, Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]));
+    }
+
+    #[test]
+    fn r13_a_crm_reply_pins_the_thread_to_its_location() {
+        let route = |l: &str, c: &str| ThreadRoute {
+            location_id: l.into(),
+            user_id: "u1".into(),
+            contact_id: c.into(),
+        };
+        let cases = vec![
+            (
+                "new thread",
+                vec![],
+                route("L1", "c1"),
+                vec![route("L1", "c1")],
+                vec![],
+            ),
+            (
+                "fanned-out thread, reply from L1",
+                vec![route("L1", "c1"), route("L2", "c2")],
+                route("L1", "c1"),
+                vec![route("L1", "c1")],
+                vec![route("L2", "c2")],
+            ),
+            (
+                "reply from L2 keeps L2's own conversation",
+                vec![route("L1", "c1"), route("L2", "c2")],
+                route("L2", "c9"),
+                vec![route("L2", "c2")],
+                vec![route("L1", "c1")],
+            ),
+        ];
+        for (name, routes, sender, kept, detached) in cases {
+            assert_eq!(
+                r13_pin_thread(&routes, &sender),
+                (kept, detached),
+                "case: {name}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::{
         Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord,
         SendStatus, Thread, ThreadRoute,
     },
+    routing,
     send_queue::submit_copy_path,
     store::SendAcceptance,
 };
@@ -254,15 +255,8 @@ pub async fn send(
             };
             let references = thread.message_ids.clone();
             // R13: replying from this location pins the thread here.
-            let (kept, others): (Vec<ThreadRoute>, Vec<ThreadRoute>) = thread
-                .routes
-                .drain(..)
-                .partition(|r| r.location_id == location_id);
-            thread.routes = if kept.is_empty() {
-                vec![route.clone()]
-            } else {
-                kept
-            };
+            let (kept, others) = routing::r13_pin_thread(&thread.routes, &route);
+            thread.routes = kept;
             detached = others;
             (thread, parent, references)
         }

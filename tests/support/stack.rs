@@ -88,14 +88,17 @@ impl Stack {
         let local = format!("{prefix}{}x{n}x{nanos:x}", std::process::id());
         let address = format!("{local}@{}", self.domain);
         let password = format!("pw-{local}");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.users_file)
-            .unwrap_or_else(|e| panic!("cannot add a user to {}: {e}", self.users_file.display()));
-        // One write per line keeps concurrent appends from interleaving.
-        file.write_all(format!("{address}:{{PLAIN}}{password}::::::\n").as_bytes())
-            .expect("append user");
-        drop(file);
+        {
+            let _lock = self.lock_users();
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.users_file)
+                .unwrap_or_else(|e| {
+                    panic!("cannot add a user to {}: {e}", self.users_file.display())
+                });
+            file.write_all(format!("{address}:{{PLAIN}}{password}::::::\n").as_bytes())
+                .expect("append user");
+        }
         let user = User { address, password };
         let credentials = Credentials::Password {
             username: user.address.clone(),
@@ -118,6 +121,59 @@ impl Stack {
         )
         .await;
         user
+    }
+
+    /// Test processes edit the users file one at a time (an exclusive lock on
+    /// a file beside it), so a rewrite never drops a line another test appended.
+    fn lock_users(&self) -> std::fs::File {
+        use std::os::fd::AsRawFd as _;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.users_file.with_extension("lock"))
+            .expect("users lock file");
+        // SAFETY: flock(2) on a descriptor we own; released when `lock` is dropped.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(locked, 0, "flock users.lock");
+        lock
+    }
+
+    /// Gives a user a new password (Dovecot notices within about a second).
+    pub fn change_password(&self, user: &User, new_password: &str) -> User {
+        let _lock = self.lock_users();
+        let text = std::fs::read_to_string(&self.users_file).expect("users file");
+        let prefix = format!("{}:", user.address);
+        let replaced: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with(&prefix) {
+                    format!("{}:{{PLAIN}}{new_password}::::::\n", user.address)
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        // Written whole through a rename, so Dovecot never reads half a file.
+        let temporary = self.users_file.with_extension("new");
+        std::fs::write(&temporary, replaced).expect("write users");
+        std::fs::rename(&temporary, &self.users_file).expect("replace users");
+        User {
+            address: user.address.clone(),
+            password: new_password.to_string(),
+        }
+    }
+
+    /// Ends every IMAP session of a user, as a server restart or an admin would.
+    pub fn kick(&self, user: &User) {
+        let status = std::process::Command::new("doveadm")
+            .arg("-c")
+            .arg(self.runtime.join("etc/dovecot/dovecot.conf"))
+            .args(["kick", &user.address])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("doveadm kick");
+        assert!(status.success(), "doveadm kick: {status}");
     }
 
     pub fn imap_endpoint(&self) -> Endpoint {
@@ -182,7 +238,13 @@ impl Stack {
     }
 
     pub async fn session(&self, user: &User) -> ImapSession {
-        mailbridge::tls::install_crypto_provider();
+        self.try_session(user).await.expect("IMAP login")
+    }
+
+    pub async fn try_session(
+        &self,
+        user: &User,
+    ) -> Result<ImapSession, mailbridge::imap::ConnectError> {
         let tls = mailbridge::tls::client_config(std::slice::from_ref(&self.ca_cert))
             .expect("tls config");
         ImapConnector::new(tls, Duration::from_secs(20))
@@ -194,7 +256,6 @@ impl Stack {
                 },
             )
             .await
-            .expect("IMAP login")
     }
 
     /// Files a copy in the user's Sent folder, marked \Seen, as a mail client does after sending.

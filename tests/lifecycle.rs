@@ -1,0 +1,166 @@
+//! The integration's life: disconnect keeps history and stops sync (R19), and
+//! refused credentials stop sync until new ones arrive, then resume from the
+//! kept cursor (R20).
+
+mod support;
+
+use reqwest::Method;
+use support::{
+    daemon::{Api, Daemon, test_config},
+    receiver::Receiver,
+    stack::{Stack, message, new_message_id},
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r19_disconnect_stops_sync_and_mail_from_meanwhile_never_syncs() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
+    let api = Api::new(&daemon.base);
+    let me = stack.new_user("me").await;
+    let ann = stack.new_user("ann").await;
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+    let send = async |subject: &str| {
+        stack
+            .deliver(
+                &ann.address,
+                &[&me.address],
+                &message(
+                    &ann.address,
+                    &me.address,
+                    subject,
+                    &new_message_id("l"),
+                    None,
+                ),
+            )
+            .await
+    };
+    send("connected").await;
+    receiver
+        .wait_for("the first message", |r| r.subject() == "connected")
+        .await;
+
+    let (status, _) = api
+        .send(Method::DELETE, "/v1/locations/L1/users/u1/mailbox", None)
+        .await;
+    assert_eq!(status, 204);
+    receiver
+        .wait_for("mailbox.disconnected", |r| {
+            r.kind() == "mailbox.disconnected"
+        })
+        .await;
+    send("while disconnected").await;
+    stack.wait_count(&me, "INBOX", 2).await;
+
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+    send("reconnected").await;
+    receiver
+        .wait_for("the message after reconnecting", |r| {
+            r.subject() == "reconnected"
+        })
+        .await;
+    assert!(
+        receiver
+            .all()
+            .iter()
+            .all(|r| r.subject() != "while disconnected"),
+        "R19/R2: never synced"
+    );
+    let (_, history) = api
+        .send(
+            Method::GET,
+            "/v1/locations/L1/contacts/c-ann/messages",
+            None,
+        )
+        .await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        2,
+        "history kept across the disconnect"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r20_refused_credentials_stop_sync_once_and_new_ones_resume_from_the_cursor() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
+    let api = Api::new(&daemon.base);
+    let me = stack.new_user("me").await;
+    let ann = stack.new_user("ann").await;
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+
+    // The password changes on the server, and the sessions end.
+    let changed = stack.change_password(&me, "a-new-password");
+    support::eventually("the new password to apply", support::DEADLINE, async || {
+        let mut session = stack.try_session(&changed).await.ok()?;
+        let _ = session.logout().await;
+        Some(())
+    })
+    .await;
+    stack.kick(&me);
+    receiver
+        .wait_for("mailbox.needs_reauth", |r| {
+            r.kind() == "mailbox.needs_reauth"
+        })
+        .await;
+    let (_, status) = api
+        .send(Method::GET, "/v1/locations/L1/users/u1/mailbox", None)
+        .await;
+    assert_eq!(status["state"], "needs_reauth");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("AUTHENTICATIONFAILED"),
+        "{status}"
+    );
+    let (code, error, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "s", "text": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 409, "{error}");
+    assert_eq!(error["error"]["code"], "needs_reauth");
+
+    // Mail that arrives meanwhile syncs once the new credentials are in.
+    stack
+        .deliver(
+            &ann.address,
+            &[&me.address],
+            &message(
+                &ann.address,
+                &me.address,
+                "during reauth",
+                &new_message_id("r"),
+                None,
+            ),
+        )
+        .await;
+    stack.wait_count(&changed, "INBOX", 1).await;
+    api.connect("L1", "u1", &stack, &changed).await;
+    api.wait_active("L1", "u1").await;
+    receiver
+        .wait_for("the message from meanwhile", |r| {
+            r.subject() == "during reauth"
+        })
+        .await;
+    let reauth_events = receiver
+        .all()
+        .iter()
+        .filter(|r| r.kind() == "mailbox.needs_reauth")
+        .count();
+    assert_eq!(reauth_events, 1, "the CRM hears of it once");
+    daemon.stop().await;
+}
