@@ -40,6 +40,8 @@ pub struct SledStore {
     dead_letters: sled::Tree,
     settings: sled::Tree,
     sends: sled::Tree,
+    /// Sends not yet sent or failed, in acceptance order (key → send id).
+    unsettled: sled::Tree,
     idempotency: sled::Tree,
     quota: sled::Tree,
     crm_message_ids: sled::Tree,
@@ -99,6 +101,11 @@ fn history_key(data: &MessageEventData, time_ms: i64) -> Vec<u8> {
     timed_key(&[&data.location_id, &data.contact_id], time_ms, &data.id)
 }
 
+/// Acceptance order first (send ids are time-ordered too; this makes it explicit).
+fn unsettled_key(send: &SendRecord) -> Vec<u8> {
+    timed_key(&[], send.created_at.timestamp_millis(), &send.id)
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct IdempotencyEntry {
     send_id: String,
@@ -152,6 +159,7 @@ impl SledStore {
             dead_letters: tree("dead_letters")?,
             settings: tree("settings")?,
             sends: tree("sends")?,
+            unsettled: tree("unsettled_sends")?,
             idempotency: tree("idempotency")?,
             quota: tree("quota")?,
             crm_message_ids: tree("crm_message_ids")?,
@@ -701,6 +709,7 @@ impl Store for SledStore {
         })?;
         let quota_key = timed_key(&[&send.mailbox], now_ms, &send.id);
         let message_key = key(&[&send.mailbox, &send.message_id]);
+        let unsettled_key = unsettled_key(send);
         (
             &self.sends,
             &self.idempotency,
@@ -708,10 +717,12 @@ impl Store for SledStore {
             &self.threads,
             &self.thread_keys,
             &self.crm_message_ids,
+            &self.unsettled,
         )
             .transaction(
-                |(sends, idempotency, quota, threads, thread_keys, crm_ids)| {
+                |(sends, idempotency, quota, threads, thread_keys, crm_ids, unsettled)| {
                     sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                    unsettled.insert(unsettled_key.as_slice(), send.id.as_bytes())?;
                     if let Some(k) = &idempotency_key {
                         idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
                     }
@@ -756,9 +767,20 @@ impl Store for SledStore {
         } else {
             Vec::new()
         };
-        (&self.sends, &self.outbox, &self.history, &self.quota)
-            .transaction(|(sends, outbox, history, quota)| {
+        let settled = matches!(send.status, SendStatus::Sent | SendStatus::Failed);
+        let unsettled_key = unsettled_key(send);
+        (
+            &self.sends,
+            &self.outbox,
+            &self.history,
+            &self.quota,
+            &self.unsettled,
+        )
+            .transaction(|(sends, outbox, history, quota, unsettled)| {
                 sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                if settled {
+                    unsettled.remove(unsettled_key.as_slice())?;
+                }
                 if let Some((k, v)) = &history_value {
                     history.insert(k.as_slice(), v.as_slice())?;
                 }
@@ -773,14 +795,18 @@ impl Store for SledStore {
     }
 
     fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>> {
+        // The index holds only unsettled sends, in acceptance order: the queue
+        // never walks the history of everything ever sent.
         let mut found: Vec<SendRecord> = Vec::new();
-        for value in self.sends.iter().values() {
-            let send: SendRecord = decode(&value.map_err(engine)?)?;
-            if matches!(send.status, SendStatus::Queued | SendStatus::Submitting) {
-                found.push(send);
+        for id in self.unsettled.iter().values() {
+            let id = id.map_err(engine)?;
+            if let Some(value) = self.sends.get(&id).map_err(engine)? {
+                let send: SendRecord = decode(&value)?;
+                if matches!(send.status, SendStatus::Queued | SendStatus::Submitting) {
+                    found.push(send);
+                }
             }
         }
-        found.sort_by_key(|send| send.created_at);
         Ok(found)
     }
 

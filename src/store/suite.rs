@@ -316,3 +316,119 @@ fn walk(dir: &std::path::Path) -> Vec<u8> {
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
+    use crate::model::{Direction, MessageEventData, Origin, SendRecord, SendStatus};
+    SendRecord {
+        id: id.into(),
+        location_id: "L1".into(),
+        user_id: "u1".into(),
+        contact_id: "c1".into(),
+        mailbox: "me@x.test".into(),
+        thread_id: "thr_s".into(),
+        message_id: format!("<{id}@x.test>"),
+        status: SendStatus::Queued,
+        error: None,
+        smtp_response: None,
+        attempts: 0,
+        next_attempt_ms: 0,
+        created_at: Utc::now(),
+        sent_at: None,
+        idempotency_key: key.map(str::to_string),
+        recipients: vec!["ann@x.test".into()],
+        data: MessageEventData {
+            id: id.into(),
+            location_id: "L1".into(),
+            user_id: "u1".into(),
+            contact_id: "c1".into(),
+            thread_id: "thr_s".into(),
+            mailbox: "me@x.test".into(),
+            direction: Direction::Outbound,
+            origin: Origin::Crm,
+            message_id: None,
+            in_reply_to: None,
+            references: vec![],
+            from: None,
+            to: vec![],
+            cc: vec![],
+            bcc: vec![],
+            subject: Some(id.into()),
+            date: None,
+            text: None,
+            html: None,
+            attachments: vec![],
+        },
+        filed_in_sent: false,
+    }
+}
+
+fn send_thread() -> Thread {
+    Thread {
+        id: "thr_s".into(),
+        mailbox: "me@x.test".into(),
+        routes: vec![],
+        created_at: Utc::now(),
+        message_ids: vec![],
+        subject: None,
+    }
+}
+
+#[test]
+fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
+    use crate::model::SendStatus;
+    for (_dir, store) in engines() {
+        let now = Utc::now().timestamp_millis();
+        let accept = |id: &str, key: Option<&str>| {
+            store
+                .accept_send(&send_record(id, key), &send_thread(), Some(2), now)
+                .unwrap()
+        };
+        assert_eq!(accept("msg_1", Some("k")), SendAcceptance::Accepted);
+        match accept("msg_dup", Some("k")) {
+            SendAcceptance::Repeat(first) => assert_eq!(first.id, "msg_1"),
+            other => panic!("expected the first send back, got {other:?}"),
+        }
+        assert_eq!(accept("msg_2", None), SendAcceptance::Accepted);
+        assert!(
+            matches!(accept("msg_3", None), SendAcceptance::LimitReached { limit: 2, retry_at_ms } if retry_at_ms > now)
+        );
+        assert!(
+            store.send("msg_dup").unwrap().is_none(),
+            "a repeat stores nothing"
+        );
+        assert!(store.is_crm_message("me@x.test", "<msg_1@x.test>").unwrap());
+        assert_eq!(
+            store
+                .thread_of("me@x.test", &["<msg_2@x.test>".into()])
+                .unwrap()
+                .unwrap()
+                .id,
+            "thr_s"
+        );
+        assert_eq!(store.unsettled_sends().unwrap().len(), 2);
+
+        let mut sent = store.send("msg_1").unwrap().unwrap();
+        sent.status = SendStatus::Sent;
+        store.update_send(&sent, &[]).unwrap();
+        let mut failed = store.send("msg_2").unwrap().unwrap();
+        failed.status = SendStatus::Failed;
+        store.update_send(&failed, &[]).unwrap();
+        assert!(store.unsettled_sends().unwrap().is_empty());
+        assert_eq!(
+            store.quota_use("me@x.test", now).unwrap().0,
+            1,
+            "the failed send gave its quota back"
+        );
+        let history = store.history("L1", "c1", None, 10).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].id, "msg_1");
+        // Outside the window, the quota is free again.
+        assert_eq!(
+            store
+                .quota_use("me@x.test", now + QUOTA_WINDOW_MS + 1)
+                .unwrap()
+                .0,
+            0
+        );
+    }
+}

@@ -135,6 +135,11 @@ impl Deliverer {
             after = Some(*last);
             for (sequence, entry) in page {
                 scanned += 1;
+                if scanned > SCAN_LIMIT {
+                    // The rest waits for the next pass, which must come soon.
+                    next_due = Some(next_due.map_or(now + 1_000, |d| d.min(now + 1_000)));
+                    break 'scan;
+                }
                 let key = entry.event.ordering_key.clone();
                 // An earlier event of the same thread is pending or in flight:
                 // this one waits its turn.
@@ -160,12 +165,6 @@ impl Deliverer {
                 };
                 let handle = in_flight.spawn(attempt.deliver(sequence, entry));
                 task_keys.insert(handle.id(), key);
-                if scanned >= SCAN_LIMIT {
-                    break 'scan;
-                }
-            }
-            if scanned >= SCAN_LIMIT {
-                break;
             }
         }
         Ok(next_due.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
