@@ -6,9 +6,8 @@ mod support;
 use std::process::Command;
 
 use support::{
-    daemon::{Api, Daemon, test_config},
-    receiver::Receiver,
-    stack::{Stack, message, new_message_id},
+    stack::Stack,
+    world::{World, mail},
 };
 
 fn stack_script(name: &str) {
@@ -24,31 +23,16 @@ fn stack_script(name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared mail stack; scripts/test.sh runs it alone"]
 async fn r21_dovecot_restart_under_the_daemon_resumes_with_nothing_lost() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
-    let send = async |subject: &str| {
-        stack
-            .deliver(
-                &ann.address,
-                &[&me.address],
-                &message(
-                    &ann.address,
-                    &me.address,
-                    subject,
-                    &new_message_id("r"),
-                    None,
-                ),
-            )
-            .await
-    };
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        me,
+        ann,
+        _data,
+    } = World::connected(serde_json::json!({})).await;
+    let send = async |subject: &str| mail(&stack, &ann, &me, subject, None).await;
     send("before restart").await;
     receiver
         .wait_for("the first message", |r| r.subject() == "before restart")
@@ -91,16 +75,15 @@ fn postfix(command: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared Postfix; scripts/test.sh runs it alone"]
 async fn r05_a_send_while_postfix_is_down_stays_queued_and_goes_out_when_it_returns() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        ann,
+        _data,
+        ..
+    } = World::connected(serde_json::json!({})).await;
 
     postfix("stop");
     let (status, accepted, _) = api

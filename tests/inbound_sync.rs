@@ -4,44 +4,14 @@
 mod support;
 
 use support::{
-    daemon::{Api, Daemon, test_config},
-    receiver::Receiver,
-    stack::{Stack, message, new_message_id},
+    stack::{message, new_message_id},
+    world::World,
 };
-
-struct World {
-    stack: Stack,
-    receiver: Receiver,
-    daemon: Daemon,
-    api: Api,
-    _data: tempfile::TempDir,
-}
-
-async fn world() -> World {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    World {
-        stack,
-        receiver,
-        daemon,
-        api,
-        _data: data,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r03_contact_mail_arrives_signed_and_strangers_are_ignored() {
-    let w = world().await;
-    let me = w.stack.new_user("me").await;
-    let ann = w.stack.new_user("ann").await;
-    w.api
-        .put_contact("L1", "c-ann", &ann.address, &["u1"])
-        .await;
-    w.api.connect("L1", "u1", &w.stack, &me).await;
-    w.api.wait_active("L1", "u1").await;
+    let w = World::connected(serde_json::json!({})).await;
+    let (me, ann) = (&w.me, &w.ann);
 
     // A stranger first, then the contact: the INBOX is handled in UID order,
     // so once the contact's message is in, the stranger's was already decided.
@@ -103,9 +73,8 @@ async fn r03_contact_mail_arrives_signed_and_strangers_are_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r02_mail_already_in_the_mailbox_before_connect_never_syncs() {
-    let w = world().await;
-    let me = w.stack.new_user("me").await;
-    let ann = w.stack.new_user("ann").await;
+    let w = World::started().await;
+    let (me, ann) = (&w.me, &w.ann);
     w.api
         .put_contact("L1", "c-ann", &ann.address, &["u1"])
         .await;
@@ -122,9 +91,9 @@ async fn r02_mail_already_in_the_mailbox_before_connect_never_syncs() {
             ),
         )
         .await;
-    w.stack.wait_count(&me, "INBOX", 1).await;
+    w.stack.wait_count(me, "INBOX", 1).await;
 
-    w.api.connect("L1", "u1", &w.stack, &me).await;
+    w.api.connect("L1", "u1", &w.stack, me).await;
     w.api.wait_active("L1", "u1").await;
     w.stack
         .deliver(
@@ -154,20 +123,14 @@ async fn r02_mail_already_in_the_mailbox_before_connect_never_syncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r04_r06_mail_sent_from_the_mailbox_is_outbound_and_the_reply_keeps_the_thread() {
-    let w = world().await;
-    let me = w.stack.new_user("me").await;
-    let ann = w.stack.new_user("ann").await;
-    w.api
-        .put_contact("L1", "c-ann", &ann.address, &["u1"])
-        .await;
-    w.api.connect("L1", "u1", &w.stack, &me).await;
-    w.api.wait_active("L1", "u1").await;
+    let w = World::connected(serde_json::json!({})).await;
+    let (me, ann) = (&w.me, &w.ann);
 
     // The user writes from their own mail client: submit, then file in Sent.
     let first = new_message_id("me");
     let raw = message(&me.address, &ann.address, "offer", &first, None);
-    w.stack.submit(&me, &[&ann.address], &raw).await;
-    w.stack.append_sent(&me, &raw).await;
+    w.stack.submit(me, &[&ann.address], &raw).await;
+    w.stack.append_sent(me, &raw).await;
     let outbound = w
         .receiver
         .wait_for("the outbound message", |r| r.subject() == "offer")
@@ -178,7 +141,7 @@ async fn r04_r06_mail_sent_from_the_mailbox_is_outbound_and_the_reply_keeps_the_
     let thread_id = outbound.data()["thread_id"].as_str().unwrap().to_string();
 
     // The contact replies; it lands in the same thread.
-    w.stack.wait_count(&ann, "INBOX", 1).await;
+    w.stack.wait_count(ann, "INBOX", 1).await;
     let reply = message(
         &ann.address,
         &me.address,
@@ -221,9 +184,8 @@ async fn r04_r06_mail_sent_from_the_mailbox_is_outbound_and_the_reply_keeps_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thread() {
-    let w = world().await;
-    let me = w.stack.new_user("me").await;
-    let ann = w.stack.new_user("ann").await;
+    let w = World::started().await;
+    let (me, ann) = (&w.me, &w.ann);
     let bob = w.stack.new_user("bob").await;
     w.api
         .put_contact("L1", "c-ann", &ann.address, &["u1"])
@@ -231,12 +193,12 @@ async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thre
     w.api
         .put_contact("L1", "c-bob", &bob.address, &["u1"])
         .await;
-    w.api.connect("L1", "u1", &w.stack, &me).await;
+    w.api.connect("L1", "u1", &w.stack, me).await;
     w.api.wait_active("L1", "u1").await;
     w.receiver.set_failing(true);
 
     // Two threads, three messages each, each reply referencing the one before.
-    for contact in [&ann, &bob] {
+    for contact in [ann, &bob] {
         let mut parent: Option<String> = None;
         for n in 0..3 {
             let id = new_message_id("m");
@@ -267,7 +229,7 @@ async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thre
         .receiver
         .wait_for_count("all six messages", 6, |r| r.kind() == "message.inbound")
         .await;
-    for contact in [&ann, &bob] {
+    for contact in [ann, &bob] {
         let subjects: Vec<String> = delivered
             .iter()
             .filter(|r| r.data()["from"]["email"] == contact.address.as_str())
@@ -294,14 +256,8 @@ async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
-    let w = world().await;
-    let me = w.stack.new_user("me").await;
-    let ann = w.stack.new_user("ann").await;
-    w.api
-        .put_contact("L1", "c-ann", &ann.address, &["u1"])
-        .await;
-    w.api.connect("L1", "u1", &w.stack, &me).await;
-    w.api.wait_active("L1", "u1").await;
+    let w = World::connected(serde_json::json!({})).await;
+    let (me, ann) = (&w.me, &w.ann);
     // Something a stranger sent, forwarded by the user to the contact.
     let forward = format!(
         "From: {me}\r\nTo: {ann}\r\nSubject: Fwd: invoice\r\nMessage-ID: {id}\r\nMIME-Version: 1.0\r\n\
@@ -311,9 +267,9 @@ async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
         id = new_message_id("fwd")
     );
     w.stack
-        .submit(&me, &[&ann.address], forward.as_bytes())
+        .submit(me, &[&ann.address], forward.as_bytes())
         .await;
-    w.stack.append_sent(&me, forward.as_bytes()).await;
+    w.stack.append_sent(me, forward.as_bytes()).await;
     let event = w
         .receiver
         .wait_for("the forward", |r| r.subject() == "Fwd: invoice")

@@ -5,39 +5,20 @@
 mod support;
 
 use reqwest::Method;
-use support::{
-    daemon::{Api, Daemon, test_config},
-    receiver::Receiver,
-    stack::{Stack, message, new_message_id},
-};
+use support::world::{World, mail};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r19_disconnect_stops_sync_and_mail_from_meanwhile_never_syncs() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
-    let send = async |subject: &str| {
-        stack
-            .deliver(
-                &ann.address,
-                &[&me.address],
-                &message(
-                    &ann.address,
-                    &me.address,
-                    subject,
-                    &new_message_id("l"),
-                    None,
-                ),
-            )
-            .await
-    };
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        me,
+        ann,
+        _data,
+    } = World::connected(serde_json::json!({})).await;
+    let send = async |subject: &str| mail(&stack, &ann, &me, subject, None).await;
     send("connected").await;
     receiver
         .wait_for("the first message", |r| r.subject() == "connected")
@@ -87,16 +68,15 @@ async fn r19_disconnect_stops_sync_and_mail_from_meanwhile_never_syncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r20_refused_credentials_stop_sync_once_and_new_ones_resume_from_the_cursor() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        me,
+        ann,
+        _data,
+    } = World::connected(serde_json::json!({})).await;
 
     // The password changes on the server, and the sessions end.
     let changed = stack.change_password(&me, "a-new-password");
@@ -135,19 +115,7 @@ async fn r20_refused_credentials_stop_sync_once_and_new_ones_resume_from_the_cur
     assert_eq!(error["error"]["code"], "needs_reauth");
 
     // Mail that arrives meanwhile syncs once the new credentials are in.
-    stack
-        .deliver(
-            &ann.address,
-            &[&me.address],
-            &message(
-                &ann.address,
-                &me.address,
-                "during reauth",
-                &new_message_id("r"),
-                None,
-            ),
-        )
-        .await;
+    mail(&stack, &ann, &me, "during reauth", None).await;
     stack.wait_count(&changed, "INBOX", 1).await;
     api.connect("L1", "u1", &stack, &changed).await;
     api.wait_active("L1", "u1").await;

@@ -7,46 +7,13 @@ use base64::Engine as _;
 use mailbridge::mime;
 use reqwest::Method;
 use support::{
-    daemon::{Api, Daemon, test_config},
-    receiver::Receiver,
-    stack::{Stack, User, message, new_message_id},
+    stack::{message, new_message_id},
+    world::World,
 };
-
-struct World {
-    stack: Stack,
-    receiver: Receiver,
-    daemon: Daemon,
-    api: Api,
-    me: User,
-    ann: User,
-    _data: tempfile::TempDir,
-}
-
-async fn world(extra: serde_json::Value) -> World {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
-    let api = Api::new(&daemon.base);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect_with("L1", "u1", &stack, &me, extra).await;
-    api.wait_active("L1", "u1").await;
-    World {
-        stack,
-        receiver,
-        daemon,
-        api,
-        me,
-        ann,
-        _data: data,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r05_r06_crm_send_arrives_threads_and_is_in_sent_exactly_once() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let (status, accepted, _) = w
         .api
         .send_message(
@@ -202,7 +169,7 @@ async fn r05_r06_crm_send_arrives_threads_and_is_in_sent_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r14_the_fourth_send_over_a_limit_of_three_is_refused_with_retry_after() {
-    let w = world(serde_json::json!({"daily_send_limit": 3})).await;
+    let w = World::connected(serde_json::json!({"daily_send_limit": 3})).await;
     for n in 0..3 {
         let (status, body, _) = w
             .api
@@ -250,7 +217,7 @@ async fn r14_the_fourth_send_over_a_limit_of_three_is_refused_with_retry_after()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r17_attachments_over_25_mb_are_refused_before_anything_is_queued() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 26 * 1024 * 1024]);
     let (status, body, _) = w
         .api
@@ -274,7 +241,7 @@ async fn r17_attachments_over_25_mb_are_refused_before_anything_is_queued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_the_same_idempotency_key_twice_submits_once() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let body = serde_json::json!({"contact_id": "c-ann", "subject": "once", "text": "only once"});
     let (s1, first, _) = w
         .api
@@ -324,7 +291,7 @@ async fn r21_the_same_idempotency_key_twice_submits_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_good_ends_as_message_failed_with_the_servers_words() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let (status, accepted, _) = w
         .api
         .send_message(
@@ -368,7 +335,7 @@ async fn a_recipient_refused_for_good_ends_as_message_failed_with_the_servers_wo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_injection_and_bad_requests_are_refused_and_nothing_is_sent() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let cases = vec![
         (
             "CRLF in the subject",
@@ -459,7 +426,7 @@ async fn header_injection_and_bad_requests_are_refused_and_nothing_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r17_inbound_attachments_are_described_and_served() {
-    let w = world(serde_json::json!({})).await;
+    let w = World::connected(serde_json::json!({})).await;
     let pdf = b"%PDF-1.4 inbound attachment".to_vec();
     let raw = format!(
         "From: {ann}\r\nTo: {me}\r\nSubject: with attachment\r\nMessage-ID: {id}\r\nMIME-Version: 1.0\r\n\

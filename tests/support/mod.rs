@@ -7,6 +7,7 @@ pub mod child;
 pub mod daemon;
 pub mod receiver;
 pub mod stack;
+pub mod world;
 
 use std::time::Duration;
 

@@ -1,0 +1,77 @@
+//! The usual test setting: the real daemon on port 0 with its own data folder,
+//! a webhook receiver, and (for `connected`) two fresh mailboxes — the user's
+//! `me`, connected as user u1 of location L1, and `ann`, a contact (c-ann)
+//! assigned to u1.
+
+use super::{
+    daemon::{Api, Daemon, test_config},
+    receiver::Receiver,
+    stack::{Stack, User, message, new_message_id},
+};
+
+pub struct World {
+    pub stack: Stack,
+    pub receiver: Receiver,
+    pub daemon: Daemon,
+    pub api: Api,
+    pub me: User,
+    pub ann: User,
+    pub _data: tempfile::TempDir,
+}
+
+impl World {
+    /// The daemon and two fresh mailboxes; nothing connected yet.
+    pub async fn started() -> World {
+        let stack = Stack::get();
+        let receiver = Receiver::start().await;
+        let data = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
+        let api = Api::new(&daemon.base);
+        let me = stack.new_user("me").await;
+        let ann = stack.new_user("ann").await;
+        World {
+            stack,
+            receiver,
+            daemon,
+            api,
+            me,
+            ann,
+            _data: data,
+        }
+    }
+
+    /// As `started`, with ann a contact of L1 assigned to u1 and me connected
+    /// as u1's mailbox (`extra` is merged into the connect request).
+    pub async fn connected(extra: serde_json::Value) -> World {
+        let world = World::started().await;
+        world
+            .api
+            .put_contact("L1", "c-ann", &world.ann.address, &["u1"])
+            .await;
+        world
+            .api
+            .connect_with("L1", "u1", &world.stack, &world.me, extra)
+            .await;
+        world.api.wait_active("L1", "u1").await;
+        world
+    }
+}
+
+/// Delivers a message from `from` to `to` through the MX; returns its Message-ID.
+pub async fn mail(
+    stack: &Stack,
+    from: &User,
+    to: &User,
+    subject: &str,
+    in_reply_to: Option<&str>,
+) -> String {
+    let id = new_message_id("t");
+    stack
+        .deliver(
+            &from.address,
+            &[&to.address],
+            &message(&from.address, &to.address, subject, &id, in_reply_to),
+        )
+        .await;
+    id
+}
