@@ -28,6 +28,20 @@ fn stack_env() -> HashMap<String, String> {
         .collect()
 }
 
+/// (current, peak) resident memory of a process, in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -74,6 +88,7 @@ async fn main() {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
+    let pid = child.id().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = loop {
         let line = lines.next_line().await.unwrap().expect("daemon exited");
@@ -172,6 +187,32 @@ async fn main() {
     wait_until("the burst", async || sent_at(&status_of(&last).await)).await;
     let drained = started.elapsed();
 
+    // 3. One send with 25 MB of attachments: how much memory it takes.
+    let (_, peak_before) = memory_mib(pid);
+    let big = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; 25 * 1024 * 1024])
+    };
+    let body = serde_json::json!({"contact_id": "c1", "subject": "big", "text": "see attached",
+        "attachments": [{"filename": "big.bin", "content_base64": big}]});
+    drop(big);
+    let r: serde_json::Value = http
+        .post(format!("{base}/v1/locations/L1/users/u1/messages"))
+        .bearer_auth("bench")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let big_id = r["id"].as_str().expect("202 for 25 MB").to_string();
+    wait_until("the 25 MB send", async || {
+        sent_at(&status_of(&big_id).await)
+    })
+    .await;
+    let (after, peak_after) = memory_mib(pid);
+
     println!("| measurement | value |");
     println!("|---|---|");
     println!(
@@ -185,6 +226,9 @@ async fn main() {
         accepted_all.as_secs_f64(),
         drained.as_secs_f64(),
         sends as f64 / drained.as_secs_f64()
+    );
+    println!(
+        "| one send with 25 MB of attachments (35 MB of JSON) | peak RSS {peak_before:.0} → {peak_after:.0} MiB; {after:.0} MiB after it was sent |"
     );
     let _ = child.kill().await;
 }

@@ -58,12 +58,16 @@ fn address(field: &str, email: &str, name: Option<&str>) -> Result<Address, Comp
 }
 
 impl Draft {
-    /// The message as submitted (without a Bcc header) and as filed in Sent
-    /// (with it, so the user sees whom they blind-copied).
-    pub fn build(&self) -> Result<(Vec<u8>, Vec<u8>), ComposeError> {
+    /// The message as submitted (without a Bcc header) and, when it has Bcc
+    /// recipients, as filed in Sent (with the header, so the user sees whom they
+    /// blind-copied). Without Bcc both are the same bytes, built once.
+    pub fn build(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), ComposeError> {
         let submitted = self.message(false)?.formatted();
+        if self.bcc.is_empty() {
+            return Ok((submitted, None));
+        }
         let filed = self.message(true)?.formatted();
-        Ok((submitted, filed))
+        Ok((submitted, Some(filed)))
     }
 
     fn message(&self, keep_bcc: bool) -> Result<lettre::Message, ComposeError> {
@@ -181,7 +185,16 @@ mod tests {
         assert_eq!(m.attachments.len(), 1);
         assert_eq!(m.attachments[0].filename, "offer.pdf");
         assert!(m.bcc.is_empty(), "the submitted copy carries no Bcc header");
-        assert_eq!(mime::parse(&filed).bcc[0].email, "hidden@example.org");
+        assert_eq!(
+            mime::parse(&filed.unwrap()).bcc[0].email,
+            "hidden@example.org"
+        );
+        let mut no_bcc = draft();
+        no_bcc.bcc.clear();
+        assert!(
+            no_bcc.build().unwrap().1.is_none(),
+            "one copy when there is no Bcc"
+        );
         assert!(submitted.is_ascii(), "non-ASCII headers are encoded");
     }
 

@@ -101,7 +101,7 @@ pub async fn send(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<SendBody>,
+    ApiJson(mut body): ApiJson<SendBody>,
 ) -> Result<Response, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
@@ -133,7 +133,11 @@ pub async fn send(
     }
     let mut attachments = Vec::with_capacity(body.attachments.len());
     let mut total = 0usize;
-    for (i, a) in body.attachments.iter().enumerate() {
+    // Consumed one by one: each base64 text is freed once decoded.
+    for (i, a) in std::mem::take(&mut body.attachments)
+        .into_iter()
+        .enumerate()
+    {
         no_line_breaks(&format!("attachments[{i}].filename"), &a.filename)?;
         if a.filename.trim().is_empty() {
             return Err(ApiError::invalid(format!(
@@ -142,7 +146,6 @@ pub async fn send(
         }
         let content_type = a
             .content_type
-            .clone()
             .unwrap_or_else(|| "application/octet-stream".into());
         no_line_breaks(&format!("attachments[{i}].content_type"), &content_type)?;
         // Refuse before decoding when even the base64 text is over the limit.
@@ -159,7 +162,7 @@ pub async fn send(
             return Err(too_large());
         }
         attachments.push(DraftAttachment {
-            filename: a.filename.clone(),
+            filename: a.filename,
             content_type,
             bytes,
         });
@@ -287,11 +290,16 @@ pub async fn send(
         in_reply_to: in_reply_to.clone(),
         references: references.clone(),
     };
+    // Numbered as the source's parts are, so the URLs serve these bytes.
+    let attachment_info: Vec<(String, String, usize)> = draft
+        .attachments
+        .iter()
+        .map(|a| (a.filename.clone(), a.content_type.clone(), a.bytes.len()))
+        .collect();
     let (submitted, filed) = draft
         .build()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let send_id = new_id("msg");
-    let parsed = crate::mime::parse(&filed);
     let as_address = |email: &String| EmailAddress {
         email: email.clone(),
         name: None,
@@ -316,19 +324,21 @@ pub async fn send(
         date: Some(now),
         text: body.text,
         html: body.html,
-        attachments: parsed
-            .attachments
-            .iter()
-            .map(|a| crate::model::AttachmentEventInfo {
-                index: a.index,
-                filename: a.filename.clone(),
-                content_type: a.content_type.clone(),
-                size: a.size,
-                url: format!(
-                    "{}/v1/messages/{send_id}/attachments/{}",
-                    state.public_url, a.index
-                ),
-            })
+        attachments: attachment_info
+            .into_iter()
+            .enumerate()
+            .map(
+                |(index, (filename, content_type, size))| crate::model::AttachmentEventInfo {
+                    index,
+                    filename,
+                    content_type,
+                    size,
+                    url: format!(
+                        "{}/v1/messages/{send_id}/attachments/{index}",
+                        state.public_url
+                    ),
+                },
+            )
             .collect(),
     };
     let record = SendRecord {
@@ -354,8 +364,8 @@ pub async fn send(
     // Both copies reach the disk before the send is recorded as accepted.
     let filed_path = state.store.raw_path(&send_id);
     let submit_path = submit_copy_path(state.store.as_ref(), &send_id);
-    let written =
-        write_durably(&filed_path, &filed).and_then(|()| write_durably(&submit_path, &submitted));
+    let written = write_durably(&filed_path, filed.as_deref().unwrap_or(&submitted))
+        .and_then(|()| write_durably(&submit_path, &submitted));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&filed_path);
         let _ = std::fs::remove_file(&submit_path);
