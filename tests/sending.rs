@@ -469,3 +469,34 @@ async fn r17_inbound_attachments_are_described_and_served() {
     assert_eq!(status, 200);
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r17_a_send_with_24_mb_of_attachments_goes_out_whole() {
+    let w = World::connected(serde_json::json!({})).await;
+    let bytes: Vec<u8> = (0..24 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let (status, accepted, _) = w
+        .api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "big one", "text": "attached",
+                               "attachments": [{"filename": "big.bin", "content_base64": encoded}]}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let sent = w
+        .receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    assert_eq!(sent.data()["attachments"][0]["size"], bytes.len());
+    w.stack.wait_count(&w.ann, "INBOX", 1).await;
+    let received = mime::parse(&w.stack.fetch_all(&w.ann, "INBOX").await[0]);
+    assert_eq!(
+        received.attachments[0].size,
+        bytes.len(),
+        "the whole attachment arrived"
+    );
+    w.daemon.stop().await;
+}

@@ -397,6 +397,10 @@ relayhost =
 # XOAUTH2 initial responses easily exceed the 2048 default (M365 tokens);
 # Dovecot's auth protocol caps a line at 16 KiB anyway.
 line_length_limit = 16384
+# Gmail accepts about 35 MB per message (SIZE 35882577); the default 10 MB
+# would refuse a send with 25 MB of attachments once base64-encoded.
+message_size_limit = 41943040
+mailbox_size_limit = 0
 # local domain -> Dovecot LMTP; every other recipient is rewritten to
 # sink@$DOMAIN so "outbound" mail stays inspectable over IMAP
 virtual_mailbox_domains = $DOMAIN
