@@ -9,6 +9,12 @@
 //! submitted again. The window is the time between the server's 250 and the
 //! flush (about a millisecond); in it a message that did leave can be reported
 //! failed on a server where the bridge files Sent itself, but never sent twice.
+//!
+//! A transient error can also come after the server took the message (the
+//! connection drops before its 250). Before every retry on a server that files
+//! Sent itself (Gmail, Outlook) the copy there is looked for, so such a message
+//! is recorded as sent, not submitted again. Where the bridge files Sent itself
+//! nothing can tell, and that rare case may send twice.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -206,6 +212,16 @@ impl SendQueue {
                 );
             }
         };
+        // A transient failure can come after the server took the message (the
+        // connection dropped before its 250). Where the server files Sent
+        // itself, the copy there tells: found means sent, never submit again.
+        if send.attempts > 0
+            && !mailbox.save_sent.bridge_appends(mailbox.provider)
+            && let Ok(true) = self.in_sent(&mailbox, &send.message_id).await
+        {
+            tracing::info!(send = %send.id, "a retried send is already in Sent: it was sent");
+            return self.settle_as_sent(send);
+        }
         send.status = SendStatus::Submitting;
         send.attempts += 1;
         if let Err(err) = self.store.update_send(&send, &[]) {
@@ -302,9 +318,20 @@ impl SendQueue {
         }
     }
 
+    /// Records a send whose copy was found in Sent as sent.
+    fn settle_as_sent(&self, mut send: SendRecord) {
+        send.status = SendStatus::Sent;
+        send.error = None;
+        send.sent_at = Some(Utc::now());
+        send.filed_in_sent = true;
+        let event = Self::sent_event(&send);
+        self.record(&send, &[event]);
+        let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
+    }
+
     /// A send left `submitting` by a stop: sent if its Message-ID is in Sent,
     /// otherwise failed as interrupted (never submitted twice).
-    async fn settle_interrupted(&self, mut send: SendRecord) {
+    async fn settle_interrupted(&self, send: SendRecord) {
         let found = match self.store.mailbox(&send.mailbox) {
             Ok(Some(mailbox)) => self.in_sent(&mailbox, &send.message_id).await,
             _ => Ok(false),
@@ -312,12 +339,7 @@ impl SendQueue {
         match found {
             Ok(true) => {
                 tracing::info!(send = %send.id, "interrupted send found in Sent: it was sent");
-                send.status = SendStatus::Sent;
-                send.sent_at = Some(Utc::now());
-                send.filed_in_sent = true;
-                let event = Self::sent_event(&send);
-                self.record(&send, &[event]);
-                let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
+                self.settle_as_sent(send);
             }
             Ok(false) => self.fail(
                 send,
