@@ -5,56 +5,13 @@
 //!     cargo build --release && cargo run --release --example bench_send -- [sends]
 
 use std::{
-    collections::HashMap,
     io::Write as _,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+mod bench_support;
 
-fn stack_env() -> HashMap<String, String> {
-    let runtime = std::env::var("MAILSTACK_RUNTIME").unwrap_or_else(|_| {
-        std::env::temp_dir()
-            .join("mailbridge-mailstack")
-            .display()
-            .to_string()
-    });
-    std::fs::read_to_string(format!("{runtime}/stack.env"))
-        .expect("start the stack first: scripts/mailstack/start.sh")
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect()
-}
-
-/// (current, peak) resident memory of a process, in MiB.
-fn memory_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use bench_support::{BenchDaemon, memory_mib, stack_env, wait_until};
 
 #[tokio::main]
 async fn main() {
@@ -64,39 +21,8 @@ async fn main() {
         .unwrap_or(60);
     let env = stack_env();
     let domain = env["MAILSTACK_DOMAIN"].clone();
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[api]\nkeys = [\"bench\"]\n[tls]\nextra_roots = [\"{}\"]\n[log]\nlevel = \"warn,mailbridge::daemon=info\"\n",
-        dir.path().join("data").display(),
-        env["MAILSTACK_CA_CERT"]
-    );
-    let config_file = dir.path().join("bench.toml");
-    std::fs::write(&config_file, config).unwrap();
-    let binary = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("mailbridge");
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["serve", "--config"])
-        .arg(&config_file)
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next_line().await.unwrap().expect("daemon exited");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let daemon = BenchDaemon::start(&env, "").await;
+    let (base, pid) = (daemon.base.clone(), daemon.pid);
     let http = reqwest::Client::new();
 
     let run = std::process::id();
@@ -230,5 +156,5 @@ async fn main() {
     println!(
         "| one send with 25 MB of attachments (35 MB of JSON) | peak RSS {peak_before:.0} → {peak_after:.0} MiB; {after:.0} MiB after it was sent |"
     );
-    let _ = child.kill().await;
+    daemon.stop().await;
 }

@@ -10,14 +10,12 @@
 use std::{
     collections::HashMap,
     io::Write as _,
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor, address::Envelope};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -31,43 +29,9 @@ async fn hook(State(arrivals): State<Arrivals>, body: Bytes) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-fn stack_env() -> HashMap<String, String> {
-    let runtime = std::env::var("MAILSTACK_RUNTIME").unwrap_or_else(|_| {
-        std::env::temp_dir()
-            .join("mailbridge-mailstack")
-            .display()
-            .to_string()
-    });
-    std::fs::read_to_string(format!("{runtime}/stack.env"))
-        .expect("start the stack first: scripts/mailstack/start.sh")
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect()
-}
+mod bench_support;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use bench_support::{BenchDaemon, memory_mib, stack_env, wait_until};
 
 #[tokio::main]
 async fn main() {
@@ -88,39 +52,8 @@ async fn main() {
         .with_state(arrivals.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[api]\nkeys = [\"bench\"]\n[[webhooks]]\nurl = \"{hook_url}\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n[tls]\nextra_roots = [\"{}\"]\n[log]\nlevel = \"warn,mailbridge::daemon=info\"\n",
-        dir.path().join("data").display(),
-        env["MAILSTACK_CA_CERT"]
-    );
-    let config_file = dir.path().join("bench.toml");
-    std::fs::write(&config_file, config).unwrap();
-    let binary = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("mailbridge");
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["serve", "--config"])
-        .arg(&config_file)
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next_line().await.unwrap().expect("daemon exited");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let daemon = BenchDaemon::start(&env, &format!("[[webhooks]]\nurl = \"{hook_url}\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n")).await;
+    let (base, pid) = (daemon.base.clone(), daemon.pid);
     let http = reqwest::Client::new();
     let api = |method: reqwest::Method, path: String, body: serde_json::Value| {
         http.request(method, format!("{base}{path}"))
@@ -186,7 +119,7 @@ async fn main() {
     wait_active(0).await;
     // Let both IDLE sessions settle before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_one = rss_kib(pid);
+    let rss_one = memory_mib(pid).0;
 
     let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
         .port(mx)
@@ -228,7 +161,7 @@ async fn main() {
     }
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_many = rss_kib(pid);
+    let rss_many = memory_mib(pid).0;
 
     println!("| measurement | value |");
     println!("|---|---|");
@@ -240,17 +173,17 @@ async fn main() {
     );
     println!(
         "| daemon RSS, 1 mailbox connected (2 IDLE sessions) | {:.1} MiB |",
-        rss_one as f64 / 1024.0
+        rss_one
     );
     println!(
         "| daemon RSS, {mailboxes} mailboxes connected ({} IDLE sessions) | {:.1} MiB |",
         mailboxes * 2,
-        rss_many as f64 / 1024.0
+        rss_many
     );
     println!(
         "| connecting {} more mailboxes through the API, until all active | {:.1} s |",
         mailboxes - 1,
         connect_time.as_secs_f64()
     );
-    let _ = child.kill().await;
+    daemon.stop().await;
 }

@@ -1,0 +1,112 @@
+//! What the benchmark programs share: the mail stack's settings, the release
+//! daemon started as a child process, and waiting with a deadline.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+/// `stack.env` written by scripts/mailstack/start.sh.
+pub fn stack_env() -> HashMap<String, String> {
+    let runtime = std::env::var("MAILSTACK_RUNTIME").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join("mailbridge-mailstack")
+            .display()
+            .to_string()
+    });
+    std::fs::read_to_string(format!("{runtime}/stack.env"))
+        .expect("start the stack first: scripts/mailstack/start.sh")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+pub async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (current, peak) resident memory of a process, in MiB.
+pub fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The release binary, serving on a port of its own choosing with API key `bench`.
+pub struct BenchDaemon {
+    pub base: String,
+    pub pid: u32,
+    child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchDaemon {
+    /// `extra` is appended to the generated TOML (e.g. a `[[webhooks]]` table).
+    pub async fn start(env: &HashMap<String, String>, extra: &str) -> BenchDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n[api]\nkeys = [\"bench\"]\n[tls]\nextra_roots = [\"{}\"]\n[log]\nlevel = \"warn,mailbridge::daemon=info\"\n{extra}",
+            dir.path().join("data").display(),
+            env["MAILSTACK_CA_CERT"]
+        );
+        let config_file = dir.path().join("bench.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let binary = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("mailbridge");
+        let mut child = tokio::process::Command::new(&binary)
+            .args(["serve", "--config"])
+            .arg(&config_file)
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
+        let pid = child.id().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next_line().await.unwrap().expect("daemon exited");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break format!("http://{}", rest.split_whitespace().next().unwrap());
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BenchDaemon {
+            base,
+            pid,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
