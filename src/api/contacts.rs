@@ -68,17 +68,7 @@ pub async fn put(
         ));
     }
     let contact = contact_from(&location_id, contact_id, body, "")?;
-    let store = state.store.clone();
-    let stored = contact.clone();
-    tokio::task::spawn_blocking(move || store.put_contacts(std::slice::from_ref(&stored)))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage_unavailable",
-                e.to_string(),
-            )
-        })??;
+    state.store.put_contacts(std::slice::from_ref(&contact))?;
     Ok(Json(contact))
 }
 
