@@ -10,7 +10,7 @@ use crate::{
     mime,
     model::{
         AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Message,
-        MessageEventData, Thread, normalize_email,
+        MessageEventData, Thread, new_id, normalize_email,
     },
     routing::{self, Directory, Incoming, Routing, ThreadDecision},
     store::{IngestCommit, Store, StoreResult},
@@ -47,10 +47,6 @@ pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
     file.sync_all()
 }
 
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
-
 impl Ingest {
     pub fn new(store: Arc<dyn Store>, signal: OutboxSignal, public_url: &str) -> Self {
         Self {
@@ -74,15 +70,10 @@ impl Ingest {
             uid_validity: found.uid_validity,
             next_uid: found.uid.saturating_add(1),
         };
-        if found.folder == FolderRole::Sent
-            && let Some(id) = &message.message_id
-            && self.store.is_crm_message(found.mailbox, id)?
-        {
-            // R5: the CRM already knows this message (message.sent); its copy in
-            // Sent must not come back as message.outbound.
-            self.skip(found)?;
-            return Ok(Outcome::Ignored(routing::IgnoreReason::SentByCrm));
-        }
+        let sent_by_crm = match &message.message_id {
+            Some(id) => self.store.is_crm_message(found.mailbox, id)?,
+            None => false,
+        };
         let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
         let contacts = self.contacts_for(
             &message,
@@ -97,6 +88,7 @@ impl Ingest {
                 folder: found.folder,
                 uid_validity: found.uid_validity,
                 uid: found.uid,
+                sent_by_crm,
             },
             Directory {
                 mailbox: found.mailbox,
@@ -113,15 +105,7 @@ impl Ingest {
                     uid = found.uid,
                     "not synced: {reason}"
                 );
-                self.store.commit_ingest(&IngestCommit {
-                    mailbox: found.mailbox.to_string(),
-                    folder: found.folder,
-                    cursor,
-                    thread: None,
-                    message_ids: vec![],
-                    events: vec![],
-                    history: vec![],
-                })?;
+                self.skip(found)?;
                 return Ok(Outcome::Ignored(reason));
             }
             Routing::Deliver { thread, deliveries } => (thread, deliveries),

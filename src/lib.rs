@@ -19,6 +19,7 @@ pub mod send_queue;
 pub mod smtp;
 pub mod store;
 pub mod tls;
+pub mod wakeup;
 pub mod webhook;
 
 pub use daemon::run;

@@ -354,7 +354,38 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
+/// A new id: `prefix_` + a time-ordered UUID (v7), so ids sort by creation.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
 impl Event {
+    /// An integration lifecycle event (`mailbox.*`): `location_id`, `user_id`,
+    /// `mailbox` plus `extra`, in order with the mailbox's other lifecycle events.
+    pub fn lifecycle(
+        kind: &str,
+        location_id: &str,
+        user_id: &str,
+        mailbox: &str,
+        extra: serde_json::Value,
+    ) -> Event {
+        let mut data = serde_json::json!({
+            "location_id": location_id,
+            "user_id": user_id,
+            "mailbox": mailbox,
+        });
+        if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
+            data.extend(extra);
+        }
+        Event {
+            id: new_id("evt"),
+            kind: kind.to_string(),
+            timestamp: Utc::now(),
+            ordering_key: mailbox.to_string(),
+            data,
+        }
+    }
+
     /// The webhook body: `{"type", "timestamp", "data"}`.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({

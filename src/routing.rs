@@ -16,6 +16,8 @@ pub struct Incoming<'a> {
     pub folder: FolderRole,
     pub uid_validity: u32,
     pub uid: u32,
+    /// The CRM sent this Message-ID through the bridge from this mailbox.
+    pub sent_by_crm: bool,
 }
 
 /// What the directory holds that matters for one message: the mailbox's
@@ -113,6 +115,11 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
     }
     let sender = message.from.as_ref().map(|a| normalize_email(&a.email));
     let direction = match incoming.folder {
+        // R5: the CRM already heard of it as message.sent; its copy in Sent
+        // must not come back as message.outbound.
+        FolderRole::Sent if incoming.sent_by_crm => {
+            return Routing::Ignore(IgnoreReason::SentByCrm);
+        }
         FolderRole::Sent => Direction::Outbound,
         FolderRole::Inbox if sender.as_deref() == Some(mailbox.as_str()) => {
             return Routing::Ignore(IgnoreReason::OwnMessageInInbox);
@@ -343,6 +350,7 @@ mod tests {
                 folder,
                 uid_validity: 1,
                 uid,
+                sent_by_crm: false,
             },
             Directory {
                 mailbox: MAILBOX,
@@ -516,6 +524,32 @@ mod tests {
                 expect: Err(IgnoreReason::NoRecipientContact),
             },
         ]);
+    }
+
+    #[test]
+    fn r05_the_crms_own_send_in_sent_is_not_reported_again() {
+        let integrations = vec![integration("L1", "u1", 1)];
+        let contacts = vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)];
+        let message = message(MAILBOX, &["ann@x.test"], &[], &[]);
+        let routing = |sent_by_crm| {
+            route(
+                Incoming {
+                    message: &message,
+                    folder: FolderRole::Sent,
+                    uid_validity: 1,
+                    uid: 1,
+                    sent_by_crm,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &integrations,
+                    contacts: &contacts,
+                },
+                None,
+            )
+        };
+        assert_eq!(routing(true), Routing::Ignore(IgnoreReason::SentByCrm));
+        assert!(matches!(routing(false), Routing::Deliver { .. }));
     }
 
     #[test]
@@ -718,6 +752,7 @@ mod tests {
                     folder,
                     uid_validity: 1,
                     uid: 1,
+                    sent_by_crm: false,
                 },
                 Directory {
                     mailbox: MAILBOX,

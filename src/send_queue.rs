@@ -19,14 +19,13 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use tokio::{sync::Notify, task::JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     backoff,
-    imap::{ImapConnector, SyncContext, folders},
-    ingest::new_id,
-    model::{Event, Mailbox, MailboxState, SendRecord, SendStatus},
+    imap::{ImapConnector, SyncContext, connection::ImapSession, folders},
+    model::{Event, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
     store::{Store, StoreResult},
     webhook::OutboxSignal,
@@ -36,14 +35,7 @@ use crate::{
 const RETRY_FOR: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 /// Wakes the send queue when a send was accepted.
-#[derive(Clone, Default)]
-pub struct SendSignal(Arc<Notify>);
-
-impl SendSignal {
-    pub fn notify(&self) {
-        self.0.notify_one();
-    }
-}
+pub type SendSignal = crate::wakeup::Wakeup;
 
 #[derive(Clone)]
 pub struct SendQueue {
@@ -89,7 +81,7 @@ impl SendQueue {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.signal.0.notified() => {}
+                _ = self.signal.notified() => {}
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     match done {
                         Ok(mailbox) => { busy.remove(&mailbox); }
@@ -288,22 +280,16 @@ impl SendQueue {
     async fn file_in_sent(&self, mailbox: &Mailbox, send: &mut SendRecord) {
         let result = async {
             let raw = std::fs::read(self.store.raw_path(&send.id)).map_err(|e| e.to_string())?;
-            let mut session = self
-                .connector
-                .open(&mailbox.imap, &mailbox.credentials)
-                .await
-                .map_err(|e| e.to_string())?;
-            let step = self.connector.step_timeout();
-            let sent = tokio::time::timeout(step, folders::find_sent(&mut session))
-                .await
-                .map_err(|_| "timed out listing folders".to_string())?
-                .map_err(|e| e.to_string())?
+            let (mut session, sent) = self
+                .open_sent(mailbox)
+                .await?
                 .ok_or_else(|| "the mailbox has no Sent folder".to_string())?;
-            tokio::time::timeout(step, session.append(&sent, Some("(\\Seen)"), None, &raw))
-                .await
-                .map_err(|_| "timed out appending".to_string())?
-                .map_err(|e| e.to_string())?;
-            let _ = tokio::time::timeout(step, session.logout()).await;
+            self.within(
+                "appending",
+                session.append(&sent, Some("(\\Seen)"), None, &raw),
+            )
+            .await?;
+            let _ = self.within("logging out", session.logout()).await;
             Ok::<_, String>(())
         }
         .await;
@@ -354,33 +340,45 @@ impl SendQueue {
     }
 
     async fn in_sent(&self, mailbox: &Mailbox, message_id: &str) -> Result<bool, String> {
-        let mut session = self
-            .connector
-            .open(&mailbox.imap, &mailbox.credentials)
-            .await
-            .map_err(|e| e.to_string())?;
-        let step = self.connector.step_timeout();
-        let Some(sent) = tokio::time::timeout(step, folders::find_sent(&mut session))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?
-        else {
+        let Some((mut session, sent)) = self.open_sent(mailbox).await? else {
             return Ok(false);
         };
-        tokio::time::timeout(step, session.examine(&sent))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        self.within("selecting Sent", session.examine(&sent))
+            .await?;
         // Our Message-IDs are `<hex@domain>`: nothing that needs escaping.
         let query = format!(
             "HEADER Message-ID \"{}\"",
             message_id.replace(['"', '\\'], "")
         );
-        let hits = tokio::time::timeout(step, session.uid_search(query))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let _ = tokio::time::timeout(step, session.logout()).await;
+        let hits = self
+            .within("searching Sent", session.uid_search(query))
+            .await?;
+        let _ = self.within("logging out", session.logout()).await;
         Ok(!hits.is_empty())
+    }
+
+    /// A logged-in session and the name of the mailbox's Sent folder, if it has one.
+    async fn open_sent(&self, mailbox: &Mailbox) -> Result<Option<(ImapSession, String)>, String> {
+        let mut session = self
+            .connector
+            .open(&mailbox.imap, &mailbox.credentials)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sent = self
+            .within("listing folders", folders::find_sent(&mut session))
+            .await?;
+        Ok(sent.map(|name| (session, name)))
+    }
+
+    /// One IMAP step, bounded by the connector's step timeout.
+    async fn within<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.connector.step_timeout(), step).await {
+            Ok(result) => result.map_err(|e| format!("{what}: {e}")),
+            Err(_) => Err(format!("timed out {what}")),
+        }
     }
 }

@@ -10,7 +10,6 @@ use super::{
 };
 use crate::{
     imap::{ConnectError, connection::is_loopback, folders},
-    ingest::new_id,
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
         Provider, SaveSent, Security,
@@ -111,30 +110,6 @@ fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn lifecycle_event(
-    kind: &str,
-    location_id: &str,
-    user_id: &str,
-    mailbox: &str,
-    extra: serde_json::Value,
-) -> Event {
-    let mut data = serde_json::json!({
-        "location_id": location_id,
-        "user_id": user_id,
-        "mailbox": mailbox,
-    });
-    if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
-        data.extend(extra);
-    }
-    Event {
-        id: new_id("evt"),
-        kind: kind.to_string(),
-        timestamp: Utc::now(),
-        ordering_key: mailbox.to_string(),
-        data,
-    }
-}
-
 fn smart_bcc_address(domain: &str) -> String {
     // 128 random bits: the address cannot be guessed (R15).
     format!("sync-{}@{domain}", uuid::Uuid::new_v4().simple())
@@ -205,7 +180,7 @@ pub async fn put(
                 {
                     state.scheduler.stop(&previous.mailbox);
                 }
-                events.push(lifecycle_event(
+                events.push(Event::lifecycle(
                     "mailbox.updated",
                     &location_id,
                     &user_id,
@@ -213,7 +188,7 @@ pub async fn put(
                     serde_json::json!({"previous_mailbox": previous.mailbox}),
                 ));
             } else {
-                events.push(lifecycle_event(
+                events.push(Event::lifecycle(
                     "mailbox.connected",
                     &location_id,
                     &user_id,
@@ -345,7 +320,7 @@ pub async fn delete(
             "no mailbox connected for user {user_id:?} in location {location_id:?}"
         )));
     };
-    let event = lifecycle_event(
+    let event = Event::lifecycle(
         "mailbox.disconnected",
         &location_id,
         &user_id,

@@ -18,10 +18,10 @@ use super::{
 };
 use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
-    ingest::{new_id, write_durably},
+    ingest::write_durably,
     model::{
         Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord,
-        SendStatus, Thread, ThreadRoute,
+        SendStatus, Thread, ThreadRoute, new_id,
     },
     routing,
     send_queue::submit_copy_path,

@@ -7,13 +7,12 @@ pub mod watcher;
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ProvidersConfig, SyncConfig},
-    ingest::{Ingest, new_id},
+    ingest::Ingest,
     model::{Event, FolderRole, MailboxState},
     store::Store,
     webhook::OutboxSignal,
@@ -82,22 +81,18 @@ pub fn mark_needs_reauth(ctx: &SyncContext, address: &str, reason: &str) {
             MailboxState::NeedsReauth,
             Some(reason.to_string()),
         )?;
-        let now = Utc::now();
         let events: Vec<Event> = ctx
             .store
             .integrations_of_mailbox(address)?
             .into_iter()
-            .map(|i| Event {
-                id: new_id("evt"),
-                kind: "mailbox.needs_reauth".into(),
-                timestamp: now,
-                ordering_key: address.to_string(),
-                data: serde_json::json!({
-                    "location_id": i.location_id,
-                    "user_id": i.user_id,
-                    "mailbox": address,
-                    "error": reason,
-                }),
+            .map(|i| {
+                Event::lifecycle(
+                    "mailbox.needs_reauth",
+                    &i.location_id,
+                    &i.user_id,
+                    address,
+                    serde_json::json!({ "error": reason }),
+                )
             })
             .collect();
         ctx.store.enqueue(&events)?;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use chrono::Utc;
-use tokio::{sync::Notify, task::JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -33,14 +33,7 @@ struct Endpoint {
 }
 
 /// Wakes the delivery worker when something was queued.
-#[derive(Clone, Default)]
-pub struct OutboxSignal(Arc<Notify>);
-
-impl OutboxSignal {
-    pub fn notify(&self) {
-        self.0.notify_one();
-    }
-}
+pub type OutboxSignal = crate::wakeup::Wakeup;
 
 pub struct Deliverer {
     store: Arc<dyn Store>,
@@ -96,7 +89,7 @@ impl Deliverer {
             let sleep = next_due.unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.signal.0.notified() => {}
+                _ = self.signal.notified() => {}
                 Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                     let id = match done {
                         Ok((id, ())) => id,
