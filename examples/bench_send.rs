@@ -71,8 +71,7 @@ async fn main() {
             .await
             .unwrap()
     };
-    let send = async |n: usize| -> String {
-        let body = serde_json::json!({"contact_id": "c1", "subject": format!("bench {n}"), "text": "hello", "html": "<p>hello</p>"});
+    let post_send = async |body: serde_json::Value| -> String {
         let r: serde_json::Value = http
             .post(format!("{base}/v1/locations/L1/users/u1/messages"))
             .bearer_auth("bench")
@@ -83,7 +82,13 @@ async fn main() {
             .json()
             .await
             .unwrap();
-        r["id"].as_str().expect("202 with an id").to_string()
+        r["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no 202: {r}"))
+            .to_string()
+    };
+    let send = async |n: usize| -> String {
+        post_send(serde_json::json!({"contact_id": "c1", "subject": format!("bench {n}"), "text": "hello", "html": "<p>hello</p>"})).await
     };
     let sent_at = |s: &serde_json::Value| -> Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> {
         let created = s["created_at"].as_str()?.parse().ok()?;
@@ -122,17 +127,7 @@ async fn main() {
     let body = serde_json::json!({"contact_id": "c1", "subject": "big", "text": "see attached",
         "attachments": [{"filename": "big.bin", "content_base64": big}]});
     drop(big);
-    let r: serde_json::Value = http
-        .post(format!("{base}/v1/locations/L1/users/u1/messages"))
-        .bearer_auth("bench")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let big_id = r["id"].as_str().expect("202 for 25 MB").to_string();
+    let big_id = post_send(body).await;
     wait_until("the 25 MB send", async || {
         sent_at(&status_of(&big_id).await)
     })

@@ -14,21 +14,14 @@ use support::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r05_r06_crm_send_arrives_threads_and_is_in_sent_exactly_once() {
     let w = World::connected(serde_json::json!({})).await;
-    let (status, accepted, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
-            serde_json::json!({
+    let (status, accepted, _) = w.send(serde_json::json!({
                 "contact_id": "c-ann",
                 "subject": "Angebot – Größe ✓",
                 "text": "Hallo Ann",
                 "html": "<p>Hallo Ann</p>",
                 "attachments": [{"filename": "offer.pdf", "content_type": "application/pdf",
                                  "content_base64": base64::engine::general_purpose::STANDARD.encode(b"%PDF-1.4 offer")}],
-            }),
-            None,
-        )
+            }))
         .await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["status"], "queued");
@@ -115,13 +108,7 @@ async fn r05_r06_crm_send_arrives_threads_and_is_in_sent_exactly_once() {
 
     // A CRM reply in the thread carries In-Reply-To and References, and Re:.
     let (status, second, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
-            serde_json::json!({"contact_id": "c-ann", "text": "Thanks!", "reply_to": thread_id}),
-            None,
-        )
+        .send(serde_json::json!({"contact_id": "c-ann", "text": "Thanks!", "reply_to": thread_id}))
         .await;
     assert_eq!(status, 202, "{second}");
     assert_eq!(second["thread_id"], thread_id.as_str());
@@ -172,24 +159,14 @@ async fn r14_the_fourth_send_over_a_limit_of_three_is_refused_with_retry_after()
     let w = World::connected(serde_json::json!({"daily_send_limit": 3})).await;
     for n in 0..3 {
         let (status, body, _) = w
-            .api
-            .send_message(
-                "L1",
-                "u1",
+            .send(
                 serde_json::json!({"contact_id": "c-ann", "subject": format!("n{n}"), "text": "x"}),
-                None,
             )
             .await;
         assert_eq!(status, 202, "{body}");
     }
     let (status, body, retry_after) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
-            serde_json::json!({"contact_id": "c-ann", "subject": "one too many", "text": "x"}),
-            None,
-        )
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "one too many", "text": "x"}))
         .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "daily_send_limit_reached");
@@ -220,13 +197,9 @@ async fn r17_attachments_over_25_mb_are_refused_before_anything_is_queued() {
     let w = World::connected(serde_json::json!({})).await;
     let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 26 * 1024 * 1024]);
     let (status, body, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
+        .send(
             serde_json::json!({"contact_id": "c-ann", "subject": "huge", "text": "x",
                                "attachments": [{"filename": "big.bin", "content_base64": big}]}),
-            None,
         )
         .await;
     assert_eq!(status, 413, "{body}");
@@ -243,14 +216,8 @@ async fn r17_attachments_over_25_mb_are_refused_before_anything_is_queued() {
 async fn r21_the_same_idempotency_key_twice_submits_once() {
     let w = World::connected(serde_json::json!({})).await;
     let body = serde_json::json!({"contact_id": "c-ann", "subject": "once", "text": "only once"});
-    let (s1, first, _) = w
-        .api
-        .send_message("L1", "u1", body.clone(), Some("key-1"))
-        .await;
-    let (s2, second, _) = w
-        .api
-        .send_message("L1", "u1", body.clone(), Some("key-1"))
-        .await;
+    let (s1, first, _) = w.send_with_key(body.clone(), "key-1").await;
+    let (s2, second, _) = w.send_with_key(body.clone(), "key-1").await;
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(
         first["id"], second["id"],
@@ -260,12 +227,9 @@ async fn r21_the_same_idempotency_key_twice_submits_once() {
     // A later send with another key is submitted after any second submission
     // would have been (one mailbox's sends go out one at a time, in order).
     let (s3, _, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
+        .send_with_key(
             serde_json::json!({"contact_id": "c-ann", "subject": "later", "text": "x"}),
-            Some("key-2"),
+            "key-2",
         )
         .await;
     assert_eq!(s3, 202);
@@ -292,14 +256,7 @@ async fn r21_the_same_idempotency_key_twice_submits_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_good_ends_as_message_failed_with_the_servers_words() {
     let w = World::connected(serde_json::json!({})).await;
-    let (status, accepted, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
-            serde_json::json!({"contact_id": "c-ann", "to": [format!("reject-me@{}", w.stack.domain)], "subject": "bounce", "text": "x"}),
-            None,
-        )
+    let (status, accepted, _) = w.send(serde_json::json!({"contact_id": "c-ann", "to": [format!("reject-me@{}", w.stack.domain)], "subject": "bounce", "text": "x"}))
         .await;
     assert_eq!(status, 202, "{accepted}");
     let failed = w
@@ -389,7 +346,7 @@ async fn header_injection_and_bad_requests_are_refused_and_nothing_is_sent() {
         ),
     ];
     for (name, body, status, mentions) in cases {
-        let (got, error, _) = w.api.send_message("L1", "u1", body, None).await;
+        let (got, error, _) = w.send(body).await;
         assert_eq!(got, status, "{name}: {error}");
         assert!(
             error["error"]["message"]
@@ -475,15 +432,8 @@ async fn r17_a_send_with_24_mb_of_attachments_goes_out_whole() {
     let w = World::connected(serde_json::json!({})).await;
     let bytes: Vec<u8> = (0..24 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
-    let (status, accepted, _) = w
-        .api
-        .send_message(
-            "L1",
-            "u1",
-            serde_json::json!({"contact_id": "c-ann", "subject": "big one", "text": "attached",
-                               "attachments": [{"filename": "big.bin", "content_base64": encoded}]}),
-            None,
-        )
+    let (status, accepted, _) = w.send(serde_json::json!({"contact_id": "c-ann", "subject": "big one", "text": "attached",
+                               "attachments": [{"filename": "big.bin", "content_base64": encoded}]}))
         .await;
     assert_eq!(status, 202, "{accepted}");
     let sent = w

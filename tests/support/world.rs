@@ -57,6 +57,21 @@ impl World {
     }
 }
 
+impl World {
+    /// A CRM send as u1 of L1: status, body and Retry-After.
+    pub async fn send(&self, body: serde_json::Value) -> (u16, serde_json::Value, Option<String>) {
+        self.api.send_message("L1", "u1", body, None).await
+    }
+
+    pub async fn send_with_key(
+        &self,
+        body: serde_json::Value,
+        key: &str,
+    ) -> (u16, serde_json::Value, Option<String>) {
+        self.api.send_message("L1", "u1", body, Some(key)).await
+    }
+}
+
 /// Delivers a message from `from` to `to` through the MX; returns its Message-ID.
 pub async fn mail(
     stack: &Stack,
