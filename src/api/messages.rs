@@ -106,19 +106,7 @@ pub async fn send(
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
     check_id("contact_id", &body.contact_id)?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => {
-            let key = value
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255 && !k.chars().any(char::is_control))
-                .ok_or_else(|| {
-                    ApiError::invalid("Idempotency-Key must be 1 to 255 printable characters")
-                })?;
-            Some(key.to_string())
-        }
-    };
+    let idempotency_key = idempotency_key(&headers)?;
 
     // Validation first: nothing is stored or sent for a refused request.
     let subject_given = body.subject.clone();
@@ -131,42 +119,7 @@ pub async fn send(
     if body.text.is_none() && body.html.is_none() {
         return Err(ApiError::invalid("text or html is required"));
     }
-    let mut attachments = Vec::with_capacity(body.attachments.len());
-    let mut total = 0usize;
-    // Consumed one by one: each base64 text is freed once decoded.
-    for (i, a) in std::mem::take(&mut body.attachments)
-        .into_iter()
-        .enumerate()
-    {
-        no_line_breaks(&format!("attachments[{i}].filename"), &a.filename)?;
-        if a.filename.trim().is_empty() {
-            return Err(ApiError::invalid(format!(
-                "attachments[{i}].filename must not be empty"
-            )));
-        }
-        let content_type = a
-            .content_type
-            .unwrap_or_else(|| "application/octet-stream".into());
-        no_line_breaks(&format!("attachments[{i}].content_type"), &content_type)?;
-        // Refuse before decoding when even the base64 text is over the limit.
-        if a.content_base64.len() / 4 * 3 > MAX_ATTACHMENT_BYTES + 3 {
-            return Err(too_large());
-        }
-        let bytes = BASE64.decode(a.content_base64.as_bytes()).map_err(|e| {
-            ApiError::invalid(format!(
-                "attachments[{i}].content_base64 is not base64: {e}"
-            ))
-        })?;
-        total += bytes.len();
-        if total > MAX_ATTACHMENT_BYTES {
-            return Err(too_large());
-        }
-        attachments.push(DraftAttachment {
-            filename: a.filename,
-            content_type,
-            bytes,
-        });
-    }
+    let attachments = decode_attachments(std::mem::take(&mut body.attachments))?;
 
     let not_connected = || {
         ApiError::not_found(format!(
@@ -219,51 +172,18 @@ pub async fn send(
         user_id: user_id.clone(),
         contact_id: contact.id.clone(),
     };
-    let mut detached = Vec::new();
-    let (mut thread, in_reply_to, references) = match &body.reply_to {
-        None => (
-            Thread {
-                id: new_id("thr"),
-                mailbox: mailbox.address.clone(),
-                routes: vec![route.clone()],
-                created_at: now,
-                message_ids: Vec::new(),
-                subject: None,
-            },
-            None,
-            Vec::new(),
-        ),
-        Some(reply_to) => {
-            no_line_breaks("reply_to", reply_to)?;
-            let by_thread = state
-                .store
-                .thread(reply_to)?
-                .filter(|t| t.mailbox == mailbox.address);
-            let found = match by_thread {
-                Some(thread) => Some(thread),
-                None => state
-                    .store
-                    .thread_of(&mailbox.address, std::slice::from_ref(reply_to))?,
-            };
-            let mut thread = found.ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "reply_to: no thread or message {reply_to:?} in mailbox {}",
-                    mailbox.address
-                ))
-            })?;
-            let parent = if reply_to.starts_with('<') {
-                Some(reply_to.clone())
-            } else {
-                thread.message_ids.last().cloned()
-            };
-            let references = thread.message_ids.clone();
-            // R13: replying from this location pins the thread here.
-            let (kept, others) = routing::r13_pin_thread(&thread.routes, &route);
-            thread.routes = kept;
-            detached = others;
-            (thread, parent, references)
-        }
-    };
+    let ThreadPlan {
+        mut thread,
+        in_reply_to,
+        references,
+        detached,
+    } = thread_for_send(
+        &state,
+        &mailbox.address,
+        body.reply_to.as_deref(),
+        &route,
+        now,
+    )?;
     let subject = match (subject_given, &body.reply_to) {
         (Some(subject), _) => subject,
         (None, Some(_)) => reply_subject(thread.subject.as_deref().unwrap_or("")),
@@ -427,6 +347,121 @@ pub async fn send(
     let _ = std::fs::remove_file(&filed_path);
     let _ = std::fs::remove_file(&submit_path);
     answer
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && !k.chars().any(char::is_control))
+        .ok_or_else(|| {
+            ApiError::invalid("Idempotency-Key must be 1 to 255 printable characters")
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+/// Checks and decodes the attachments (R17: 25 MB in total). They are consumed
+/// one by one, so each base64 text is freed once decoded.
+fn decode_attachments(bodies: Vec<AttachmentBody>) -> Result<Vec<DraftAttachment>, ApiError> {
+    let mut attachments = Vec::with_capacity(bodies.len());
+    let mut total = 0usize;
+    for (i, a) in bodies.into_iter().enumerate() {
+        no_line_breaks(&format!("attachments[{i}].filename"), &a.filename)?;
+        if a.filename.trim().is_empty() {
+            return Err(ApiError::invalid(format!(
+                "attachments[{i}].filename must not be empty"
+            )));
+        }
+        let content_type = a
+            .content_type
+            .unwrap_or_else(|| "application/octet-stream".into());
+        no_line_breaks(&format!("attachments[{i}].content_type"), &content_type)?;
+        // Refuse before decoding when even the base64 text is over the limit.
+        if a.content_base64.len() / 4 * 3 > MAX_ATTACHMENT_BYTES + 3 {
+            return Err(too_large());
+        }
+        let bytes = BASE64.decode(a.content_base64.as_bytes()).map_err(|e| {
+            ApiError::invalid(format!(
+                "attachments[{i}].content_base64 is not base64: {e}"
+            ))
+        })?;
+        total += bytes.len();
+        if total > MAX_ATTACHMENT_BYTES {
+            return Err(too_large());
+        }
+        attachments.push(DraftAttachment {
+            filename: a.filename,
+            content_type,
+            bytes,
+        });
+    }
+    Ok(attachments)
+}
+
+/// The thread a send belongs to, and what its headers say about it.
+struct ThreadPlan {
+    thread: Thread,
+    in_reply_to: Option<String>,
+    references: Vec<String>,
+    /// Conversations that stop receiving the thread (R13).
+    detached: Vec<ThreadRoute>,
+}
+
+/// R6, R12, R13: a new thread bound to the sending location, or the thread
+/// `reply_to` names (a thread id or a Message-ID), pinned to this location.
+fn thread_for_send(
+    state: &AppState,
+    mailbox: &str,
+    reply_to: Option<&str>,
+    route: &ThreadRoute,
+    now: DateTime<Utc>,
+) -> Result<ThreadPlan, ApiError> {
+    let Some(reply_to) = reply_to else {
+        return Ok(ThreadPlan {
+            thread: Thread {
+                id: new_id("thr"),
+                mailbox: mailbox.to_string(),
+                routes: vec![route.clone()],
+                created_at: now,
+                message_ids: Vec::new(),
+                subject: None,
+            },
+            in_reply_to: None,
+            references: Vec::new(),
+            detached: Vec::new(),
+        });
+    };
+    no_line_breaks("reply_to", reply_to)?;
+    let found = match state
+        .store
+        .thread(reply_to)?
+        .filter(|t| t.mailbox == mailbox)
+    {
+        Some(thread) => Some(thread),
+        None => state.store.thread_of(mailbox, &[reply_to.to_string()])?,
+    };
+    let mut thread = found.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "reply_to: no thread or message {reply_to:?} in mailbox {mailbox}"
+        ))
+    })?;
+    let in_reply_to = if reply_to.starts_with('<') {
+        Some(reply_to.to_string())
+    } else {
+        thread.message_ids.last().cloned()
+    };
+    let references = thread.message_ids.clone();
+    let (kept, detached) = routing::r13_pin_thread(&thread.routes, route);
+    thread.routes = kept;
+    Ok(ThreadPlan {
+        thread,
+        in_reply_to,
+        references,
+        detached,
+    })
 }
 
 fn too_large() -> ApiError {
