@@ -131,6 +131,130 @@ pub struct ProviderOverrides {
     pub daily_send_limit: Option<u32>,
     /// How long one IDLE may last before the bridge re-issues it.
     pub idle_secs: Option<u64>,
+    /// The OAuth2 client the bridge signs in with ("Sign in with Google/Microsoft").
+    pub oauth: OAuthOverrides,
+}
+
+/// A provider's OAuth2 client registration; anything unset keeps the preset.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OAuthOverrides {
+    pub client_id: Option<String>,
+    /// Also `MAILBRIDGE_PROVIDERS__<NAME>__OAUTH__CLIENT_SECRET`, or `client_secret_file`.
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub auth_url: Option<String>,
+    pub token_url: Option<String>,
+    pub userinfo_url: Option<String>,
+    pub scopes: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for OAuthOverrides {
+    // The client secret never reaches a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthOverrides")
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("auth_url", &self.auth_url)
+            .field("token_url", &self.token_url)
+            .field("userinfo_url", &self.userinfo_url)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// A provider's effective OAuth2 settings.
+#[derive(Clone)]
+pub struct OAuthSettings {
+    /// Which `[providers.NAME]` these come from, for error messages.
+    pub provider: Provider,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub auth_url: Option<String>,
+    pub token_url: Option<String>,
+    pub userinfo_url: Option<String>,
+    pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for OAuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthSettings")
+            .field("provider", &self.provider)
+            .field("client_id", &self.client_id)
+            .field("token_url", &self.token_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OAuthSettings {
+    fn preset(provider: Provider) -> OAuthSettings {
+        let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (auth_url, token_url, userinfo_url, scopes) = match provider {
+            // https://developers.google.com/identity/protocols/oauth2/web-server
+            // https://developers.google.com/workspace/gmail/imap/xoauth2-protocol
+            Provider::Gmail => (
+                Some("https://accounts.google.com/o/oauth2/v2/auth"),
+                Some("https://oauth2.googleapis.com/token"),
+                Some("https://openidconnect.googleapis.com/v1/userinfo"),
+                owned(&["https://mail.google.com/", "openid", "email"]),
+            ),
+            // Microsoft identity platform v2, `common` tenant:
+            // https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
+            // Its userinfo endpoint (Graph) does not take an Outlook-audience
+            // token, so the address comes from the id_token.
+            Provider::Outlook => (
+                Some("https://login.microsoftonline.com/common/oauth2/v2.0/authorize"),
+                Some("https://login.microsoftonline.com/common/oauth2/v2.0/token"),
+                None,
+                owned(&[
+                    "https://outlook.office.com/IMAP.AccessAsUser.All",
+                    "https://outlook.office.com/SMTP.Send",
+                    "offline_access",
+                    "openid",
+                    "email",
+                ]),
+            ),
+            // A self-hosted server with its own identity provider: all from config.
+            Provider::Imap => (None, None, None, owned(&["openid", "email"])),
+        };
+        OAuthSettings {
+            provider,
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            auth_url: auth_url.map(str::to_string),
+            token_url: token_url.map(str::to_string),
+            userinfo_url: userinfo_url.map(str::to_string),
+            scopes,
+        }
+    }
+
+    fn with(mut self, overrides: &OAuthOverrides) -> OAuthSettings {
+        let pick = |over: &Option<String>, preset: Option<String>| over.clone().or(preset);
+        self.client_id = pick(&overrides.client_id, self.client_id);
+        self.client_secret = pick(&overrides.client_secret, self.client_secret);
+        self.client_secret_file = overrides
+            .client_secret_file
+            .clone()
+            .or(self.client_secret_file);
+        self.auth_url = pick(&overrides.auth_url, self.auth_url);
+        self.token_url = pick(&overrides.token_url, self.token_url);
+        self.userinfo_url = pick(&overrides.userinfo_url, self.userinfo_url);
+        if let Some(scopes) = &overrides.scopes {
+            self.scopes = scopes.clone();
+        }
+        self
+    }
+
+    /// The config key a missing setting would be set under.
+    pub fn key(&self, field: &str) -> String {
+        format!("providers.{}.oauth.{field}", self.provider.as_str())
+    }
 }
 
 /// A provider's effective settings.
@@ -140,6 +264,7 @@ pub struct ProviderSettings {
     pub smtp: Option<Endpoint>,
     pub daily_send_limit: Option<u32>,
     pub idle: Duration,
+    pub oauth: OAuthSettings,
 }
 
 impl ProvidersConfig {
@@ -153,6 +278,7 @@ impl ProvidersConfig {
                     smtp: Some(endpoint("smtp.gmail.com", 465)),
                     daily_send_limit: Some(500),
                     idle: Duration::from_secs(9 * 60),
+                    oauth: OAuthSettings::preset(provider),
                 },
                 &self.gmail,
             ),
@@ -166,6 +292,7 @@ impl ProvidersConfig {
                     }),
                     daily_send_limit: Some(300),
                     idle: Duration::from_secs(9 * 60),
+                    oauth: OAuthSettings::preset(provider),
                 },
                 &self.outlook,
             ),
@@ -176,6 +303,7 @@ impl ProvidersConfig {
                     smtp: None,
                     daily_send_limit: None,
                     idle: Duration::from_secs(25 * 60),
+                    oauth: OAuthSettings::preset(provider),
                 },
                 &self.imap,
             ),
@@ -188,6 +316,7 @@ impl ProvidersConfig {
                 .idle_secs
                 .map(|s| Duration::from_secs(s.clamp(1, 29 * 60)))
                 .unwrap_or(preset.idle),
+            oauth: preset.oauth.with(&overrides.oauth),
         }
     }
 }
@@ -210,6 +339,12 @@ pub struct SyncConfig {
     pub reconnect_max_ms: u64,
     /// Messages larger than this are not fetched; they are skipped with a logged reason.
     pub max_message_bytes: u32,
+    /// A refused password is believed only when a second try at least this
+    /// long after the first is refused too (R20): providers refuse good
+    /// passwords now and then.
+    pub reauth_confirm_secs: u64,
+    /// An OAuth2 access token is renewed when less than this is left of it.
+    pub token_refresh_margin_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -219,6 +354,8 @@ impl Default for SyncConfig {
             reconnect_min_ms: 1_000,
             reconnect_max_ms: 5 * 60 * 1_000,
             max_message_bytes: 50 * 1024 * 1024,
+            reauth_confirm_secs: 30,
+            token_refresh_margin_secs: 300,
         }
     }
 }

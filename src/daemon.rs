@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{self, AppState},
+    auth::Auth,
     config::Config,
     imap::{ImapConnector, SyncContext},
     ingest::Ingest,
+    oauth::{TokenHttp, state::StateSigner},
     scheduler::Scheduler,
     send_queue::{SendQueue, SendSignal},
     smtp::Submitter,
@@ -25,6 +27,7 @@ use crate::{
 };
 
 const API_KEY_SETTING: &str = "generated_api_key_sha256";
+const OAUTH_STATE_KEY_SETTING: &str = "oauth_state_key";
 
 fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
@@ -150,9 +153,23 @@ pub async fn run(
         tls.clone(),
         Duration::from_secs(config.sync.step_timeout_secs),
     );
+    let auth = Arc::new(Auth::new(
+        store.clone(),
+        config.providers.clone(),
+        TokenHttp::new(
+            (*tls).clone(),
+            Duration::from_secs(config.sync.step_timeout_secs),
+        )
+        .context("building the OAuth HTTP client")?,
+        signal.clone(),
+        Duration::from_secs(config.sync.token_refresh_margin_secs),
+        Duration::from_secs(config.sync.reauth_confirm_secs),
+    ));
+    let oauth_state = StateSigner::new(store.secret_key(OAUTH_STATE_KEY_SETTING)?);
     let ctx = Arc::new(SyncContext {
         store: store.clone(),
         connector: connector.clone(),
+        auth: auth.clone(),
         ingest: Ingest::new(store.clone(), signal.clone(), &config.server.public_url),
         providers: config.providers.clone(),
         sync: config.sync.clone(),
@@ -209,6 +226,8 @@ pub async fn run(
         smart_bcc_domain: config.server.smart_bcc_domain.clone(),
         send_signal,
         public_url: config.server.public_url.trim_end_matches('/').to_string(),
+        auth,
+        oauth_state,
     };
     let started = scheduler.start_all()?;
     tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");

@@ -5,6 +5,7 @@
 //! `daemon::run` wires it all together.
 
 pub mod api;
+pub mod auth;
 pub mod backoff;
 pub mod compose;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod imap;
 pub mod ingest;
 pub mod mime;
 pub mod model;
+pub mod oauth;
 pub mod routing;
 pub mod scheduler;
 pub mod send_queue;

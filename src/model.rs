@@ -73,7 +73,35 @@ pub struct Endpoint {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Credentials {
-    Password { username: String, password: String },
+    Password {
+        username: String,
+        password: String,
+    },
+    /// SASL XOAUTH2 with an access token from the provider's OAuth2 token
+    /// endpoint, renewed with the refresh token.
+    #[serde(rename = "oauth2")]
+    OAuth2 {
+        username: String,
+        refresh_token: String,
+        #[serde(default)]
+        access_token: Option<String>,
+        #[serde(default)]
+        expires_at: Option<DateTime<Utc>>,
+    },
+}
+
+impl Credentials {
+    pub fn username(&self) -> &str {
+        match self {
+            Credentials::Password { username, .. } | Credentials::OAuth2 { username, .. } => {
+                username
+            }
+        }
+    }
+
+    pub fn is_oauth(&self) -> bool {
+        matches!(self, Credentials::OAuth2 { .. })
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -85,7 +113,53 @@ impl std::fmt::Debug for Credentials {
                 .field("username", username)
                 .field("password", &"<redacted>")
                 .finish(),
+            Credentials::OAuth2 {
+                username,
+                expires_at,
+                ..
+            } => f
+                .debug_struct("OAuth2")
+                .field("username", username)
+                .field("tokens", &"<redacted>")
+                .field("expires_at", expires_at)
+                .finish(),
         }
+    }
+}
+
+/// What one login presents to an IMAP or SMTP server: a password, or an OAuth2
+/// access token (SASL XOAUTH2). Resolved from [`Credentials`] just before use,
+/// so a refreshed token reaches the next login.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Login {
+    Password {
+        username: String,
+        password: String,
+    },
+    Bearer {
+        username: String,
+        access_token: String,
+    },
+}
+
+impl Login {
+    pub fn username(&self) -> &str {
+        match self {
+            Login::Password { username, .. } | Login::Bearer { username, .. } => username,
+        }
+    }
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Login::Password { .. } => "Password",
+            Login::Bearer { .. } => "Bearer",
+        };
+        f.debug_struct(kind)
+            .field("username", &self.username())
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
@@ -433,4 +507,8 @@ pub struct SendRecord {
     /// Whether the copy in Sent is there (filed by the bridge or the server).
     #[serde(default)]
     pub filed_in_sent: bool,
+    /// The Message-ID the bridge wrote, when the server replaced it with the
+    /// one now in `message_id` (Exchange Online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_message_id: Option<String>,
 }

@@ -23,9 +23,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::AuthError,
     backoff,
     imap::{ImapConnector, SyncContext, connection::ImapSession, folders},
-    model::{Event, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
+    model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
     store::{Store, StoreResult},
     webhook::OutboxSignal,
@@ -214,6 +215,23 @@ impl SendQueue {
             tracing::info!(send = %send.id, "a retried send is already in Sent: it was sent");
             return self.settle_as_sent(send);
         }
+        let login = match self.sync.auth.login(&mailbox.address, None).await {
+            Ok(login) => login,
+            Err(AuthError::NeedsReauth(words)) => {
+                return self.fail(
+                    send,
+                    format!("the mailbox needs new credentials (needs_reauth); nothing was sent: {words}"),
+                );
+            }
+            Err(AuthError::Gone) => {
+                return self.fail(
+                    send,
+                    "the mailbox was disconnected before the message could be sent".into(),
+                );
+            }
+            // Nothing was submitted: a later try is safe.
+            Err(AuthError::Unavailable(words)) => return self.retry_later(send, words, None),
+        };
         send.status = SendStatus::Submitting;
         send.attempts += 1;
         if let Err(err) = self.store.update_send(&send, &[]) {
@@ -222,21 +240,31 @@ impl SendQueue {
             return;
         }
         let started = std::time::Instant::now();
-        let result = self
-            .submitter
-            .submit(
-                &mailbox.smtp,
-                &mailbox.credentials,
-                &mailbox.address,
-                &send.recipients,
-                &raw,
-            )
-            .await;
+        let mut result = self.submit(&mailbox, &send, &raw, &login).await;
+        if let (Err(SubmitError::Rejected(words)), Login::Bearer { .. }) = (&result, &login) {
+            // A refused AUTH submitted nothing: renew the token and try once more.
+            tracing::info!(send = %send.id, "the SMTP server refused the access token ({words}); renewing it");
+            result = match self.sync.auth.login(&mailbox.address, Some(&login)).await {
+                Ok(fresh) => match self.submit(&mailbox, &send, &raw, &fresh).await {
+                    Err(SubmitError::Rejected(words)) => {
+                        let reason =
+                            format!("the SMTP server refused a freshly renewed token: {words}");
+                        self.sync.auth.mark_needs_reauth(&mailbox.address, &reason);
+                        Err(SubmitError::Rejected(words))
+                    }
+                    other => other,
+                },
+                Err(AuthError::Unavailable(words)) => Err(SubmitError::Transient(words)),
+                Err(err) => Err(SubmitError::Rejected(err.to_string())),
+            };
+        }
         match result {
             Ok(response) => {
                 metrics::histogram!("mailbridge_smtp_submit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("mailbridge_sends_total").increment(1);
+                self.sync.auth.login_succeeded(&mailbox.address);
+                adopt_server_message_id(&mut send, &response);
                 send.status = SendStatus::Sent;
                 send.error = None;
                 send.smtp_response = Some(response);
@@ -255,25 +283,63 @@ impl SendQueue {
                 format!("the SMTP server refused the message: {words}"),
             ),
             Err(SubmitError::Rejected(words)) => {
-                crate::imap::mark_needs_reauth(&self.sync, &mailbox.address, &words);
+                // A token refusal was settled above; a password is believed
+                // refused only when refused again a while later (R20).
+                let dead = matches!(login, Login::Bearer { .. })
+                    || self.sync.auth.password_refused(&mailbox.address);
+                if !dead {
+                    let wait = self.sync.auth.confirm_after();
+                    return self.retry_later(send, words, Some(wait));
+                }
+                self.sync.auth.mark_needs_reauth(
+                    &mailbox.address,
+                    &format!("the SMTP server rejected the login: {words}"),
+                );
                 self.fail(
                     send,
                     format!("the SMTP server refused the credentials: {words}"),
                 );
             }
-            Err(SubmitError::Transient(words)) => {
-                if Utc::now() - send.created_at > RETRY_FOR {
-                    return self.fail(send, format!("still failing after 24 hours: {words}"));
-                }
-                let wait = backoff::delay(send.attempts - 1, self.retry_min, self.retry_max);
-                tracing::warn!(send = %send.id, attempts = send.attempts, "send failed, retrying in {wait:?}: {words}");
-                send.status = SendStatus::Queued;
-                send.error = Some(words);
-                send.next_attempt_ms = Utc::now().timestamp_millis()
-                    + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-                self.record(&send, &[]);
-            }
+            Err(SubmitError::Transient(words)) => self.retry_later(send, words, None),
         }
+    }
+
+    async fn submit(
+        &self,
+        mailbox: &Mailbox,
+        send: &SendRecord,
+        raw: &[u8],
+        login: &Login,
+    ) -> Result<String, SubmitError> {
+        self.submitter
+            .submit(
+                &mailbox.smtp,
+                login,
+                &mailbox.address,
+                &send.recipients,
+                raw,
+            )
+            .await
+    }
+
+    /// Puts a send back in the queue after a failure a later try may mend;
+    /// fails it for good once it has been retried for 24 hours.
+    fn retry_later(&self, mut send: SendRecord, words: String, at_least: Option<Duration>) {
+        if Utc::now() - send.created_at > RETRY_FOR {
+            return self.fail(send, format!("still failing after 24 hours: {words}"));
+        }
+        let wait = backoff::delay(
+            send.attempts.saturating_sub(1),
+            self.retry_min,
+            self.retry_max,
+        )
+        .max(at_least.unwrap_or_default());
+        tracing::warn!(send = %send.id, attempts = send.attempts, "send failed, retrying in {wait:?}: {words}");
+        send.status = SendStatus::Queued;
+        send.error = Some(words);
+        send.next_attempt_ms =
+            Utc::now().timestamp_millis() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        self.record(&send, &[]);
     }
 
     /// APPENDs the copy with Bcc, marked \Seen, to the mailbox's Sent folder.
@@ -360,8 +426,9 @@ impl SendQueue {
     /// A logged-in session and the name of the mailbox's Sent folder, if it has one.
     async fn open_sent(&self, mailbox: &Mailbox) -> Result<Option<(ImapSession, String)>, String> {
         let mut session = self
-            .connector
-            .open(&mailbox.imap, &mailbox.credentials)
+            .sync
+            .auth
+            .open_imap(&self.connector, &mailbox.address)
             .await
             .map_err(|e| e.to_string())?;
         let sent = self
@@ -379,6 +446,64 @@ impl SendQueue {
         match tokio::time::timeout(self.connector.step_timeout(), step).await {
             Ok(result) => result.map_err(|e| format!("{what}: {e}")),
             Err(_) => Err(format!("timed out {what}")),
+        }
+    }
+}
+
+/// Exchange Online may replace the Message-ID of a submitted message with its
+/// own and names the new one in its reply to DATA, e.g.
+/// `250 2.0.0 OK <AM0PR01MB1234.…@AM0PR01MB1234.eurprd01.prod.outlook.com> [Hostname=…]`
+/// (recorded transcripts; EmailEngine reads it from this line too; see
+/// ../shared/notes/provider-wire-facts.md). The copy in Sent Items and the
+/// contact's In-Reply-To carry that id, so it becomes the send's Message-ID:
+/// the thread index learns it and the Sent copy is known as the CRM's own.
+/// Other servers' replies (`250 2.0.0 Ok: queued as 4ZxY…`, Gmail's
+/// `250 2.0.0 OK 1545926120 … - gsmtp`) name no `<…@…>` and change nothing.
+pub fn adopt_server_message_id(send: &mut SendRecord, response: &str) {
+    let Some(reported) = reported_message_id(response) else {
+        return;
+    };
+    if reported == send.message_id {
+        return;
+    }
+    tracing::info!(send = %send.id, ours = %send.message_id, server = %reported, "the server replaced the Message-ID");
+    send.submitted_message_id = Some(std::mem::replace(&mut send.message_id, reported.clone()));
+    send.data.message_id = Some(reported);
+}
+
+fn reported_message_id(response: &str) -> Option<String> {
+    let (_, after) = response.split_once('<')?;
+    let (inner, _) = after.split_once('>')?;
+    let id = format!("<{inner}>");
+    let plausible = inner.contains('@')
+        && inner.len() <= 250
+        && inner
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '<' && c != '>');
+    plausible.then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reported_message_id;
+
+    #[test]
+    fn the_message_id_named_in_the_250_reply_is_read() {
+        assert_eq!(
+            reported_message_id(
+                "250 2.0.0 OK <AM0PR01MB1234A1B2C3@AM0PR01MB1234.eurprd01.prod.outlook.com> [Hostname=AM0PR01MB1234.eurprd01.prod.outlook.com]"
+            )
+            .as_deref(),
+            Some("<AM0PR01MB1234A1B2C3@AM0PR01MB1234.eurprd01.prod.outlook.com>")
+        );
+        for other in [
+            "250 2.0.0 Ok: queued as 4ZxYq51Jz4z9t",
+            "250 2.0.0 OK 1545926120 w81sm22057166qkg.43 - gsmtp",
+            "250 ok <not an id>",
+            "250 ok <",
+            "250 ok >x<",
+        ] {
+            assert_eq!(reported_message_id(other), None, "{other}");
         }
     }
 }

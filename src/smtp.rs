@@ -1,6 +1,6 @@
 //! Submitting a message over SMTP from a user's own mailbox with lettre:
 //! implicit TLS or STARTTLS (plain only towards loopback), the configured extra
-//! roots, PLAIN/LOGIN authentication. Errors are sorted into what a retry can
+//! roots, PLAIN/LOGIN or XOAUTH2 authentication. Errors are sorted into what a retry can
 //! fix and what it cannot.
 
 use std::{path::PathBuf, time::Duration};
@@ -16,7 +16,7 @@ use lettre::{
 
 use crate::{
     imap::connection::is_loopback,
-    model::{Credentials, Endpoint, Security},
+    model::{Endpoint, Login, Security},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ impl Submitter {
     pub async fn submit(
         &self,
         endpoint: &Endpoint,
-        credentials: &Credentials,
+        login: &Login,
         from: &str,
         recipients: &[String],
         raw: &[u8],
@@ -82,14 +82,22 @@ impl Submitter {
                 )));
             }
         };
-        let Credentials::Password { username, password } = credentials;
-        // A fresh transport per send: credentials may have changed, and a pool
-        // would keep connections logged in with old ones.
+        let (mechanisms, secret) = match login {
+            Login::Password { password, .. } => {
+                (vec![Mechanism::Plain, Mechanism::Login], password)
+            }
+            Login::Bearer { access_token, .. } => (vec![Mechanism::Xoauth2], access_token),
+        };
+        // A fresh transport per send: credentials may have changed (a refreshed
+        // token), and a pool would keep connections logged in with old ones.
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&endpoint.host)
             .port(endpoint.port)
             .tls(tls)
-            .authentication(vec![Mechanism::Plain, Mechanism::Login])
-            .credentials(SmtpCredentials::new(username.clone(), password.clone()))
+            .authentication(mechanisms)
+            .credentials(SmtpCredentials::new(
+                login.username().to_string(),
+                secret.clone(),
+            ))
             .timeout(Some(self.timeout))
             .build();
         let envelope = Envelope::new(
@@ -119,6 +127,13 @@ impl Submitter {
 
 fn classify(err: &lettre::transport::smtp::Error) -> SubmitError {
     let text = format!("{err}");
+    // A refused XOAUTH2 token comes back as a `334 <base64 JSON>` challenge,
+    // which lettre turns into this client error before any reply code is seen.
+    if err.is_client() && text.contains("does not expect a challenge") {
+        return SubmitError::Rejected(
+            "the server refused the OAuth2 access token (XOAUTH2)".into(),
+        );
+    }
     let code = err.status().map(|c| c.to_string());
     match code.as_deref() {
         Some("535" | "534" | "530") => SubmitError::Rejected(text),

@@ -14,6 +14,7 @@ use crate::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
         Provider, SaveSent, Security,
     },
+    oauth::TokenError,
 };
 
 #[derive(Deserialize)]
@@ -39,18 +40,91 @@ enum AuthBody {
         username: Option<String>,
         password: String,
     },
+    /// Tokens from the CRM's own consent screen.
     #[serde(rename = "oauth2")]
     OAuth2 {
-        #[allow(dead_code)]
         #[serde(default)]
-        refresh_token: Option<String>,
-        #[allow(dead_code)]
+        username: Option<String>,
+        refresh_token: String,
         #[serde(default)]
         access_token: Option<String>,
-        #[allow(dead_code)]
         #[serde(default)]
         expires_at: Option<String>,
     },
+}
+
+/// What connecting a mailbox takes, from a PUT or from a finished sign-in.
+pub struct ConnectRequest {
+    pub address: String,
+    pub provider: Provider,
+    pub credentials: Credentials,
+    pub imap: Option<Endpoint>,
+    pub smtp: Option<Endpoint>,
+    pub daily_send_limit: Option<u32>,
+    pub save_sent: SaveSent,
+}
+
+fn no_line_breaks(field: &str, values: &[&str]) -> Result<(), ApiError> {
+    if values
+        .iter()
+        .any(|v| v.contains(['\r', '\n', '\0', '\x01']))
+    {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain CR, LF, NUL or ^A"
+        )));
+    }
+    Ok(())
+}
+
+fn credentials_of(address: &str, auth: AuthBody) -> Result<Credentials, ApiError> {
+    match auth {
+        AuthBody::Password { username, password } => {
+            let username = username.unwrap_or_else(|| address.to_string());
+            if username.is_empty() || password.is_empty() {
+                return Err(ApiError::invalid(
+                    "auth.username and auth.password must not be empty",
+                ));
+            }
+            no_line_breaks("auth.username and auth.password", &[&username, &password])?;
+            Ok(Credentials::Password { username, password })
+        }
+        AuthBody::OAuth2 {
+            username,
+            refresh_token,
+            access_token,
+            expires_at,
+        } => {
+            let username = username.unwrap_or_else(|| address.to_string());
+            if refresh_token.trim().is_empty() {
+                return Err(ApiError::invalid("auth.refresh_token must not be empty"));
+            }
+            no_line_breaks(
+                "auth.username, auth.refresh_token and auth.access_token",
+                &[
+                    &username,
+                    &refresh_token,
+                    access_token.as_deref().unwrap_or(""),
+                ],
+            )?;
+            let expires_at = expires_at
+                .map(|text| {
+                    DateTime::parse_from_rfc3339(&text)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|e| {
+                            ApiError::invalid(format!(
+                                "auth.expires_at must be an RFC 3339 time: {e}"
+                            ))
+                        })
+                })
+                .transpose()?;
+            Ok(Credentials::OAuth2 {
+                username,
+                refresh_token,
+                access_token: access_token.filter(|t| !t.is_empty()),
+                expires_at,
+            })
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -123,31 +197,31 @@ pub async fn put(
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
     let address = check_email("email", &body.email)?;
-    let credentials = match body.auth {
-        AuthBody::Password { username, password } => {
-            let username = username.unwrap_or_else(|| address.clone());
-            if username.is_empty() || password.is_empty() {
-                return Err(ApiError::invalid(
-                    "auth.username and auth.password must not be empty",
-                ));
-            }
-            if username
-                .chars()
-                .chain(password.chars())
-                .any(|c| c == '\r' || c == '\n' || c == '\0')
-            {
-                return Err(ApiError::invalid(
-                    "auth.username and auth.password must not contain CR, LF or NUL",
-                ));
-            }
-            Credentials::Password { username, password }
-        }
-        AuthBody::OAuth2 { .. } => {
-            return Err(ApiError::invalid(
-                "auth.type \"oauth2\" is not available in this version yet; connect with {\"type\": \"password\"} (for Gmail: an app password)",
-            ));
-        }
+    let credentials = credentials_of(&address, body.auth)?;
+    let request = ConnectRequest {
+        address,
+        provider: body.provider,
+        credentials,
+        imap: body.imap,
+        smtp: body.smtp,
+        daily_send_limit: body.daily_send_limit,
+        save_sent: body.save_sent,
     };
+    Ok(Json(
+        connect_mailbox(&state, &location_id, &user_id, request).await?,
+    ))
+}
+
+/// Connects (or re-connects, or moves) an integration once the server has
+/// taken the credentials.
+pub async fn connect_mailbox(
+    state: &AppState,
+    location_id: &str,
+    user_id: &str,
+    body: ConnectRequest,
+) -> Result<MailboxStatus, ApiError> {
+    let (location_id, user_id) = (location_id.to_string(), user_id.to_string());
+    let address = body.address.clone();
     let preset = state.providers.settings(body.provider);
     let imap = body
         .imap
@@ -162,7 +236,8 @@ pub async fn put(
 
     // The credentials are checked against the server before anything is stored,
     // and the folders' current ends become this integration's starting point (R2).
-    let baseline = check_login(&state, &imap, &credentials).await?;
+    let (credentials, baseline) =
+        check_login(state, body.provider, &imap, body.credentials).await?;
 
     let existing = state.store.integration(&location_id, &user_id)?;
     let now = Utc::now();
@@ -227,17 +302,39 @@ pub async fn put(
         .connect(&mailbox, &integration, &baseline, &events)?;
     state.signal.notify();
     state.scheduler.start(&address);
-    Ok(Json(status_of(&state, &mailbox, &integration)?))
+    status_of(state, &mailbox, &integration)
 }
 
 async fn check_login(
     state: &AppState,
+    provider: Provider,
     imap: &Endpoint,
-    credentials: &Credentials,
-) -> Result<Vec<(FolderRole, FolderCursor)>, ApiError> {
+    credentials: Credentials,
+) -> Result<(Credentials, Vec<(FolderRole, FolderCursor)>), ApiError> {
+    let (credentials, login) = state
+        .auth
+        .fresh(provider, &credentials, None)
+        .await
+        .map_err(|err| match err {
+            TokenError::Revoked(words) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_credentials",
+                format!("auth: the provider refused the refresh token: {words}"),
+            ),
+            TokenError::Misconfigured(words) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "oauth_not_configured",
+                words,
+            ),
+            TokenError::Transient(words) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "oauth_provider_unavailable",
+                format!("the provider's token endpoint did not answer usefully; retry: {words}"),
+            ),
+        })?;
     let mut session = state
         .connector
-        .open(imap, credentials)
+        .open(imap, &login)
         .await
         .map_err(|err| match err {
             ConnectError::Rejected(words) => ApiError::new(
@@ -284,7 +381,7 @@ async fn check_login(
         }
     }
     let _ = tokio::time::timeout(step, session.logout()).await;
-    Ok(baseline)
+    Ok((credentials, baseline))
 }
 
 pub async fn get(

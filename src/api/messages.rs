@@ -280,6 +280,7 @@ pub async fn send(
         recipients: to.iter().chain(&cc).chain(&bcc).cloned().collect(),
         data,
         filed_in_sent: false,
+        submitted_message_id: None,
     };
     // Both copies reach the disk before the send is recorded as accepted.
     let filed_path = state.store.raw_path(&send_id);

@@ -6,6 +6,7 @@ pub mod contacts;
 pub mod error;
 pub mod mailboxes;
 pub mod messages;
+pub mod oauth;
 
 use std::sync::{
     Arc,
@@ -46,6 +47,9 @@ pub struct AppState {
     pub smart_bcc_domain: String,
     pub send_signal: crate::send_queue::SendSignal,
     pub public_url: String,
+    pub auth: Arc<crate::auth::Auth>,
+    /// Signs the `state` of OAuth sign-ins.
+    pub oauth_state: crate::oauth::state::StateSigner,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
@@ -84,10 +88,14 @@ pub fn router(state: AppState) -> Router {
             "/messages/{id}/attachments/{index}",
             get(messages::attachment),
         )
+        .route("/oauth/{provider}/start", get(oauth::start))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
-        ));
+        ))
+        // The provider sends the person's browser here: the signed state
+        // authenticates it, not an API key.
+        .route("/oauth/{provider}/callback", get(oauth::callback));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -18,7 +18,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::model::{Credentials, Endpoint, Security};
+use crate::model::{Endpoint, Login, Security};
 
 /// A connection to a mail server, encrypted or (loopback only) not.
 pub enum MailStream {
@@ -82,6 +82,14 @@ pub enum ConnectError {
     /// The server refused the credentials; its own words.
     #[error("the server rejected the login: {0}")]
     Rejected(String),
+    /// The server refused the login for a reason of its own that passes
+    /// (RFC 5530 `[UNAVAILABLE]`, `[INUSE]`, `[LIMIT]`, throttling): not a
+    /// verdict on the credentials.
+    #[error("the server cannot take the login now: {0}")]
+    Unavailable(String),
+    /// The credentials are dead and `needs_reauth` is recorded (R20).
+    #[error("the mailbox needs new credentials: {0}")]
+    NeedsReauth(String),
     #[error("cannot reach {0}")]
     Unreachable(String),
     #[error("TLS with {host} failed: {reason}")]
@@ -96,18 +104,67 @@ pub enum ConnectError {
     Timeout(&'static str),
 }
 
-impl ConnectError {
-    /// Whether retrying with the same credentials is pointless (R20).
-    pub fn is_rejected_login(&self) -> bool {
-        matches!(self, ConnectError::Rejected(_))
-    }
-}
-
 /// Opens sessions with one TLS configuration and one per-step deadline.
 #[derive(Clone)]
 pub struct ImapConnector {
     tls: Arc<ClientConfig>,
     step_timeout: Duration,
+}
+
+/// Words by which servers refuse a login for now rather than for good: RFC 5530
+/// codes, Dovecot's "Temporary authentication failure", Gmail's "Too many
+/// simultaneous connections" and `[THROTTLED]`, Exchange Online's "Request is
+/// throttled" and "Server Unavailable" (see ../shared/notes/provider-wire-facts.md).
+const TRANSIENT_REFUSALS: [&str; 9] = [
+    "[UNAVAILABLE]",
+    "[INUSE]",
+    "[LIMIT]",
+    "[THROTTLED]",
+    "[OVERQUOTA]",
+    "temporary authentication failure",
+    "too many simultaneous connections",
+    "request is throttled",
+    "server unavailable",
+];
+
+/// Sorts a refused login: transient words mean "try later", anything else is
+/// a refusal of the credentials.
+pub fn refusal(words: String) -> ConnectError {
+    let lower = words.to_ascii_lowercase();
+    if TRANSIENT_REFUSALS
+        .iter()
+        .any(|marker| lower.contains(&marker.to_ascii_lowercase()))
+    {
+        ConnectError::Unavailable(words)
+    } else {
+        ConnectError::Rejected(words)
+    }
+}
+
+/// SASL XOAUTH2 (Google's and Microsoft's IMAP/SMTP OAuth2 mechanism). On
+/// failure the server sends its reason as a second challenge (base64 JSON such
+/// as `{"status":"401","schemes":"bearer"}`) and waits for an empty line before
+/// its tagged NO; answering anything else leaves the exchange hanging or BAD.
+struct XOAuth2<'a> {
+    username: &'a str,
+    access_token: &'a str,
+    sent: bool,
+}
+
+impl async_imap::Authenticator for &mut XOAuth2<'_> {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        if self.sent {
+            return Vec::new();
+        }
+        self.sent = true;
+        format!(
+            "user={}\x01auth=Bearer {}\x01\x01",
+            self.username, self.access_token
+        )
+        .into_bytes()
+    }
 }
 
 /// async-imap renders a NO as `code: None, info: Some("…")`; the server's own
@@ -182,7 +239,7 @@ impl ImapConnector {
     pub async fn open(
         &self,
         endpoint: &Endpoint,
-        credentials: &Credentials,
+        login: &Login,
     ) -> Result<ImapSession, ConnectError> {
         let address = format!("{}:{}", endpoint.host, endpoint.port);
         if endpoint.security == Security::Plain && !is_loopback(&endpoint.host) {
@@ -227,24 +284,42 @@ impl ImapConnector {
                 Client::new(self.tls_wrap(endpoint, plain.into_inner()).await?)
             }
         };
-        match credentials {
-            Credentials::Password { username, password } => {
-                match tokio::time::timeout(self.step_timeout, client.login(username, password))
-                    .await
-                {
-                    Ok(Ok(session)) => Ok(session),
-                    Ok(Err((async_imap::error::Error::No(text), _))) => {
-                        Err(ConnectError::Rejected(server_words(&text)))
-                    }
-                    Ok(Err((async_imap::error::Error::Validate(e), _))) => {
-                        Err(ConnectError::Rejected(format!(
-                            "credentials contain a character IMAP cannot carry: {e}"
-                        )))
-                    }
-                    Ok(Err((err, _))) => Err(ConnectError::Protocol(format!("login: {err}"))),
-                    Err(_) => Err(ConnectError::Timeout("logging in")),
-                }
+        let result = match login {
+            Login::Password { username, password } => {
+                tokio::time::timeout(self.step_timeout, client.login(username, password)).await
             }
+            Login::Bearer {
+                username,
+                access_token,
+            } => {
+                if [username, access_token]
+                    .iter()
+                    .any(|s| s.contains(['\r', '\n', '\x01']))
+                {
+                    return Err(ConnectError::Rejected(
+                        "the token or user name contains a character SASL cannot carry".into(),
+                    ));
+                }
+                let mut mechanism = XOAuth2 {
+                    username,
+                    access_token,
+                    sent: false,
+                };
+                tokio::time::timeout(
+                    self.step_timeout,
+                    client.authenticate("XOAUTH2", &mut mechanism),
+                )
+                .await
+            }
+        };
+        match result {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err((async_imap::error::Error::No(text), _))) => Err(refusal(server_words(&text))),
+            Ok(Err((async_imap::error::Error::Validate(e), _))) => Err(ConnectError::Rejected(
+                format!("credentials contain a character IMAP cannot carry: {e}"),
+            )),
+            Ok(Err((err, _))) => Err(ConnectError::Protocol(format!("login: {err}"))),
+            Err(_) => Err(ConnectError::Timeout("logging in")),
         }
     }
 
@@ -274,6 +349,35 @@ mod tests {
             "[AUTHENTICATIONFAILED] Authentication failed."
         );
         assert_eq!(server_words(" plain words "), "plain words");
+    }
+
+    #[test]
+    fn transient_refusals_are_not_verdicts_on_the_credentials() {
+        for words in [
+            "[UNAVAILABLE] Temporary authentication failure. [host:2026-12-01]",
+            "[INUSE] Mailbox is locked",
+            "[LIMIT] Too many connections",
+            "[ALERT] Too many simultaneous connections. (Failure)",
+            "Success [THROTTLED]",
+            "Request is throttled. Suggested Backoff Time: 92415 milliseconds",
+            "Server Unavailable. 15",
+        ] {
+            assert!(
+                matches!(refusal(words.into()), ConnectError::Unavailable(_)),
+                "{words}"
+            );
+        }
+        for words in [
+            "[AUTHENTICATIONFAILED] Authentication failed.",
+            "[AUTHENTICATIONFAILED] Invalid credentials (Failure)",
+            "AUTHENTICATE failed.",
+            "[ALERT] Application-specific password required: https://support.google.com/accounts/answer/185833 (Failure)",
+        ] {
+            assert!(
+                matches!(refusal(words.into()), ConnectError::Rejected(_)),
+                "{words}"
+            );
+        }
     }
 
     #[test]

@@ -11,9 +11,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::Auth,
     config::{ProvidersConfig, SyncConfig},
     ingest::Ingest,
-    model::{Event, FolderRole, MailboxState},
+    model::{FolderRole, MailboxState},
     store::Store,
     webhook::OutboxSignal,
 };
@@ -23,13 +24,14 @@ use watcher::{FolderWatcher, WatchEnd};
 pub struct SyncContext {
     pub store: Arc<dyn Store>,
     pub connector: ImapConnector,
+    pub auth: Arc<Auth>,
     pub ingest: Ingest,
     pub providers: ProvidersConfig,
     pub sync: SyncConfig,
     pub signal: OutboxSignal,
 }
 
-/// Keeps one mailbox in sync until cancelled or its credentials are refused.
+/// Keeps one mailbox in sync until cancelled or its credentials are dead.
 pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: CancellationToken) {
     let mailbox = match ctx.store.mailbox(&address) {
         Ok(Some(mailbox)) => mailbox,
@@ -49,57 +51,16 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
     for role in FolderRole::ALL {
         let watcher = FolderWatcher {
             ctx: ctx.clone(),
-            mailbox: mailbox.clone(),
+            address: address.clone(),
             role,
             idle_period,
         };
         set.spawn(watcher.run(watchers.clone()));
     }
     while let Some(ended) = set.join_next().await {
-        if let Ok(WatchEnd::Rejected(reason)) = ended {
+        if let Ok(WatchEnd::NeedsReauth) = ended {
+            // No watcher logs in again until new credentials arrive.
             watchers.cancel();
-            mark_needs_reauth(&ctx, &address, &reason);
         }
-    }
-}
-
-/// R20: the mailbox stops syncing and the CRM hears of it once.
-pub fn mark_needs_reauth(ctx: &SyncContext, address: &str, reason: &str) {
-    tracing::warn!(
-        mailbox = address,
-        "credentials refused, sync stopped until new ones arrive: {reason}"
-    );
-    let result = (|| {
-        let Some(mailbox) = ctx.store.mailbox(address)? else {
-            return Ok(());
-        };
-        if mailbox.state == MailboxState::NeedsReauth {
-            return Ok(());
-        }
-        ctx.store.set_mailbox_state(
-            address,
-            MailboxState::NeedsReauth,
-            Some(reason.to_string()),
-        )?;
-        let events: Vec<Event> = ctx
-            .store
-            .integrations_of_mailbox(address)?
-            .into_iter()
-            .map(|i| {
-                Event::lifecycle(
-                    "mailbox.needs_reauth",
-                    &i.location_id,
-                    &i.user_id,
-                    address,
-                    serde_json::json!({ "error": reason }),
-                )
-            })
-            .collect();
-        ctx.store.enqueue(&events)?;
-        ctx.signal.notify();
-        Ok::<_, crate::store::StoreError>(())
-    })();
-    if let Err(err) = result {
-        tracing::error!(mailbox = address, "recording needs_reauth failed: {err:#}");
     }
 }

@@ -13,7 +13,7 @@ use super::{SyncContext, connection::ConnectError, connection::ImapSession, fold
 use crate::{
     backoff,
     ingest::Found,
-    model::{FolderCursor, FolderRole, Mailbox, MailboxState},
+    model::{FolderCursor, FolderRole, MailboxState},
 };
 
 /// Bodies fetched per round trip while catching up.
@@ -22,8 +22,8 @@ const FETCH_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
 pub enum WatchEnd {
     Cancelled,
-    /// The server refused the credentials (R20): retrying would only hammer it.
-    Rejected(String),
+    /// The credentials are dead (R20): retrying would only hammer the server.
+    NeedsReauth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,7 @@ enum SessionError {
 
 pub struct FolderWatcher {
     pub ctx: Arc<SyncContext>,
-    pub mailbox: Mailbox,
+    pub address: String,
     pub role: FolderRole,
     pub idle_period: Duration,
 }
@@ -57,21 +57,33 @@ impl FolderWatcher {
             };
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
-                Err(SessionError::Connect(err)) if err.is_rejected_login() => {
-                    return WatchEnd::Rejected(err.to_string());
+                Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
+                    return WatchEnd::NeedsReauth;
                 }
                 Err(err) => err,
             };
-            let wait = backoff::delay(
+            let mut wait = backoff::delay(
                 failures,
                 Duration::from_millis(self.ctx.sync.reconnect_min_ms),
                 Duration::from_millis(self.ctx.sync.reconnect_max_ms),
             );
+            // Only a password gets here refused (a refused token is renewed
+            // and retried inside `Auth`): believed when refused again later.
+            if let SessionError::Connect(ConnectError::Rejected(words)) = &err {
+                if self.ctx.auth.password_refused(&self.address) {
+                    self.ctx.auth.mark_needs_reauth(
+                        &self.address,
+                        &format!("the IMAP server rejected the login: {words}"),
+                    );
+                    return WatchEnd::NeedsReauth;
+                }
+                wait = wait.max(self.ctx.auth.confirm_after());
+            }
             failures = failures.saturating_add(1);
-            tracing::warn!(mailbox = %self.mailbox.address, folder = self.role.as_str(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
+            tracing::warn!(mailbox = %self.address, folder = self.role.as_str(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
             metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
             if let Err(e) = self.ctx.store.set_mailbox_state(
-                &self.mailbox.address,
+                &self.address,
                 MailboxState::Error,
                 Some(err.to_string()),
             ) {
@@ -104,12 +116,13 @@ impl FolderWatcher {
         cancel: &CancellationToken,
         failures: &mut u32,
     ) -> Result<(), SessionError> {
-        let address = self.mailbox.address.as_str();
+        let address = self.address.as_str();
         let mut session = self
             .ctx
-            .connector
-            .open(&self.mailbox.imap, &self.mailbox.credentials)
+            .auth
+            .open_imap(&self.ctx.connector, address)
             .await?;
+        self.ctx.auth.login_succeeded(address);
         let folder = match self.role {
             FolderRole::Inbox => "INBOX".to_string(),
             FolderRole::Sent => match self
@@ -206,7 +219,7 @@ impl FolderWatcher {
         session: &mut ImapSession,
         cursor: &mut FolderCursor,
     ) -> Result<(), SessionError> {
-        let address = self.mailbox.address.as_str();
+        let address = self.address.as_str();
         // Sizes first: cheap, and `n:*` always names at least the last message,
         // which must not be fetched again.
         let listing: Vec<_> = self

@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Contact, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, MessageEventData,
-    SendRecord, Thread,
+    Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
+    MessageEventData, SendRecord, Thread,
 };
 
 pub mod secret_box;
@@ -128,12 +128,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Disconnected>>;
     fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>>;
     fn mailboxes(&self) -> StoreResult<Vec<Mailbox>>;
+    /// Records how sync stands. Never moves a mailbox out of `needs_reauth`:
+    /// only `connect` with new credentials does.
     fn set_mailbox_state(
         &self,
         address: &str,
         state: MailboxState,
         last_error: Option<String>,
     ) -> StoreResult<()>;
+    /// R20: turns the mailbox `needs_reauth` with `reason` and queues `events`,
+    /// at once. Returns false, queueing nothing, when it already was.
+    fn mark_needs_reauth(&self, address: &str, reason: &str, events: &[Event])
+    -> StoreResult<bool>;
+    /// Replaces a mailbox's credentials (a refreshed token) only if they are
+    /// still `expected`, so a refresh never undoes newer ones from a connect.
+    fn replace_credentials(
+        &self,
+        address: &str,
+        expected: &Credentials,
+        new: &Credentials,
+    ) -> StoreResult<bool>;
     fn integration(&self, location_id: &str, user_id: &str) -> StoreResult<Option<Integration>>;
     fn integrations_of_mailbox(&self, address: &str) -> StoreResult<Vec<Integration>>;
 
@@ -199,4 +213,8 @@ pub trait Store: Send + Sync + 'static {
     // --- small settings (the generated API key's hash, …)
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()>;
+    /// Removes a setting and returns what it held: of two takers, one gets it.
+    fn take_setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// A random 32-byte key kept encrypted under `name`, made on first use.
+    fn secret_key(&self, name: &str) -> StoreResult<[u8; 32]>;
 }

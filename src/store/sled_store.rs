@@ -488,10 +488,18 @@ impl Store for SledStore {
         state: MailboxState,
         last_error: Option<String>,
     ) -> StoreResult<()> {
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(());
         };
-        if mailbox.state == state && mailbox.last_error == last_error {
+        // Only new credentials (`connect`) end needs_reauth: a session that was
+        // already under way must not flip it back (R20).
+        if mailbox.state == MailboxState::NeedsReauth
+            || (mailbox.state == state && mailbox.last_error == last_error)
+        {
             return Ok(());
         }
         mailbox.state = state;
@@ -500,6 +508,61 @@ impl Store for SledStore {
             .insert(address.as_bytes(), self.seal_mailbox(&mailbox)?)
             .map_err(engine)?;
         self.flush()
+    }
+
+    fn mark_needs_reauth(
+        &self,
+        address: &str,
+        reason: &str,
+        events: &[Event],
+    ) -> StoreResult<bool> {
+        let outbox_values = self.stored_entries(events)?;
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(mut mailbox) = self.mailbox(address)? else {
+            return Ok(false);
+        };
+        if mailbox.state == MailboxState::NeedsReauth {
+            return Ok(false);
+        }
+        mailbox.state = MailboxState::NeedsReauth;
+        mailbox.last_error = Some(reason.to_string());
+        let mailbox_value = self.seal_mailbox(&mailbox)?;
+        (&self.mailboxes, &self.outbox)
+            .transaction(|(mailboxes, outbox)| {
+                mailboxes.insert(address.as_bytes(), mailbox_value.as_slice())?;
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn replace_credentials(
+        &self,
+        address: &str,
+        expected: &Credentials,
+        new: &Credentials,
+    ) -> StoreResult<bool> {
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(mut mailbox) = self.mailbox(address)? else {
+            return Ok(false);
+        };
+        if &mailbox.credentials != expected {
+            return Ok(false);
+        }
+        mailbox.credentials = new.clone();
+        self.mailboxes
+            .insert(address.as_bytes(), self.seal_mailbox(&mailbox)?)
+            .map_err(engine)?;
+        self.flush()?;
+        Ok(true)
     }
 
     fn integration(&self, location_id: &str, user_id: &str) -> StoreResult<Option<Integration>> {
@@ -769,27 +832,49 @@ impl Store for SledStore {
         };
         let settled = matches!(send.status, SendStatus::Sent | SendStatus::Failed);
         let unsettled_key = unsettled_key(send);
+        // A Message-ID the server gave the message instead of ours (Exchange
+        // Online) joins the thread index and the CRM's own ids, so the reply
+        // threads and the copy in Sent is not taken for the user's own mail.
+        let message_key = key(&[&send.mailbox, &send.message_id]);
+        let adopted_thread = match (&send.submitted_message_id, send.status) {
+            (Some(_), SendStatus::Sent) => self.thread(&send.thread_id)?.map(|mut thread| {
+                thread.remember(Some(&send.message_id), None);
+                thread
+            }),
+            _ => None,
+        };
+        let adopted_thread_value = adopted_thread.as_ref().map(encode).transpose()?;
         (
             &self.sends,
             &self.outbox,
             &self.history,
             &self.quota,
             &self.unsettled,
+            &self.threads,
+            &self.thread_keys,
+            &self.crm_message_ids,
         )
-            .transaction(|(sends, outbox, history, quota, unsettled)| {
-                sends.insert(send.id.as_bytes(), send_value.as_slice())?;
-                if settled {
-                    unsettled.remove(unsettled_key.as_slice())?;
-                }
-                if let Some((k, v)) = &history_value {
-                    history.insert(k.as_slice(), v.as_slice())?;
-                }
-                for k in &refund {
-                    quota.remove(k)?;
-                }
-                Self::put_outbox_tx(outbox, &outbox_values)?;
-                Ok(())
-            })
+            .transaction(
+                |(sends, outbox, history, quota, unsettled, threads, thread_keys, crm_ids)| {
+                    if let Some(value) = &adopted_thread_value {
+                        threads.insert(send.thread_id.as_bytes(), value.as_slice())?;
+                        thread_keys.insert(message_key.as_slice(), send.thread_id.as_bytes())?;
+                        crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
+                    }
+                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                    if settled {
+                        unsettled.remove(unsettled_key.as_slice())?;
+                    }
+                    if let Some((k, v)) = &history_value {
+                        history.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for k in &refund {
+                        quota.remove(k)?;
+                    }
+                    Self::put_outbox_tx(outbox, &outbox_values)?;
+                    Ok(())
+                },
+            )
             .map_err(tx_error)?;
         self.flush()
     }
@@ -888,5 +973,33 @@ impl Store for SledStore {
     fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()> {
         self.settings.insert(name, value).map_err(engine)?;
         self.flush()
+    }
+
+    fn take_setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        let taken = self.settings.remove(name).map_err(engine)?;
+        if taken.is_some() {
+            self.flush()?;
+        }
+        Ok(taken.map(|v| v.to_vec()))
+    }
+
+    fn secret_key(&self, name: &str) -> StoreResult<[u8; 32]> {
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sealed) = self.settings.get(name).map_err(engine)? {
+            let sealed = String::from_utf8_lossy(&sealed).into_owned();
+            return <[u8; 32]>::try_from(self.secrets.open(&sealed)?.as_slice())
+                .map_err(|_| StoreError::Corrupt(format!("setting {name} is not a 32-byte key")));
+        }
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key)
+            .map_err(|e| StoreError::Engine(format!("no randomness for a key: {e}")))?;
+        self.settings
+            .insert(name, self.secrets.seal(&key)?.as_bytes())
+            .map_err(engine)?;
+        self.flush()?;
+        Ok(key)
     }
 }

@@ -359,6 +359,7 @@ fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
             attachments: vec![],
         },
         filed_in_sent: false,
+        submitted_message_id: None,
     }
 }
 

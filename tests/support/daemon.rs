@@ -29,6 +29,8 @@ pub fn test_config(data: &Path, stack: &Stack, receiver: &Receiver) -> Config {
     config.sync.reconnect_min_ms = 100;
     config.sync.reconnect_max_ms = 1_000;
     config.sync.step_timeout_secs = 20;
+    config.sync.reauth_confirm_secs = 1;
+    config.sync.token_refresh_margin_secs = 2;
     config.server.shutdown_grace_secs = 5;
     config
 }

@@ -18,7 +18,7 @@ use lettre::{
 };
 use mailbridge::{
     imap::{ImapConnector, connection::ImapSession},
-    model::{Credentials, Endpoint, Security},
+    model::{Endpoint, Login, Security},
 };
 
 pub struct Stack {
@@ -100,7 +100,7 @@ impl Stack {
                 .expect("append user");
         }
         let user = User { address, password };
-        let credentials = Credentials::Password {
+        let credentials = Login::Password {
             username: user.address.clone(),
             password: user.password.clone(),
         };
@@ -250,7 +250,7 @@ impl Stack {
         ImapConnector::new(tls, Duration::from_secs(20))
             .open(
                 &self.imap_endpoint(),
-                &Credentials::Password {
+                &Login::Password {
                     username: user.address.clone(),
                     password: user.password.clone(),
                 },

@@ -22,10 +22,17 @@ pub struct World {
 impl World {
     /// The daemon and two fresh mailboxes; nothing connected yet.
     pub async fn started() -> World {
+        World::started_with(|_| {}).await
+    }
+
+    /// As `started`, with the test configuration changed by `configure` first.
+    pub async fn started_with(configure: impl FnOnce(&mut mailbridge::config::Config)) -> World {
         let stack = Stack::get();
         let receiver = Receiver::start().await;
         let data = tempfile::tempdir().unwrap();
-        let daemon = Daemon::start(test_config(data.path(), &stack, &receiver)).await;
+        let mut config = test_config(data.path(), &stack, &receiver);
+        configure(&mut config);
+        let daemon = Daemon::start(config).await;
         let api = Api::new(&daemon.base);
         let me = stack.new_user("me").await;
         let ann = stack.new_user("ann").await;

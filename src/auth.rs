@@ -1,0 +1,297 @@
+//! Who the bridge is to a mail server: turns a mailbox's stored credentials
+//! into a login (refreshing an OAuth2 access token when it is about to expire,
+//! one refresh per mailbox however many sessions ask), tells a refusal that
+//! condemns the credentials from one that passes, and records `needs_reauth`
+//! (R20) once, with its event, when the credentials are dead.
+//!
+//! Dead means: the token endpoint answered `invalid_grant` (or the client is
+//! no longer allowed), a freshly refreshed token was refused too, or a
+//! password was refused twice at least `sync.reauth_confirm_secs` apart.
+//! Everything else (`[UNAVAILABLE]`, throttling, a token endpoint 5xx or
+//! timeout, the network) is retried with backoff and never turns a mailbox
+//! `needs_reauth`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chrono::{TimeDelta, Utc};
+
+use crate::{
+    config::ProvidersConfig,
+    imap::{ConnectError, ImapConnector, connection::ImapSession},
+    model::{Credentials, Event, Login, Mailbox, MailboxState, Provider},
+    oauth::{ProviderClient, TokenError, TokenHttp},
+    store::Store,
+    wakeup::Wakeup,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The credentials are dead; `needs_reauth` is recorded. Nothing more is
+    /// tried until new credentials arrive.
+    #[error("the mailbox needs new credentials: {0}")]
+    NeedsReauth(String),
+    /// No login now; try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The mailbox was disconnected meanwhile.
+    #[error("the mailbox is no longer connected")]
+    Gone,
+}
+
+impl From<AuthError> for ConnectError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::NeedsReauth(words) => ConnectError::NeedsReauth(words),
+            AuthError::Unavailable(words) => ConnectError::Unavailable(words),
+            AuthError::Gone => ConnectError::NeedsReauth("the mailbox was disconnected".into()),
+        }
+    }
+}
+
+pub struct Auth {
+    store: Arc<dyn Store>,
+    providers: ProvidersConfig,
+    http: TokenHttp,
+    outbox: Wakeup,
+    /// An access token is renewed when it has less than this left.
+    refresh_margin: TimeDelta,
+    /// A refused password is believed when refused again this much later.
+    confirm_after: Duration,
+    /// One refresh in flight per mailbox.
+    refreshing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When a mailbox's password was first refused (not yet believed).
+    first_refusal: Mutex<HashMap<String, Instant>>,
+}
+
+impl Auth {
+    pub fn new(
+        store: Arc<dyn Store>,
+        providers: ProvidersConfig,
+        http: TokenHttp,
+        outbox: Wakeup,
+        refresh_margin: Duration,
+        confirm_after: Duration,
+    ) -> Self {
+        Self {
+            store,
+            providers,
+            http,
+            outbox,
+            refresh_margin: TimeDelta::from_std(refresh_margin).unwrap_or(TimeDelta::minutes(5)),
+            confirm_after,
+            refreshing: Mutex::new(HashMap::new()),
+            first_refusal: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn token_http(&self) -> &TokenHttp {
+        &self.http
+    }
+
+    pub fn provider_client(&self, provider: Provider) -> Result<ProviderClient, TokenError> {
+        ProviderClient::new(&self.providers.settings(provider).oauth)
+    }
+
+    /// Usable credentials and their login, without touching the store: a
+    /// password as it is; an OAuth2 grant with its access token, refreshed
+    /// first when it is missing, expiring, or the one just `refused`.
+    pub async fn fresh(
+        &self,
+        provider: Provider,
+        credentials: &Credentials,
+        refused: Option<&Login>,
+    ) -> Result<(Credentials, Login), TokenError> {
+        let (username, refresh_token, access_token, expires_at) = match credentials {
+            Credentials::Password { username, password } => {
+                let login = Login::Password {
+                    username: username.clone(),
+                    password: password.clone(),
+                };
+                return Ok((credentials.clone(), login));
+            }
+            Credentials::OAuth2 {
+                username,
+                refresh_token,
+                access_token,
+                expires_at,
+            } => (username, refresh_token, access_token, expires_at),
+        };
+        let was_refused = |token: &str| matches!(refused, Some(Login::Bearer { access_token, .. }) if access_token == token);
+        if let Some(token) = access_token
+            && !was_refused(token)
+            && expires_at.is_none_or(|at| at - Utc::now() > self.refresh_margin)
+        {
+            let login = Login::Bearer {
+                username: username.clone(),
+                access_token: token.clone(),
+            };
+            return Ok((credentials.clone(), login));
+        }
+        let grant = self
+            .provider_client(provider)?
+            .refresh(&self.http, refresh_token)
+            .await?;
+        metrics::counter!("mailbridge_oauth_refreshes_total").increment(1);
+        let renewed = Credentials::OAuth2 {
+            username: username.clone(),
+            refresh_token: grant.refresh_token.unwrap_or_else(|| refresh_token.clone()),
+            access_token: Some(grant.access_token.clone()),
+            expires_at: grant.expires_at,
+        };
+        let login = Login::Bearer {
+            username: username.clone(),
+            access_token: grant.access_token,
+        };
+        Ok((renewed, login))
+    }
+
+    fn refresh_lock(&self, address: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(address.to_string()).or_default().clone()
+    }
+
+    /// The login for a stored mailbox. A renewed token is stored before it is
+    /// used, so every session and the sender share it.
+    pub async fn login(&self, address: &str, refused: Option<&Login>) -> Result<Login, AuthError> {
+        let lock = self.refresh_lock(address);
+        let _one_refresh = lock.lock().await;
+        // Read under the lock: a refresh that finished while we waited is used, not repeated.
+        let mailbox = self.current(address)?;
+        let (credentials, login) = match self
+            .fresh(mailbox.provider, &mailbox.credentials, refused)
+            .await
+        {
+            Ok(fresh) => fresh,
+            Err(TokenError::Revoked(words)) => {
+                let reason = format!("the provider refused the grant: {words}");
+                self.mark_needs_reauth(address, &reason);
+                return Err(AuthError::NeedsReauth(reason));
+            }
+            Err(err) => return Err(AuthError::Unavailable(err.to_string())),
+        };
+        if credentials != mailbox.credentials {
+            match self
+                .store
+                .replace_credentials(address, &mailbox.credentials, &credentials)
+            {
+                Ok(true) => {}
+                // New credentials arrived meanwhile (a connect): they win.
+                Ok(false) => {
+                    return Err(AuthError::Unavailable(
+                        "the credentials changed while renewing the token".into(),
+                    ));
+                }
+                Err(err) => return Err(AuthError::Unavailable(format!("storage: {err:#}"))),
+            }
+        }
+        Ok(login)
+    }
+
+    fn current(&self, address: &str) -> Result<Mailbox, AuthError> {
+        match self.store.mailbox(address) {
+            Ok(Some(mailbox)) if mailbox.state == MailboxState::NeedsReauth => Err(
+                AuthError::NeedsReauth(mailbox.last_error.unwrap_or_default()),
+            ),
+            Ok(Some(mailbox)) => Ok(mailbox),
+            Ok(None) => Err(AuthError::Gone),
+            Err(err) => Err(AuthError::Unavailable(format!("storage: {err:#}"))),
+        }
+    }
+
+    /// A logged-in IMAP session on the mailbox. A refused token is renewed and
+    /// tried once more; refused again, the credentials are dead.
+    pub async fn open_imap(
+        &self,
+        connector: &ImapConnector,
+        address: &str,
+    ) -> Result<ImapSession, ConnectError> {
+        let mailbox = self.current(address)?;
+        let login = self.login(address, None).await?;
+        let refused = match connector.open(&mailbox.imap, &login).await {
+            Err(ConnectError::Rejected(words)) if matches!(login, Login::Bearer { .. }) => words,
+            other => return other,
+        };
+        tracing::info!(
+            mailbox = address,
+            "the server refused the access token ({refused}); renewing it and trying once more"
+        );
+        let fresh = self.login(address, Some(&login)).await?;
+        match connector.open(&mailbox.imap, &fresh).await {
+            Err(ConnectError::Rejected(words)) => {
+                let reason = format!("the IMAP server refused a freshly renewed token: {words}");
+                self.mark_needs_reauth(address, &reason);
+                Err(ConnectError::NeedsReauth(reason))
+            }
+            other => other,
+        }
+    }
+
+    /// A password was refused. Returns whether that is now believed: an earlier
+    /// refusal lies at least `sync.reauth_confirm_secs` back.
+    pub fn password_refused(&self, address: &str) -> bool {
+        let mut first = self.first_refusal.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match first.get(address) {
+            Some(at) if now.duration_since(*at) >= self.confirm_after => {
+                first.remove(address);
+                true
+            }
+            Some(_) => false,
+            None => {
+                first.insert(address.to_string(), now);
+                false
+            }
+        }
+    }
+
+    /// How long to wait before the try that can confirm a refused password.
+    pub fn confirm_after(&self) -> Duration {
+        self.confirm_after
+    }
+
+    /// A login went through: an earlier refusal was a passing one.
+    pub fn login_succeeded(&self, address: &str) {
+        let mut first = self.first_refusal.lock().unwrap_or_else(|p| p.into_inner());
+        first.remove(address);
+    }
+
+    /// R20: the mailbox turns `needs_reauth` and each of its integrations hears
+    /// of it once, in one commit.
+    pub fn mark_needs_reauth(&self, address: &str, reason: &str) {
+        let result = (|| {
+            let events: Vec<Event> = self
+                .store
+                .integrations_of_mailbox(address)?
+                .into_iter()
+                .map(|i| {
+                    Event::lifecycle(
+                        "mailbox.needs_reauth",
+                        &i.location_id,
+                        &i.user_id,
+                        address,
+                        serde_json::json!({ "error": reason }),
+                    )
+                })
+                .collect();
+            self.store.mark_needs_reauth(address, reason, &events)
+        })();
+        match result {
+            Ok(true) => {
+                tracing::warn!(
+                    mailbox = address,
+                    "credentials refused for good, sync and sending stop until new ones arrive: {reason}"
+                );
+                metrics::counter!("mailbridge_needs_reauth_total").increment(1);
+                self.outbox.notify();
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::error!(mailbox = address, "recording needs_reauth failed: {err:#}")
+            }
+        }
+    }
+}
