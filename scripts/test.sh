@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test against a real mail stack: installs and starts Dovecot +
-# Postfix on loopback (scripts/mailstack/start.sh, needs root), runs the test
-# suite, then the tests that restart the stack (one at a time, after the rest),
-# and stops the stack again, pass or fail.
+# Postfix on loopback (scripts/mailstack/start.sh, needs root) and the OAuth2
+# provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh),
+# runs the test suite, then the tests that restart the stack (one at a time,
+# after the rest), and stops both again, pass or fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +11,13 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo -E"
 
 $SUDO scripts/mailstack/start.sh
-stop_stack() { $SUDO scripts/mailstack/stop.sh || true; }
+stop_stack() {
+    $SUDO scripts/oauth-test-server/stop.sh || true
+    $SUDO scripts/mailstack/stop.sh || true
+}
 trap stop_stack EXIT
+# writes its key into the stack's runtime dir, so it starts second
+$SUDO scripts/oauth-test-server/start.sh
 
 cargo test --all-targets "$@"
 # These restart the shared mail stack, so they run alone.

@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod daemon;
+pub mod oauth;
 pub mod receiver;
 pub mod stack;
 pub mod world;
