@@ -139,24 +139,7 @@ impl SendQueue {
     fn fail(&self, mut send: SendRecord, error: String) {
         tracing::warn!(send = %send.id, mailbox = %send.mailbox, "send failed: {error}");
         metrics::counter!("mailbridge_sends_failed_total").increment(1);
-        send.status = SendStatus::Failed;
-        send.error = Some(error.clone());
-        let event = Event {
-            id: new_id("evt"),
-            kind: "message.failed".into(),
-            timestamp: Utc::now(),
-            ordering_key: send.thread_id.clone(),
-            data: serde_json::json!({
-                "id": send.id,
-                "location_id": send.location_id,
-                "user_id": send.user_id,
-                "contact_id": send.contact_id,
-                "thread_id": send.thread_id,
-                "mailbox": send.mailbox,
-                "message_id": send.message_id,
-                "error": error,
-            }),
-        };
+        let event = failed(&mut send, error);
         self.record(&send, &[event]);
         let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
     }
@@ -447,6 +430,28 @@ impl SendQueue {
             Ok(result) => result.map_err(|e| format!("{what}: {e}")),
             Err(_) => Err(format!("timed out {what}")),
         }
+    }
+}
+
+/// Marks a send failed for good with `error`; its `message.failed` event.
+pub fn failed(send: &mut SendRecord, error: String) -> Event {
+    send.status = SendStatus::Failed;
+    send.error = Some(error.clone());
+    Event {
+        id: new_id("evt"),
+        kind: "message.failed".into(),
+        timestamp: Utc::now(),
+        ordering_key: send.thread_id.clone(),
+        data: serde_json::json!({
+            "id": send.id,
+            "location_id": send.location_id,
+            "user_id": send.user_id,
+            "contact_id": send.contact_id,
+            "thread_id": send.thread_id,
+            "mailbox": send.mailbox,
+            "message_id": send.message_id,
+            "error": error,
+        }),
     }
 }
 

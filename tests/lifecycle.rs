@@ -132,3 +132,104 @@ async fn r20_refused_credentials_stop_sync_once_and_new_ones_resume_from_the_cur
     assert_eq!(reauth_events, 1, "the CRM hears of it once");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r18_update_email_detaches_the_old_threads_and_fails_what_was_queued_from_the_old_address()
+{
+    // The old mailbox's SMTP server is gone, so a CRM send stays queued.
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        me,
+        ann,
+        _data,
+    } = World::connected(serde_json::json!({
+        "smtp": {"host": "127.0.0.1", "port": closed_port, "security": "plain"}
+    }))
+    .await;
+    mail(&stack, &ann, &me, "to the old address", None).await;
+    let first = receiver
+        .wait_for("the message to the old address", |r| {
+            r.subject() == "to the old address"
+        })
+        .await;
+    let old_thread = first.data()["thread_id"].as_str().unwrap().to_string();
+    let (code, queued, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "stuck", "text": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{queued}");
+    support::eventually("the send to be retried", support::DEADLINE, async || {
+        let (_, send) = api
+            .send(
+                Method::GET,
+                &format!("/v1/messages/{}", queued["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        (send["status"] == "queued" && !send["error"].is_null()).then_some(())
+    })
+    .await;
+
+    let new = stack.new_user("new").await;
+    api.connect("L1", "u1", &stack, &new).await;
+    let updated = receiver
+        .wait_for("mailbox.updated", |r| r.kind() == "mailbox.updated")
+        .await;
+    assert_eq!(updated.data()["previous_mailbox"], me.address.as_str());
+    let failed = receiver
+        .wait_for("message.failed", |r| r.kind() == "message.failed")
+        .await;
+    assert_eq!(failed.data()["id"], queued["id"]);
+    assert!(
+        failed.data()["error"]
+            .as_str()
+            .unwrap()
+            .contains(&new.address),
+        "{}",
+        failed.data()
+    );
+    let detached: Vec<_> = receiver
+        .all()
+        .into_iter()
+        .filter(|r| r.kind() == "thread.detached")
+        .map(|r| r.data()["thread_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(detached.contains(&old_thread), "{detached:?}");
+    assert!(
+        detached.contains(&queued["thread_id"].as_str().unwrap().to_string()),
+        "{detached:?}"
+    );
+    let (_, send) = api
+        .send(
+            Method::GET,
+            &format!("/v1/messages/{}", queued["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(send["status"], "failed");
+
+    // New sends leave from the new address.
+    api.wait_active("L1", "u1").await;
+    let (code, sent, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "from new", "text": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{sent}");
+    assert_eq!(sent["mailbox"], new.address.as_str());
+    daemon.stop().await;
+}

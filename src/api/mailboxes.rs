@@ -12,9 +12,10 @@ use crate::{
     imap::{ConnectError, connection::is_loopback, folders},
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-        Provider, SaveSent, Security,
+        Provider, SaveSent, Security, SendStatus, new_id,
     },
     oauth::TokenError,
+    send_queue,
 };
 
 #[derive(Deserialize)]
@@ -242,19 +243,15 @@ pub async fn connect_mailbox(
     let existing = state.store.integration(&location_id, &user_id)?;
     let now = Utc::now();
     let mut events = Vec::new();
+    let mut failed_sends = Vec::new();
     let integration = match existing {
         // Same mailbox, new credentials (R20): keep the starting point, so mail
         // that arrived meanwhile still syncs.
         Some(existing) if existing.mailbox == address => existing,
         other => {
             if let Some(previous) = other {
-                // "Update email" (R18): the old mailbox's threads stop syncing here.
-                let released = state.store.disconnect(&location_id, &user_id, &[])?;
-                if let Some(released) = released
-                    && released.mailbox_released
-                {
-                    state.scheduler.stop(&previous.mailbox);
-                }
+                // "Update email" (R18): the old mailbox's threads stop syncing
+                // here, and nothing queued leaves from the old address.
                 events.push(Event::lifecycle(
                     "mailbox.updated",
                     &location_id,
@@ -262,6 +259,23 @@ pub async fn connect_mailbox(
                     &address,
                     serde_json::json!({"previous_mailbox": previous.mailbox}),
                 ));
+                events.extend(detached_threads(state, &previous, &address)?);
+                for mut send in state.store.unsettled_sends()? {
+                    if send.location_id == location_id
+                        && send.user_id == user_id
+                        && send.mailbox == previous.mailbox
+                        && send.status == SendStatus::Queued
+                    {
+                        events.push(send_queue::failed(
+                            &mut send,
+                            format!(
+                                "the integration's email was changed to {address} before this message left; it was not sent from {}",
+                                previous.mailbox
+                            ),
+                        ));
+                        failed_sends.push(send);
+                    }
+                }
             } else {
                 events.push(Event::lifecycle(
                     "mailbox.connected",
@@ -297,12 +311,54 @@ pub async fn connect_mailbox(
             .map(|m| m.connected_at)
             .unwrap_or(now),
     };
-    state
-        .store
-        .connect(&mailbox, &integration, &baseline, &events)?;
+    let released =
+        state
+            .store
+            .connect(&mailbox, &integration, &baseline, &failed_sends, &events)?;
+    if let Some(old) = released {
+        state.scheduler.stop(&old);
+    }
+    for send in &failed_sends {
+        let _ = std::fs::remove_file(send_queue::submit_copy_path(state.store.as_ref(), &send.id));
+    }
     state.signal.notify();
     state.scheduler.start(&address);
     status_of(state, &mailbox, &integration)
+}
+
+/// `thread.detached` for each conversation of `previous`'s mailbox in its
+/// location: after "update email" they no longer sync there (R18).
+fn detached_threads(
+    state: &AppState,
+    previous: &Integration,
+    new_address: &str,
+) -> Result<Vec<Event>, ApiError> {
+    let now = Utc::now();
+    let mut events = Vec::new();
+    for thread in state.store.threads_of_mailbox(&previous.mailbox)? {
+        for route in thread
+            .routes
+            .iter()
+            .filter(|r| r.location_id == previous.location_id)
+        {
+            events.push(Event {
+                id: new_id("evt"),
+                kind: "thread.detached".into(),
+                timestamp: now,
+                ordering_key: thread.id.clone(),
+                data: serde_json::json!({
+                    "thread_id": thread.id,
+                    "location_id": route.location_id,
+                    "user_id": route.user_id,
+                    "contact_id": route.contact_id,
+                    "mailbox": previous.mailbox,
+                    "reason": "mailbox_updated",
+                    "new_mailbox": new_address,
+                }),
+            });
+        }
+    }
+    Ok(events)
 }
 
 async fn check_login(

@@ -110,14 +110,19 @@ pub trait Store: Send + Sync + 'static {
 
     // --- mailboxes and integrations
     /// Stores the mailbox and the integration, seeds each folder cursor that does
-    /// not exist yet, and queues `events`, all at once.
+    /// not exist yet, records `failed_sends` and queues `events`, all at once.
+    /// When the integration pointed at another mailbox ("update email", R18)
+    /// and nothing else uses that one, it is released too; its address is returned.
     fn connect(
         &self,
         mailbox: &Mailbox,
         integration: &Integration,
         cursors: &[(FolderRole, FolderCursor)],
+        failed_sends: &[SendRecord],
         events: &[Event],
-    ) -> StoreResult<()>;
+    ) -> StoreResult<Option<String>>;
+    /// Every synced thread of a mailbox.
+    fn threads_of_mailbox(&self, mailbox: &str) -> StoreResult<Vec<Thread>>;
     /// Removes an integration (queueing `events`); when it was the mailbox's
     /// last, forgets the mailbox's credentials and cursors too.
     fn disconnect(

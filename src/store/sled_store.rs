@@ -360,8 +360,9 @@ impl Store for SledStore {
         mailbox: &Mailbox,
         integration: &Integration,
         cursors: &[(FolderRole, FolderCursor)],
+        failed_sends: &[SendRecord],
         events: &[Event],
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Option<String>> {
         let mailbox_value = self.seal_mailbox(mailbox)?;
         let integration_value = encode(integration)?;
         let cursor_values: Vec<(Vec<u8>, Vec<u8>)> = cursors
@@ -369,45 +370,122 @@ impl Store for SledStore {
             .map(|(role, cursor)| Ok((cursor_key(&mailbox.address, *role), encode(cursor)?)))
             .collect::<StoreResult<_>>()?;
         let outbox_values = self.stored_entries(events)?;
+        let failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = failed_sends
+            .iter()
+            .map(|send| Ok((send.id.clone(), encode(send)?, unsettled_key(send))))
+            .collect::<StoreResult<_>>()?;
+        // A send that never left gives its unit of quota back.
+        let refunds: Vec<sled::IVec> = failed_sends
+            .iter()
+            .flat_map(|send| {
+                self.quota
+                    .scan_prefix(prefix(&[&send.mailbox]))
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
+                    .map(|(k, _)| k)
+            })
+            .collect();
         let integration_key = key(&[&integration.location_id, &integration.user_id]);
         let _one_at_a_time = self
             .lifecycle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // "Update email" (R18): the integration may point at another mailbox,
+        // which is released when no other integration uses it.
+        let moved_from = self
+            .integration(&integration.location_id, &integration.user_id)?
+            .map(|old| old.mailbox)
+            .filter(|old| old != &mailbox.address);
+        let released = match &moved_from {
+            Some(old) => {
+                let own = key(&[old, &integration.location_id, &integration.user_id]);
+                let mut others = false;
+                for k in self.mailbox_integrations.scan_prefix(prefix(&[old])).keys() {
+                    if k.map_err(engine)? != own {
+                        others = true;
+                        break;
+                    }
+                }
+                (!others).then(|| old.clone())
+            }
+            None => None,
+        };
         (
             &self.mailboxes,
             &self.integrations,
             &self.mailbox_integrations,
             &self.cursors,
             &self.outbox,
+            &self.sends,
+            &self.unsettled,
+            &self.quota,
         )
-            .transaction(|(mailboxes, integrations, by_mailbox, cursors, outbox)| {
-                // "Update email": the integration may have pointed at another mailbox.
-                if let Some(old) = integrations.get(&integration_key)? {
-                    let old: Integration =
-                        decode(&old).map_err(ConflictableTransactionError::Abort)?;
-                    by_mailbox.remove(key(&[&old.mailbox, &old.location_id, &old.user_id]))?;
-                }
-                mailboxes.insert(mailbox.address.as_bytes(), mailbox_value.as_slice())?;
-                integrations.insert(integration_key.as_slice(), integration_value.as_slice())?;
-                by_mailbox.insert(
-                    key(&[
-                        &mailbox.address,
-                        &integration.location_id,
-                        &integration.user_id,
-                    ]),
-                    &[][..],
-                )?;
-                for (cursor_key, value) in &cursor_values {
-                    if cursors.get(cursor_key)?.is_none() {
-                        cursors.insert(cursor_key.as_slice(), value.as_slice())?;
+            .transaction(
+                |(
+                    mailboxes,
+                    integrations,
+                    by_mailbox,
+                    cursors,
+                    outbox,
+                    sends,
+                    unsettled,
+                    quota,
+                )| {
+                    if let Some(old) = &moved_from {
+                        by_mailbox.remove(key(&[
+                            old,
+                            &integration.location_id,
+                            &integration.user_id,
+                        ]))?;
                     }
-                }
-                Self::put_outbox_tx(outbox, &outbox_values)?;
-                Ok(())
-            })
+                    if let Some(old) = &released {
+                        mailboxes.remove(old.as_bytes())?;
+                        for role in FolderRole::ALL {
+                            cursors.remove(cursor_key(old, role))?;
+                        }
+                    }
+                    mailboxes.insert(mailbox.address.as_bytes(), mailbox_value.as_slice())?;
+                    integrations
+                        .insert(integration_key.as_slice(), integration_value.as_slice())?;
+                    by_mailbox.insert(
+                        key(&[
+                            &mailbox.address,
+                            &integration.location_id,
+                            &integration.user_id,
+                        ]),
+                        &[][..],
+                    )?;
+                    for (cursor_key, value) in &cursor_values {
+                        if cursors.get(cursor_key)?.is_none() {
+                            cursors.insert(cursor_key.as_slice(), value.as_slice())?;
+                        }
+                    }
+                    for (id, value, unsettled_key) in &failed_values {
+                        sends.insert(id.as_bytes(), value.as_slice())?;
+                        unsettled.remove(unsettled_key.as_slice())?;
+                    }
+                    for k in &refunds {
+                        quota.remove(k)?;
+                    }
+                    Self::put_outbox_tx(outbox, &outbox_values)?;
+                    Ok(())
+                },
+            )
             .map_err(tx_error)?;
-        self.flush()
+        self.flush()?;
+        Ok(released)
+    }
+
+    fn threads_of_mailbox(&self, mailbox: &str) -> StoreResult<Vec<Thread>> {
+        // Only "update email" asks, rarely: a scan beats keeping another index.
+        let mut found = Vec::new();
+        for value in self.threads.iter().values() {
+            let thread: Thread = decode(&value.map_err(engine)?)?;
+            if thread.mailbox == mailbox {
+                found.push(thread);
+            }
+        }
+        Ok(found)
     }
 
     fn disconnect(

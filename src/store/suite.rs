@@ -128,6 +128,7 @@ fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
                 &integration("L1", "u1", "me@x.test"),
                 &[(FolderRole::Inbox, first)],
                 &[],
+                &[],
             )
             .unwrap();
         store
@@ -135,6 +136,7 @@ fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
                 &mailbox("me@x.test"),
                 &integration("L2", "u1", "me@x.test"),
                 &[(FolderRole::Inbox, later)],
+                &[],
                 &[],
             )
             .unwrap();
@@ -169,22 +171,52 @@ fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
 #[test]
 fn update_email_moves_the_integration() {
     for (_dir, store) in engines() {
-        store
+        let cursor = FolderCursor {
+            uid_validity: 1,
+            next_uid: 7,
+        };
+        let released = store
             .connect(
                 &mailbox("old@x.test"),
                 &integration("L1", "u1", "old@x.test"),
+                &[(FolderRole::Inbox, cursor)],
                 &[],
                 &[],
             )
             .unwrap();
-        store
+        assert_eq!(released, None);
+        let mut queued = send_record("s-old", None);
+        queued.mailbox = "old@x.test".into();
+        let mut thread = send_thread();
+        thread.mailbox = "old@x.test".into();
+        store.accept_send(&queued, &thread, None, 0).unwrap();
+        let mut failed = queued.clone();
+        failed.status = crate::model::SendStatus::Failed;
+        let released = store
             .connect(
                 &mailbox("new@x.test"),
                 &integration("L1", "u1", "new@x.test"),
                 &[],
+                std::slice::from_ref(&failed),
                 &[],
             )
             .unwrap();
+        assert_eq!(
+            released.as_deref(),
+            Some("old@x.test"),
+            "R18: released at once"
+        );
+        assert!(store.mailbox("old@x.test").unwrap().is_none());
+        assert_eq!(store.cursor("old@x.test", FolderRole::Inbox).unwrap(), None);
+        assert_eq!(
+            store.send("s-old").unwrap().unwrap().status,
+            crate::model::SendStatus::Failed
+        );
+        assert!(store.unsettled_sends().unwrap().is_empty());
+        assert_eq!(
+            store.threads_of_mailbox("old@x.test").unwrap(),
+            vec![thread]
+        );
         assert!(
             store
                 .integrations_of_mailbox("old@x.test")
@@ -412,7 +444,7 @@ fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
         sent.status = SendStatus::Sent;
         store.update_send(&sent, &[]).unwrap();
         let mut failed = store.send("msg_2").unwrap().unwrap();
-        failed.status = SendStatus::Failed;
+        failed.status = crate::model::SendStatus::Failed;
         store.update_send(&failed, &[]).unwrap();
         assert!(store.unsettled_sends().unwrap().is_empty());
         assert_eq!(
