@@ -4,9 +4,33 @@
 
 use lettre::message::{Attachment, Mailbox as Address, MultiPart, SinglePart, header::ContentType};
 
+/// Names the CRM send a message is, whatever the server does to its
+/// Message-ID: Exchange Online replaces it, and its copy in Sent must still be
+/// known as the CRM's own (R5) and be found before a retry.
+pub const SEND_ID_HEADER: &str = "X-Mailbridge-Send-Id";
+
+#[derive(Clone)]
+struct SendIdHeader(String);
+
+impl lettre::message::header::Header for SendIdHeader {
+    fn name() -> lettre::message::header::HeaderName {
+        lettre::message::header::HeaderName::new_from_ascii_str(SEND_ID_HEADER)
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Self(s.to_string()))
+    }
+
+    fn display(&self) -> lettre::message::header::HeaderValue {
+        lettre::message::header::HeaderValue::new(Self::name(), self.0.clone())
+    }
+}
+
 /// Everything a send needs, already validated.
 #[derive(Clone, Debug)]
 pub struct Draft {
+    /// The bridge's id of the send (`msg_…`), carried in [`SEND_ID_HEADER`].
+    pub send_id: String,
     pub from: String,
     pub from_name: Option<String>,
     pub to: Vec<String>,
@@ -75,6 +99,7 @@ impl Draft {
             .from(address("from", &self.from, self.from_name.as_deref())?)
             .subject(self.subject.clone())
             .message_id(Some(self.message_id.clone()))
+            .header(SendIdHeader(self.send_id.clone()))
             .date_now();
         for (i, to) in self.to.iter().enumerate() {
             builder = builder.to(address(&format!("to[{i}]"), to, None)?);
@@ -149,6 +174,7 @@ mod tests {
 
     fn draft() -> Draft {
         Draft {
+            send_id: "msg_0192abc".into(),
             from: "me@example.test".into(),
             from_name: Some("Jörg Müller".into()),
             to: vec!["ann@example.org".into()],
@@ -175,6 +201,7 @@ mod tests {
         assert_eq!(m.subject.as_deref(), Some("Angebot – Größe ✓"));
         assert_eq!(m.from.unwrap().name.as_deref(), Some("Jörg Müller"));
         assert_eq!(m.message_id.as_deref(), Some("<abc@example.test>"));
+        assert_eq!(m.crm_send_id.as_deref(), Some("msg_0192abc"));
         assert_eq!(m.in_reply_to.as_deref(), Some("<parent@example.org>"));
         assert_eq!(
             m.references,

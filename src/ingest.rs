@@ -56,6 +56,19 @@ impl Ingest {
         }
     }
 
+    /// Whether the message carries the bridge's header naming a send from this
+    /// mailbox. The server may have replaced the Message-ID (Exchange Online),
+    /// and its copy in Sent can arrive before the bridge reads the new one.
+    fn names_a_crm_send(&self, mailbox: &str, message: &Message) -> StoreResult<bool> {
+        let Some(send_id) = &message.crm_send_id else {
+            return Ok(false);
+        };
+        Ok(self
+            .store
+            .send(send_id)?
+            .is_some_and(|send| send.mailbox == mailbox))
+    }
+
     /// Handles the message at `found` and moves the folder's cursor past it.
     pub fn handle(&self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
         let message = mime::parse(raw);
@@ -73,7 +86,7 @@ impl Ingest {
         let sent_by_crm = match &message.message_id {
             Some(id) => self.store.is_crm_message(found.mailbox, id)?,
             None => false,
-        };
+        } || self.names_a_crm_send(found.mailbox, &message)?;
         let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
         let contacts = self.contacts_for(
             &message,

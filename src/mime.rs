@@ -69,6 +69,14 @@ fn read_headers(headers: &[MailHeader<'_>], message: &mut Message) {
         .get_first_value("Subject")
         .map(|s| s.trim().to_string());
     message.date = headers.get_first_value("Date").and_then(|v| parse_date(&v));
+    message.crm_send_id = headers
+        .get_first_value(crate::compose::SEND_ID_HEADER)
+        .map(|v| v.trim().to_string())
+        .filter(|id| {
+            id.len() <= 64
+                && id.starts_with("msg_")
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
 }
 
 fn parse_date(value: &str) -> Option<DateTime<Utc>> {

@@ -298,6 +298,10 @@ pub struct Message {
     pub attachments: Vec<AttachmentInfo>,
     /// Why parts of the message were skipped; empty for a clean message.
     pub parse_warnings: Vec<String>,
+    /// The CRM send this message is, by the bridge's own header (present on
+    /// what the bridge submitted, whatever the server did to its Message-ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm_send_id: Option<String>,
 }
 
 impl Message {

@@ -19,6 +19,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::Utc;
+use futures_util::TryStreamExt as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,11 @@ pub struct SendQueue {
     pub signal: SendSignal,
     pub retry_min: Duration,
     pub retry_max: Duration,
+}
+
+/// A send's copy found in the Sent folder.
+struct SentCopy {
+    message_id: Option<String>,
 }
 
 /// Where the two copies of a send are kept until it settles.
@@ -193,10 +199,10 @@ impl SendQueue {
         // itself, the copy there tells: found means sent, never submit again.
         if send.attempts > 0
             && !mailbox.save_sent.bridge_appends(mailbox.provider)
-            && let Ok(true) = self.in_sent(&mailbox, &send.message_id).await
+            && let Ok(Some(copy)) = self.in_sent(&mailbox, &send).await
         {
             tracing::info!(send = %send.id, "a retried send is already in Sent: it was sent");
-            return self.settle_as_sent(send);
+            return self.settle_as_sent(send, copy);
         }
         let login = match self.sync.auth.login(&mailbox.address, None).await {
             Ok(login) => login,
@@ -353,8 +359,12 @@ impl SendQueue {
         }
     }
 
-    /// Records a send whose copy was found in Sent as sent.
-    fn settle_as_sent(&self, mut send: SendRecord) {
+    /// Records a send whose copy was found in Sent as sent, under the
+    /// Message-ID that copy carries (the server may have replaced ours).
+    fn settle_as_sent(&self, mut send: SendRecord, copy: SentCopy) {
+        if let Some(message_id) = copy.message_id {
+            adopt_server_message_id(&mut send, &message_id);
+        }
         send.status = SendStatus::Sent;
         send.error = None;
         send.sent_at = Some(Utc::now());
@@ -368,15 +378,15 @@ impl SendQueue {
     /// otherwise failed as interrupted (never submitted twice).
     async fn settle_interrupted(&self, send: SendRecord) {
         let found = match self.store.mailbox(&send.mailbox) {
-            Ok(Some(mailbox)) => self.in_sent(&mailbox, &send.message_id).await,
-            _ => Ok(false),
+            Ok(Some(mailbox)) => self.in_sent(&mailbox, &send).await,
+            _ => Ok(None),
         };
         match found {
-            Ok(true) => {
+            Ok(Some(copy)) => {
                 tracing::info!(send = %send.id, "interrupted send found in Sent: it was sent");
-                self.settle_as_sent(send);
+                self.settle_as_sent(send, copy);
             }
-            Ok(false) => self.fail(
+            Ok(None) => self.fail(
                 send,
                 "the bridge stopped while submitting this message and cannot tell whether the server accepted it; \
                  it was not sent again to avoid a duplicate"
@@ -388,22 +398,57 @@ impl SendQueue {
         }
     }
 
-    async fn in_sent(&self, mailbox: &Mailbox, message_id: &str) -> Result<bool, String> {
+    /// The send's copy in Sent, found by its Message-ID or by the bridge's
+    /// send-id header (which survives a server replacing the Message-ID).
+    async fn in_sent(
+        &self,
+        mailbox: &Mailbox,
+        send: &SendRecord,
+    ) -> Result<Option<SentCopy>, String> {
         let Some((mut session, sent)) = self.open_sent(mailbox).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         self.within("selecting Sent", session.examine(&sent))
             .await?;
-        // Our Message-IDs are `<hex@domain>`: nothing that needs escaping.
+        // Both are the bridge's own (`<hex@domain>`, `msg_hex`); stripped of
+        // quotes and backslashes anyway, so they stay one quoted string.
+        let quoted = |text: &str| format!("\"{}\"", text.replace(['"', '\\'], ""));
         let query = format!(
-            "HEADER Message-ID \"{}\"",
-            message_id.replace(['"', '\\'], "")
+            "OR HEADER Message-ID {} HEADER {} {}",
+            quoted(&send.message_id),
+            crate::compose::SEND_ID_HEADER,
+            quoted(&send.id)
         );
         let hits = self
             .within("searching Sent", session.uid_search(query))
             .await?;
+        let copy = match hits.iter().min() {
+            None => None,
+            Some(uid) => {
+                let fetched: Vec<_> = self
+                    .within("reading the copy's Message-ID", async {
+                        session
+                            .uid_fetch(uid.to_string(), "BODY.PEEK[HEADER]")
+                            .await?
+                            .try_collect::<Vec<_>>()
+                            .await
+                    })
+                    .await?;
+                let message_id = fetched
+                    .iter()
+                    .filter_map(|f| f.header())
+                    .filter_map(|raw| mailparse::parse_headers(raw).ok())
+                    .filter_map(|(headers, _)| {
+                        use mailparse::MailHeaderMap as _;
+                        headers.get_first_value("Message-ID")
+                    })
+                    .flat_map(|value| crate::mime::message_ids(&value))
+                    .next();
+                Some(SentCopy { message_id })
+            }
+        };
         let _ = self.within("logging out", session.logout()).await;
-        Ok(!hits.is_empty())
+        Ok(copy)
     }
 
     /// A logged-in session and the name of the mailbox's Sent folder, if it has one.

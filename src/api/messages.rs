@@ -196,7 +196,9 @@ pub async fn send(
     let message_id = new_message_id(&mailbox.address);
     thread.remember(Some(&message_id), Some(&subject));
 
+    let send_id = new_id("msg");
     let draft = Draft {
+        send_id: send_id.clone(),
         from: mailbox.address.clone(),
         from_name: None,
         to: to.clone(),
@@ -219,7 +221,6 @@ pub async fn send(
     let (submitted, filed) = draft
         .build()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let send_id = new_id("msg");
     let as_address = |email: &String| EmailAddress {
         email: email.clone(),
         name: None,

@@ -7,6 +7,7 @@ pub mod child;
 pub mod daemon;
 pub mod oauth;
 pub mod receiver;
+pub mod scripted_smtp;
 pub mod stack;
 pub mod world;
 
