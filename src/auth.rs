@@ -230,6 +230,26 @@ impl Auth {
         }
     }
 
+    /// When a session logged in now should log in again with a renewed token,
+    /// before the provider ends it (Gmail and Exchange Online close a session
+    /// whose token expired: `* BYE Session expired`, `AccessTokenExpired`).
+    pub fn relogin_in(&self, address: &str) -> Option<Duration> {
+        let Ok(Some(mailbox)) = self.store.mailbox(address) else {
+            return None;
+        };
+        let Credentials::OAuth2 {
+            expires_at: Some(expires_at),
+            ..
+        } = mailbox.credentials
+        else {
+            return None;
+        };
+        (expires_at - self.refresh_margin - Utc::now())
+            .to_std()
+            .ok()
+            .map(|left| left.max(Duration::from_secs(1)))
+    }
+
     /// A password was refused. Returns whether that is now believed: an earlier
     /// refusal lies at least `sync.reauth_confirm_secs` back.
     pub fn password_refused(&self, address: &str) -> bool {

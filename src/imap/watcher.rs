@@ -36,6 +36,9 @@ enum SessionError {
     Timeout(&'static str),
     #[error("the server closed the session")]
     Closed,
+    /// The access token is about to expire: log in again with a renewed one.
+    #[error("renewing the login before the access token expires")]
+    TokenExpiring,
     #[error("storage: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -57,6 +60,10 @@ impl FolderWatcher {
             };
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
+                Err(SessionError::TokenExpiring) => {
+                    tracing::debug!(mailbox = %self.address, folder = self.role.as_str(), "logging in again before the access token expires");
+                    continue;
+                }
                 Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
                     return WatchEnd::NeedsReauth;
                 }
@@ -123,6 +130,11 @@ impl FolderWatcher {
             .open_imap(&self.ctx.connector, address)
             .await?;
         self.ctx.auth.login_succeeded(address);
+        let relogin_at = self
+            .ctx
+            .auth
+            .relogin_in(address)
+            .map(|left| tokio::time::Instant::now() + left);
         let folder = match self.role {
             FolderRole::Inbox => "INBOX".to_string(),
             FolderRole::Sent => match self
@@ -175,6 +187,7 @@ impl FolderWatcher {
             enum Woke {
                 Server(Result<IdleResponse, async_imap::error::Error>),
                 Renew,
+                TokenExpiring,
                 Cancel,
             }
             let woke = {
@@ -185,6 +198,7 @@ impl FolderWatcher {
                 tokio::select! {
                     response = wait => Woke::Server(response),
                     _ = tokio::time::sleep(self.idle_period) => Woke::Renew,
+                    _ = until(relogin_at) => Woke::TokenExpiring,
                     _ = cancel.cancelled() => Woke::Cancel,
                 }
             };
@@ -203,12 +217,18 @@ impl FolderWatcher {
                         return Err(SessionError::Closed);
                     }
                 }
-                Woke::Server(Ok(IdleResponse::Timeout)) | Woke::Renew | Woke::Cancel => {}
+                Woke::Server(Ok(IdleResponse::Timeout))
+                | Woke::Renew
+                | Woke::TokenExpiring
+                | Woke::Cancel => {}
             }
             session = self.timed("ending IDLE", idle.done()).await?;
-            if matches!(woke, Woke::Cancel) {
+            if matches!(woke, Woke::Cancel | Woke::TokenExpiring) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-                return Ok(());
+                return match woke {
+                    Woke::TokenExpiring => Err(SessionError::TokenExpiring),
+                    _ => Ok(()),
+                };
             }
         }
     }
@@ -309,5 +329,13 @@ impl FolderWatcher {
             }
         }
         Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
