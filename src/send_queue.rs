@@ -503,12 +503,14 @@ pub fn failed(send: &mut SendRecord, error: String) -> Event {
 /// Exchange Online may replace the Message-ID of a submitted message with its
 /// own and names the new one in its reply to DATA, e.g.
 /// `250 2.0.0 OK <AM0PR01MB1234.…@AM0PR01MB1234.eurprd01.prod.outlook.com> [Hostname=…]`
-/// (recorded transcripts; EmailEngine reads it from this line too; see
-/// ../shared/notes/provider-wire-facts.md). The copy in Sent Items and the
-/// contact's In-Reply-To carry that id, so it becomes the send's Message-ID:
-/// the thread index learns it and the Sent copy is known as the CRM's own.
-/// Other servers' replies (`250 2.0.0 Ok: queued as 4ZxY…`, Gmail's
-/// `250 2.0.0 OK 1545926120 … - gsmtp`) name no `<…@…>` and change nothing.
+/// (recorded transcripts in ../shared/notes/provider-wire-facts.md; EmailEngine
+/// adopts it the same way: postalsys/emailengine#254, "Hotmail message ID").
+/// Microsoft documents that SMTP submissions are saved to Sent Items; no
+/// Microsoft page describing the rewrite itself was found. The copy in Sent
+/// Items and the contact's In-Reply-To carry the new id, so it becomes the
+/// send's Message-ID: the thread index learns it and the Sent copy is known as
+/// the CRM's own. Other servers' replies (`250 2.0.0 Ok: queued as 4ZxY…`,
+/// Gmail's `250 2.0.0 OK 1545926120 … - gsmtp`) name no `<…@…>` and change nothing.
 pub fn adopt_server_message_id(send: &mut SendRecord, response: &str) {
     let Some(reported) = reported_message_id(response) else {
         return;

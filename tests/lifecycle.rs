@@ -233,3 +233,93 @@ async fn r18_update_email_detaches_the_old_threads_and_fails_what_was_queued_fro
     assert_eq!(sent["mailbox"], new.address.as_str());
     daemon.stop().await;
 }
+
+/// me connected through a proxy that can refuse logins in Dovecot's place.
+async fn behind_proxy() -> (World, support::imap_proxy::ImapProxy) {
+    let world = World::started().await;
+    let proxy = support::imap_proxy::ImapProxy::start(&world.stack).await;
+    world
+        .api
+        .put_contact("L1", "c-ann", &world.ann.address, &["u1"])
+        .await;
+    world
+        .api
+        .connect_with(
+            "L1",
+            "u1",
+            &world.stack,
+            &world.me,
+            serde_json::json!({"imap": proxy.endpoint()}),
+        )
+        .await;
+    world.api.wait_active("L1", "u1").await;
+    (world, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r20_a_server_that_cannot_take_logins_for_now_is_not_needs_reauth() {
+    let (world, proxy) = behind_proxy().await;
+    proxy.refuse_next(3, support::imap_proxy::UNAVAILABLE);
+    world.stack.kick(&world.me);
+    mail(
+        &world.stack,
+        &world.ann,
+        &world.me,
+        "after the refusals",
+        None,
+    )
+    .await;
+    world
+        .receiver
+        .wait_for("the message after the refusals", |r| {
+            r.subject() == "after the refusals"
+        })
+        .await;
+    assert_eq!(proxy.counts().0, 3, "the refusals were met");
+    world.api.wait_active("L1", "u1").await;
+    assert!(
+        world
+            .receiver
+            .all()
+            .iter()
+            .all(|r| r.kind() != "mailbox.needs_reauth"),
+        "[UNAVAILABLE] is no verdict on the password"
+    );
+    world.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r20_a_password_refused_once_is_not_believed_until_a_later_try_confirms_it() {
+    let (world, proxy) = behind_proxy().await;
+    proxy.refuse_next(1, support::imap_proxy::AUTHENTICATION_FAILED);
+    world.stack.kick(&world.me);
+    mail(
+        &world.stack,
+        &world.ann,
+        &world.me,
+        "after one refusal",
+        None,
+    )
+    .await;
+    world
+        .receiver
+        .wait_for("the message after one refusal", |r| {
+            r.subject() == "after one refusal"
+        })
+        .await;
+    assert_eq!(proxy.counts().0, 1);
+    world.api.wait_active("L1", "u1").await;
+    let (code, sent, _) = world
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "still fine", "text": "x"}))
+        .await;
+    assert_eq!(code, 202, "{sent}");
+    assert!(
+        world
+            .receiver
+            .all()
+            .iter()
+            .all(|r| r.kind() != "mailbox.needs_reauth"),
+        "one refusal, then a login that works: not needs_reauth"
+    );
+    world.daemon.stop().await;
+}

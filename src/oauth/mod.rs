@@ -352,11 +352,11 @@ fn token_error(
             TokenError::Transient(without_url(&e))
         }
         RequestTokenError::Request(other) => TokenError::Transient(other.to_string()),
-        // A non-JSON answer: a 5xx page from a proxy, typically.
-        RequestTokenError::Parse(_, body) => TokenError::Transient(format!(
-            "unreadable answer: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )),
+        // A non-JSON answer (a proxy's 5xx page, typically). The body is not
+        // quoted: a half-valid answer may carry a token.
+        RequestTokenError::Parse(err, _) => {
+            TokenError::Transient(format!("unreadable answer from the token endpoint: {err}"))
+        }
         RequestTokenError::Other(words) => TokenError::Transient(words),
     }
 }

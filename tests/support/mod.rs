@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod daemon;
+pub mod imap_proxy;
 pub mod oauth;
 pub mod receiver;
 pub mod scripted_smtp;

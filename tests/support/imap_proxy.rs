@@ -1,0 +1,161 @@
+//! A plain-TCP proxy on 127.0.0.1 port 0 in front of the stack's Dovecot
+//! (its plain port), passing everything through, that can be told to refuse
+//! the next logins with words a healthy Dovecot does not use on demand:
+//! RFC 5530's `[UNAVAILABLE]` (what Dovecot says when its passdb fails), or a
+//! one-off `[AUTHENTICATIONFAILED]`. Until a client logs in, the proxy reads
+//! its commands line by line; after that it only copies bytes.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+use super::stack::Stack;
+
+#[derive(Default)]
+struct Script {
+    /// Answers for the next logins, in order; empty: pass them on.
+    refusals: Vec<String>,
+    refused: usize,
+    logins_passed: usize,
+}
+
+pub struct ImapProxy {
+    pub port: u16,
+    script: Arc<Mutex<Script>>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for ImapProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Dovecot's words when its passdb cannot answer (auth-common: "Temporary
+/// authentication failure"), with the RFC 5530 code it sends them under.
+pub const UNAVAILABLE: &str = "NO [UNAVAILABLE] Temporary authentication failure. [proxy]";
+pub const AUTHENTICATION_FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.";
+
+impl ImapProxy {
+    pub async fn start(stack: &Stack) -> ImapProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("IMAP proxy: bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("IMAP proxy: address").port();
+        let upstream = format!("127.0.0.1:{}", stack.imap_port);
+        let script = Arc::new(Mutex::new(Script::default()));
+        let accept = {
+            let script = script.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let (upstream, script) = (upstream.clone(), script.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = serve(client, &upstream, script).await {
+                            eprintln!("IMAP proxy: connection ended: {err}");
+                        }
+                    });
+                }
+            })
+        };
+        ImapProxy {
+            port,
+            script,
+            accept,
+        }
+    }
+
+    /// `{"host", "port", "security": "plain"}` for a connect request.
+    pub fn endpoint(&self) -> serde_json::Value {
+        serde_json::json!({"host": "127.0.0.1", "port": self.port, "security": "plain"})
+    }
+
+    /// The next `count` logins get `answer` (without the tag) instead of Dovecot's.
+    pub fn refuse_next(&self, count: usize, answer: &str) {
+        let mut script = self.script.lock().expect("proxy script");
+        script
+            .refusals
+            .extend(std::iter::repeat_n(answer.to_string(), count));
+    }
+
+    /// Logins refused so far, and logins passed on to Dovecot.
+    pub fn counts(&self) -> (usize, usize) {
+        let script = self.script.lock().expect("proxy script");
+        (script.refused, script.logins_passed)
+    }
+}
+
+async fn serve(
+    client: TcpStream,
+    upstream: &str,
+    script: Arc<Mutex<Script>>,
+) -> std::io::Result<()> {
+    let server = TcpStream::connect(upstream).await?;
+    let (client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let mut client_read = BufReader::new(client_read);
+    // Server → client is copied as it comes; refusals are written by this
+    // side, which only happens while the server has nothing to say (between
+    // a command and its answer), so the two writers share the socket in turn.
+    let (to_client, mut from_proxy) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let downstream = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                read = tokio::io::AsyncReadExt::read(&mut server_read, &mut buffer) => {
+                    let n = read?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    client_write.write_all(&buffer[..n]).await?;
+                }
+                Some(bytes) = from_proxy.recv() => client_write.write_all(&bytes).await?,
+            }
+        }
+    });
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if client_read.read_until(b'\n', &mut line).await? == 0 {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line).to_ascii_uppercase();
+        let mut words = text.split_whitespace();
+        let tag = words.next().unwrap_or("").to_string();
+        let is_login = matches!(words.next(), Some("LOGIN" | "AUTHENTICATE"));
+        if is_login {
+            let refusal = {
+                let mut script = script.lock().expect("proxy script");
+                if script.refusals.is_empty() {
+                    script.logins_passed += 1;
+                    None
+                } else {
+                    script.refused += 1;
+                    Some(script.refusals.remove(0))
+                }
+            };
+            if let Some(answer) = refusal {
+                let original_tag = String::from_utf8_lossy(&line)
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or(&tag)
+                    .to_string();
+                let _ = to_client
+                    .send(format!("{original_tag} {answer}\r\n").into_bytes())
+                    .await;
+                continue;
+            }
+            server_write.write_all(&line).await?;
+            // Logged in or not, the rest is passed through untouched.
+            tokio::io::copy(&mut client_read, &mut server_write).await?;
+            break;
+        }
+        server_write.write_all(&line).await?;
+    }
+    let _ = server_write.shutdown().await;
+    let _ = downstream.await;
+    Ok(())
+}
