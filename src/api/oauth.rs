@@ -105,6 +105,7 @@ pub async fn start(
             query.login_hint.as_deref(),
         )
         .map_err(not_configured)?;
+    forget_abandoned_flows(&state)?;
     state.store.put_setting(
         &format!("{FLOW_SETTING}{}", flow.nonce),
         &flow.expires_at.to_be_bytes(),
@@ -118,6 +119,21 @@ pub async fn start(
     } else {
         Ok(found(&url))
     }
+}
+
+/// Sign-ins whose person never came back: their state expired, so their
+/// nonce can go (at most one per start in the last 10 minutes stays).
+fn forget_abandoned_flows(state: &AppState) -> Result<(), ApiError> {
+    let now = Utc::now().timestamp();
+    for (name, value) in state.store.settings_with_prefix(FLOW_SETTING)? {
+        let expires_at = <[u8; 8]>::try_from(value.as_slice())
+            .map(i64::from_be_bytes)
+            .unwrap_or(0);
+        if expires_at < now {
+            state.store.take_setting(&name)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -218,6 +218,8 @@ pub trait Store: Send + Sync + 'static {
     // --- small settings (the generated API key's hash, …)
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()>;
+    /// Every setting whose name starts with `prefix`.
+    fn settings_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
     /// Removes a setting and returns what it held: of two takers, one gets it.
     fn take_setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     /// A random 32-byte key kept encrypted under `name`, made on first use.

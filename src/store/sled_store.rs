@@ -1053,6 +1053,16 @@ impl Store for SledStore {
         self.flush()
     }
 
+    fn settings_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.settings
+            .scan_prefix(prefix)
+            .map(|item| {
+                let (name, value) = item.map_err(engine)?;
+                Ok((String::from_utf8_lossy(&name).into_owned(), value.to_vec()))
+            })
+            .collect()
+    }
+
     fn take_setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
         let taken = self.settings.remove(name).map_err(engine)?;
         if taken.is_some() {

@@ -465,3 +465,126 @@ fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
         );
     }
 }
+
+#[test]
+fn settings_can_be_taken_once_listed_by_prefix_and_keys_are_kept_sealed() {
+    for (dir, store) in engines() {
+        store.put_setting("flow:a", b"1").unwrap();
+        store.put_setting("flow:b", b"2").unwrap();
+        store.put_setting("other", b"3").unwrap();
+        let mut listed = store.settings_with_prefix("flow:").unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            vec![
+                ("flow:a".to_string(), b"1".to_vec()),
+                ("flow:b".to_string(), b"2".to_vec())
+            ]
+        );
+        assert_eq!(store.take_setting("flow:a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.take_setting("flow:a").unwrap(), None, "taken once");
+
+        let key = store.secret_key("state_key").unwrap();
+        assert_eq!(
+            store.secret_key("state_key").unwrap(),
+            key,
+            "made once, then kept"
+        );
+        assert_ne!(store.secret_key("another").unwrap(), key);
+        assert!(!contains(&walk(dir.path()), &key), "kept encrypted");
+    }
+}
+
+#[test]
+fn needs_reauth_is_recorded_once_kept_against_later_states_and_ended_only_by_connect() {
+    for (_dir, store) in engines() {
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let event = Event::lifecycle(
+            "mailbox.needs_reauth",
+            "L1",
+            "u1",
+            "me@x.test",
+            serde_json::json!({}),
+        );
+        assert!(
+            store
+                .mark_needs_reauth("me@x.test", "refused", std::slice::from_ref(&event))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .mark_needs_reauth("me@x.test", "again", std::slice::from_ref(&event))
+                .unwrap()
+        );
+        assert_eq!(store.outbox_len().unwrap(), 1, "one event");
+        store
+            .set_mailbox_state("me@x.test", MailboxState::Active, None)
+            .unwrap();
+        let stored = store.mailbox("me@x.test").unwrap().unwrap();
+        assert_eq!(
+            stored.state,
+            MailboxState::NeedsReauth,
+            "a late session does not undo it"
+        );
+        assert_eq!(stored.last_error.as_deref(), Some("refused"));
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[],
+                &[],
+                &[],
+            )
+            .unwrap();
+        assert_ne!(
+            store.mailbox("me@x.test").unwrap().unwrap().state,
+            MailboxState::NeedsReauth
+        );
+    }
+}
+
+#[test]
+fn refreshed_credentials_never_replace_newer_ones() {
+    for (_dir, store) in engines() {
+        let mut mine = mailbox("me@x.test");
+        store
+            .connect(&mine, &integration("L1", "u1", "me@x.test"), &[], &[], &[])
+            .unwrap();
+        let renewed = Credentials::OAuth2 {
+            username: "me@x.test".into(),
+            refresh_token: "r1".into(),
+            access_token: Some("a2".into()),
+            expires_at: None,
+        };
+        assert!(
+            store
+                .replace_credentials("me@x.test", &mine.credentials, &renewed)
+                .unwrap()
+        );
+        // A connect with other credentials came first: the stale refresh loses.
+        mine.credentials = Credentials::Password {
+            username: "me@x.test".into(),
+            password: "new".into(),
+        };
+        store
+            .connect(&mine, &integration("L1", "u1", "me@x.test"), &[], &[], &[])
+            .unwrap();
+        assert!(
+            !store
+                .replace_credentials("me@x.test", &renewed, &renewed)
+                .unwrap()
+        );
+        assert_eq!(
+            store.mailbox("me@x.test").unwrap().unwrap().credentials,
+            mine.credentials
+        );
+    }
+}
