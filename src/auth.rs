@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     config::ProvidersConfig,
@@ -39,7 +39,7 @@ pub enum AuthError {
     Unavailable(String),
     /// The mailbox was disconnected meanwhile.
     #[error("the mailbox is no longer connected")]
-    Gone,
+    Disconnected,
 }
 
 impl From<AuthError> for ConnectError {
@@ -47,9 +47,17 @@ impl From<AuthError> for ConnectError {
         match err {
             AuthError::NeedsReauth(words) => ConnectError::NeedsReauth(words),
             AuthError::Unavailable(words) => ConnectError::Unavailable(words),
-            AuthError::Gone => ConnectError::NeedsReauth("the mailbox was disconnected".into()),
+            AuthError::Disconnected => ConnectError::Disconnected,
         }
     }
+}
+
+/// A login and the stored credentials it was made from: a verdict on the
+/// login applies to those credentials only, never to newer ones.
+#[derive(Clone, Debug)]
+pub struct SignIn {
+    pub credentials: Credentials,
+    pub login: Login,
 }
 
 pub struct Auth {
@@ -57,7 +65,8 @@ pub struct Auth {
     providers: ProvidersConfig,
     http: TokenHttp,
     outbox: Wakeup,
-    /// An access token is renewed when it has less than this left.
+    /// An access token is renewed when it has less than this left (or half
+    /// its lifetime, when that is shorter).
     refresh_margin: TimeDelta,
     /// A refused password is believed when refused again this much later.
     confirm_after: Duration,
@@ -96,40 +105,59 @@ impl Auth {
         ProviderClient::new(&self.providers.settings(provider).oauth)
     }
 
-    /// Usable credentials and their login, without touching the store: a
-    /// password as it is; an OAuth2 grant with its access token, refreshed
-    /// first when it is missing, expiring, or the one just `refused`.
-    pub async fn fresh(
+    /// How long before its expiry a token is renewed: the configured margin,
+    /// or half the token's lifetime when that is shorter, so a short-lived
+    /// token is not renewed at every login.
+    fn margin_for(&self, issued_at: Option<DateTime<Utc>>, expires_at: DateTime<Utc>) -> TimeDelta {
+        match issued_at {
+            Some(issued_at) => self.refresh_margin.min((expires_at - issued_at) / 2),
+            None => self.refresh_margin,
+        }
+    }
+
+    /// Usable credentials and their login, for credentials not stored yet (a
+    /// connect): no per-mailbox lock, nothing written. A password as it is; an
+    /// OAuth2 grant with its access token, renewed first when it is missing,
+    /// expiring, or the one just `refused`.
+    pub async fn usable(
         &self,
         provider: Provider,
         credentials: &Credentials,
         refused: Option<&Login>,
-    ) -> Result<(Credentials, Login), TokenError> {
-        let (username, refresh_token, access_token, expires_at) = match credentials {
+    ) -> Result<SignIn, TokenError> {
+        let (username, refresh_token, access_token, expires_at, issued_at) = match credentials {
             Credentials::Password { username, password } => {
                 let login = Login::Password {
                     username: username.clone(),
                     password: password.clone(),
                 };
-                return Ok((credentials.clone(), login));
+                return Ok(SignIn {
+                    credentials: credentials.clone(),
+                    login,
+                });
             }
             Credentials::OAuth2 {
                 username,
                 refresh_token,
                 access_token,
                 expires_at,
-            } => (username, refresh_token, access_token, expires_at),
+                issued_at,
+            } => (username, refresh_token, access_token, expires_at, issued_at),
         };
         let was_refused = |token: &str| matches!(refused, Some(Login::Bearer { access_token, .. }) if access_token == token);
+        let lasts = |at: &DateTime<Utc>| *at - Utc::now() > self.margin_for(*issued_at, *at);
         if let Some(token) = access_token
             && !was_refused(token)
-            && expires_at.is_none_or(|at| at - Utc::now() > self.refresh_margin)
+            && expires_at.as_ref().is_none_or(lasts)
         {
             let login = Login::Bearer {
                 username: username.clone(),
                 access_token: token.clone(),
             };
-            return Ok((credentials.clone(), login));
+            return Ok(SignIn {
+                credentials: credentials.clone(),
+                login,
+            });
         }
         let grant = self
             .provider_client(provider)?
@@ -141,12 +169,16 @@ impl Auth {
             refresh_token: grant.refresh_token.unwrap_or_else(|| refresh_token.clone()),
             access_token: Some(grant.access_token.clone()),
             expires_at: grant.expires_at,
+            issued_at: Some(Utc::now()),
         };
         let login = Login::Bearer {
             username: username.clone(),
             access_token: grant.access_token,
         };
-        Ok((renewed, login))
+        Ok(SignIn {
+            credentials: renewed,
+            login,
+        })
     }
 
     fn refresh_lock(&self, address: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -155,28 +187,29 @@ impl Auth {
     }
 
     /// The login for a stored mailbox. A renewed token is stored before it is
-    /// used, so every session and the sender share it.
-    pub async fn login(&self, address: &str, refused: Option<&Login>) -> Result<Login, AuthError> {
+    /// used, so every session and the sender share it; of several callers at
+    /// once, one renews and the others use its token.
+    pub async fn login(&self, address: &str, refused: Option<&Login>) -> Result<SignIn, AuthError> {
         let lock = self.refresh_lock(address);
         let _one_refresh = lock.lock().await;
         // Read under the lock: a refresh that finished while we waited is used, not repeated.
         let mailbox = self.current(address)?;
-        let (credentials, login) = match self
-            .fresh(mailbox.provider, &mailbox.credentials, refused)
+        let signed = match self
+            .usable(mailbox.provider, &mailbox.credentials, refused)
             .await
         {
-            Ok(fresh) => fresh,
+            Ok(signed) => signed,
             Err(TokenError::Revoked(words)) => {
                 let reason = format!("the provider refused the grant: {words}");
-                self.mark_needs_reauth(address, &reason);
+                self.condemn(address, &mailbox.credentials, &reason);
                 return Err(AuthError::NeedsReauth(reason));
             }
             Err(err) => return Err(AuthError::Unavailable(err.to_string())),
         };
-        if credentials != mailbox.credentials {
+        if signed.credentials != mailbox.credentials {
             match self
                 .store
-                .replace_credentials(address, &mailbox.credentials, &credentials)
+                .replace_credentials(address, &mailbox.credentials, &signed.credentials)
             {
                 Ok(true) => {}
                 // New credentials arrived meanwhile (a connect): they win.
@@ -188,7 +221,7 @@ impl Auth {
                 Err(err) => return Err(AuthError::Unavailable(format!("storage: {err:#}"))),
             }
         }
-        Ok(login)
+        Ok(signed)
     }
 
     fn current(&self, address: &str) -> Result<Mailbox, AuthError> {
@@ -197,34 +230,52 @@ impl Auth {
                 AuthError::NeedsReauth(mailbox.last_error.unwrap_or_default()),
             ),
             Ok(Some(mailbox)) => Ok(mailbox),
-            Ok(None) => Err(AuthError::Gone),
+            Ok(None) => Err(AuthError::Disconnected),
             Err(err) => Err(AuthError::Unavailable(format!("storage: {err:#}"))),
         }
     }
 
     /// A logged-in IMAP session on the mailbox. A refused token is renewed and
-    /// tried once more; refused again, the credentials are dead.
+    /// tried once more; refused again, the credentials are dead. A refused
+    /// password is dead only when it was refused `sync.reauth_confirm_secs`
+    /// before too; until then the refusal comes back as `Rejected`.
     pub async fn open_imap(
         &self,
         connector: &ImapConnector,
         address: &str,
     ) -> Result<ImapSession, ConnectError> {
         let mailbox = self.current(address)?;
-        let login = self.login(address, None).await?;
-        let refused = match connector.open(&mailbox.imap, &login).await {
-            Err(ConnectError::Rejected(words)) if matches!(login, Login::Bearer { .. }) => words,
+        let signed = self.login(address, None).await?;
+        let refused = match connector.open(&mailbox.imap, &signed.login).await {
+            Err(ConnectError::Rejected(words)) => words,
+            Ok(session) => {
+                self.clear_refusals(address);
+                return Ok(session);
+            }
             other => return other,
         };
+        if let Login::Password { .. } = signed.login {
+            if self.password_refused(address) {
+                let reason = format!("the IMAP server rejected the login: {refused}");
+                self.condemn(address, &signed.credentials, &reason);
+                return Err(ConnectError::NeedsReauth(reason));
+            }
+            return Err(ConnectError::Rejected(refused));
+        }
         tracing::info!(
             mailbox = address,
             "the server refused the access token ({refused}); renewing it and trying once more"
         );
-        let fresh = self.login(address, Some(&login)).await?;
-        match connector.open(&mailbox.imap, &fresh).await {
+        let fresh = self.login(address, Some(&signed.login)).await?;
+        match connector.open(&mailbox.imap, &fresh.login).await {
             Err(ConnectError::Rejected(words)) => {
                 let reason = format!("the IMAP server refused a freshly renewed token: {words}");
-                self.mark_needs_reauth(address, &reason);
+                self.condemn(address, &fresh.credentials, &reason);
                 Err(ConnectError::NeedsReauth(reason))
+            }
+            Ok(session) => {
+                self.clear_refusals(address);
+                Ok(session)
             }
             other => other,
         }
@@ -239,15 +290,22 @@ impl Auth {
         };
         let Credentials::OAuth2 {
             expires_at: Some(expires_at),
+            issued_at,
             ..
         } = mailbox.credentials
         else {
             return None;
         };
-        (expires_at - self.refresh_margin - Utc::now())
+        let margin = self.margin_for(issued_at, expires_at);
+        // Never sooner than this, however short the token: no login storm.
+        let floor = margin
+            .min(TimeDelta::seconds(30))
             .to_std()
-            .ok()
-            .map(|left| left.max(Duration::from_secs(1)))
+            .unwrap_or_default();
+        let left = (expires_at - margin - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        Some(left.max(floor).max(Duration::from_secs(1)))
     }
 
     /// A password was refused. Returns whether that is now believed: an earlier
@@ -273,15 +331,18 @@ impl Auth {
         self.confirm_after
     }
 
-    /// A login went through: an earlier refusal was a passing one.
-    pub fn login_succeeded(&self, address: &str) {
+    /// A login went through, or new credentials arrived: an earlier refusal
+    /// says nothing any more.
+    pub fn clear_refusals(&self, address: &str) {
         let mut first = self.first_refusal.lock().unwrap_or_else(|p| p.into_inner());
         first.remove(address);
     }
 
-    /// R20: the mailbox turns `needs_reauth` and each of its integrations hears
-    /// of it once, in one commit.
-    pub fn mark_needs_reauth(&self, address: &str, reason: &str) {
+    /// R20: the credentials a refused login was made with are dead. If they
+    /// are still the mailbox's, it turns `needs_reauth` and each of its
+    /// integrations hears of it once, in one commit; newer credentials are
+    /// left alone.
+    pub fn condemn(&self, address: &str, used: &Credentials, reason: &str) {
         let result = (|| {
             let events: Vec<Event> = self
                 .store
@@ -297,7 +358,7 @@ impl Auth {
                     )
                 })
                 .collect();
-            self.store.mark_needs_reauth(address, reason, &events)
+            self.store.mark_needs_reauth(address, used, reason, &events)
         })();
         match result {
             Ok(true) => {

@@ -87,6 +87,10 @@ pub enum Credentials {
         access_token: Option<String>,
         #[serde(default)]
         expires_at: Option<DateTime<Utc>>,
+        /// When the bridge obtained `access_token` (unknown for tokens a CRM
+        /// handed over): with `expires_at` it gives the token's lifetime.
+        #[serde(default)]
+        issued_at: Option<DateTime<Utc>>,
     },
 }
 

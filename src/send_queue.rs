@@ -24,8 +24,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::AuthError,
+    auth::{AuthError, SignIn},
     backoff,
+    imap::ConnectError,
     imap::{ImapConnector, SyncContext, connection::ImapSession, folders},
     model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
@@ -204,15 +205,15 @@ impl SendQueue {
             tracing::info!(send = %send.id, "a retried send is already in Sent: it was sent");
             return self.settle_as_sent(send, copy);
         }
-        let login = match self.sync.auth.login(&mailbox.address, None).await {
-            Ok(login) => login,
+        let signed = match self.sync.auth.login(&mailbox.address, None).await {
+            Ok(signed) => signed,
             Err(AuthError::NeedsReauth(words)) => {
                 return self.fail(
                     send,
                     format!("the mailbox needs new credentials (needs_reauth); nothing was sent: {words}"),
                 );
             }
-            Err(AuthError::Gone) => {
+            Err(AuthError::Disconnected) => {
                 return self.fail(
                     send,
                     "the mailbox was disconnected before the message could be sent".into(),
@@ -223,36 +224,27 @@ impl SendQueue {
         };
         send.status = SendStatus::Submitting;
         send.attempts += 1;
-        if let Err(err) = self.store.update_send(&send, &[]) {
-            // Not recorded as submitting: do not submit.
-            tracing::error!(send = %send.id, "recording the submission failed, will retry: {err:#}");
-            return;
+        match self.store.claim_send(&send) {
+            Ok(true) => {}
+            // Settled meanwhile (e.g. failed by "update email"): not ours to send.
+            Ok(false) => {
+                tracing::info!(send = %send.id, "the send was settled meanwhile; not submitting it");
+                return;
+            }
+            Err(err) => {
+                // Not recorded as submitting: do not submit.
+                tracing::error!(send = %send.id, "recording the submission failed, will retry: {err:#}");
+                return;
+            }
         }
         let started = std::time::Instant::now();
-        let mut result = self.submit(&mailbox, &send, &raw, &login).await;
-        if let (Err(SubmitError::Rejected(words)), Login::Bearer { .. }) = (&result, &login) {
-            // A refused AUTH submitted nothing: renew the token and try once more.
-            tracing::info!(send = %send.id, "the SMTP server refused the access token ({words}); renewing it");
-            result = match self.sync.auth.login(&mailbox.address, Some(&login)).await {
-                Ok(fresh) => match self.submit(&mailbox, &send, &raw, &fresh).await {
-                    Err(SubmitError::Rejected(words)) => {
-                        let reason =
-                            format!("the SMTP server refused a freshly renewed token: {words}");
-                        self.sync.auth.mark_needs_reauth(&mailbox.address, &reason);
-                        Err(SubmitError::Rejected(words))
-                    }
-                    other => other,
-                },
-                Err(AuthError::Unavailable(words)) => Err(SubmitError::Transient(words)),
-                Err(err) => Err(SubmitError::Rejected(err.to_string())),
-            };
-        }
+        let (result, signed) = self.submit_signed_in(&mailbox, &send, &raw, signed).await;
         match result {
             Ok(response) => {
                 metrics::histogram!("mailbridge_smtp_submit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("mailbridge_sends_total").increment(1);
-                self.sync.auth.login_succeeded(&mailbox.address);
+                self.sync.auth.clear_refusals(&mailbox.address);
                 adopt_server_message_id(&mut send, &response);
                 send.status = SendStatus::Sent;
                 send.error = None;
@@ -272,16 +264,74 @@ impl SendQueue {
                 format!("the SMTP server refused the message: {words}"),
             ),
             Err(SubmitError::Rejected(words)) => {
-                // A token refusal was settled above; a password is believed
-                // refused only when refused again a while later (R20).
-                let dead = matches!(login, Login::Bearer { .. })
-                    || self.sync.auth.password_refused(&mailbox.address);
+                self.smtp_refused(&mailbox, send, &signed, words).await
+            }
+            Err(SubmitError::Transient(words)) => self.retry_later(send, words, None),
+        }
+    }
+
+    /// Submits; a refused access token is renewed and tried once more (a
+    /// refused AUTH submitted nothing). Returns the login used last.
+    async fn submit_signed_in(
+        &self,
+        mailbox: &Mailbox,
+        send: &SendRecord,
+        raw: &[u8],
+        signed: SignIn,
+    ) -> (Result<String, SubmitError>, SignIn) {
+        let result = self.submit(mailbox, send, raw, &signed.login).await;
+        let (Err(SubmitError::Rejected(words)), Login::Bearer { .. }) = (&result, &signed.login)
+        else {
+            return (result, signed);
+        };
+        tracing::info!(send = %send.id, "the SMTP server refused the access token ({words}); renewing it");
+        match self
+            .sync
+            .auth
+            .login(&mailbox.address, Some(&signed.login))
+            .await
+        {
+            Ok(fresh) => (self.submit(mailbox, send, raw, &fresh.login).await, fresh),
+            Err(AuthError::Unavailable(words)) => (Err(SubmitError::Transient(words)), signed),
+            Err(err) => (Err(SubmitError::Permanent(err.to_string())), signed),
+        }
+    }
+
+    /// The SMTP server refused the login. Whether the account's credentials
+    /// are dead or only SMTP refuses them (SMTP AUTH turned off for the
+    /// mailbox or the tenant, Exchange's `5.7.139`; a token without the
+    /// SMTP.Send scope), an IMAP login with the same credentials tells.
+    async fn smtp_refused(
+        &self,
+        mailbox: &Mailbox,
+        send: SendRecord,
+        signed: &SignIn,
+        words: String,
+    ) {
+        let auth = &self.sync.auth;
+        match self.connector.open(&mailbox.imap, &signed.login).await {
+            Ok(mut session) => {
+                let _ = self.within("logging out", session.logout()).await;
+                self.fail(
+                    send,
+                    format!(
+                        "the SMTP server refuses this account's login while its IMAP server accepts it; \
+                         check that SMTP AUTH is enabled for the mailbox (Microsoft 365: \"Authenticated SMTP\") \
+                         and that the grant includes sending: {words}"
+                    ),
+                );
+            }
+            Err(ConnectError::Rejected(_)) => {
+                // A renewed token refused twice is dead; a password is
+                // believed refused only when refused again a while later (R20).
+                let dead = matches!(signed.login, Login::Bearer { .. })
+                    || auth.password_refused(&mailbox.address);
                 if !dead {
-                    let wait = self.sync.auth.confirm_after();
-                    return self.retry_later(send, words, Some(wait));
+                    return self.retry_later(send, words, Some(auth.confirm_after()));
                 }
-                self.sync.auth.mark_needs_reauth(
+                auth.condemn(
                     &mailbox.address,
+                    &signed.credentials,
                     &format!("the SMTP server rejected the login: {words}"),
                 );
                 self.fail(
@@ -289,7 +339,11 @@ impl SendQueue {
                     format!("the SMTP server refused the credentials: {words}"),
                 );
             }
-            Err(SubmitError::Transient(words)) => self.retry_later(send, words, None),
+            Err(other) => self.retry_later(
+                send,
+                format!("{words} (and IMAP could not tell why: {other})"),
+                None,
+            ),
         }
     }
 

@@ -11,8 +11,8 @@ use super::{
 use crate::{
     imap::{ConnectError, connection::is_loopback, folders},
     model::{
-        Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-        Provider, SaveSent, Security, SendStatus, new_id,
+        Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Login, Mailbox,
+        MailboxState, Provider, SaveSent, Security, SendStatus, new_id,
     },
     oauth::TokenError,
     send_queue,
@@ -123,6 +123,7 @@ fn credentials_of(address: &str, auth: AuthBody) -> Result<Credentials, ApiError
                 refresh_token,
                 access_token: access_token.filter(|t| !t.is_empty()),
                 expires_at,
+                issued_at: None,
             })
         }
     }
@@ -266,14 +267,14 @@ pub async fn connect_mailbox(
                         && send.mailbox == previous.mailbox
                         && send.status == SendStatus::Queued
                     {
-                        events.push(send_queue::failed(
+                        let event = send_queue::failed(
                             &mut send,
                             format!(
                                 "the integration's email was changed to {address} before this message left; it was not sent from {}",
                                 previous.mailbox
                             ),
-                        ));
-                        failed_sends.push(send);
+                        );
+                        failed_sends.push((send, event));
                     }
                 }
             } else {
@@ -318,7 +319,9 @@ pub async fn connect_mailbox(
     if let Some(old) = released {
         state.scheduler.stop(&old);
     }
-    for send in &failed_sends {
+    // A refusal of the old credentials says nothing about these.
+    state.auth.clear_refusals(&address);
+    for (send, _) in &failed_sends {
         let _ = std::fs::remove_file(send_queue::submit_copy_path(state.store.as_ref(), &send.id));
     }
     state.signal.notify();
@@ -326,8 +329,8 @@ pub async fn connect_mailbox(
     status_of(state, &mailbox, &integration)
 }
 
-/// `thread.detached` for each conversation of `previous`'s mailbox in its
-/// location: after "update email" they no longer sync there (R18).
+/// `thread.detached` for each of the user's conversations of `previous`'s
+/// mailbox: after "update email" they no longer sync there (R18).
 fn detached_threads(
     state: &AppState,
     previous: &Integration,
@@ -336,10 +339,12 @@ fn detached_threads(
     let now = Utc::now();
     let mut events = Vec::new();
     for thread in state.store.threads_of_mailbox(&previous.mailbox)? {
+        // Another user of the location may still use the old mailbox: only
+        // this user's conversations stop.
         for route in thread
             .routes
             .iter()
-            .filter(|r| r.location_id == previous.location_id)
+            .filter(|r| r.location_id == previous.location_id && r.user_id == previous.user_id)
         {
             events.push(Event {
                 id: new_id("evt"),
@@ -367,43 +372,59 @@ async fn check_login(
     imap: &Endpoint,
     credentials: Credentials,
 ) -> Result<(Credentials, Vec<(FolderRole, FolderCursor)>), ApiError> {
-    let (credentials, login) = state
+    let token_failure = |err: TokenError| match err {
+        TokenError::Revoked(words) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_credentials",
+            format!("auth: the provider refused the refresh token: {words}"),
+        ),
+        TokenError::Misconfigured(words) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "oauth_not_configured",
+            words,
+        ),
+        TokenError::Transient(words) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "oauth_provider_unavailable",
+            format!("the provider's token endpoint did not answer usefully; retry: {words}"),
+        ),
+    };
+    let mut signed = state
         .auth
-        .fresh(provider, &credentials, None)
+        .usable(provider, &credentials, None)
         .await
-        .map_err(|err| match err {
-            TokenError::Revoked(words) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_credentials",
-                format!("auth: the provider refused the refresh token: {words}"),
-            ),
-            TokenError::Misconfigured(words) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "oauth_not_configured",
-                words,
-            ),
-            TokenError::Transient(words) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "oauth_provider_unavailable",
-                format!("the provider's token endpoint did not answer usefully; retry: {words}"),
-            ),
-        })?;
-    let mut session = state
-        .connector
-        .open(imap, &login)
-        .await
-        .map_err(|err| match err {
-            ConnectError::Rejected(words) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_credentials",
-                format!("auth: the IMAP server rejected the login: {words}"),
-            ),
-            other => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "imap_connection_failed",
-                format!("imap: {other}"),
-            ),
-        })?;
+        .map_err(token_failure)?;
+    let mut opened = state.connector.open(imap, &signed.login).await;
+    // A handed-over access token may be stale without saying so (no
+    // expires_at): renew it once before calling the credentials bad.
+    if matches!(opened, Err(ConnectError::Rejected(_)))
+        && matches!(signed.login, Login::Bearer { .. })
+    {
+        signed = state
+            .auth
+            .usable(provider, &signed.credentials, Some(&signed.login))
+            .await
+            .map_err(token_failure)?;
+        opened = state.connector.open(imap, &signed.login).await;
+    }
+    let mut session = opened.map_err(|err| match err {
+        ConnectError::Rejected(words) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_credentials",
+            format!("auth: the IMAP server rejected the login: {words}"),
+        ),
+        ConnectError::Unavailable(words) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "imap_unavailable",
+            format!("imap: the server cannot take the login now; retry: {words}"),
+        ),
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "imap_connection_failed",
+            format!("imap: {other}"),
+        ),
+    })?;
+    let credentials = signed.credentials;
     let step = state.connector.step_timeout();
     let failed = |what: &str, err: String| {
         ApiError::new(

@@ -266,6 +266,13 @@ async fn connect_from_code(
     let refresh_token = grant.refresh_token.clone().ok_or_else(|| {
         "the provider granted no refresh token (offline access); remove the app's access in the account settings and sign in again".to_string()
     })?;
+    // Signing in again (after needs_reauth) keeps what the mailbox was
+    // connected with; only the credentials are new.
+    let existing = state
+        .store
+        .mailbox(&email)
+        .map_err(|e| format!("the bridge could not read its storage; retry ({e})"))?
+        .filter(|mailbox| mailbox.provider == flow.provider);
     let request = ConnectRequest {
         address: email.clone(),
         provider: flow.provider,
@@ -274,11 +281,12 @@ async fn connect_from_code(
             refresh_token,
             access_token: Some(grant.access_token.clone()),
             expires_at: grant.expires_at,
+            issued_at: Some(Utc::now()),
         },
-        imap: None,
-        smtp: None,
-        daily_send_limit: None,
-        save_sent: SaveSent::default(),
+        imap: existing.as_ref().map(|m| m.imap.clone()),
+        smtp: existing.as_ref().map(|m| m.smtp.clone()),
+        daily_send_limit: existing.as_ref().and_then(|m| m.daily_send_limit),
+        save_sent: existing.map(|m| m.save_sent).unwrap_or(SaveSent::Auto),
     };
     connect_mailbox(state, &flow.location_id, &flow.user_id, request)
         .await

@@ -90,6 +90,9 @@ pub enum ConnectError {
     /// The credentials are dead and `needs_reauth` is recorded (R20).
     #[error("the mailbox needs new credentials: {0}")]
     NeedsReauth(String),
+    /// The mailbox was disconnected meanwhile.
+    #[error("the mailbox is no longer connected")]
+    Disconnected,
     #[error("cannot reach {0}")]
     Unreachable(String),
     #[error("TLS with {host} failed: {reason}")]

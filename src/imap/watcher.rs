@@ -67,6 +67,9 @@ impl FolderWatcher {
                 Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
                     return WatchEnd::NeedsReauth;
                 }
+                Err(SessionError::Connect(ConnectError::Disconnected)) => {
+                    return WatchEnd::Cancelled;
+                }
                 Err(err) => err,
             };
             let mut wait = backoff::delay(
@@ -74,19 +77,10 @@ impl FolderWatcher {
                 Duration::from_millis(self.ctx.sync.reconnect_min_ms),
                 Duration::from_millis(self.ctx.sync.reconnect_max_ms),
             );
-            // Only a password gets here refused (a refused token is renewed
-            // and retried inside `Auth`): believed when refused again later.
-            if let SessionError::Connect(ConnectError::Rejected(words)) = &err {
-                if self.ctx.auth.password_refused(&self.address) {
-                    self.ctx.auth.mark_needs_reauth(
-                        &self.address,
-                        &format!("the IMAP server rejected the login: {words}"),
-                    );
-                    return WatchEnd::NeedsReauth;
-                }
+            // A refused password is tried again once the refusal can be confirmed.
+            if let SessionError::Connect(ConnectError::Rejected(_)) = &err {
                 wait = wait.max(self.ctx.auth.confirm_after());
             }
-            failures = failures.saturating_add(1);
             tracing::warn!(mailbox = %self.address, folder = self.role.as_str(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
             metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
             if let Err(e) = self.ctx.store.set_mailbox_state(
@@ -129,7 +123,6 @@ impl FolderWatcher {
             .auth
             .open_imap(&self.ctx.connector, address)
             .await?;
-        self.ctx.auth.login_succeeded(address);
         let relogin_at = self
             .ctx
             .auth

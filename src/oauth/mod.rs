@@ -339,10 +339,13 @@ fn token_error(
             match answer.error() {
                 // RFC 6749 5.2: the grant (code or refresh token) is invalid,
                 // expired or revoked; the client or scope no longer allowed.
-                BasicErrorResponseType::InvalidGrant
-                | BasicErrorResponseType::UnauthorizedClient
-                | BasicErrorResponseType::InvalidScope => TokenError::Revoked(words),
-                BasicErrorResponseType::InvalidClient => TokenError::Misconfigured(format!(
+                BasicErrorResponseType::InvalidGrant | BasicErrorResponseType::InvalidScope => {
+                    TokenError::Revoked(words)
+                }
+                // The client's registration, not the user's grant: one
+                // misconfiguration must not condemn every mailbox.
+                BasicErrorResponseType::InvalidClient
+                | BasicErrorResponseType::UnauthorizedClient => TokenError::Misconfigured(format!(
                     "the provider does not accept the configured OAuth client: {words}"
                 )),
                 _ => TokenError::Transient(words),

@@ -110,7 +110,8 @@ pub trait Store: Send + Sync + 'static {
 
     // --- mailboxes and integrations
     /// Stores the mailbox and the integration, seeds each folder cursor that does
-    /// not exist yet, records `failed_sends` and queues `events`, all at once.
+    /// not exist yet, records `failed_sends` (each with its `message.failed`,
+    /// for those still queued) and queues `events`, all at once.
     /// When the integration pointed at another mailbox ("update email", R18)
     /// and nothing else uses that one, it is released too; its address is returned.
     fn connect(
@@ -118,7 +119,7 @@ pub trait Store: Send + Sync + 'static {
         mailbox: &Mailbox,
         integration: &Integration,
         cursors: &[(FolderRole, FolderCursor)],
-        failed_sends: &[SendRecord],
+        failed_sends: &[(SendRecord, Event)],
         events: &[Event],
     ) -> StoreResult<Option<String>>;
     /// Every synced thread of a mailbox.
@@ -142,9 +143,15 @@ pub trait Store: Send + Sync + 'static {
         last_error: Option<String>,
     ) -> StoreResult<()>;
     /// R20: turns the mailbox `needs_reauth` with `reason` and queues `events`,
-    /// at once. Returns false, queueing nothing, when it already was.
-    fn mark_needs_reauth(&self, address: &str, reason: &str, events: &[Event])
-    -> StoreResult<bool>;
+    /// at once, if its credentials are still the `refused` ones. Returns false,
+    /// queueing nothing, when it already was or has newer credentials.
+    fn mark_needs_reauth(
+        &self,
+        address: &str,
+        refused: &Credentials,
+        reason: &str,
+        events: &[Event],
+    ) -> StoreResult<bool>;
     /// Replaces a mailbox's credentials (a refreshed token) only if they are
     /// still `expected`, so a refresh never undoes newer ones from a connect.
     fn replace_credentials(
@@ -195,6 +202,11 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a send's new state and queues `events` with it. A send that
     /// failed for good gives its quota back.
     fn update_send(&self, send: &SendRecord, events: &[Event]) -> StoreResult<()>;
+    /// Records a queued send as `submitting`, if it is still queued and its
+    /// integration still sends from its mailbox; otherwise changes nothing
+    /// and returns false. Serialized with `connect`, which fails the sends an
+    /// "update email" leaves behind.
+    fn claim_send(&self, send: &SendRecord) -> StoreResult<bool>;
     /// Sends not yet settled (queued or submitting), oldest first.
     fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>>;
     /// Whether the CRM sent this Message-ID from this mailbox.

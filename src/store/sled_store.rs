@@ -360,7 +360,7 @@ impl Store for SledStore {
         mailbox: &Mailbox,
         integration: &Integration,
         cursors: &[(FolderRole, FolderCursor)],
-        failed_sends: &[SendRecord],
+        failed_sends: &[(SendRecord, Event)],
         events: &[Event],
     ) -> StoreResult<Option<String>> {
         let mailbox_value = self.seal_mailbox(mailbox)?;
@@ -369,27 +369,35 @@ impl Store for SledStore {
             .iter()
             .map(|(role, cursor)| Ok((cursor_key(&mailbox.address, *role), encode(cursor)?)))
             .collect::<StoreResult<_>>()?;
-        let outbox_values = self.stored_entries(events)?;
-        let failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = failed_sends
-            .iter()
-            .map(|send| Ok((send.id.clone(), encode(send)?, unsettled_key(send))))
-            .collect::<StoreResult<_>>()?;
-        // A send that never left gives its unit of quota back.
-        let refunds: Vec<sled::IVec> = failed_sends
-            .iter()
-            .flat_map(|send| {
-                self.quota
-                    .scan_prefix(prefix(&[&send.mailbox]))
-                    .filter_map(Result::ok)
-                    .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
-                    .map(|(k, _)| k)
-            })
-            .collect();
         let integration_key = key(&[&integration.location_id, &integration.user_id]);
         let _one_at_a_time = self
             .lifecycle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Only sends still queued fail: one claimed for submission is on its
+        // way (claim_send takes the same lock).
+        let mut failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut refunds: Vec<sled::IVec> = Vec::new();
+        let mut all_events = events.to_vec();
+        for (send, failed_event) in failed_sends {
+            if !self
+                .send(&send.id)?
+                .is_some_and(|stored| stored.status == SendStatus::Queued)
+            {
+                continue;
+            }
+            failed_values.push((send.id.clone(), encode(send)?, unsettled_key(send)));
+            all_events.push(failed_event.clone());
+            // A send that never left gives its unit of quota back.
+            refunds.extend(
+                self.quota
+                    .scan_prefix(prefix(&[&send.mailbox]))
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
+                    .map(|(k, _)| k),
+            );
+        }
+        let outbox_values = self.stored_entries(&all_events)?;
         // "Update email" (R18): the integration may point at another mailbox,
         // which is released when no other integration uses it.
         let moved_from = self
@@ -591,6 +599,7 @@ impl Store for SledStore {
     fn mark_needs_reauth(
         &self,
         address: &str,
+        refused: &Credentials,
         reason: &str,
         events: &[Event],
     ) -> StoreResult<bool> {
@@ -602,7 +611,7 @@ impl Store for SledStore {
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(false);
         };
-        if mailbox.state == MailboxState::NeedsReauth {
+        if mailbox.state == MailboxState::NeedsReauth || &mailbox.credentials != refused {
             return Ok(false);
         }
         mailbox.state = MailboxState::NeedsReauth;
@@ -955,6 +964,27 @@ impl Store for SledStore {
             )
             .map_err(tx_error)?;
         self.flush()
+    }
+
+    fn claim_send(&self, send: &SendRecord) -> StoreResult<bool> {
+        let _one_at_a_time = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let still_queued = self
+            .send(&send.id)?
+            .is_some_and(|stored| stored.status == SendStatus::Queued);
+        let still_from_here = self
+            .integration(&send.location_id, &send.user_id)?
+            .is_some_and(|integration| integration.mailbox == send.mailbox);
+        if !(still_queued && still_from_here) {
+            return Ok(false);
+        }
+        self.sends
+            .insert(send.id.as_bytes(), encode(send)?)
+            .map_err(engine)?;
+        self.flush()?;
+        Ok(true)
     }
 
     fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>> {

@@ -191,13 +191,13 @@ fn update_email_moves_the_integration() {
         thread.mailbox = "old@x.test".into();
         store.accept_send(&queued, &thread, None, 0).unwrap();
         let mut failed = queued.clone();
-        failed.status = crate::model::SendStatus::Failed;
+        let failed_event = crate::send_queue::failed(&mut failed, "moved".into());
         let released = store
             .connect(
                 &mailbox("new@x.test"),
                 &integration("L1", "u1", "new@x.test"),
                 &[],
-                std::slice::from_ref(&failed),
+                &[(failed, failed_event)],
                 &[],
             )
             .unwrap();
@@ -514,14 +514,26 @@ fn needs_reauth_is_recorded_once_kept_against_later_states_and_ended_only_by_con
             "me@x.test",
             serde_json::json!({}),
         );
+        let events = std::slice::from_ref(&event);
+        let refused = mailbox("me@x.test").credentials;
+        let newer = Credentials::Password {
+            username: "me@x.test".into(),
+            password: "newer".into(),
+        };
+        assert!(
+            !store
+                .mark_needs_reauth("me@x.test", &newer, "stale verdict", events)
+                .unwrap(),
+            "a verdict on other credentials changes nothing"
+        );
         assert!(
             store
-                .mark_needs_reauth("me@x.test", "refused", std::slice::from_ref(&event))
+                .mark_needs_reauth("me@x.test", &refused, "refused", events)
                 .unwrap()
         );
         assert!(
             !store
-                .mark_needs_reauth("me@x.test", "again", std::slice::from_ref(&event))
+                .mark_needs_reauth("me@x.test", &refused, "again", events)
                 .unwrap()
         );
         assert_eq!(store.outbox_len().unwrap(), 1, "one event");
@@ -563,6 +575,7 @@ fn refreshed_credentials_never_replace_newer_ones() {
             refresh_token: "r1".into(),
             access_token: Some("a2".into()),
             expires_at: None,
+            issued_at: None,
         };
         assert!(
             store
