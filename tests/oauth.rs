@@ -113,18 +113,31 @@ fn query_of(url: &str) -> std::collections::HashMap<String, String> {
 
 /// Connects me with tokens as a CRM's own consent screen would hand them over.
 async fn connect_with_tokens(world: &World, oauth: &OAuthServer) -> serde_json::Value {
+    connect_with_tokens_and(world, oauth, serde_json::json!({})).await
+}
+
+/// As `connect_with_tokens`, with `extra` merged into the request.
+async fn connect_with_tokens_and(
+    world: &World,
+    oauth: &OAuthServer,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     let grant = oauth.grant(&world.me.address).await;
+    let mut request = serde_json::json!({
+        "email": world.me.address,
+        "provider": "imap",
+        "auth": {"type": "oauth2", "refresh_token": grant.refresh_token,
+                 "access_token": grant.access_token, "expires_at": grant.expires_at},
+    });
+    if let (Some(body), serde_json::Value::Object(extra)) = (request.as_object_mut(), extra) {
+        body.extend(extra);
+    }
     let (status, body) = world
         .api
         .send(
             Method::PUT,
             "/v1/locations/L1/users/u1/mailbox",
-            Some(serde_json::json!({
-                "email": world.me.address,
-                "provider": "imap",
-                "auth": {"type": "oauth2", "refresh_token": grant.refresh_token,
-                         "access_token": grant.access_token, "expires_at": grant.expires_at},
-            })),
+            Some(request),
         )
         .await;
     assert_eq!(status, 200, "connect with tokens: {body}");
@@ -359,7 +372,7 @@ async fn r20_a_revoked_grant_is_reported_once_stops_all_requests_and_reauth_resu
  {
     let (world, oauth) = world().await;
     oauth.set_lifetime(&world.me.address, 6).await;
-    connect_with_tokens(&world, &oauth).await;
+    connect_with_tokens_and(&world, &oauth, serde_json::json!({"daily_send_limit": 7})).await;
     mail(&world.stack, &world.ann, &world.me, "before revoke", None).await;
     world
         .receiver
@@ -409,8 +422,18 @@ async fn r20_a_revoked_grant_is_reported_once_stops_all_requests_and_reauth_resu
     );
     assert!(stats.refreshes <= 2, "bounded renewals: {stats:?}");
 
-    // New tokens: the message from meanwhile syncs, once.
-    connect_with_tokens(&world, &oauth).await;
+    // The person signs in again: the message from meanwhile syncs, once, and
+    // the mailbox keeps its settings.
+    let url = start_url(&world, "imap", "https://crm.example/again").await;
+    let callback = oauth.authorize(&url, &world.me.address).await;
+    let (_, location) = follow_callback(&world, &callback).await;
+    assert_eq!(query_of(&location.unwrap())["status"], "connected");
+    world.api.wait_active("L1", "u1").await;
+    let (_, status) = world
+        .api
+        .send(Method::GET, "/v1/locations/L1/users/u1/mailbox", None)
+        .await;
+    assert_eq!(status["daily_send_limit"], 7, "{status}");
     world
         .receiver
         .wait_for("the message from meanwhile", |r| {
@@ -471,5 +494,58 @@ async fn r20_an_unavailable_token_endpoint_is_not_needs_reauth() {
             .all(|r| r.kind() != "mailbox.needs_reauth"),
         "a 503 is no verdict on the grant"
     );
+    world.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_a_stale_access_token_handed_over_without_expiry_is_renewed_at_connect() {
+    let (world, oauth) = world().await;
+    oauth.set_lifetime(&world.me.address, 1).await;
+    let grant = oauth.grant(&world.me.address).await;
+    outlive(1).await;
+    oauth.set_lifetime(&world.me.address, 3600).await;
+    let (status, body) = world
+        .api
+        .send(
+            Method::PUT,
+            "/v1/locations/L1/users/u1/mailbox",
+            Some(serde_json::json!({
+                "email": world.me.address,
+                "provider": "imap",
+                // No expires_at: the bridge learns the token is stale from the server.
+                "auth": {"type": "oauth2", "refresh_token": grant.refresh_token,
+                         "access_token": grant.access_token},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(oauth.stats(&world.me.address).await.refreshes, 1);
+    world.api.wait_active("L1", "u1").await;
+
+    // A refresh token the provider refuses: 422, nothing stored.
+    oauth.revoke(&world.me.address).await;
+    let (status, body) = world
+        .api
+        .send(
+            Method::PUT,
+            "/v1/locations/L2/users/u9/mailbox",
+            Some(serde_json::json!({
+                "email": world.me.address,
+                "provider": "imap",
+                "auth": {"type": "oauth2", "refresh_token": grant.refresh_token},
+            })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_credentials");
+    assert!(
+        !body.to_string().contains(&grant.refresh_token),
+        "the token is not echoed: {body}"
+    );
+    let (status, _) = world
+        .api
+        .send(Method::GET, "/v1/locations/L2/users/u9/mailbox", None)
+        .await;
+    assert_eq!(status, 404);
     world.daemon.stop().await;
 }

@@ -49,6 +49,8 @@ struct Log {
     assigned: Vec<Assigned>,
     failures: Vec<String>,
     next_reply: NextReply,
+    /// When set, every AUTH is answered with this instead of 235.
+    refuse_logins: Option<String>,
 }
 
 /// What the server does once it took the next message (relayed and filed it).
@@ -139,6 +141,12 @@ impl ScriptedSmtp {
     /// server relayed and filed it.
     pub fn drop_next_reply(&self) {
         self.log.lock().expect("scripted SMTP log").next_reply = NextReply::Drop;
+    }
+
+    /// Every later AUTH gets `answer`, as when SMTP AUTH is turned off for
+    /// the tenant: `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. …`.
+    pub fn refuse_logins(&self, answer: &str) {
+        self.log.lock().expect("scripted SMTP log").refuse_logins = Some(answer.to_string());
     }
 
     /// Relays or APPENDs that failed (answered 451).
@@ -462,6 +470,15 @@ impl Session {
             None => reply(conn, "501 5.7.0 Authentication cancelled").await,
             Some(None) => reply(conn, "501 5.5.2 Cannot decode response").await,
             Some(Some(login)) => {
+                let refusal = self
+                    .log
+                    .lock()
+                    .expect("scripted SMTP log")
+                    .refuse_logins
+                    .clone();
+                if let Some(answer) = refusal {
+                    return reply(conn, &answer).await;
+                }
                 self.user = Some(login);
                 reply(conn, "235 2.7.0 Authentication successful").await
             }

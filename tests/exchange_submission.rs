@@ -1,8 +1,9 @@
-//! R5 against a submission server that behaves like Exchange Online: it
+//! Against a submission server that behaves like Exchange Online: it
 //! replaces the Message-ID of what the daemon submits, names the new id in its
-//! reply to DATA and files the rewritten message in Sent itself. The contact's
-//! reply (In-Reply-To the new id) must land in the send's thread, and the copy
-//! in Sent must not come back as message.outbound.
+//! reply to DATA and files the rewritten message in Sent itself (R5: the
+//! contact's reply, In-Reply-To the new id, lands in the send's thread, and the
+//! copy in Sent does not come back as message.outbound); and it may refuse
+//! SMTP AUTH for a tenant while IMAP works (R20: not needs_reauth).
 
 mod support;
 
@@ -219,6 +220,49 @@ async fn r05_exchange_replaces_the_message_id_the_reply_threads_and_the_sent_cop
         outbound_ids(&w),
         vec![later],
         "only the client's message is outbound; the server's copy of the CRM send ({theirs}) is the CRM's own"
+    );
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r20_smtp_auth_turned_off_for_the_tenant_fails_the_send_but_is_not_needs_reauth() {
+    let (w, exchange) = exchange_world().await;
+    exchange.refuse_logins(
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+    );
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "refused", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let failed = w
+        .receiver
+        .wait_for("message.failed", |r| r.kind() == "message.failed")
+        .await;
+    let error = failed.data()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("SMTP AUTH"), "names what to check: {error}");
+    assert!(
+        error.contains("5.7.139"),
+        "with the server's words: {error}"
+    );
+    // IMAP still syncs; the mailbox is not condemned.
+    mail(&w.stack, &w.ann, &w.me, "still syncing", None).await;
+    w.receiver
+        .wait_for("mail after the refusal", |r| r.subject() == "still syncing")
+        .await;
+    let (_, mailbox) = w
+        .api
+        .send(
+            reqwest::Method::GET,
+            "/v1/locations/L1/users/u1/mailbox",
+            None,
+        )
+        .await;
+    assert_eq!(mailbox["state"], "active", "{mailbox}");
+    assert!(
+        w.receiver
+            .all()
+            .iter()
+            .all(|r| r.kind() != "mailbox.needs_reauth")
     );
     w.daemon.stop().await;
 }
