@@ -47,10 +47,21 @@ enum LogFormatArg {
     Json,
 }
 
+/// Targets whose debug and trace output carries credentials: lettre logs
+/// every SMTP line it writes (`AUTH XOAUTH2 <token>`, `AUTH PLAIN <password>`,
+/// the message itself) at debug, async-imap every command (`LOGIN user
+/// password`) at trace. They stay at info whatever the filter asks for.
+const SECRET_BEARING_TARGETS: [&str; 2] = ["lettre::transport::smtp=info", "async_imap=info"];
+
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for directive in SECRET_BEARING_TARGETS {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

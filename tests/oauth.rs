@@ -15,29 +15,33 @@ use support::{
 /// The `imap` provider with the stack's servers and the test provider's OAuth client.
 async fn world() -> (World, OAuthServer) {
     let oauth = OAuthServer::get();
-    let stack = support::stack::Stack::get();
     let settings = oauth.clone();
-    let world = World::started_with(move |config| {
-        let provider = &mut config.providers.imap;
-        provider.imap = Some(stack.imap_endpoint());
-        provider.smtp = Some(stack.smtp_endpoint());
-        provider.oauth = mailbridge::config::OAuthOverrides {
-            client_id: Some("mailbridge-test".into()),
-            client_secret: Some("test-client-secret".into()),
-            auth_url: Some(settings.auth_url()),
-            token_url: Some(settings.token_url()),
-            userinfo_url: Some(settings.userinfo_url()),
-            scopes: Some(vec!["openid".into(), "email".into()]),
-            ..Default::default()
-        };
-        config.server.public_url = "https://bridge.example".into();
-    })
-    .await;
+    let world = World::started_with(move |config| with_test_provider(config, &settings)).await;
     world
         .api
         .put_contact("L1", "c-ann", &world.ann.address, &["u1"])
         .await;
     (world, oauth)
+}
+
+const CLIENT_SECRET: &str = "test-client-secret-5f1c";
+
+/// The `imap` provider points at the stack and signs in with the test provider.
+fn with_test_provider(config: &mut mailbridge::config::Config, oauth: &OAuthServer) {
+    let stack = support::stack::Stack::get();
+    let provider = &mut config.providers.imap;
+    provider.imap = Some(stack.imap_endpoint());
+    provider.smtp = Some(stack.smtp_endpoint());
+    provider.oauth = mailbridge::config::OAuthOverrides {
+        client_id: Some("mailbridge-test".into()),
+        client_secret: Some(CLIENT_SECRET.into()),
+        auth_url: Some(oauth.auth_url()),
+        token_url: Some(oauth.token_url()),
+        userinfo_url: Some(oauth.userinfo_url()),
+        scopes: Some(vec!["openid".into(), "email".into()]),
+        ..Default::default()
+    };
+    config.server.public_url = "https://bridge.example".into();
 }
 
 /// Asks the bridge where to send the person; `{"url": …}` with JSON.
@@ -548,4 +552,101 @@ async fn r01_a_stale_access_token_handed_over_without_expiry_is_renewed_at_conne
         .await;
     assert_eq!(status, 404);
     world.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_client_secret_reaches_the_log_even_at_debug_and_trace_levels() {
+    let oauth = OAuthServer::get();
+    let stack = support::stack::Stack::get();
+    let receiver = support::receiver::Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::daemon::test_config(&dir.path().join("data"), &stack, &receiver);
+    with_test_provider(&mut config, &oauth);
+    let me = stack.new_user("me").await;
+    let ann = stack.new_user("ann").await;
+    let daemon = support::child::ChildDaemon::start_logging(
+        &config,
+        dir.path(),
+        // lettre logs what it writes at debug, async-imap at trace.
+        "debug,lettre=trace,async_imap=trace",
+    )
+    .await;
+    let api = support::daemon::Api::new(&daemon.base);
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+
+    // Connect with tokens, let the bridge renew one, send, get revoked, and
+    // be handed the dead token again: every path that touches a secret.
+    oauth.set_lifetime(&me.address, 6).await;
+    let grant = oauth.grant(&me.address).await;
+    let connect = |refresh_token: &str, access_token: Option<(&str, &str)>| {
+        let mut auth = serde_json::json!({"type": "oauth2", "refresh_token": refresh_token});
+        if let Some((token, expires_at)) = access_token {
+            auth["access_token"] = token.into();
+            auth["expires_at"] = expires_at.into();
+        }
+        serde_json::json!({"email": me.address, "provider": "imap", "auth": auth})
+    };
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/v1/locations/L1/users/u1/mailbox",
+            Some(connect(
+                &grant.refresh_token,
+                Some((&grant.access_token, &grant.expires_at)),
+            )),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    api.wait_active("L1", "u1").await;
+    eventually("a renewal", DEADLINE, async || {
+        (oauth.stats(&me.address).await.refreshes >= 1).then_some(())
+    })
+    .await;
+    let (code, sent, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "s", "text": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{sent}");
+    receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    oauth.revoke(&me.address).await;
+    receiver
+        .wait_for("mailbox.needs_reauth", |r| {
+            r.kind() == "mailbox.needs_reauth"
+        })
+        .await;
+    let (status, _) = api
+        .send(
+            Method::PUT,
+            "/v1/locations/L1/users/u1/mailbox",
+            Some(connect(&grant.refresh_token, None)),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let log = daemon.log();
+    daemon.terminate().await;
+
+    assert!(log.contains("invalid_grant"), "the log was captured: {log}");
+    // SASL carries the token base64-encoded after `user=…\x01auth=Bearer `.
+    let sasl_prefix = {
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("user={}\x01auth=Bearer ", me.address));
+        encoded[..encoded.len() - 4].to_string()
+    };
+    for (what, secret) in [
+        ("refresh token", grant.refresh_token.as_str()),
+        ("access token", grant.access_token.as_str()),
+        ("client secret", CLIENT_SECRET),
+        // Every access and id token of the test provider is a JWT.
+        ("a JWT", "eyJ"),
+        ("a SASL XOAUTH2 response", sasl_prefix.as_str()),
+    ] {
+        assert!(!log.contains(secret), "{what} in the log");
+    }
 }

@@ -14,11 +14,18 @@ use tokio::{
 pub struct ChildDaemon {
     pub base: String,
     child: Child,
+    /// Everything the daemon logged so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildDaemon {
     /// Starts `mailbridge serve` on port 0 and learns the port from its log.
     pub async fn start(config: &Config, dir: &Path) -> ChildDaemon {
+        ChildDaemon::start_logging(config, dir, "info").await
+    }
+
+    /// As `start`, with `RUST_LOG` set to `filter`.
+    pub async fn start_logging(config: &Config, dir: &Path, filter: &str) -> ChildDaemon {
         let mut config = config.clone();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         let file: PathBuf = dir.join("mailbridge.toml");
@@ -26,7 +33,7 @@ impl ChildDaemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mailbridge"))
             .args(["serve", "--config"])
             .arg(&file)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -35,11 +42,14 @@ impl ChildDaemon {
             .expect("start the mailbridge binary");
         let stderr = child.stderr.take().unwrap();
         let (found, port) = tokio::sync::oneshot::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         tokio::spawn(async move {
             let mut found = Some(found);
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[daemon] {line}");
+                kept.lock().unwrap().push(line.clone());
                 if let Some(rest) = line.split("listen=").nth(1)
                     && let Some(tx) = found.take()
                 {
@@ -54,7 +64,13 @@ impl ChildDaemon {
         ChildDaemon {
             base: format!("http://{address}"),
             child,
+            log,
         }
+    }
+
+    /// Everything the daemon logged so far, one line each.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     /// SIGKILL: no shutdown code runs.
