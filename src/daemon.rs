@@ -201,6 +201,9 @@ pub async fn run(
 
     let http = reqwest::Client::builder()
         .use_preconfigured_tls((*tls).clone())
+        // A followed 301/302/303 turns the POST into a body-less GET whose 2xx
+        // would count as delivered: a redirect is a failed attempt instead.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the webhook HTTP client")?;

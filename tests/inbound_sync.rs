@@ -5,7 +5,7 @@ mod support;
 
 use support::{
     stack::{message, new_message_id},
-    world::World,
+    world::{World, mail},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +251,33 @@ async fn r21_receiver_outage_everything_arrives_after_recovery_in_order_per_thre
             .or_insert_with(|| r.webhook_id.clone());
         assert_eq!(id, &r.webhook_id, "retries keep their webhook-id");
     }
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_an_endpoint_answering_with_a_redirect_has_not_received_the_event() {
+    let w = World::connected(serde_json::json!({})).await;
+    w.receiver.set_redirecting(true);
+    mail(&w.stack, &w.ann, &w.me, "while redirected", None).await;
+    support::eventually(
+        "attempts answered with 302",
+        support::DEADLINE,
+        async || (w.receiver.all().iter().filter(|r| !r.accepted).count() >= 2).then_some(()),
+    )
+    .await;
+    w.receiver.set_redirecting(false);
+    let event = w
+        .receiver
+        .wait_for("the event, by POST, once the endpoint is fixed", |r| {
+            r.subject() == "while redirected"
+        })
+        .await;
+    assert!(event.signature_valid);
+    assert_eq!(
+        w.receiver.redirected_gets(),
+        0,
+        "a redirect is not followed: the POST would arrive as a body-less GET"
+    );
     w.daemon.stop().await;
 }
 

@@ -242,6 +242,16 @@ impl Attempt {
         let status = response.status();
         if status.is_success() {
             Ok(())
+        } else if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("nowhere");
+            Err(format!(
+                "answered {status} redirecting to {location}; redirects are not followed \
+                 (the POST would arrive as a GET without its body): configure the final URL"
+            ))
         } else {
             Err(format!("answered {status}"))
         }

@@ -37,16 +37,32 @@ pub struct Receiver {
     pub url: String,
     log: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicBool>,
+    redirecting: Arc<AtomicBool>,
+    redirected_gets: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Clone)]
 struct ReceiverState {
     log: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicBool>,
+    redirecting: Arc<AtomicBool>,
+    redirected_gets: Arc<std::sync::atomic::AtomicUsize>,
     key: SigningKey,
 }
 
-async fn hook(State(state): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> StatusCode {
+/// Where a redirecting receiver sends requests: a client that follows the
+/// redirect arrives here with a body-less GET.
+async fn moved(State(state): State<ReceiverState>) -> StatusCode {
+    state.redirected_gets.fetch_add(1, Ordering::SeqCst);
+    StatusCode::OK
+}
+
+async fn hook(
+    State(state): State<ReceiverState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
     let header = |name: &str| {
         headers
             .get(name)
@@ -60,7 +76,8 @@ async fn hook(State(state): State<ReceiverState>, headers: HeaderMap, body: Byte
         state
             .key
             .verify(&webhook_id, timestamp, &body, &header("webhook-signature"));
-    let accepted = !state.failing.load(Ordering::SeqCst);
+    let redirecting = state.redirecting.load(Ordering::SeqCst);
+    let accepted = !state.failing.load(Ordering::SeqCst) && !redirecting;
     let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     state.log.lock().unwrap().push(Received {
         webhook_id,
@@ -68,10 +85,12 @@ async fn hook(State(state): State<ReceiverState>, headers: HeaderMap, body: Byte
         body,
         accepted,
     });
-    if accepted {
-        StatusCode::NO_CONTENT
+    if redirecting {
+        (StatusCode::FOUND, [("location", "/moved")]).into_response()
+    } else if accepted {
+        StatusCode::NO_CONTENT.into_response()
     } else {
-        StatusCode::INTERNAL_SERVER_ERROR
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
     }
 }
 
@@ -79,16 +98,39 @@ impl Receiver {
     pub async fn start() -> Receiver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicBool::new(false));
+        let redirecting = Arc::new(AtomicBool::new(false));
+        let redirected_gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let state = ReceiverState {
             log: log.clone(),
             failing: failing.clone(),
+            redirecting: redirecting.clone(),
+            redirected_gets: redirected_gets.clone(),
             key: SigningKey::from_secret(SECRET).unwrap(),
         };
-        let app = Router::new().route("/hook", post(hook)).with_state(state);
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .route("/moved", axum::routing::any(moved))
+            .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, log, failing }
+        Receiver {
+            url,
+            log,
+            failing,
+            redirecting,
+            redirected_gets,
+        }
+    }
+
+    /// Answer every POST with `302 Location: /moved` (`true`), or not.
+    pub fn set_redirecting(&self, redirecting: bool) {
+        self.redirecting.store(redirecting, Ordering::SeqCst);
+    }
+
+    /// Requests that followed a redirect to /moved.
+    pub fn redirected_gets(&self) -> usize {
+        self.redirected_gets.load(Ordering::SeqCst)
     }
 
     /// Answer 500 to everything (`true`) or acknowledge again (`false`).
