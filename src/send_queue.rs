@@ -3,18 +3,17 @@
 //! where the server does not, and reports `message.sent` / `message.failed`.
 //!
 //! At most once (R21): a send is marked `submitting` (flushed) before the SMTP
-//! transaction and `sent` right after the server's 250. A stop between those two
-//! leaves it `submitting`; on restart it is settled by looking for its
-//! Message-ID in Sent: found → sent; not found → failed as "interrupted", never
-//! submitted again. The window is the time between the server's 250 and the
-//! flush (about a millisecond); in it a message that did leave can be reported
+//! transaction and `sent` right after the server's 250. A stop between those
+//! two leaves it `submitting`; on restart it is settled by looking for it in
+//! Sent: found → sent; not found → failed as "interrupted", never submitted
+//! again. The window is the time between the server's 250 and the flush
+//! (about a millisecond); in it a message that did leave can be reported
 //! failed on a server where the bridge files Sent itself, but never sent twice.
 //!
-//! A transient error can also come after the server took the message (the
-//! connection drops before its 250). Before every retry on a server that files
-//! Sent itself (Gmail, Outlook) the copy there is looked for, so such a message
-//! is recorded as sent, not submitted again. Where the bridge files Sent itself
-//! nothing can tell, and that rare case may send twice.
+//! Every SMTP step has a deadline (`smtp`). A failure before the message was
+//! handed over is retried; after it (no verdict), the outcome is unknown: the
+//! copy in Sent settles it where the server files Sent itself, and otherwise
+//! the send is reported failed as "outcome unknown", never submitted again.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -267,7 +266,33 @@ impl SendQueue {
                 self.smtp_refused(&mailbox, send, &signed, words).await
             }
             Err(SubmitError::Transient(words)) => self.retry_later(send, words, None),
+            Err(SubmitError::Unknown(words)) => self.outcome_unknown(&mailbox, send, words).await,
         }
+    }
+
+    /// The message was handed over but no verdict came back. Where the server
+    /// files Sent itself, its copy there says it was taken; otherwise nothing
+    /// can tell, and it is reported failed, never submitted again (at most once).
+    async fn outcome_unknown(&self, mailbox: &Mailbox, send: SendRecord, words: String) {
+        tracing::warn!(send = %send.id, mailbox = %mailbox.address, "no verdict from the SMTP server: {words}");
+        if !mailbox.save_sent.bridge_appends(mailbox.provider) {
+            match self.in_sent(mailbox, &send).await {
+                Ok(Some(copy)) => {
+                    tracing::info!(send = %send.id, "the message without a verdict is in Sent: it was sent");
+                    return self.settle_as_sent(send, copy);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(send = %send.id, "cannot look in Sent: {err}");
+                }
+            }
+        }
+        self.fail(
+            send,
+            format!(
+                "outcome unknown: {words}; it may have reached the recipients, and was not sent again to avoid a duplicate"
+            ),
+        );
     }
 
     /// Submits; a refused access token is renewed and tried once more (a

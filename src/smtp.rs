@@ -1,16 +1,23 @@
 //! Submitting a message over SMTP from a user's own mailbox with lettre:
 //! implicit TLS or STARTTLS (plain only towards loopback), the configured extra
-//! roots, PLAIN/LOGIN or XOAUTH2 authentication. Errors are sorted into what a retry can
-//! fix and what it cannot.
+//! roots, PLAIN/LOGIN or XOAUTH2 authentication.
+//!
+//! The conversation is driven step by step, each step under its own deadline:
+//! lettre's own timeout covers only the TCP connect, so a server that accepts
+//! the connection and then stalls (no greeting, no reply to DATA) would hold
+//! the mailbox's queue forever. Errors are sorted into what a retry can fix,
+//! what it cannot, and what nobody can tell: once the message's end was
+//! written, a lost connection or a silent server leaves its fate unknown.
 
 use std::{path::PathBuf, time::Duration};
 
 use lettre::{
-    AsyncSmtpTransport, AsyncTransport, Tokio1Executor,
     address::Envelope,
     transport::smtp::{
         authentication::{Credentials as SmtpCredentials, Mechanism},
-        client::{Certificate, Tls, TlsParameters},
+        client::{AsyncSmtpConnection, Certificate, TlsParameters},
+        commands::{Data, Mail, Rcpt},
+        extension::{ClientId, Extension, MailBodyParameter, MailParameter},
     },
 };
 
@@ -24,19 +31,29 @@ pub enum SubmitError {
     /// The server refused for good (5xx); its words.
     #[error("{0}")]
     Permanent(String),
-    /// Worth another try later: 4xx, a lost connection, a timeout.
+    /// Worth another try later: 4xx, a lost connection or a timeout before
+    /// the message was handed over. Nothing was sent.
     #[error("{0}")]
     Transient(String),
     /// The server refused the credentials.
     #[error("{0}")]
     Rejected(String),
+    /// The whole message was written but no verdict came back (the connection
+    /// dropped, or the server fell silent): it may or may not have been taken.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 #[derive(Clone)]
 pub struct Submitter {
     extra_roots: Vec<Vec<u8>>,
+    /// The deadline of each step of the conversation.
     timeout: Duration,
 }
+
+/// A message's end must arrive at least this fast (a slow link still finishes
+/// 25 MB; a stalled one is noticed).
+const MIN_UPLOAD_BYTES_PER_SEC: u64 = 64 * 1024;
 
 impl Submitter {
     pub fn new(extra_roots: &[PathBuf], timeout: Duration) -> anyhow::Result<Self> {
@@ -71,10 +88,10 @@ impl Submitter {
         recipients: &[String],
         raw: &[u8],
     ) -> Result<String, SubmitError> {
-        let tls = match endpoint.security {
-            Security::Tls => Tls::Wrapper(self.tls(&endpoint.host)?),
-            Security::Starttls => Tls::Required(self.tls(&endpoint.host)?),
-            Security::Plain if is_loopback(&endpoint.host) => Tls::None,
+        let (wrapper, starttls) = match endpoint.security {
+            Security::Tls => (Some(self.tls(&endpoint.host)?), None),
+            Security::Starttls => (None, Some(self.tls(&endpoint.host)?)),
+            Security::Plain if is_loopback(&endpoint.host) => (None, None),
             Security::Plain => {
                 return Err(SubmitError::Permanent(format!(
                     "refusing an unencrypted SMTP connection to {}",
@@ -88,18 +105,7 @@ impl Submitter {
             }
             Login::Bearer { access_token, .. } => (vec![Mechanism::Xoauth2], access_token),
         };
-        // A fresh transport per send: credentials may have changed (a refreshed
-        // token), and a pool would keep connections logged in with old ones.
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&endpoint.host)
-            .port(endpoint.port)
-            .tls(tls)
-            .authentication(mechanisms)
-            .credentials(SmtpCredentials::new(
-                login.username().to_string(),
-                secret.clone(),
-            ))
-            .timeout(Some(self.timeout))
-            .build();
+        let credentials = SmtpCredentials::new(login.username().to_string(), secret.clone());
         let envelope = Envelope::new(
             Some(
                 from.parse()
@@ -114,13 +120,109 @@ impl Submitter {
                 .collect::<Result<_, _>>()?,
         )
         .map_err(|e| SubmitError::Permanent(format!("envelope: {e}")))?;
-        match transport.send_raw(&envelope, raw).await {
-            Ok(response) => Ok(format!(
-                "{} {}",
-                response.code(),
-                response.message().collect::<Vec<_>>().join(" ")
-            )),
-            Err(err) => Err(classify(&err)),
+        let hello = ClientId::default();
+
+        // A fresh connection per send: credentials may have changed (a
+        // renewed token), and a pool would keep connections logged in with old ones.
+        let mut conn = self
+            .step(
+                "connecting, the greeting and EHLO",
+                AsyncSmtpConnection::connect_tokio1(
+                    (endpoint.host.as_str(), endpoint.port),
+                    Some(self.timeout),
+                    &hello,
+                    wrapper,
+                    None,
+                ),
+            )
+            .await?;
+        if let Some(parameters) = starttls {
+            if !conn.can_starttls() {
+                return Err(SubmitError::Permanent(format!(
+                    "{} offers no STARTTLS; use \"security\": \"tls\" if it speaks implicit TLS",
+                    endpoint.host
+                )));
+            }
+            self.step("starting TLS", conn.starttls(parameters, &hello))
+                .await?;
+        }
+        self.step("authenticating", conn.auth(&mechanisms, &credentials))
+            .await?;
+        let mut options = Vec::new();
+        let non_ascii_address = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .any(|address| !AsRef::<str>::as_ref(address).is_ascii());
+        if non_ascii_address {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Err(SubmitError::Permanent(
+                    "an address is not ASCII and the server does not offer SMTPUTF8".into(),
+                ));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !raw.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(SubmitError::Permanent(
+                    "the message is not 7-bit and the server does not offer 8BITMIME".into(),
+                ));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        self.step(
+            "MAIL FROM",
+            conn.command(Mail::new(envelope.from().cloned(), options)),
+        )
+        .await?;
+        for recipient in envelope.to() {
+            self.step(
+                "RCPT TO",
+                conn.command(Rcpt::new(recipient.clone(), vec![])),
+            )
+            .await?;
+        }
+        self.step("DATA", conn.command(Data)).await?;
+        // From here on the message may be taken even if no reply comes.
+        let upload =
+            self.timeout + Duration::from_secs(raw.len() as u64 / MIN_UPLOAD_BYTES_PER_SEC);
+        let response = match tokio::time::timeout(upload, conn.message(raw)).await {
+            Ok(Ok(response)) => response,
+            // The server answered: its verdict stands.
+            Ok(Err(err)) if err.status().is_some() => return Err(classify(&err)),
+            Ok(Err(err)) => {
+                return Err(SubmitError::Unknown(format!(
+                    "the connection failed after the message was handed over, before the server's verdict: {err}"
+                )));
+            }
+            Err(_) => {
+                return Err(SubmitError::Unknown(format!(
+                    "no verdict on the message within {upload:?} after it was handed over"
+                )));
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+        Ok(format!(
+            "{} {}",
+            response.code(),
+            response.message().collect::<Vec<_>>().join(" ")
+        ))
+    }
+
+    /// One step before the message is handed over: on timeout nothing was
+    /// sent, so it is worth another try.
+    async fn step<T>(
+        &self,
+        what: &str,
+        future: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+    ) -> Result<T, SubmitError> {
+        match tokio::time::timeout(self.timeout, future).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(classify(&err)),
+            Err(_) => Err(SubmitError::Transient(format!(
+                "the SMTP server did not answer within {:?} while {what}",
+                self.timeout
+            ))),
         }
     }
 }

@@ -450,3 +450,107 @@ async fn r17_a_send_with_24_mb_of_attachments_goes_out_whole() {
     );
     w.daemon.stop().await;
 }
+
+/// The user's mailbox connected with `smtp`, with short SMTP step deadlines.
+async fn sending_through(smtp: serde_json::Value, save_sent: &str) -> World {
+    let w = World::started_with(|config| {
+        config.sending.timeout_secs = 2;
+        config.sending.retry_min_ms = 100;
+        config.sending.retry_max_ms = 500;
+    })
+    .await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"smtp": smtp, "save_sent": save_sent}),
+        )
+        .await;
+    w.api.wait_active("L1", "u1").await;
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r05_an_smtp_server_that_accepts_and_never_greets_does_not_hold_the_queue() {
+    // Takes connections and says nothing, ever.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let w = sending_through(
+        serde_json::json!({"host": "127.0.0.1", "port": silent_port, "security": "plain"}),
+        "auto",
+    )
+    .await;
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "stalled", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let path = format!("/v1/messages/{}", accepted["id"].as_str().unwrap());
+    let stalled = support::eventually("the stall to be noticed", support::DEADLINE, async || {
+        let (_, send) = w.api.send(Method::GET, &path, None).await;
+        (send["status"] == "queued" && !send["error"].is_null()).then_some(send)
+    })
+    .await;
+    assert!(
+        stalled["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{stalled}"
+    );
+
+    // The endpoint is fixed: the queued send leaves.
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"smtp": w.stack.smtp_endpoint()}),
+        )
+        .await;
+    let sent = w
+        .receiver
+        .wait_for("the send after the fix", |r| r.kind() == "message.sent")
+        .await;
+    assert_eq!(sent.data()["id"], accepted["id"]);
+    held.abort();
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_no_verdict_after_the_message_was_handed_over_is_reported_never_sent_again() {
+    let smtp = support::scripted_smtp::ScriptedSmtp::start(support::stack::Stack::get()).await;
+    // The bridge files Sent itself here, so nothing can tell whether it left.
+    let w = sending_through(smtp.endpoint(), "append").await;
+    smtp.drop_next_reply();
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "no verdict", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let failed = w
+        .receiver
+        .wait_for("message.failed", |r| r.kind() == "message.failed")
+        .await;
+    assert_eq!(failed.data()["id"], accepted["id"]);
+    assert!(
+        failed.data()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("outcome unknown"),
+        "{}",
+        failed.data()
+    );
+    assert_eq!(smtp.assigned().len(), 1, "submitted once, never again");
+    w.daemon.stop().await;
+}
