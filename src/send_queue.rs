@@ -194,16 +194,6 @@ impl SendQueue {
                 );
             }
         };
-        // A transient failure can come after the server took the message (the
-        // connection dropped before its 250). Where the server files Sent
-        // itself, the copy there tells: found means sent, never submit again.
-        if send.attempts > 0
-            && !mailbox.save_sent.bridge_appends(mailbox.provider)
-            && let Ok(Some(copy)) = self.in_sent(&mailbox, &send).await
-        {
-            tracing::info!(send = %send.id, "a retried send is already in Sent: it was sent");
-            return self.settle_as_sent(send, copy);
-        }
         let signed = match self.sync.auth.login(&mailbox.address, None).await {
             Ok(signed) => signed,
             Err(AuthError::NeedsReauth(words)) => {
