@@ -39,6 +39,24 @@ pub enum Outcome {
     Queued { thread_id: String, events: usize },
 }
 
+/// What makes two copies of a message the same message: its Message-ID, or,
+/// without one, a hash of its header (which carries its Date and Received
+/// lines, so two different messages rarely share it).
+pub fn message_identity(message: &Message, raw: &[u8]) -> String {
+    if let Some(id) = &message.message_id {
+        return id.clone();
+    }
+    let header_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(raw.len());
+    let header = raw.get(..header_end).unwrap_or(raw);
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(header);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 /// Writes a file and syncs it to disk before returning.
 pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -95,6 +113,8 @@ impl Ingest {
         let thread = self
             .store
             .thread_of(found.mailbox, &message.thread_keys())?;
+        let identity = message_identity(&message, raw);
+        let already_synced = self.store.synced_to(&identity)?;
         let routing = routing::route(
             Incoming {
                 message: &message,
@@ -107,6 +127,7 @@ impl Ingest {
                 mailbox: found.mailbox,
                 integrations: &integrations,
                 contacts: &contacts,
+                already_synced: &already_synced,
             },
             thread.as_ref(),
         );
@@ -187,6 +208,13 @@ impl Ingest {
             message_ids: message.message_id.iter().cloned().collect(),
             thread: Some(thread.clone()),
             events,
+            synced: Some((
+                identity,
+                deliveries
+                    .iter()
+                    .map(|d| (d.route.location_id.clone(), d.route.user_id.clone()))
+                    .collect(),
+            )),
             history,
         })?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
@@ -211,6 +239,7 @@ impl Ingest {
             message_ids: vec![],
             events: vec![],
             history: vec![],
+            synced: None,
         })
     }
 

@@ -28,6 +28,9 @@ pub struct Directory<'a> {
     pub mailbox: &'a str,
     pub integrations: &'a [Integration],
     pub contacts: &'a [Contact],
+    /// Integrations (location, user) that already received this message,
+    /// found before under another UID or in another folder.
+    pub already_synced: &'a [(String, String)],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +75,9 @@ pub enum IgnoreReason {
     ThreadDetached,
     /// The CRM sent it through the bridge; `message.sent` already reported it (R5).
     SentByCrm,
+    /// Every integration it would go to already received it (moved out and
+    /// back, restored, filed twice): nothing is forwarded twice (R21).
+    AlreadySynced,
 }
 
 impl fmt::Display for IgnoreReason {
@@ -93,6 +99,9 @@ impl fmt::Display for IgnoreReason {
                 "its thread syncs to no integration that still uses this mailbox"
             }
             IgnoreReason::SentByCrm => "sent by the CRM through the bridge (R5)",
+            IgnoreReason::AlreadySynced => {
+                "already forwarded to every integration it belongs to (R21)"
+            }
         })
     }
 }
@@ -112,6 +121,10 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
         .collect();
     if live.is_empty() {
         return Routing::Ignore(IgnoreReason::BeforeConnect);
+    }
+    let live = r21_not_yet_synced(live, directory.already_synced);
+    if live.is_empty() {
+        return Routing::Ignore(IgnoreReason::AlreadySynced);
     }
     let sender = message.from.as_ref().map(|a| normalize_email(&a.email));
     let direction = match incoming.folder {
@@ -150,6 +163,21 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
         thread: ThreadDecision::Start,
         deliveries,
     }
+}
+
+/// R21: an integration that already received the message (under another UID,
+/// in another folder) does not get it again.
+fn r21_not_yet_synced<'i>(
+    live: Vec<&'i Integration>,
+    already_synced: &[(String, String)],
+) -> Vec<&'i Integration> {
+    live.into_iter()
+        .filter(|i| {
+            !already_synced
+                .iter()
+                .any(|(location, user)| *location == i.location_id && *user == i.user_id)
+        })
+        .collect()
 }
 
 /// R6: later messages of a synced thread, from anyone, go to the thread's
@@ -356,6 +384,7 @@ mod tests {
                 mailbox: MAILBOX,
                 integrations,
                 contacts,
+                already_synced: &[],
             },
             thread,
         );
@@ -544,12 +573,57 @@ mod tests {
                     mailbox: MAILBOX,
                     integrations: &integrations,
                     contacts: &contacts,
+                    already_synced: &[],
                 },
                 None,
             )
         };
         assert_eq!(routing(true), Routing::Ignore(IgnoreReason::SentByCrm));
         assert!(matches!(routing(false), Routing::Deliver { .. }));
+    }
+
+    #[test]
+    fn r21_an_integration_that_already_received_the_message_does_not_get_it_again() {
+        let integrations = vec![integration("L1", "u1", 1), integration("L2", "u2", 1)];
+        let contacts = vec![
+            contact("L1", "c1", "ann@x.test", &["u1"], 1),
+            contact("L2", "c2", "ann@x.test", &["u2"], 1),
+        ];
+        let message = message("ann@x.test", &[MAILBOX], &[], &[]);
+        let routing = |already_synced: &[(String, String)]| {
+            route(
+                Incoming {
+                    message: &message,
+                    folder: FolderRole::Inbox,
+                    uid_validity: 1,
+                    uid: 9,
+                    sent_by_crm: false,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &integrations,
+                    contacts: &contacts,
+                    already_synced,
+                },
+                None,
+            )
+        };
+        let pair = |l: &str, u: &str| (l.to_string(), u.to_string());
+        let locations = |routing: Routing| match routing {
+            Routing::Deliver { deliveries, .. } => deliveries
+                .into_iter()
+                .map(|d| d.route.location_id)
+                .collect::<Vec<_>>(),
+            Routing::Ignore(reason) => panic!("ignored: {reason}"),
+        };
+        assert_eq!(locations(routing(&[])), vec!["L1", "L2"]);
+        assert_eq!(locations(routing(&[pair("L1", "u1")])), vec!["L2"]);
+        assert_eq!(
+            routing(&[pair("L1", "u1"), pair("L2", "u2")]),
+            Routing::Ignore(IgnoreReason::AlreadySynced)
+        );
+        // Another user of the same location is another integration.
+        assert_eq!(locations(routing(&[pair("L1", "u9")])), vec!["L1", "L2"]);
     }
 
     #[test]
@@ -758,6 +832,7 @@ mod tests {
                     mailbox: MAILBOX,
                     integrations: &integrations,
                     contacts: &[],
+                    already_synced: &[],
                 },
                 Some(&known),
             );

@@ -282,6 +282,39 @@ async fn r21_an_endpoint_answering_with_a_redirect_has_not_received_the_event() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_a_message_moved_out_of_the_inbox_and_back_is_not_forwarded_again() {
+    let w = World::connected(serde_json::json!({})).await;
+    mail(&w.stack, &w.ann, &w.me, "moved around", None).await;
+    w.receiver
+        .wait_for("the message", |r| r.subject() == "moved around")
+        .await;
+    // The user archives it and changes their mind: back in INBOX under a new UID.
+    let mut session = w.stack.session(&w.me).await;
+    session.select("INBOX").await.expect("SELECT INBOX");
+    session
+        .uid_mv("1:*", "Archive")
+        .await
+        .expect("MOVE to Archive");
+    session.select("Archive").await.expect("SELECT Archive");
+    session.uid_mv("1:*", "INBOX").await.expect("MOVE back");
+    let _ = session.logout().await;
+    // A later message syncs, so the moved one (a lower UID) was handled by then.
+    mail(&w.stack, &w.ann, &w.me, "after the move", None).await;
+    w.receiver
+        .wait_for("the later message", |r| r.subject() == "after the move")
+        .await;
+    let ids: std::collections::HashSet<String> = w
+        .receiver
+        .all()
+        .iter()
+        .filter(|r| r.subject() == "moved around")
+        .map(|r| r.webhook_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 1, "forwarded once: {ids:?}");
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
     let w = World::connected(serde_json::json!({})).await;
     let (me, ann) = (&w.me, &w.ann);

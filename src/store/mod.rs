@@ -46,6 +46,9 @@ pub struct IngestCommit {
     pub events: Vec<Event>,
     /// History entries (one per conversation the message lands in).
     pub history: Vec<MessageEventData>,
+    /// The message's identity (see `Store::synced_to`) and the integrations
+    /// (location, user) that now have it.
+    pub synced: Option<(String, Vec<(String, String)>)>,
 }
 
 /// What became of a send the CRM asked for.
@@ -174,6 +177,11 @@ pub trait Store: Send + Sync + 'static {
     /// The synced thread that one of these message ids belongs to, trying them in order.
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
     fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()>;
+    /// The integrations (location, user) that already received the message
+    /// with this identity (its Message-ID, or a hash of its header), wherever
+    /// and under whatever UID it was found: a message moved out and back, or
+    /// filed twice, is not forwarded again (R21).
+    fn synced_to(&self, identity: &str) -> StoreResult<Vec<(String, String)>>;
 
     // --- the webhook outbox, in enqueue order
     fn enqueue(&self, events: &[Event]) -> StoreResult<()>;

@@ -46,6 +46,8 @@ pub struct SledStore {
     quota: sled::Tree,
     crm_message_ids: sled::Tree,
     history: sled::Tree,
+    /// identity \0 location \0 user → message record id.
+    synced: sled::Tree,
     secrets: SecretBox,
     raw_messages: PathBuf,
     bodies: PathBuf,
@@ -164,6 +166,7 @@ impl SledStore {
             quota: tree("quota")?,
             crm_message_ids: tree("crm_message_ids")?,
             history: tree("history")?,
+            synced: tree("synced")?,
             raw_messages,
             db,
             secrets,
@@ -723,15 +726,31 @@ impl Store for SledStore {
             .iter()
             .map(|data| Ok((history_key(data, now_ms), encode(data)?)))
             .collect::<StoreResult<_>>()?;
+        let record_id = commit
+            .history
+            .first()
+            .map(|data| data.id.clone())
+            .unwrap_or_default();
+        let synced_keys: Vec<Vec<u8>> = match &commit.synced {
+            Some((identity, integrations)) => integrations
+                .iter()
+                .map(|(location, user)| key(&[identity, location, user]))
+                .collect(),
+            None => Vec::new(),
+        };
         (
             &self.cursors,
             &self.threads,
             &self.thread_keys,
             &self.outbox,
             &self.history,
+            &self.synced,
         )
-            .transaction(|(cursors, threads, thread_keys, outbox, history)| {
+            .transaction(|(cursors, threads, thread_keys, outbox, history, synced)| {
                 cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                for k in &synced_keys {
+                    synced.insert(k.as_slice(), record_id.as_bytes())?;
+                }
                 for (k, v) in &history_values {
                     history.insert(k.as_slice(), v.as_slice())?;
                 }
@@ -747,6 +766,19 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         self.flush()
+    }
+
+    fn synced_to(&self, identity: &str) -> StoreResult<Vec<(String, String)>> {
+        let scan = prefix(&[identity]);
+        let mut found = Vec::new();
+        for k in self.synced.scan_prefix(&scan).keys() {
+            let k = k.map_err(engine)?;
+            let rest = String::from_utf8_lossy(&k[scan.len()..]).into_owned();
+            if let Some((location, user)) = rest.split_once('\0') {
+                found.push((location.to_string(), user.to_string()));
+            }
+        }
+        Ok(found)
     }
 
     fn enqueue(&self, events: &[Event]) -> StoreResult<()> {

@@ -256,8 +256,19 @@ fn ingest_commits_cursor_thread_and_events_together() {
             message_ids: vec!["<a@x>".into()],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
             history: vec![],
+            synced: Some(("<a@x>".into(), vec![("L1".into(), "u1".into())])),
         };
+        assert!(store.synced_to("<a@x>").unwrap().is_empty());
         store.commit_ingest(&commit).unwrap();
+        assert_eq!(
+            store.synced_to("<a@x>").unwrap(),
+            vec![("L1".to_string(), "u1".to_string())],
+            "the message is known as synced for that integration, with the commit"
+        );
+        assert!(
+            store.synced_to("<a@x").unwrap().is_empty(),
+            "no prefix match"
+        );
         assert_eq!(
             store
                 .cursor("me@x.test", FolderRole::Inbox)
