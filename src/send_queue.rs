@@ -18,7 +18,6 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::Utc;
-use futures_util::TryStreamExt as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,7 @@ use crate::{
     auth::{AuthError, SignIn},
     backoff,
     imap::ConnectError,
-    imap::{ImapConnector, SyncContext, connection::ImapSession, folders},
+    imap::{ImapConnector, SyncContext, checked, connection::ImapSession, folders},
     model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
     store::{Store, StoreResult},
@@ -489,23 +488,20 @@ impl SendQueue {
             quoted(&send.id)
         );
         let hits = self
-            .within("searching Sent", session.uid_search(query))
+            .within("searching Sent", checked::uid_search(&mut session, &query))
             .await?;
         let copy = match hits.iter().min() {
             None => None,
             Some(uid) => {
-                let fetched: Vec<_> = self
-                    .within("reading the copy's Message-ID", async {
-                        session
-                            .uid_fetch(uid.to_string(), "BODY.PEEK[HEADER]")
-                            .await?
-                            .try_collect::<Vec<_>>()
-                            .await
-                    })
+                let fetched = self
+                    .within(
+                        "reading the copy's Message-ID",
+                        checked::uid_fetch(&mut session, &uid.to_string(), "BODY.PEEK[HEADER]"),
+                    )
                     .await?;
                 let message_id = fetched
                     .iter()
-                    .filter_map(|f| f.header())
+                    .filter_map(|f| f.header.as_deref())
                     .filter_map(|raw| mailparse::parse_headers(raw).ok())
                     .filter_map(|(headers, _)| {
                         use mailparse::MailHeaderMap as _;

@@ -315,6 +315,34 @@ async fn r21_a_message_moved_out_of_the_inbox_and_back_is_not_forwarded_again() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_a_fetch_the_server_refuses_is_retried_not_taken_for_a_removed_message() {
+    let w = World::started().await;
+    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"imap": proxy.endpoint()}),
+        )
+        .await;
+    w.api.wait_active("L1", "u1").await;
+    proxy.refuse_next_fetches(2);
+    mail(&w.stack, &w.ann, &w.me, "fetched at the third try", None).await;
+    w.receiver
+        .wait_for("the message the server refused twice", |r| {
+            r.subject() == "fetched at the third try"
+        })
+        .await;
+    assert_eq!(proxy.fetches_refused(), 2);
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
     let w = World::connected(serde_json::json!({})).await;
     let (me, ann) = (&w.me, &w.ann);

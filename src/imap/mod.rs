@@ -1,6 +1,7 @@
 //! The IMAP side: one task per mailbox, however many integrations use it, with a
 //! watcher per folder (INBOX and Sent). Fetched messages go to [`Ingest`].
 
+pub mod checked;
 pub mod connection;
 pub mod folders;
 pub mod watcher;

@@ -6,10 +6,9 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_imap::{extensions::idle::IdleResponse, imap_proto::Response, imap_proto::Status};
-use futures_util::TryStreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::{SyncContext, connection::ConnectError, connection::ImapSession, folders};
+use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
 use crate::{
     backoff,
     ingest::Found,
@@ -36,6 +35,10 @@ enum SessionError {
     Timeout(&'static str),
     #[error("the server closed the session")]
     Closed,
+    #[error("IMAP: {0}")]
+    Checked(#[from] checked::CheckedError),
+    #[error("the server did not return message {0}, which is still there; retrying")]
+    NotReturned(u32),
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
@@ -235,18 +238,19 @@ impl FolderWatcher {
         let address = self.address.as_str();
         // Sizes first: cheap, and `n:*` always names at least the last message,
         // which must not be fetched again.
-        let listing: Vec<_> = self
-            .timed("listing new messages", async {
-                session
-                    .uid_fetch(format!("{}:*", cursor.next_uid), "(UID RFC822.SIZE)")
-                    .await?
-                    .try_collect::<Vec<_>>()
-                    .await
-            })
+        let listing = self
+            .timed(
+                "listing new messages",
+                checked::uid_fetch(
+                    session,
+                    &format!("{}:*", cursor.next_uid),
+                    "(UID RFC822.SIZE)",
+                ),
+            )
             .await?;
         let mut pending: Vec<(u32, u32)> = listing
             .iter()
-            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            .map(|f| (f.uid, f.size.unwrap_or(0)))
             .filter(|(uid, _)| *uid >= cursor.next_uid)
             .collect();
         pending.sort_unstable();
@@ -277,18 +281,15 @@ impl FolderWatcher {
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
                     .join(",");
-                let fetched: Vec<_> = self
-                    .timed("fetching messages", async {
-                        session
-                            .uid_fetch(&set, "(UID BODY.PEEK[])")
-                            .await?
-                            .try_collect::<Vec<_>>()
-                            .await
-                    })
+                let fetched = self
+                    .timed(
+                        "fetching messages",
+                        checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
+                    )
                     .await?;
                 for fetch in fetched {
-                    if let (Some(uid), Some(body)) = (fetch.uid, fetch.body()) {
-                        bodies.insert(uid, body.to_vec());
+                    if let Some(body) = fetch.body {
+                        bodies.insert(fetch.uid, body);
                     }
                 }
             }
@@ -307,6 +308,17 @@ impl FolderWatcher {
                         let reason = if *size > self.ctx.sync.max_message_bytes {
                             format!("{size} bytes is over sync.max_message_bytes")
                         } else {
+                            // Only a message that is gone may be passed over:
+                            // one the server merely did not return is retried.
+                            let still_there = self
+                                .timed(
+                                    "checking a message the server did not return",
+                                    checked::uid_search(session, &format!("UID {uid}")),
+                                )
+                                .await?;
+                            if still_there.contains(uid) {
+                                return Err(SessionError::NotReturned(*uid));
+                            }
                             "it was removed before it could be fetched".to_string()
                         };
                         tracing::warn!(

@@ -1,9 +1,11 @@
 //! A plain-TCP proxy on 127.0.0.1 port 0 in front of the stack's Dovecot
-//! (its plain port), passing everything through, that can be told to refuse
-//! the next logins with words a healthy Dovecot does not use on demand:
-//! RFC 5530's `[UNAVAILABLE]` (what Dovecot says when its passdb fails), or a
-//! one-off `[AUTHENTICATIONFAILED]`. Until a client logs in, the proxy reads
-//! its commands line by line; after that it only copies bytes.
+//! (its plain port), passing everything through, that can be told to answer
+//! in Dovecot's place with words a healthy Dovecot does not use on demand:
+//! refuse the next logins (RFC 5530's `[UNAVAILABLE]`, what Dovecot says when
+//! its passdb fails, or a one-off `[AUTHENTICATIONFAILED]`), or refuse the
+//! next body FETCHes as Gmail does (`NO [UNAVAILABLE] Some messages could not
+//! be FETCHed`). It reads the client's commands line by line (literals
+//! passed through whole) and copies the server's answers as they come.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +23,13 @@ struct Script {
     refusals: Vec<String>,
     refused: usize,
     logins_passed: usize,
+    /// How many of the next `UID FETCH … BODY.PEEK[]` get `FETCH_REFUSED`.
+    fetch_refusals: usize,
+    fetches_refused: usize,
 }
+
+/// Gmail's words for a FETCH it cannot serve now.
+pub const FETCH_REFUSED: &str = "NO [UNAVAILABLE] Some messages could not be FETCHed (Failure)";
 
 pub struct ImapProxy {
     pub port: u16,
@@ -81,6 +89,16 @@ impl ImapProxy {
             .extend(std::iter::repeat_n(answer.to_string(), count));
     }
 
+    /// The next `count` body FETCHes are answered `FETCH_REFUSED`.
+    pub fn refuse_next_fetches(&self, count: usize) {
+        self.script.lock().expect("proxy script").fetch_refusals += count;
+    }
+
+    /// Body FETCHes refused so far.
+    pub fn fetches_refused(&self) -> usize {
+        self.script.lock().expect("proxy script").fetches_refused
+    }
+
     /// Logins refused so far, and logins passed on to Dovecot.
     pub fn counts(&self) -> (usize, usize) {
         let script = self.script.lock().expect("proxy script");
@@ -122,13 +140,14 @@ async fn serve(
         if client_read.read_until(b'\n', &mut line).await? == 0 {
             break;
         }
-        let text = String::from_utf8_lossy(&line).to_ascii_uppercase();
+        let text = String::from_utf8_lossy(&line).to_string();
+        let upper = text.to_ascii_uppercase();
         let mut words = text.split_whitespace();
         let tag = words.next().unwrap_or("").to_string();
-        let is_login = matches!(words.next(), Some("LOGIN" | "AUTHENTICATE"));
-        if is_login {
-            let refusal = {
-                let mut script = script.lock().expect("proxy script");
+        let verb = upper.split_whitespace().nth(1).unwrap_or("").to_string();
+        let refusal = {
+            let mut script = script.lock().expect("proxy script");
+            if matches!(verb.as_str(), "LOGIN" | "AUTHENTICATE") {
                 if script.refusals.is_empty() {
                     script.logins_passed += 1;
                     None
@@ -136,26 +155,39 @@ async fn serve(
                     script.refused += 1;
                     Some(script.refusals.remove(0))
                 }
-            };
-            if let Some(answer) = refusal {
-                let original_tag = String::from_utf8_lossy(&line)
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or(&tag)
-                    .to_string();
-                let _ = to_client
-                    .send(format!("{original_tag} {answer}\r\n").into_bytes())
-                    .await;
-                continue;
+            } else if verb == "UID"
+                && upper.contains(" FETCH ")
+                && upper.contains("BODY.PEEK[]")
+                && script.fetch_refusals > 0
+            {
+                script.fetch_refusals -= 1;
+                script.fetches_refused += 1;
+                Some(FETCH_REFUSED.to_string())
+            } else {
+                None
             }
-            server_write.write_all(&line).await?;
-            // Logged in or not, the rest is passed through untouched.
-            tokio::io::copy(&mut client_read, &mut server_write).await?;
-            break;
+        };
+        if let Some(answer) = refusal {
+            let _ = to_client
+                .send(format!("{tag} {answer}\r\n").into_bytes())
+                .await;
+            continue;
         }
         server_write.write_all(&line).await?;
+        // A literal (`{n}` or `{n+}` at the line's end) follows as n raw bytes.
+        if let Some(length) = literal_length(&text) {
+            let mut literal = vec![0u8; length];
+            tokio::io::AsyncReadExt::read_exact(&mut client_read, &mut literal).await?;
+            server_write.write_all(&literal).await?;
+        }
     }
     let _ = server_write.shutdown().await;
     let _ = downstream.await;
     Ok(())
+}
+
+fn literal_length(line: &str) -> Option<usize> {
+    let inner = line.trim_end().strip_suffix('}')?;
+    let (_, digits) = inner.rsplit_once('{')?;
+    digits.trim_end_matches('+').parse().ok()
 }

@@ -1,0 +1,168 @@
+//! IMAP commands whose failure is an error, not an empty answer.
+//!
+//! async-imap 0.12 reads FETCH, SEARCH and LIST up to their tagged response
+//! without looking at its status: a `NO` (Gmail's "Some messages could not be
+//! FETCHed", `[UNAVAILABLE]`) reads as "nothing found", and the caller would
+//! take a message that is still there for one that was removed. These run the
+//! command themselves, collect what the server sends, and fail on NO or BAD.
+
+use async_imap::imap_proto::{
+    AttributeValue, MailboxDatum, MessageSection, NameAttribute, Response, SectionPath, Status,
+};
+
+use super::connection::ImapSession;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckedError {
+    /// The server answered NO or BAD; its words.
+    #[error("{command} refused: {words}")]
+    Refused { command: String, words: String },
+    #[error("{0}")]
+    Io(String),
+    #[error("the server closed the connection")]
+    Closed,
+}
+
+/// One message of a FETCH answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub uid: u32,
+    pub size: Option<u32>,
+    /// `BODY[]`, when it was asked for.
+    pub body: Option<Vec<u8>>,
+    /// `BODY[HEADER]`, when it was asked for.
+    pub header: Option<Vec<u8>>,
+}
+
+/// Runs `command`; calls `each` for every untagged response until the tagged
+/// one, which must be OK.
+async fn run(
+    session: &mut ImapSession,
+    command: &str,
+    mut each: impl FnMut(&Response<'_>),
+) -> Result<(), CheckedError> {
+    let tag = session
+        .run_command(command)
+        .await
+        .map_err(|e| CheckedError::Io(e.to_string()))?;
+    // Only the verb: the command's arguments may be long or private.
+    let verb: String = command
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    loop {
+        let response = session
+            .read_response()
+            .await
+            .map_err(|e| CheckedError::Io(e.to_string()))?
+            .ok_or(CheckedError::Closed)?;
+        match response.parsed() {
+            Response::Done {
+                tag: done,
+                status,
+                outcome,
+            } if *done == tag => {
+                return match status {
+                    Status::Ok => Ok(()),
+                    _ => Err(CheckedError::Refused {
+                        command: verb,
+                        words: format!(
+                            "{status:?} {}{}",
+                            outcome
+                                .code
+                                .as_ref()
+                                .map(|c| format!("[{c:?}] "))
+                                .unwrap_or_default(),
+                            outcome.information.as_deref().unwrap_or("")
+                        ),
+                    }),
+                };
+            }
+            Response::Data {
+                status: Status::Bye,
+                ..
+            } => return Err(CheckedError::Closed),
+            other => each(other),
+        }
+    }
+}
+
+/// `UID FETCH set query`, every message that came back.
+pub async fn uid_fetch(
+    session: &mut ImapSession,
+    set: &str,
+    query: &str,
+) -> Result<Vec<Fetched>, CheckedError> {
+    let mut fetched = Vec::new();
+    run(session, &format!("UID FETCH {set} {query}"), |response| {
+        if let Response::Fetch(_, attributes) = response {
+            let mut message = Fetched::default();
+            for attribute in attributes {
+                match attribute {
+                    AttributeValue::Uid(uid) => message.uid = *uid,
+                    AttributeValue::Rfc822Size(size) => message.size = Some(*size),
+                    AttributeValue::BodySection {
+                        section: None,
+                        data: Some(data),
+                        ..
+                    }
+                    | AttributeValue::Rfc822(Some(data)) => message.body = Some(data.to_vec()),
+                    AttributeValue::BodySection {
+                        section: Some(SectionPath::Full(MessageSection::Header)),
+                        data: Some(data),
+                        ..
+                    }
+                    | AttributeValue::Rfc822Header(Some(data)) => {
+                        message.header = Some(data.to_vec())
+                    }
+                    _ => {}
+                }
+            }
+            // A FETCH without UID is an unsolicited flag change of another message.
+            if message.uid != 0 {
+                fetched.push(message);
+            }
+        }
+    })
+    .await?;
+    Ok(fetched)
+}
+
+/// `UID SEARCH query`, the UIDs found.
+pub async fn uid_search(session: &mut ImapSession, query: &str) -> Result<Vec<u32>, CheckedError> {
+    let mut found = Vec::new();
+    run(session, &format!("UID SEARCH {query}"), |response| {
+        if let Response::MailboxData(MailboxDatum::Search(uids)) = response {
+            found.extend_from_slice(uids);
+        }
+    })
+    .await?;
+    Ok(found)
+}
+
+/// A folder as LIST names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Folder {
+    pub name: String,
+    /// Carries the RFC 6154 `\Sent` attribute.
+    pub is_sent: bool,
+}
+
+/// `LIST "" *`: every folder.
+pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedError> {
+    let mut folders = Vec::new();
+    run(session, "LIST \"\" \"*\"", |response| {
+        if let Response::MailboxData(MailboxDatum::List(data)) = response {
+            folders.push(Folder {
+                name: data.name.to_string(),
+                is_sent: data
+                    .name_attributes
+                    .iter()
+                    .any(|a| matches!(a, NameAttribute::Sent)),
+            });
+        }
+    })
+    .await?;
+    Ok(folders)
+}
