@@ -57,14 +57,6 @@ pub fn message_identity(message: &Message, raw: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-/// Writes a file and syncs it to disk before returning.
-pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
 impl Ingest {
     pub fn new(store: Arc<dyn Store>, signal: OutboxSignal, public_url: &str) -> Self {
         Self {
@@ -200,7 +192,7 @@ impl Ingest {
         let count = events.len();
         // The source is kept for /raw and attachment downloads; written (and
         // synced to disk) before the commit that makes it reachable.
-        write_durably(&self.store.raw_path(&message_record_id), raw)?;
+        crate::store::write_durably(&self.store.raw_path(&message_record_id), raw)?;
         self.store.commit_ingest(&IngestCommit {
             mailbox: found.mailbox.to_string(),
             folder: found.folder,

@@ -37,6 +37,14 @@ async fn every_v1_route_needs_the_api_key_and_health_does_not() {
         (Method::POST, "/v1/locations/L1/contacts/bulk"),
         (Method::GET, "/v1/locations/L1/users/u1/mailbox"),
         (Method::DELETE, "/v1/locations/L1/users/u1/mailbox"),
+        (Method::POST, "/v1/locations/L1/users/u1/messages"),
+        (Method::GET, "/v1/locations/L1/contacts/c1/messages"),
+        (Method::GET, "/v1/messages/msg_1"),
+        (Method::GET, "/v1/messages/msg_1/raw"),
+        (Method::GET, "/v1/messages/msg_1/attachments/0"),
+        (Method::GET, "/v1/oauth/gmail/start?location_id=L1&user_id=u1"),
+        (Method::GET, "/v1/dead-letters"),
+        (Method::POST, "/v1/dead-letters/1/retry"),
     ] {
         for auth in [None, Some("Bearer wrong-key"), Some(API_KEY)] {
             let mut request = http.request(method.clone(), format!("{}{path}", daemon.base));

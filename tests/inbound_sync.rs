@@ -366,3 +366,68 @@ async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
     assert_eq!(event.data()["contact_id"], "c-ann");
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_an_event_set_aside_is_listed_and_replayed_under_its_own_id() {
+    let w = World::started_with(|config| config.delivery.give_up_after_hours = 0).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api.connect("L1", "u1", &w.stack, &w.me).await;
+    w.api.wait_active("L1", "u1").await;
+    w.receiver.set_failing(true);
+    mail(&w.stack, &w.ann, &w.me, "set aside", None).await;
+    // Set aside at its first failure (give_up_after_hours = 0).
+    let letter = support::eventually("the dead letter", support::DEADLINE, async || {
+        let (_, body) = w
+            .api
+            .send(reqwest::Method::GET, "/v1/dead-letters", None)
+            .await;
+        body["dead_letters"]
+            .as_array()?
+            .iter()
+            .find(|d| d["event"]["data"]["subject"] == "set aside")
+            .cloned()
+    })
+    .await;
+    assert!(
+        letter["last_error"].as_str().unwrap().contains("500"),
+        "{letter}"
+    );
+    let refused = w
+        .receiver
+        .all()
+        .into_iter()
+        .find(|r| r.subject() == "set aside")
+        .unwrap();
+
+    w.receiver.set_failing(false);
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/dead-letters/{}/retry", letter["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let delivered = w
+        .receiver
+        .wait_for("the replayed event", |r| r.subject() == "set aside")
+        .await;
+    assert_eq!(
+        delivered.webhook_id, refused.webhook_id,
+        "the CRM can drop a repeat"
+    );
+    let (_, body) = w
+        .api
+        .send(reqwest::Method::GET, "/v1/dead-letters", None)
+        .await;
+    assert_eq!(body["dead_letters"].as_array().unwrap().len(), 0);
+    let (status, _) = w
+        .api
+        .send(reqwest::Method::POST, "/v1/dead-letters/999999/retry", None)
+        .await;
+    assert_eq!(status, 404);
+    w.daemon.stop().await;
+}

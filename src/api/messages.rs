@@ -18,7 +18,6 @@ use super::{
 };
 use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
-    ingest::write_durably,
     model::{
         Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord,
         SendStatus, Thread, ThreadRoute, new_id,
@@ -286,8 +285,8 @@ pub async fn send(
     // Both copies reach the disk before the send is recorded as accepted.
     let filed_path = state.store.raw_path(&send_id);
     let submit_path = submit_copy_path(state.store.as_ref(), &send_id);
-    let written = write_durably(&filed_path, filed.as_deref().unwrap_or(&submitted))
-        .and_then(|()| write_durably(&submit_path, &submitted));
+    let written = crate::store::write_durably(&filed_path, filed.as_deref().unwrap_or(&submitted))
+        .and_then(|()| crate::store::write_durably(&submit_path, &submitted));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&filed_path);
         let _ = std::fs::remove_file(&submit_path);

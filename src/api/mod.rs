@@ -3,6 +3,7 @@
 //! rule lives here.
 
 pub mod contacts;
+pub mod dead_letters;
 pub mod error;
 pub mod mailboxes;
 pub mod messages;
@@ -89,6 +90,8 @@ pub fn router(state: AppState) -> Router {
             get(messages::attachment),
         )
         .route("/oauth/{provider}/start", get(oauth::start))
+        .route("/dead-letters", get(dead_letters::list))
+        .route("/dead-letters/{id}/retry", post(dead_letters::retry))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -32,6 +32,20 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Writes a file so that it survives a crash once this returns: the file's
+/// bytes and its directory entry are both synced (a synced file whose new
+/// name is not is lost with the name).
+pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    if let Some(directory) = path.parent() {
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// One message's effect, committed atomically: where the folder's cursor moves,
 /// the thread it joins or starts, and the events it produces. Either all of it
 /// is stored or none, so a crash re-handles the message, never loses or doubles it.
@@ -76,6 +90,10 @@ pub struct OutboxEntry {
     pub attempts: u32,
     /// Unix milliseconds before which no new attempt is made.
     pub next_attempt_ms: i64,
+    /// When the first attempt failed (unix ms): the give-up clock starts
+    /// there, not at the event's creation.
+    #[serde(default)]
+    pub first_failed_ms: Option<i64>,
     /// Webhook URLs that already acknowledged the event.
     pub delivered_to: Vec<String>,
     pub last_error: Option<String>,
@@ -87,10 +105,32 @@ impl OutboxEntry {
             event,
             attempts: 0,
             next_attempt_ms: 0,
+            first_failed_ms: None,
             delivered_to: Vec::new(),
             last_error: None,
         }
     }
+}
+
+/// An event set aside: it failed for too long, or its stored form could not
+/// be read. Kept for an operator to inspect and replay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    pub id: u64,
+    /// None when the stored entry was unreadable (`reason` says why).
+    pub entry: Option<OutboxEntry>,
+    pub reason: String,
+    pub buried_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What became of a request to replay a dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Back in the outbox, at its end, with a fresh retry budget.
+    Requeued,
+    /// Its entry was unreadable: nothing to send.
+    Unreadable,
+    NotFound,
 }
 
 /// Outcome of removing an integration.
@@ -185,7 +225,9 @@ pub trait Store: Send + Sync + 'static {
 
     // --- the webhook outbox, in enqueue order
     fn enqueue(&self, events: &[Event]) -> StoreResult<()>;
-    /// Up to `limit` entries after sequence number `after`, oldest first.
+    /// Up to `limit` entries after sequence number `after`, oldest first. An
+    /// entry that cannot be read is moved to the dead letters with the reason,
+    /// so it never holds up the rest.
     fn outbox_page(&self, after: Option<u64>, limit: usize)
     -> StoreResult<Vec<(u64, OutboxEntry)>>;
     fn update_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
@@ -194,6 +236,10 @@ pub trait Store: Send + Sync + 'static {
     /// Moves an entry that will not be retried any more aside, for an operator to inspect.
     fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
     fn outbox_len(&self) -> StoreResult<usize>;
+    /// Dead letters after id `after`, oldest first.
+    fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
+    /// Puts a dead letter back at the end of the outbox.
+    fn replay_dead_letter(&self, id: u64) -> StoreResult<Replay>;
 
     // --- CRM sends (R5, R14, R21)
     /// Checks the idempotency key and the mailbox's daily limit and, when both

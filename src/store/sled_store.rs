@@ -2,10 +2,7 @@
 //! ids that contain control characters). Large event bodies live in files beside
 //! the database, because sled leaks space when big values churn.
 
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::{Serialize, de::DeserializeOwned};
 use sled::{
@@ -14,13 +11,42 @@ use sled::{
 };
 
 use super::{
-    Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS,
-    SendAcceptance, Store, StoreError, StoreResult, secret_box::SecretBox,
+    DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS,
+    Replay, SendAcceptance, Store, StoreError, StoreResult, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
     MessageEventData, SendRecord, SendStatus, Thread,
 };
+
+/// A dead letter in either stored form; never fails (an unreadable one says so).
+fn read_dead_letter(id: u64, value: &[u8], store: &SledStore) -> DeadLetter {
+    if let Ok(stored) = decode::<StoredDeadLetter>(value) {
+        return DeadLetter {
+            id,
+            entry: stored.entry,
+            reason: stored.reason,
+            buried_at: Some(stored.buried_at),
+        };
+    }
+    match store.load_entry(value) {
+        Ok(entry) => DeadLetter {
+            id,
+            reason: entry
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "set aside".into()),
+            entry: Some(entry),
+            buried_at: None,
+        },
+        Err(err) => DeadLetter {
+            id,
+            entry: None,
+            reason: format!("unreadable: {err}"),
+            buried_at: None,
+        },
+    }
+}
 
 /// Event data above this size is kept in a file instead of in sled.
 const INLINE_EVENT_LIMIT: usize = 32 * 1024;
@@ -124,6 +150,19 @@ struct StoredMailbox {
     #[serde(flatten)]
     public: serde_json::Map<String, serde_json::Value>,
     sealed_credentials: String,
+}
+
+/// A dead letter as stored; `v` tells it from the older form (a bare
+/// `StoredEntry`, its reason in `last_error`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredDeadLetter {
+    v: u8,
+    entry: Option<OutboxEntry>,
+    /// The unreadable stored value, as text, for an operator to look at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    raw: Option<String>,
+    reason: String,
+    buried_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// An outbox entry on disk: the event's data inline or in a file.
@@ -234,9 +273,7 @@ impl SledStore {
                     });
                 }
                 let path = self.body_path(&event.id);
-                let mut file = std::fs::File::create(&path)?;
-                file.write_all(&data)?;
-                file.sync_all()?;
+                super::write_durably(&path, &data)?;
                 let mut light = event.clone();
                 light.data = serde_json::Value::Null;
                 encode(&StoredEntry {
@@ -796,14 +833,35 @@ impl Store for SledStore {
     ) -> StoreResult<Vec<(u64, OutboxEntry)>> {
         let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
         let mut page = Vec::new();
+        let mut unreadable = Vec::new();
         for item in self.outbox.range(start.to_be_bytes()..).take(limit) {
             let (k, v) = item.map_err(engine)?;
-            let sequence = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("outbox key is not 8 bytes".into()))?,
-            );
-            page.push((sequence, self.load_entry(&v)?));
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
+                continue;
+            };
+            match self.load_entry(&v) {
+                Ok(entry) => page.push((u64::from_be_bytes(bytes), entry)),
+                Err(err) => unreadable.push((k, v, err.to_string())),
+            }
+        }
+        for (k, v, reason) in unreadable {
+            tracing::error!("an outbox entry cannot be read; set aside as a dead letter: {reason}");
+            let value = encode(&StoredDeadLetter {
+                v: 2,
+                entry: None,
+                raw: Some(String::from_utf8_lossy(&v).into_owned()),
+                reason: format!("unreadable: {reason}"),
+                buried_at: chrono::Utc::now(),
+            })?;
+            (&self.outbox, &self.dead_letters)
+                .transaction(|(outbox, dead)| {
+                    outbox.remove(&k)?;
+                    dead.insert(&k, value.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_error)?;
+            self.flush()?;
         }
         Ok(page)
     }
@@ -829,9 +887,16 @@ impl Store for SledStore {
 
     fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()> {
         let k = sequence.to_be_bytes();
-        let value = encode(&StoredEntry {
-            entry: entry.clone(),
-            data_file: None,
+        let previous = self.outbox.get(k).map_err(engine)?;
+        let value = encode(&StoredDeadLetter {
+            v: 2,
+            entry: Some(entry.clone()),
+            raw: None,
+            reason: entry
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "set aside".into()),
+            buried_at: chrono::Utc::now(),
         })?;
         (&self.outbox, &self.dead_letters)
             .transaction(|(outbox, dead)| {
@@ -840,7 +905,48 @@ impl Store for SledStore {
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(tx_error)?;
-        self.flush()
+        self.flush()?;
+        // The dead letter carries the data inline now.
+        if let Some(previous) = previous {
+            self.remove_body_file(&previous);
+        }
+        Ok(())
+    }
+
+    fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
+        let mut found = Vec::new();
+        for item in self.dead_letters.range(start.to_be_bytes()..).take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            found.push(read_dead_letter(u64::from_be_bytes(bytes), &v, self));
+        }
+        Ok(found)
+    }
+
+    fn replay_dead_letter(&self, id: u64) -> StoreResult<Replay> {
+        let k = id.to_be_bytes();
+        let Some(value) = self.dead_letters.get(k).map_err(engine)? else {
+            return Ok(Replay::NotFound);
+        };
+        let Some(entry) = read_dead_letter(id, &value, self).entry else {
+            return Ok(Replay::Unreadable);
+        };
+        // A fresh retry budget; the event keeps its id (the CRM's dedup key).
+        let mut entry = OutboxEntry::new(entry.event);
+        entry.last_error = None;
+        let outbox_values = self.stored_entries(std::slice::from_ref(&entry.event))?;
+        (&self.outbox, &self.dead_letters)
+            .transaction(|(outbox, dead)| {
+                dead.remove(&k)?;
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(Replay::Requeued)
     }
 
     fn outbox_len(&self) -> StoreResult<usize> {

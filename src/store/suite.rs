@@ -612,3 +612,63 @@ fn refreshed_credentials_never_replace_newer_ones() {
         );
     }
 }
+
+#[test]
+fn an_unreadable_outbox_entry_is_set_aside_and_dead_letters_can_be_replayed() {
+    for (dir, store) in engines() {
+        let big = "x".repeat(200 * 1024);
+        store
+            .enqueue(&[
+                event("evt_1", "t1", serde_json::json!({"n": 1})),
+                event("evt_2", "t2", serde_json::json!({"text": big})),
+                event("evt_3", "t3", serde_json::json!({"n": 3})),
+            ])
+            .unwrap();
+        // The big event's body, kept in a file, is damaged on disk.
+        std::fs::write(dir.path().join("event-bodies/evt_2.json"), b"{ not json").unwrap();
+
+        let page = store.outbox_page(None, 10).unwrap();
+        let ids: Vec<&str> = page.iter().map(|(_, e)| e.event.id.as_str()).collect();
+        assert_eq!(ids, ["evt_1", "evt_3"], "the rest flows on");
+        let dead = store.dead_letters(None, 10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].entry.is_none());
+        assert!(
+            dead[0].reason.starts_with("unreadable"),
+            "{}",
+            dead[0].reason
+        );
+        assert_eq!(
+            store.replay_dead_letter(dead[0].id).unwrap(),
+            Replay::Unreadable
+        );
+
+        // A buried event comes back at the end of the outbox, under its own id.
+        let (first, mut entry) = page[0].clone();
+        entry.attempts = 9;
+        entry.last_error = Some("answered 500".into());
+        store.bury_outbox(first, &entry).unwrap();
+        let dead = store.dead_letters(None, 10).unwrap();
+        let buried = dead.iter().find(|d| d.entry.is_some()).unwrap();
+        assert_eq!(buried.reason, "answered 500");
+        assert_eq!(
+            store.replay_dead_letter(buried.id).unwrap(),
+            Replay::Requeued
+        );
+        assert_eq!(
+            store.replay_dead_letter(buried.id).unwrap(),
+            Replay::NotFound
+        );
+        let ids: Vec<(String, u32)> = store
+            .outbox_page(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| (e.event.id, e.attempts))
+            .collect();
+        assert_eq!(
+            ids,
+            [("evt_3".to_string(), 0), ("evt_1".to_string(), 0)],
+            "requeued last, with a fresh retry budget"
+        );
+    }
+}

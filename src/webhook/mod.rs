@@ -164,6 +164,15 @@ impl Deliverer {
     }
 }
 
+/// Whether an event that keeps failing is set aside: `give_up_after_hours`
+/// after its first failed attempt (an event that waited for a webhook to be
+/// configured, or behind a long outage of its thread, gets its full time).
+fn gives_up(entry: &OutboxEntry, now_ms: i64, give_up_after_hours: u64) -> bool {
+    let limit_ms = i64::try_from(give_up_after_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+    let first_failed = entry.first_failed_ms.unwrap_or(now_ms);
+    now_ms.saturating_sub(first_failed) >= limit_ms
+}
+
 struct Attempt {
     store: Arc<dyn Store>,
     endpoints: Arc<Vec<Endpoint>>,
@@ -199,13 +208,13 @@ impl Attempt {
             }
             Some(error) => {
                 metrics::counter!("mailbridge_webhook_failures_total").increment(1);
-                let age = Utc::now() - entry.event.timestamp;
+                let now_ms = Utc::now().timestamp_millis();
                 entry.attempts += 1;
                 entry.last_error = Some(error.clone());
-                if age.num_hours()
-                    >= i64::try_from(self.config.give_up_after_hours).unwrap_or(i64::MAX)
-                {
-                    tracing::error!(event = %entry.event.id, attempts = entry.attempts, "webhook still failing after {}h, set aside: {error}", age.num_hours());
+                entry.first_failed_ms.get_or_insert(now_ms);
+                if gives_up(&entry, now_ms, self.config.give_up_after_hours) {
+                    tracing::error!(event = %entry.event.id, attempts = entry.attempts, "webhook still failing after {}h, set aside as a dead letter: {error}", self.config.give_up_after_hours);
+                    metrics::counter!("mailbridge_dead_letters_total").increment(1);
                     self.store.bury_outbox(sequence, &entry)
                 } else {
                     let wait = backoff::delay(
@@ -255,5 +264,36 @@ impl Attempt {
         } else {
             Err(format!("answered {status}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Event;
+
+    #[test]
+    fn the_give_up_clock_starts_at_the_first_failed_attempt() {
+        let hour = 3_600_000;
+        let now = 100 * hour;
+        let mut entry = OutboxEntry::new(Event {
+            id: "evt_1".into(),
+            kind: "message.inbound".into(),
+            // Created long ago (no webhook was configured then).
+            timestamp: chrono::DateTime::from_timestamp_millis(now - 80 * hour).unwrap(),
+            ordering_key: "thr".into(),
+            data: serde_json::json!({}),
+        });
+        entry.first_failed_ms = Some(now);
+        assert!(
+            !gives_up(&entry, now, 72),
+            "its first failure starts the clock"
+        );
+        assert!(!gives_up(&entry, now + 71 * hour, 72));
+        assert!(gives_up(&entry, now + 72 * hour, 72));
+        assert!(
+            gives_up(&entry, now, 0),
+            "0 hours: set aside at the first failure"
+        );
     }
 }
