@@ -500,6 +500,7 @@ impl SendQueue {
                     )
                     .await?;
                 let message_id = fetched
+                    .messages
                     .iter()
                     .filter_map(|f| f.header.as_deref())
                     .filter_map(|raw| mailparse::parse_headers(raw).ok())

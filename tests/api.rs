@@ -42,7 +42,10 @@ async fn every_v1_route_needs_the_api_key_and_health_does_not() {
         (Method::GET, "/v1/messages/msg_1"),
         (Method::GET, "/v1/messages/msg_1/raw"),
         (Method::GET, "/v1/messages/msg_1/attachments/0"),
-        (Method::GET, "/v1/oauth/gmail/start?location_id=L1&user_id=u1"),
+        (
+            Method::GET,
+            "/v1/oauth/gmail/start?location_id=L1&user_id=u1",
+        ),
         (Method::GET, "/v1/dead-letters"),
         (Method::POST, "/v1/dead-letters/1/retry"),
     ] {

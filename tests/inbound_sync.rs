@@ -431,3 +431,38 @@ async fn r21_an_event_set_aside_is_listed_and_replayed_under_its_own_id() {
     assert_eq!(status, 404);
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_mail_announced_while_catching_up_is_fetched_at_once_not_at_the_next_idle() {
+    let w = World::started().await;
+    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"imap": proxy.endpoint()}),
+        )
+        .await;
+    w.api.wait_active("L1", "u1").await;
+    // The first message's FETCH is held while a second one arrives: Dovecot
+    // announces it in its answer to that FETCH, once, and not again in IDLE
+    // (which here would be renewed only after 25 minutes).
+    let release = proxy.hold_next_fetch();
+    mail(&w.stack, &w.ann, &w.me, "first", None).await;
+    support::eventually("the FETCH to be held", support::DEADLINE, async || {
+        proxy.holding().then_some(())
+    })
+    .await;
+    mail(&w.stack, &w.ann, &w.me, "second", None).await;
+    w.stack.wait_count(&w.me, "INBOX", 2).await;
+    release.notify_one();
+    w.receiver
+        .wait_for("the second message", |r| r.subject() == "second")
+        .await;
+    w.daemon.stop().await;
+}

@@ -35,12 +35,13 @@ pub struct Fetched {
 }
 
 /// Runs `command`; calls `each` for every untagged response until the tagged
-/// one, which must be OK.
+/// one, which must be OK. Returns whether the server announced new mail
+/// (EXISTS, RECENT) meanwhile: it says so once, and IDLE would not repeat it.
 async fn run(
     session: &mut ImapSession,
     command: &str,
     mut each: impl FnMut(&Response<'_>),
-) -> Result<(), CheckedError> {
+) -> Result<bool, CheckedError> {
     let tag = session
         .run_command(command)
         .await
@@ -51,6 +52,7 @@ async fn run(
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
+    let mut new_mail = false;
     loop {
         let response = session
             .read_response()
@@ -64,7 +66,7 @@ async fn run(
                 outcome,
             } if *done == tag => {
                 return match status {
-                    Status::Ok => Ok(()),
+                    Status::Ok => Ok(new_mail),
                     _ => Err(CheckedError::Refused {
                         command: verb,
                         words: format!(
@@ -83,9 +85,20 @@ async fn run(
                 status: Status::Bye,
                 ..
             } => return Err(CheckedError::Closed),
+            Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_)) => {
+                new_mail = true;
+            }
             other => each(other),
         }
     }
+}
+
+/// A FETCH's answer.
+#[derive(Clone, Debug, Default)]
+pub struct FetchAnswer {
+    pub messages: Vec<Fetched>,
+    /// The server announced new mail while answering.
+    pub new_mail: bool,
 }
 
 /// `UID FETCH set query`, every message that came back.
@@ -93,9 +106,9 @@ pub async fn uid_fetch(
     session: &mut ImapSession,
     set: &str,
     query: &str,
-) -> Result<Vec<Fetched>, CheckedError> {
+) -> Result<FetchAnswer, CheckedError> {
     let mut fetched = Vec::new();
-    run(session, &format!("UID FETCH {set} {query}"), |response| {
+    let new_mail = run(session, &format!("UID FETCH {set} {query}"), |response| {
         if let Response::Fetch(_, attributes) = response {
             let mut message = Fetched::default();
             for attribute in attributes {
@@ -126,7 +139,10 @@ pub async fn uid_fetch(
         }
     })
     .await?;
-    Ok(fetched)
+    Ok(FetchAnswer {
+        messages: fetched,
+        new_mail,
+    })
 }
 
 /// `UID SEARCH query`, the UIDs found.

@@ -254,6 +254,14 @@ impl ImapConnector {
             })
             .await?;
         let _ = tcp.set_nodelay(true);
+        // An IDLE session is silent for minutes: without keepalive probes a
+        // connection that died on the way (NAT timeout, a dropped route) is
+        // noticed only at the next IDLE renewal. With them, within ~60 s.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let client = match endpoint.security {
             Security::Tls => {
                 let mut client = Client::new(self.tls_wrap(endpoint, tcp).await?);

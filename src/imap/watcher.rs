@@ -5,7 +5,11 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_imap::{extensions::idle::IdleResponse, imap_proto::Response, imap_proto::Status};
+use async_imap::{
+    extensions::idle::IdleResponse,
+    imap_proto::{Response, Status},
+    types::UnsolicitedResponse,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
@@ -169,24 +173,48 @@ impl FolderWatcher {
                 fresh
             }
         };
-        *failures = 0;
         self.ctx
             .store
             .set_mailbox_state(address, MailboxState::Active, None)?;
         tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
 
+        let mut caught_up_once = false;
         loop {
-            self.catch_up(&mut session, &mut cursor).await?;
+            // What async-imap queued so far is covered by the catch-up below.
+            while session.unsolicited_responses.try_recv().is_ok() {}
+            let more = self.catch_up(&mut session, &mut cursor).await?;
+            if !caught_up_once {
+                // Only a session that got this far counts as working: a failure
+                // that repeats at every login keeps backing off to the cap.
+                *failures = 0;
+                caught_up_once = true;
+            }
+            if more {
+                continue;
+            }
 
+            // Cloned before IDLE takes the session: the server may announce new
+            // mail between our last command and its IDLE continuation, which
+            // async-imap queues here and which would otherwise wait for the next renewal.
+            let unsolicited = session.unsolicited_responses.clone();
             let mut idle = session.idle();
             self.timed("starting IDLE", idle.init()).await?;
             enum Woke {
                 Server(Result<IdleResponse, async_imap::error::Error>),
+                Arrived,
                 Renew,
                 TokenExpiring,
                 Cancel,
             }
-            let woke = {
+            let arrived_meanwhile = std::iter::from_fn(|| unsolicited.try_recv().ok()).any(|r| {
+                matches!(
+                    r,
+                    UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+                )
+            });
+            let woke = if arrived_meanwhile {
+                Woke::Arrived
+            } else {
                 // async-imap's own timeout only counts silence (keepalives reset
                 // it); the select's sleep is the hard re-IDLE deadline.
                 let (wait, _stop) =
@@ -214,6 +242,7 @@ impl FolderWatcher {
                     }
                 }
                 Woke::Server(Ok(IdleResponse::Timeout))
+                | Woke::Arrived
                 | Woke::Renew
                 | Woke::TokenExpiring
                 | Woke::Cancel => {}
@@ -230,11 +259,12 @@ impl FolderWatcher {
     }
 
     /// Fetches and handles every message at or after the cursor, in UID order.
+    /// Returns whether the server announced more mail meanwhile.
     async fn catch_up(
         &self,
         session: &mut ImapSession,
         cursor: &mut FolderCursor,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
         let address = self.address.as_str();
         // Sizes first: cheap, and `n:*` always names at least the last message,
         // which must not be fetched again.
@@ -248,7 +278,9 @@ impl FolderWatcher {
                 ),
             )
             .await?;
+        let mut new_mail = listing.new_mail;
         let mut pending: Vec<(u32, u32)> = listing
+            .messages
             .iter()
             .map(|f| (f.uid, f.size.unwrap_or(0)))
             .filter(|(uid, _)| *uid >= cursor.next_uid)
@@ -287,7 +319,8 @@ impl FolderWatcher {
                         checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
                     )
                     .await?;
-                for fetch in fetched {
+                new_mail |= fetched.new_mail;
+                for fetch in fetched.messages {
                     if let Some(body) = fetch.body {
                         bodies.insert(fetch.uid, body);
                     }
@@ -333,7 +366,7 @@ impl FolderWatcher {
                 cursor.next_uid = uid.saturating_add(1);
             }
         }
-        Ok(())
+        Ok(new_mail)
     }
 }
 

@@ -26,6 +26,9 @@ struct Script {
     /// How many of the next `UID FETCH … BODY.PEEK[]` get `FETCH_REFUSED`.
     fetch_refusals: usize,
     fetches_refused: usize,
+    /// The next body FETCH waits for this before it reaches Dovecot.
+    hold_fetch: Option<Arc<tokio::sync::Notify>>,
+    holding: bool,
 }
 
 /// Gmail's words for a FETCH it cannot serve now.
@@ -92,6 +95,19 @@ impl ImapProxy {
     /// The next `count` body FETCHes are answered `FETCH_REFUSED`.
     pub fn refuse_next_fetches(&self, count: usize) {
         self.script.lock().expect("proxy script").fetch_refusals += count;
+    }
+
+    /// The next body FETCH is held back until the returned `Notify` is
+    /// notified (see `holding`).
+    pub fn hold_next_fetch(&self) -> Arc<tokio::sync::Notify> {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.script.lock().expect("proxy script").hold_fetch = Some(release.clone());
+        release
+    }
+
+    /// Whether a body FETCH is being held back now.
+    pub fn holding(&self) -> bool {
+        self.script.lock().expect("proxy script").holding
     }
 
     /// Body FETCHes refused so far.
@@ -172,6 +188,18 @@ async fn serve(
                 .send(format!("{tag} {answer}\r\n").into_bytes())
                 .await;
             continue;
+        }
+        let hold = if verb == "UID" && upper.contains(" FETCH ") && upper.contains("BODY.PEEK[]") {
+            let mut script = script.lock().expect("proxy script");
+            let hold = script.hold_fetch.take();
+            script.holding = hold.is_some();
+            hold
+        } else {
+            None
+        };
+        if let Some(release) = hold {
+            release.notified().await;
+            script.lock().expect("proxy script").holding = false;
         }
         server_write.write_all(&line).await?;
         // A literal (`{n}` or `{n+}` at the line's end) follows as n raw bytes.
