@@ -31,6 +31,8 @@ pub struct Found<'a> {
     pub folder: FolderRole,
     pub uid_validity: u32,
     pub uid: u32,
+    /// When the server received it (INTERNALDATE), if it said.
+    pub received_at: Option<chrono::DateTime<Utc>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -90,8 +92,8 @@ impl Ingest {
             );
         }
         let cursor = FolderCursor {
-            uid_validity: found.uid_validity,
-            next_uid: found.uid.saturating_add(1),
+            moved_at: Some(Utc::now()),
+            ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
         };
         let sent_by_crm = match &message.message_id {
             Some(id) => self.store.is_crm_message(found.mailbox, id)?,
@@ -113,6 +115,7 @@ impl Ingest {
                 folder: found.folder,
                 uid_validity: found.uid_validity,
                 uid: found.uid,
+                received_at: found.received_at,
                 sent_by_crm,
             },
             Directory {
@@ -224,8 +227,8 @@ impl Ingest {
             mailbox: found.mailbox.to_string(),
             folder: found.folder,
             cursor: FolderCursor {
-                uid_validity: found.uid_validity,
-                next_uid: found.uid.saturating_add(1),
+                moved_at: Some(Utc::now()),
+                ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
             },
             thread: None,
             message_ids: vec![],

@@ -240,6 +240,20 @@ impl FolderRole {
 pub struct FolderCursor {
     pub uid_validity: u32,
     pub next_uid: u32,
+    /// When the cursor last moved: after a UIDVALIDITY change, mail since
+    /// then is looked for again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_at: Option<DateTime<Utc>>,
+}
+
+impl FolderCursor {
+    pub fn new(uid_validity: u32, next_uid: u32) -> Self {
+        Self {
+            uid_validity,
+            next_uid,
+            moved_at: None,
+        }
+    }
 }
 
 /// (location, user) → mailbox.
@@ -257,12 +271,20 @@ pub struct Integration {
 }
 
 impl Integration {
-    /// Whether a message at `uid` of `folder` arrived after this integration was connected (R2).
-    pub fn accepts(&self, folder: FolderRole, uid_validity: u32, uid: u32) -> bool {
+    /// Whether a message at `uid` of `folder`, which the server says it
+    /// received at `received_at`, arrived after this integration was connected (R2).
+    pub fn accepts(
+        &self,
+        folder: FolderRole,
+        uid_validity: u32,
+        uid: u32,
+        received_at: Option<DateTime<Utc>>,
+    ) -> bool {
         match self.baseline.iter().find(|(role, _)| *role == folder) {
             Some((_, start)) if start.uid_validity == uid_validity => uid >= start.next_uid,
-            // The folder was recreated since (new UIDVALIDITY): everything in it is newer.
-            Some(_) => true,
+            // The folder's UIDs were renumbered since (new UIDVALIDITY): the
+            // time it arrived tells instead.
+            Some(_) => received_at.is_none_or(|at| at >= self.connected_at),
             // Folder unknown at connect time (e.g. no Sent folder then): accept.
             None => true,
         }

@@ -16,6 +16,8 @@ pub struct Incoming<'a> {
     pub folder: FolderRole,
     pub uid_validity: u32,
     pub uid: u32,
+    /// When the server received it (INTERNALDATE), if it said.
+    pub received_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The CRM sent this Message-ID through the bridge from this mailbox.
     pub sent_by_crm: bool,
 }
@@ -117,7 +119,14 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
         .integrations
         .iter()
         .filter(|i| i.mailbox == mailbox)
-        .filter(|i| i.accepts(incoming.folder, incoming.uid_validity, incoming.uid))
+        .filter(|i| {
+            i.accepts(
+                incoming.folder,
+                incoming.uid_validity,
+                incoming.uid,
+                incoming.received_at,
+            )
+        })
         .collect();
     if live.is_empty() {
         return Routing::Ignore(IgnoreReason::BeforeConnect);
@@ -333,20 +342,8 @@ mod tests {
             mailbox: MAILBOX.into(),
             connected_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
             baseline: vec![
-                (
-                    FolderRole::Inbox,
-                    FolderCursor {
-                        uid_validity: 1,
-                        next_uid: inbox_start,
-                    },
-                ),
-                (
-                    FolderRole::Sent,
-                    FolderCursor {
-                        uid_validity: 1,
-                        next_uid: 1,
-                    },
-                ),
+                (FolderRole::Inbox, FolderCursor::new(1, inbox_start)),
+                (FolderRole::Sent, FolderCursor::new(1, 1)),
             ],
             smart_bcc_address: "bcc@bridge.test".into(),
         }
@@ -378,6 +375,7 @@ mod tests {
                 folder,
                 uid_validity: 1,
                 uid,
+                received_at: None,
                 sent_by_crm: false,
             },
             Directory {
@@ -460,6 +458,44 @@ mod tests {
                 expect: Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
             },
         ]);
+    }
+
+    #[test]
+    fn r02_after_the_uids_were_renumbered_the_arrival_time_decides() {
+        let integrations = vec![integration("L1", "u1", 10)];
+        let contacts = vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)];
+        let message = message("ann@x.test", &[MAILBOX], &[], &[]);
+        // The integration was connected on 2026-01-01 at UIDVALIDITY 1.
+        let routing = |received_at| {
+            route(
+                Incoming {
+                    message: &message,
+                    folder: FolderRole::Inbox,
+                    uid_validity: 2,
+                    uid: 3,
+                    received_at,
+                    sent_by_crm: false,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &integrations,
+                    contacts: &contacts,
+                    already_synced: &[],
+                },
+                None,
+            )
+        };
+        let day = |year, day| Some(Utc.with_ymd_and_hms(year, 1, day, 0, 0, 0).unwrap());
+        assert_eq!(
+            routing(day(2025, 15)),
+            Routing::Ignore(IgnoreReason::BeforeConnect),
+            "received in 2025: before the connect"
+        );
+        assert!(matches!(routing(day(2026, 2)), Routing::Deliver { .. }));
+        assert!(
+            matches!(routing(None), Routing::Deliver { .. }),
+            "no date: not dropped"
+        );
     }
 
     #[test]
@@ -567,6 +603,7 @@ mod tests {
                     folder: FolderRole::Sent,
                     uid_validity: 1,
                     uid: 1,
+                    received_at: None,
                     sent_by_crm,
                 },
                 Directory {
@@ -597,6 +634,7 @@ mod tests {
                     folder: FolderRole::Inbox,
                     uid_validity: 1,
                     uid: 9,
+                    received_at: None,
                     sent_by_crm: false,
                 },
                 Directory {
@@ -826,6 +864,7 @@ mod tests {
                     folder,
                     uid_validity: 1,
                     uid: 1,
+                    received_at: None,
                     sent_by_crm: false,
                 },
                 Directory {

@@ -323,3 +323,72 @@ async fn r20_a_password_refused_once_is_not_believed_until_a_later_try_confirms_
     );
     world.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_a_uidvalidity_change_while_down_loses_nothing_and_forwards_nothing_twice() {
+    let World {
+        stack,
+        receiver,
+        daemon,
+        api,
+        me,
+        ann,
+        _data,
+    } = World::started().await;
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+    // In the mailbox before the connect: never synced (R2), not even later.
+    mail(&stack, &ann, &me, "before the connect", None).await;
+    stack.wait_count(&me, "INBOX", 1).await;
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+    mail(&stack, &ann, &me, "synced", None).await;
+    receiver
+        .wait_for("the first message", |r| r.subject() == "synced")
+        .await;
+    daemon.stop().await;
+
+    // While the bridge is down, mail arrives and the folder's UIDs are renumbered.
+    mail(&stack, &ann, &me, "while down", None).await;
+    stack.wait_count(&me, "INBOX", 3).await;
+    let uid_validity = {
+        let mut session = stack.session(&me).await;
+        let selected = session.examine("INBOX").await.expect("EXAMINE");
+        let _ = session.logout().await;
+        selected.uid_validity.unwrap()
+    };
+    stack.set_uid_validity(&me, "INBOX", uid_validity + 1000);
+
+    let daemon = support::daemon::Daemon::start(support::daemon::test_config(
+        _data.path(),
+        &stack,
+        &receiver,
+    ))
+    .await;
+    receiver
+        .wait_for("the message from while it was down", |r| {
+            r.subject() == "while down"
+        })
+        .await;
+    // Later mail still flows, and by then the re-read was complete.
+    mail(&stack, &ann, &me, "after", None).await;
+    receiver
+        .wait_for("the next message", |r| r.subject() == "after")
+        .await;
+    let count = |subject: &str| {
+        receiver
+            .all()
+            .iter()
+            .filter(|r| r.subject() == subject)
+            .map(|r| r.webhook_id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(count("synced"), 1, "forwarded once");
+    assert_eq!(count("while down"), 1);
+    assert_eq!(
+        count("before the connect"),
+        0,
+        "R2 holds across the renumbering"
+    );
+    daemon.stop().await;
+}

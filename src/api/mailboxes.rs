@@ -448,13 +448,7 @@ async fn check_login(
             .map_err(|_| failed("reading folder status", "timed out".into()))?
             .map_err(|e| failed("reading folder status", e.to_string()))?;
         if let (Some(uid_validity), Some(next_uid)) = (status.uid_validity, status.uid_next) {
-            baseline.push((
-                role,
-                FolderCursor {
-                    uid_validity,
-                    next_uid,
-                },
-            ));
+            baseline.push((role, FolderCursor::new(uid_validity, next_uid)));
         }
     }
     let _ = tokio::time::timeout(step, session.logout()).await;

@@ -32,6 +32,8 @@ pub struct Fetched {
     pub body: Option<Vec<u8>>,
     /// `BODY[HEADER]`, when it was asked for.
     pub header: Option<Vec<u8>>,
+    /// `INTERNALDATE`, when it was asked for: when the server received it.
+    pub received_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Runs `command`; calls `each` for every untagged response until the tagged
@@ -115,6 +117,9 @@ pub async fn uid_fetch(
                 match attribute {
                     AttributeValue::Uid(uid) => message.uid = *uid,
                     AttributeValue::Rfc822Size(size) => message.size = Some(*size),
+                    AttributeValue::InternalDate(date) => {
+                        message.received_at = internal_date(date);
+                    }
                     AttributeValue::BodySection {
                         section: None,
                         data: Some(data),
@@ -181,4 +186,30 @@ pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedE
     })
     .await?;
     Ok(folders)
+}
+
+/// An IMAP date-time (`" 7-Jul-2026 02:44:25 -0700"`, RFC 3501 `date-time`).
+pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_str(text.trim(), "%d-%b-%Y %H:%M:%S %z")
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::internal_date;
+
+    #[test]
+    fn internal_dates_parse_with_a_padded_day() {
+        let expected = chrono::DateTime::parse_from_rfc3339("2026-07-07T09:44:25Z").unwrap();
+        assert_eq!(
+            internal_date(" 7-Jul-2026 02:44:25 -0700"),
+            Some(expected.into())
+        );
+        assert_eq!(
+            internal_date("07-Jul-2026 02:44:25 -0700"),
+            Some(expected.into())
+        );
+        assert_eq!(internal_date("garbage"), None);
+    }
 }

@@ -156,19 +156,38 @@ impl FolderWatcher {
             .timed("selecting the folder", session.select(&folder))
             .await?;
         let uid_validity = selected.uid_validity.unwrap_or(0);
-        let uid_next = selected.uid_next.unwrap_or(1);
         let mut cursor = match self.ctx.store.cursor(address, self.role)? {
             Some(cursor) if cursor.uid_validity == uid_validity => cursor,
-            stored => {
-                // No cursor yet, or the folder was recreated (its UIDs mean
-                // something else now): start at the present, never backfill (R2).
-                if let Some(old) = stored {
-                    tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: resuming from the folder's current end", old.uid_validity);
-                }
-                let fresh = FolderCursor {
-                    uid_validity,
-                    next_uid: uid_next,
+            Some(old) => {
+                // The folder's UIDs were renumbered (Dovecot rebuilt its
+                // index, the folder was recreated): what arrived since the
+                // last handled message is found again by date. Messages
+                // forwarded before are not forwarded again (they are known by
+                // Message-ID), and mail from before an integration's connect
+                // stays out (R2, by the date the server received it).
+                let since = self.refind_since(old.moved_at)?;
+                let found = self
+                    .timed(
+                        "finding the mail since the last handled message",
+                        checked::uid_search(
+                            &mut session,
+                            &format!("SINCE {}", since.format("%d-%b-%Y")),
+                        ),
+                    )
+                    .await?;
+                let start = match found.iter().min() {
+                    Some(first) => *first,
+                    None => self.next_uid(&mut session, selected.uid_next).await?,
                 };
+                tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: reading again the {} messages received since {since}", old.uid_validity, found.len());
+                let fresh = FolderCursor::new(uid_validity, start);
+                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                fresh
+            }
+            None => {
+                // The first session: start at the present, never backfill (R2).
+                let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
+                let fresh = FolderCursor::new(uid_validity, next_uid);
                 self.ctx.store.set_cursor(address, self.role, fresh)?;
                 fresh
             }
@@ -258,6 +277,48 @@ impl FolderWatcher {
         }
     }
 
+    /// The folder's UIDNEXT; a server that does not say is asked for its
+    /// highest UID instead (a missing UIDNEXT must never mean "from 1").
+    async fn next_uid(
+        &self,
+        session: &mut ImapSession,
+        said: Option<u32>,
+    ) -> Result<u32, SessionError> {
+        if let Some(next) = said {
+            return Ok(next);
+        }
+        let last = self
+            .timed(
+                "finding the last UID",
+                checked::uid_fetch(session, "*", "(UID)"),
+            )
+            .await?;
+        Ok(last
+            .messages
+            .iter()
+            .map(|m| m.uid)
+            .max()
+            .map_or(1, |uid| uid.saturating_add(1)))
+    }
+
+    /// From when to look for mail again after a UIDVALIDITY change: a day
+    /// before the cursor last moved (IMAP SEARCH SINCE has a day's grain and
+    /// the server's time zone), and never before the integrations began.
+    fn refind_since(
+        &self,
+        moved_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<chrono::NaiveDate, SessionError> {
+        let integrations = self.ctx.store.integrations_of_mailbox(&self.address)?;
+        let connected = integrations.iter().map(|i| i.connected_at).min();
+        let from = match (moved_at, connected) {
+            (Some(moved), Some(connected)) => moved.max(connected),
+            (Some(moved), None) => moved,
+            (None, Some(connected)) => connected,
+            (None, None) => chrono::Utc::now(),
+        };
+        Ok((from - chrono::TimeDelta::days(1)).date_naive())
+    }
+
     /// Fetches and handles every message at or after the cursor, in UID order.
     /// Returns whether the server announced more mail meanwhile.
     async fn catch_up(
@@ -274,11 +335,16 @@ impl FolderWatcher {
                 checked::uid_fetch(
                     session,
                     &format!("{}:*", cursor.next_uid),
-                    "(UID RFC822.SIZE)",
+                    "(UID RFC822.SIZE INTERNALDATE)",
                 ),
             )
             .await?;
         let mut new_mail = listing.new_mail;
+        let received: HashMap<u32, chrono::DateTime<chrono::Utc>> = listing
+            .messages
+            .iter()
+            .filter_map(|f| Some((f.uid, f.received_at?)))
+            .collect();
         let mut pending: Vec<(u32, u32)> = listing
             .messages
             .iter()
@@ -332,6 +398,7 @@ impl FolderWatcher {
                     folder: self.role,
                     uid_validity: cursor.uid_validity,
                     uid: *uid,
+                    received_at: received.get(uid).copied(),
                 };
                 match bodies.remove(uid) {
                     Some(raw) => {

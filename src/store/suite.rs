@@ -114,14 +114,8 @@ fn contacts_upsert_lookup_by_email_and_delete() {
 #[test]
 fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
     for (dir, store) in engines() {
-        let first = FolderCursor {
-            uid_validity: 5,
-            next_uid: 10,
-        };
-        let later = FolderCursor {
-            uid_validity: 5,
-            next_uid: 99,
-        };
+        let first = FolderCursor::new(5, 10);
+        let later = FolderCursor::new(5, 99);
         store
             .connect(
                 &mailbox("me@x.test"),
@@ -171,10 +165,7 @@ fn connect_seeds_cursors_once_and_disconnect_releases_the_last_user() {
 #[test]
 fn update_email_moves_the_integration() {
     for (_dir, store) in engines() {
-        let cursor = FolderCursor {
-            uid_validity: 1,
-            next_uid: 7,
-        };
+        let cursor = FolderCursor::new(1, 7);
         let released = store
             .connect(
                 &mailbox("old@x.test"),
@@ -248,10 +239,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
             folder: FolderRole::Inbox,
-            cursor: FolderCursor {
-                uid_validity: 1,
-                next_uid: 8,
-            },
+            cursor: FolderCursor::new(1, 8),
             thread: Some(thread.clone()),
             message_ids: vec!["<a@x>".into()],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],

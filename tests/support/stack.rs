@@ -176,6 +176,19 @@ impl Stack {
         assert!(status.success(), "doveadm kick: {status}");
     }
 
+    /// Gives a folder a new UIDVALIDITY, as Dovecot does when it rebuilds
+    /// its index: every UID a client remembers for it is void.
+    pub fn set_uid_validity(&self, user: &User, folder: &str, uid_validity: u32) {
+        let status = std::process::Command::new("doveadm")
+            .arg("-c")
+            .arg(self.runtime.join("etc/dovecot/dovecot.conf"))
+            .args(["mailbox", "update", "-u", &user.address])
+            .args(["--uid-validity", &uid_validity.to_string(), folder])
+            .status()
+            .expect("doveadm mailbox update");
+        assert!(status.success(), "doveadm mailbox update: {status}");
+    }
+
     pub fn imap_endpoint(&self) -> Endpoint {
         Endpoint {
             host: "127.0.0.1".into(),
