@@ -22,6 +22,7 @@ use crate::{
     send_queue::{SendQueue, SendSignal},
     smtp::Submitter,
     store::{SledStore, Store, secret_box::SecretBox},
+    supervise::{Health, supervise},
     tls,
     webhook::{Deliverer, OutboxSignal},
 };
@@ -191,8 +192,17 @@ pub async fn run(
         retry_min: Duration::from_millis(config.sending.retry_min_ms),
         retry_max: Duration::from_millis(config.sending.retry_max_ms),
     };
+    let health = Health::default();
     let sending_shutdown = CancellationToken::new();
-    let sending = tokio::spawn(send_queue.run(sending_shutdown.clone()));
+    let sending = tokio::spawn(supervise(
+        "send queue",
+        health.clone(),
+        sending_shutdown.clone(),
+        {
+            let shutdown = sending_shutdown.clone();
+            move || send_queue.clone().run(shutdown.clone())
+        },
+    ));
     let retention = tokio::spawn(prune_raw_messages(
         config.storage.path.join("messages"),
         config.storage.raw_retention_days,
@@ -215,7 +225,15 @@ pub async fn run(
         signal.clone(),
     )?;
     let delivery_shutdown = CancellationToken::new();
-    let delivery = tokio::spawn(deliverer.run(delivery_shutdown.clone()));
+    let delivery = tokio::spawn(supervise(
+        "webhook worker",
+        health.clone(),
+        delivery_shutdown.clone(),
+        {
+            let shutdown = delivery_shutdown.clone();
+            move || deliverer.clone().run(shutdown.clone())
+        },
+    ));
 
     let state = AppState {
         store: store.clone(),
@@ -231,6 +249,7 @@ pub async fn run(
         public_url: config.server.public_url.trim_end_matches('/').to_string(),
         auth,
         oauth_state,
+        health,
     };
     let started = scheduler.start_all()?;
     tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");

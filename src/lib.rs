@@ -20,6 +20,7 @@ pub mod scheduler;
 pub mod send_queue;
 pub mod smtp;
 pub mod store;
+pub mod supervise;
 pub mod tls;
 pub mod wakeup;
 pub mod webhook;

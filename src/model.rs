@@ -283,8 +283,10 @@ impl Integration {
         match self.baseline.iter().find(|(role, _)| *role == folder) {
             Some((_, start)) if start.uid_validity == uid_validity => uid >= start.next_uid,
             // The folder's UIDs were renumbered since (new UIDVALIDITY): the
-            // time it arrived tells instead.
-            Some(_) => received_at.is_none_or(|at| at >= self.connected_at),
+            // time it arrived tells instead. INTERNALDATE has whole seconds,
+            // so a message from the second of the connect counts as after it
+            // (losing it would be worse than forwarding it).
+            Some(_) => received_at.is_none_or(|at| at.timestamp() >= self.connected_at.timestamp()),
             // Folder unknown at connect time (e.g. no Sent folder then): accept.
             None => true,
         }

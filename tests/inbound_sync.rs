@@ -466,3 +466,30 @@ async fn r01_mail_announced_while_catching_up_is_fetched_at_once_not_at_the_next
         .await;
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_a_folder_sync_that_crashes_is_started_again() {
+    let w = World::started().await;
+    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    // From the first IDLE on, both folders' sessions meet a BAD without text.
+    proxy.refuse_next_idles_without_text(2);
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"imap": proxy.endpoint()}),
+        )
+        .await;
+    mail(&w.stack, &w.ann, &w.me, "after the crash", None).await;
+    w.receiver
+        .wait_for("the message after the watchers were restarted", |r| {
+            r.subject() == "after the crash"
+        })
+        .await;
+    w.daemon.stop().await;
+}

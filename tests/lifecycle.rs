@@ -339,6 +339,12 @@ async fn r21_a_uidvalidity_change_while_down_loses_nothing_and_forwards_nothing_
     // In the mailbox before the connect: never synced (R2), not even later.
     mail(&stack, &ann, &me, "before the connect", None).await;
     stack.wait_count(&me, "INBOX", 1).await;
+    // INTERNALDATE has whole seconds: connect in a later one.
+    let delivered = chrono::Utc::now().timestamp();
+    support::eventually("the next second", support::DEADLINE, async || {
+        (chrono::Utc::now().timestamp() > delivered).then_some(())
+    })
+    .await;
     api.connect("L1", "u1", &stack, &me).await;
     api.wait_active("L1", "u1").await;
     mail(&stack, &ann, &me, "synced", None).await;

@@ -51,6 +51,8 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Auth>,
     /// Signs the `state` of OAuth sign-ins.
     pub oauth_state: crate::oauth::state::StateSigner,
+    /// Which core workers are down (restarting).
+    pub health: crate::supervise::Health,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
@@ -140,7 +142,15 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
+    let down = state.health.down();
+    if !down.is_empty() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("restarting after a crash: {}", down.join(", ")),
+        )
+        .into_response()
+    } else if state.ready.load(Ordering::Relaxed) {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         ApiError::new(

@@ -49,19 +49,49 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
     let idle_period = ctx.providers.settings(mailbox.provider).idle;
     let watchers = cancel.child_token();
     let mut set = JoinSet::new();
-    for role in FolderRole::ALL {
+    let mut roles = std::collections::HashMap::new();
+    let mut crashes: u32 = 0;
+    let spawn = |set: &mut JoinSet<WatchEnd>, role: FolderRole| {
         let watcher = FolderWatcher {
             ctx: ctx.clone(),
             address: address.clone(),
             role,
             idle_period,
         };
-        set.spawn(watcher.run(watchers.clone()));
+        set.spawn(watcher.run(watchers.clone())).id()
+    };
+    for role in FolderRole::ALL {
+        roles.insert(spawn(&mut set, role), role);
     }
-    while let Some(ended) = set.join_next().await {
-        if let Ok(WatchEnd::NeedsReauth) = ended {
-            // No watcher logs in again until new credentials arrive.
-            watchers.cancel();
+    while let Some(ended) = set.join_next_with_id().await {
+        match ended {
+            Ok((_, WatchEnd::NeedsReauth)) => {
+                // No watcher logs in again until new credentials arrive.
+                watchers.cancel();
+            }
+            Ok((_, WatchEnd::Cancelled)) => {}
+            // A bug (or a library's: async-imap unwraps on a BAD without
+            // text) must not silently stop a folder's sync: it starts again.
+            Err(err) if !watchers.is_cancelled() => {
+                let Some(role) = roles.remove(&err.id()) else {
+                    continue;
+                };
+                let wait = crate::backoff::delay(
+                    crashes,
+                    std::time::Duration::from_millis(ctx.sync.reconnect_min_ms),
+                    std::time::Duration::from_millis(ctx.sync.reconnect_max_ms),
+                );
+                crashes = crashes.saturating_add(1);
+                tracing::error!(mailbox = %address, folder = role.as_str(), "the folder's sync crashed, restarting it in {wait:?}: {err}");
+                metrics::counter!("mailbridge_worker_restarts_total", "worker" => "folder_sync")
+                    .increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = watchers.cancelled() => continue,
+                }
+                roles.insert(spawn(&mut set, role), role);
+            }
+            Err(_) => {}
         }
     }
 }

@@ -43,6 +43,8 @@ enum SessionError {
     Checked(#[from] checked::CheckedError),
     #[error("the server did not return message {0}, which is still there; retrying")]
     NotReturned(u32),
+    #[error("handling a message crashed: {0}")]
+    Crashed(String),
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
@@ -402,7 +404,30 @@ impl FolderWatcher {
                 };
                 match bodies.remove(uid) {
                     Some(raw) => {
-                        self.ctx.ingest.handle(found, &raw)?;
+                        // Parsing a large message and the commit's fsync are
+                        // blocking work: off the async threads.
+                        let ingest = self.ctx.ingest.clone();
+                        let (mailbox, folder, uid_validity, received_at) = (
+                            address.to_string(),
+                            found.folder,
+                            found.uid_validity,
+                            found.received_at,
+                        );
+                        let uid = *uid;
+                        tokio::task::spawn_blocking(move || {
+                            ingest.handle(
+                                Found {
+                                    mailbox: &mailbox,
+                                    folder,
+                                    uid_validity,
+                                    uid,
+                                    received_at,
+                                },
+                                &raw,
+                            )
+                        })
+                        .await
+                        .map_err(|e| SessionError::Crashed(e.to_string()))??;
                     }
                     None => {
                         let reason = if *size > self.ctx.sync.max_message_bytes {

@@ -35,6 +35,7 @@ struct Endpoint {
 /// Wakes the delivery worker when something was queued.
 pub type OutboxSignal = crate::wakeup::Wakeup;
 
+#[derive(Clone)]
 pub struct Deliverer {
     store: Arc<dyn Store>,
     endpoints: Arc<Vec<Endpoint>>,

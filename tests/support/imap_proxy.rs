@@ -29,6 +29,8 @@ struct Script {
     /// The next body FETCH waits for this before it reaches Dovecot.
     hold_fetch: Option<Arc<tokio::sync::Notify>>,
     holding: bool,
+    /// How many of the next IDLEs get a `BAD` without text.
+    idle_refusals: usize,
 }
 
 /// Gmail's words for a FETCH it cannot serve now.
@@ -110,6 +112,12 @@ impl ImapProxy {
         self.script.lock().expect("proxy script").holding
     }
 
+    /// The next `count` IDLE commands are answered `<tag> BAD` with no
+    /// text, which async-imap 0.12 unwraps (and panics on) in `Handle::init`.
+    pub fn refuse_next_idles_without_text(&self, count: usize) {
+        self.script.lock().expect("proxy script").idle_refusals += count;
+    }
+
     /// Body FETCHes refused so far.
     pub fn fetches_refused(&self) -> usize {
         self.script.lock().expect("proxy script").fetches_refused
@@ -179,6 +187,9 @@ async fn serve(
                 script.fetch_refusals -= 1;
                 script.fetches_refused += 1;
                 Some(FETCH_REFUSED.to_string())
+            } else if verb == "IDLE" && script.idle_refusals > 0 {
+                script.idle_refusals -= 1;
+                Some("BAD".to_string())
             } else {
                 None
             }
