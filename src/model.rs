@@ -514,6 +514,9 @@ pub enum SendStatus {
 }
 
 /// A message the CRM sends as the user, from accept to its final state.
+///
+/// A send is settled once it failed, or was sent and its copy is in Sent
+/// (or filing it was given up): until then the send queue keeps it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SendRecord {
     pub id: String,
@@ -539,8 +542,30 @@ pub struct SendRecord {
     /// Whether the copy in Sent is there (filed by the bridge or the server).
     #[serde(default)]
     pub filed_in_sent: bool,
+    /// Tries to file the copy in Sent (where the bridge does it) that failed.
+    #[serde(default)]
+    pub filing_attempts: u32,
+    /// Filing kept failing for a day: the send is settled without its copy.
+    #[serde(default)]
+    pub filing_abandoned: bool,
     /// The Message-ID the bridge wrote, when the server replaced it with the
     /// one now in `message_id` (Exchange Online).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_message_id: Option<String>,
+}
+
+impl SendRecord {
+    /// Nothing is left to do for it.
+    pub fn is_settled(&self) -> bool {
+        match self.status {
+            SendStatus::Failed => true,
+            SendStatus::Sent => self.filed_in_sent || self.filing_abandoned,
+            SendStatus::Queued | SendStatus::Submitting => false,
+        }
+    }
+
+    /// Sent, and its copy still to be filed in Sent by the bridge.
+    pub fn awaits_filing(&self) -> bool {
+        self.status == SendStatus::Sent && !self.is_settled()
+    }
 }

@@ -113,7 +113,8 @@ impl SendQueue {
         let now = Utc::now().timestamp_millis();
         let mut next_due: Option<i64> = None;
         for send in self.store.unsettled_sends()? {
-            if send.status != SendStatus::Queued || busy.contains(&send.mailbox) {
+            let filing = send.awaits_filing();
+            if !(send.status == SendStatus::Queued || filing) || busy.contains(&send.mailbox) {
                 continue;
             }
             if send.next_attempt_ms > now {
@@ -125,7 +126,11 @@ impl SendQueue {
             let queue = self.clone();
             in_flight.spawn(async move {
                 let mailbox = send.mailbox.clone();
-                queue.attempt(send).await;
+                if filing {
+                    queue.retry_filing(send).await;
+                } else {
+                    queue.attempt(send).await;
+                }
                 mailbox
             });
         }
@@ -419,10 +424,42 @@ impl SendQueue {
         match result {
             Ok(()) => {
                 send.filed_in_sent = true;
-                self.record(send, &[]);
+                send.error = None;
             }
             Err(err) => {
-                tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent, but filing the copy in Sent failed: {err}")
+                // Kept in the queue: filing is tried again with backoff, for a day.
+                send.filing_attempts += 1;
+                let given_up = send.sent_at.is_some_and(|at| Utc::now() - at > RETRY_FOR);
+                if given_up {
+                    send.filing_abandoned = true;
+                    send.error = Some(format!(
+                        "sent, but filing the copy in Sent failed for 24 hours: {err}"
+                    ));
+                    tracing::error!(send = %send.id, mailbox = %mailbox.address, "giving up filing the copy in Sent: {err}");
+                } else {
+                    let wait =
+                        backoff::delay(send.filing_attempts - 1, self.retry_min, self.retry_max);
+                    send.next_attempt_ms = Utc::now().timestamp_millis()
+                        + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                    send.error = Some(format!("sent; filing the copy in Sent failed: {err}"));
+                    tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent, but filing the copy in Sent failed, retrying in {wait:?}: {err}");
+                }
+            }
+        }
+        self.record(send, &[]);
+    }
+
+    /// Files the copy of a send that left earlier but whose filing failed.
+    async fn retry_filing(&self, mut send: SendRecord) {
+        match self.store.mailbox(&send.mailbox) {
+            Ok(Some(mailbox)) => self.file_in_sent(&mailbox, &mut send).await,
+            Ok(None) => {
+                // Disconnected: there is no mailbox to file it in any more.
+                send.filing_abandoned = true;
+                self.record(&send, &[]);
+            }
+            Err(err) => {
+                tracing::error!(send = %send.id, "loading the mailbox failed: {err:#}");
             }
         }
     }

@@ -554,3 +554,40 @@ async fn r21_no_verdict_after_the_message_was_handed_over_is_reported_never_sent
     assert_eq!(smtp.assigned().len(), 1, "submitted once, never again");
     w.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r05_a_copy_that_could_not_be_filed_in_sent_is_filed_on_a_later_try() {
+    let w = World::started_with(|config| {
+        config.sending.retry_min_ms = 100;
+        config.sending.retry_max_ms = 500;
+    })
+    .await;
+    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api
+        .connect_with(
+            "L1",
+            "u1",
+            &w.stack,
+            &w.me,
+            serde_json::json!({"imap": proxy.endpoint(), "save_sent": "append"}),
+        )
+        .await;
+    w.api.wait_active("L1", "u1").await;
+    proxy.refuse_next_appends(1);
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "filed later", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    w.receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    // The first APPEND was refused; the queue files it again.
+    w.stack.wait_count(&w.me, "Sent", 1).await;
+    let path = format!("/v1/messages/{}", accepted["id"].as_str().unwrap());
+    let (_, send) = w.api.send(Method::GET, &path, None).await;
+    assert_eq!(send["status"], "sent", "{send}");
+    w.daemon.stop().await;
+}

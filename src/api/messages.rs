@@ -280,6 +280,8 @@ pub async fn send(
         recipients: to.iter().chain(&cc).chain(&bcc).cloned().collect(),
         data,
         filed_in_sent: false,
+        filing_attempts: 0,
+        filing_abandoned: false,
         submitted_message_id: None,
     };
     // Both copies reach the disk before the send is recorded as accepted.

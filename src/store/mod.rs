@@ -261,7 +261,8 @@ pub trait Store: Send + Sync + 'static {
     /// and returns false. Serialized with `connect`, which fails the sends an
     /// "update email" leaves behind.
     fn claim_send(&self, send: &SendRecord) -> StoreResult<bool>;
-    /// Sends not yet settled (queued or submitting), oldest first.
+    /// Sends not yet settled (queued, submitting, or sent with their copy
+    /// still to be filed in Sent), oldest first.
     fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>>;
     /// Whether the CRM sent this Message-ID from this mailbox.
     fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool>;

@@ -1055,7 +1055,7 @@ impl Store for SledStore {
         } else {
             Vec::new()
         };
-        let settled = matches!(send.status, SendStatus::Sent | SendStatus::Failed);
+        let settled = send.is_settled();
         let unsettled_key = unsettled_key(send);
         // A Message-ID the server gave the message instead of ours (Exchange
         // Online) joins the thread index and the CRM's own ids, so the reply
@@ -1133,7 +1133,7 @@ impl Store for SledStore {
             let id = id.map_err(engine)?;
             if let Some(value) = self.sends.get(&id).map_err(engine)? {
                 let send: SendRecord = decode(&value)?;
-                if matches!(send.status, SendStatus::Queued | SendStatus::Submitting) {
+                if !send.is_settled() {
                     found.push(send);
                 }
             }

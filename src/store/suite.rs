@@ -390,6 +390,8 @@ fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
             attachments: vec![],
         },
         filed_in_sent: false,
+        filing_attempts: 0,
+        filing_abandoned: false,
         submitted_message_id: None,
     }
 }
@@ -441,6 +443,16 @@ fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
 
         let mut sent = store.send("msg_1").unwrap().unwrap();
         sent.status = SendStatus::Sent;
+        store.update_send(&sent, &[]).unwrap();
+        assert!(
+            store
+                .unsettled_sends()
+                .unwrap()
+                .iter()
+                .any(|s| s.id == "msg_1"),
+            "sent, its copy not yet in Sent: still the queue's"
+        );
+        sent.filed_in_sent = true;
         store.update_send(&sent, &[]).unwrap();
         let mut failed = store.send("msg_2").unwrap().unwrap();
         failed.status = crate::model::SendStatus::Failed;

@@ -31,6 +31,8 @@ struct Script {
     holding: bool,
     /// How many of the next IDLEs get a `BAD` without text.
     idle_refusals: usize,
+    /// How many of the next APPENDs are refused.
+    append_refusals: usize,
 }
 
 /// Gmail's words for a FETCH it cannot serve now.
@@ -118,6 +120,11 @@ impl ImapProxy {
         self.script.lock().expect("proxy script").idle_refusals += count;
     }
 
+    /// The next `count` APPENDs get `NO [UNAVAILABLE]` (before their literal).
+    pub fn refuse_next_appends(&self, count: usize) {
+        self.script.lock().expect("proxy script").append_refusals += count;
+    }
+
     /// Body FETCHes refused so far.
     pub fn fetches_refused(&self) -> usize {
         self.script.lock().expect("proxy script").fetches_refused
@@ -187,6 +194,9 @@ async fn serve(
                 script.fetch_refusals -= 1;
                 script.fetches_refused += 1;
                 Some(FETCH_REFUSED.to_string())
+            } else if verb == "APPEND" && script.append_refusals > 0 {
+                script.append_refusals -= 1;
+                Some("NO [UNAVAILABLE] Temporary failure, try again later".to_string())
             } else if verb == "IDLE" && script.idle_refusals > 0 {
                 script.idle_refusals -= 1;
                 Some("BAD".to_string())
