@@ -186,7 +186,7 @@ pub async fn run(
             Duration::from_secs(config.sending.timeout_secs),
         )?,
         connector: connector.clone(),
-        sync: ctx,
+        auth: ctx.auth.clone(),
         outbox: signal.clone(),
         signal: send_signal.clone(),
         retry_min: Duration::from_millis(config.sending.retry_min_ms),

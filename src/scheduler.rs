@@ -19,6 +19,9 @@ struct Running {
 pub struct Scheduler {
     ctx: Arc<SyncContext>,
     running: Mutex<HashMap<String, Running>>,
+    /// Tasks told to stop that may still be finishing their last step (a
+    /// commit): a new start of the same mailbox waits for them.
+    stopping: Mutex<HashMap<String, JoinHandle<()>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -28,6 +31,7 @@ impl Scheduler {
         Self {
             ctx,
             running: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             shutdown,
         }
@@ -47,17 +51,22 @@ impl Scheduler {
     /// handle the same folder at once.
     pub fn start(&self, address: &str) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = running.remove(address);
-        if let Some(previous) = &previous {
+        let previous = running.remove(address).map(|previous| {
             previous.cancel.cancel();
-        }
+            previous.handle
+        });
+        let stopped = self
+            .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(address);
         let cancel = self.shutdown.child_token();
         let ctx = self.ctx.clone();
         let owned = address.to_string();
         let token = cancel.clone();
         let handle = tokio::spawn(self.tracker.track_future(async move {
-            if let Some(previous) = previous {
-                let _ = previous.handle.await;
+            for earlier in previous.into_iter().chain(stopped) {
+                let _ = earlier.await;
             }
             sync_mailbox(ctx, owned, token).await;
         }));
@@ -69,6 +78,9 @@ impl Scheduler {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(previous) = running.remove(address) {
             previous.cancel.cancel();
+            let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+            stopping.retain(|_, handle| !handle.is_finished());
+            stopping.insert(address.to_string(), previous.handle);
         }
         metrics::gauge!("mailbridge_mailboxes_syncing").set(running.len() as f64);
     }

@@ -22,10 +22,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{AuthError, SignIn},
+    auth::{Auth, AuthError, SignIn},
     backoff,
     imap::ConnectError,
-    imap::{ImapConnector, SyncContext, checked, connection::ImapSession, folders},
+    imap::{ImapConnector, checked, connection::ImapSession, folders},
     model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
     store::{Store, StoreResult},
@@ -43,7 +43,8 @@ pub struct SendQueue {
     pub store: Arc<dyn Store>,
     pub submitter: Submitter,
     pub connector: ImapConnector,
-    pub sync: Arc<SyncContext>,
+    /// Signs in to the mailbox's servers and records `needs_reauth`.
+    pub auth: Arc<Auth>,
     pub outbox: OutboxSignal,
     pub signal: SendSignal,
     pub retry_min: Duration,
@@ -198,7 +199,7 @@ impl SendQueue {
                 );
             }
         };
-        let signed = match self.sync.auth.login(&mailbox.address, None).await {
+        let signed = match self.auth.login(&mailbox.address, None).await {
             Ok(signed) => signed,
             Err(AuthError::NeedsReauth(words)) => {
                 return self.fail(
@@ -237,7 +238,7 @@ impl SendQueue {
                 metrics::histogram!("mailbridge_smtp_submit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("mailbridge_sends_total").increment(1);
-                self.sync.auth.clear_refusals(&mailbox.address);
+                self.auth.clear_refusals(&mailbox.address);
                 adopt_server_message_id(&mut send, &response);
                 send.status = SendStatus::Sent;
                 send.error = None;
@@ -304,12 +305,7 @@ impl SendQueue {
             return (result, signed);
         };
         tracing::info!(send = %send.id, "the SMTP server refused the access token ({words}); renewing it");
-        match self
-            .sync
-            .auth
-            .login(&mailbox.address, Some(&signed.login))
-            .await
-        {
+        match self.auth.login(&mailbox.address, Some(&signed.login)).await {
             Ok(fresh) => (self.submit(mailbox, send, raw, &fresh.login).await, fresh),
             Err(AuthError::Unavailable(words)) => (Err(SubmitError::Transient(words)), signed),
             Err(err) => (Err(SubmitError::Permanent(err.to_string())), signed),
@@ -327,7 +323,7 @@ impl SendQueue {
         signed: &SignIn,
         words: String,
     ) {
-        let auth = &self.sync.auth;
+        let auth = &self.auth;
         match self.connector.open(&mailbox.imap, &signed.login).await {
             Ok(mut session) => {
                 let _ = self.within("logging out", session.logout()).await;
@@ -557,7 +553,6 @@ impl SendQueue {
     /// A logged-in session and the name of the mailbox's Sent folder, if it has one.
     async fn open_sent(&self, mailbox: &Mailbox) -> Result<Option<(ImapSession, String)>, String> {
         let mut session = self
-            .sync
             .auth
             .open_imap(&self.connector, &mailbox.address)
             .await

@@ -22,6 +22,8 @@ use crate::{
 /// Bodies fetched per round trip while catching up.
 const FETCH_BATCH: usize = 20;
 const FETCH_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// A FETCH gets the step timeout plus time for its size at this rate.
+const MIN_DOWNLOAD_BYTES_PER_SEC: u64 = 64 * 1024;
 
 pub enum WatchEnd {
     Cancelled,
@@ -381,12 +383,18 @@ impl FolderWatcher {
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
                     .join(",");
-                let fetched = self
-                    .timed(
-                        "fetching messages",
-                        checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
-                    )
-                    .await?;
+                // A slow link still finishes a big batch; a stalled one is noticed.
+                let deadline = self.ctx.connector.step_timeout()
+                    + Duration::from_secs(bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
+                let fetched = match tokio::time::timeout(
+                    deadline,
+                    checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
+                )
+                .await
+                {
+                    Ok(fetched) => fetched?,
+                    Err(_) => return Err(SessionError::Timeout("fetching messages")),
+                };
                 new_mail |= fetched.new_mail;
                 for fetch in fetched.messages {
                     if let Some(body) = fetch.body {
