@@ -12,8 +12,8 @@ use crate::{
         AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Message,
         MessageEventData, Thread, new_id, normalize_email,
     },
-    routing::{self, Directory, Incoming, Routing, ThreadDecision},
-    store::{IngestCommit, Store, StoreResult},
+    routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
+    store::{IngestCommit, Store, StoreError, StoreResult},
     webhook::OutboxSignal,
 };
 
@@ -41,12 +41,25 @@ pub enum Outcome {
     Queued { thread_id: String, events: usize },
 }
 
-/// What makes two copies of a message the same message: its Message-ID, or,
-/// without one, a hash of its header (which carries its Date and Received
-/// lines, so two different messages rarely share it).
+/// What makes two copies of a message the same message: its Message-ID with
+/// a fingerprint of From, Date and Subject (some senders reuse one
+/// Message-ID for different mail), or, without a Message-ID, a hash of the
+/// whole header (its Date and Received lines tell messages apart).
 pub fn message_identity(message: &Message, raw: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hex = |digest: &[u8]| -> String { digest.iter().map(|b| format!("{b:02x}")).collect() };
     if let Some(id) = &message.message_id {
-        return id.clone();
+        let mut fingerprint = sha2::Sha256::new();
+        for part in [
+            message.from.as_ref().map(|a| a.email.as_str()),
+            message.date.map(|d| d.to_rfc3339()).as_deref(),
+            message.subject.as_deref(),
+        ] {
+            fingerprint.update(part.unwrap_or("").as_bytes());
+            fingerprint.update(b"\0");
+        }
+        let digest = fingerprint.finalize();
+        return format!("{id}|{}", hex(digest.get(..8).unwrap_or(&digest)));
     }
     let header_end = raw
         .windows(4)
@@ -54,9 +67,7 @@ pub fn message_identity(message: &Message, raw: &[u8]) -> String {
         .or_else(|| raw.windows(2).position(|w| w == b"\n\n"))
         .unwrap_or(raw.len());
     let header = raw.get(..header_end).unwrap_or(raw);
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(header);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", hex(&sha2::Sha256::digest(header)))
 }
 
 impl Ingest {
@@ -196,7 +207,7 @@ impl Ingest {
         // The source is kept for /raw and attachment downloads; written (and
         // synced to disk) before the commit that makes it reachable.
         crate::store::write_durably(&self.store.raw_path(&message_record_id), raw)?;
-        self.store.commit_ingest(&IngestCommit {
+        let committed = self.store.commit_ingest(&IngestCommit {
             mailbox: found.mailbox.to_string(),
             folder: found.folder,
             cursor,
@@ -211,7 +222,13 @@ impl Ingest {
                     .collect(),
             )),
             history,
-        })?;
+        });
+        if let Err(StoreError::AlreadySynced) = committed {
+            let _ = std::fs::remove_file(self.store.raw_path(&message_record_id));
+            self.skip(found)?;
+            return Ok(Outcome::Ignored(IgnoreReason::AlreadySynced));
+        }
+        committed?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
         self.signal.notify();
         tracing::info!(mailbox = found.mailbox, folder = found.folder.as_str(), uid = found.uid, thread = %thread.id, events = count, "synced");

@@ -448,7 +448,15 @@ impl SendQueue {
     /// Files the copy of a send that left earlier but whose filing failed.
     async fn retry_filing(&self, mut send: SendRecord) {
         match self.store.mailbox(&send.mailbox) {
-            Ok(Some(mailbox)) => self.file_in_sent(&mailbox, &mut send).await,
+            Ok(Some(mailbox)) => {
+                // An APPEND that timed out may have been stored all the same.
+                if let Ok(Some(_)) = self.in_sent(&mailbox, &send).await {
+                    send.filed_in_sent = true;
+                    send.error = None;
+                    return self.record(&send, &[]);
+                }
+                self.file_in_sent(&mailbox, &mut send).await
+            }
             Ok(None) => {
                 // Disconnected: there is no mailbox to file it in any more.
                 send.filing_abandoned = true;

@@ -45,8 +45,6 @@ enum SessionError {
     Checked(#[from] checked::CheckedError),
     #[error("the server did not return message {0}, which is still there; retrying")]
     NotReturned(u32),
-    #[error("handling a message crashed: {0}")]
-    Crashed(String),
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
@@ -162,6 +160,16 @@ impl FolderWatcher {
         let uid_validity = selected.uid_validity.unwrap_or(0);
         let mut cursor = match self.ctx.store.cursor(address, self.role)? {
             Some(cursor) if cursor.uid_validity == uid_validity => cursor,
+            Some(old) if old.moved_at.is_none() => {
+                // A cursor from before the bridge kept the time it moved: with
+                // no window to look in, re-reading from the connect would
+                // forward again what was forwarded then. Resume at the end.
+                let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
+                tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: resuming at the folder's end (no record of when the cursor last moved)", old.uid_validity);
+                let fresh = FolderCursor::new(uid_validity, next_uid);
+                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                fresh
+            }
             Some(old) => {
                 // The folder's UIDs were renumbered (Dovecot rebuilt its
                 // index, the folder was recreated): what arrived since the
@@ -201,17 +209,10 @@ impl FolderWatcher {
             .set_mailbox_state(address, MailboxState::Active, None)?;
         tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
 
-        let mut caught_up_once = false;
         loop {
             // What async-imap queued so far is covered by the catch-up below.
             while session.unsolicited_responses.try_recv().is_ok() {}
             let more = self.catch_up(&mut session, &mut cursor).await?;
-            if !caught_up_once {
-                // Only a session that got this far counts as working: a failure
-                // that repeats at every login keeps backing off to the cap.
-                *failures = 0;
-                caught_up_once = true;
-            }
             if more {
                 continue;
             }
@@ -271,6 +272,9 @@ impl FolderWatcher {
                 | Woke::Cancel => {}
             }
             session = self.timed("ending IDLE", idle.done()).await?;
+            // Only a session that caught up and went through IDLE counts as
+            // working: a failure that repeats every session backs off to the cap.
+            *failures = 0;
             if matches!(woke, Woke::Cancel | Woke::TokenExpiring) {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
                 return match woke {
@@ -412,30 +416,9 @@ impl FolderWatcher {
                 };
                 match bodies.remove(uid) {
                     Some(raw) => {
-                        // Parsing a large message and the commit's fsync are
-                        // blocking work: off the async threads.
-                        let ingest = self.ctx.ingest.clone();
-                        let (mailbox, folder, uid_validity, received_at) = (
-                            address.to_string(),
-                            found.folder,
-                            found.uid_validity,
-                            found.received_at,
-                        );
-                        let uid = *uid;
-                        tokio::task::spawn_blocking(move || {
-                            ingest.handle(
-                                Found {
-                                    mailbox: &mailbox,
-                                    folder,
-                                    uid_validity,
-                                    uid,
-                                    received_at,
-                                },
-                                &raw,
-                            )
-                        })
-                        .await
-                        .map_err(|e| SessionError::Crashed(e.to_string()))??;
+                        // Handled here, not in a detached blocking task: a
+                        // cancelled watcher must not commit after it stopped.
+                        self.ctx.ingest.handle(found, &raw)?;
                     }
                     None => {
                         let reason = if *size > self.ctx.sync.max_message_bytes {

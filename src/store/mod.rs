@@ -28,6 +28,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("credentials cannot be decrypted with the configured key")]
     Decrypt,
+    /// `commit_ingest`: an integration received this message meanwhile
+    /// (another folder's watcher committed it first). Nothing was stored.
+    #[error("the message was already forwarded to an integration")]
+    AlreadySynced,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -257,6 +257,20 @@ fn ingest_commits_cursor_thread_and_events_together() {
             store.synced_to("<a@x").unwrap().is_empty(),
             "no prefix match"
         );
+        let mut again = commit.clone();
+        again.cursor = FolderCursor::new(1, 9);
+        assert!(
+            matches!(store.commit_ingest(&again), Err(StoreError::AlreadySynced)),
+            "a second commit of the message for the same integration is refused whole"
+        );
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .unwrap()
+                .next_uid,
+            8
+        );
         assert_eq!(
             store
                 .cursor("me@x.test", FolderRole::Inbox)
