@@ -119,7 +119,11 @@ impl Ingest {
             .store
             .thread_of(found.mailbox, &message.thread_keys())?;
         let identity = message_identity(&message, raw);
-        let already_synced = self.store.synced_to(&identity)?;
+        let pairs: Vec<(String, String)> = integrations
+            .iter()
+            .map(|i| (i.location_id.clone(), i.user_id.clone()))
+            .collect();
+        let already_synced = self.store.synced_to(&identity, &pairs)?;
         let routing = routing::route(
             Incoming {
                 message: &message,

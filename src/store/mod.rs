@@ -221,11 +221,15 @@ pub trait Store: Send + Sync + 'static {
     /// The synced thread that one of these message ids belongs to, trying them in order.
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
     fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()>;
-    /// The integrations (location, user) that already received the message
-    /// with this identity (its Message-ID, or a hash of its header), wherever
+    /// Of `integrations` (location, user), those that already received the
+    /// message with this identity (see `ingest::message_identity`), wherever
     /// and under whatever UID it was found: a message moved out and back, or
-    /// filed twice, is not forwarded again (R21).
-    fn synced_to(&self, identity: &str) -> StoreResult<Vec<(String, String)>>;
+    /// filed twice, is not forwarded again (R21). Forgotten on disconnect.
+    fn synced_to(
+        &self,
+        identity: &str,
+        integrations: &[(String, String)],
+    ) -> StoreResult<Vec<(String, String)>>;
 
     // --- the webhook outbox, in enqueue order
     fn enqueue(&self, events: &[Event]) -> StoreResult<()>;

@@ -72,7 +72,7 @@ pub struct SledStore {
     quota: sled::Tree,
     crm_message_ids: sled::Tree,
     history: sled::Tree,
-    /// identity \0 location \0 user → message record id.
+    /// location \0 user \0 identity → message record id.
     synced: sled::Tree,
     secrets: SecretBox,
     raw_messages: PathBuf,
@@ -584,6 +584,15 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
+        // What this integration received no longer matters: a reconnect
+        // starts from its new baseline (R19).
+        for k in self
+            .synced
+            .scan_prefix(prefix(&[location_id, user_id]))
+            .keys()
+        {
+            self.synced.remove(k.map_err(engine)?).map_err(engine)?;
+        }
         let result = Some(Disconnected {
             integration,
             mailbox_released: !others,
@@ -771,7 +780,7 @@ impl Store for SledStore {
         let synced_keys: Vec<Vec<u8>> = match &commit.synced {
             Some((identity, integrations)) => integrations
                 .iter()
-                .map(|(location, user)| key(&[identity, location, user]))
+                .map(|(location, user)| key(&[location, user, identity]))
                 .collect(),
             None => Vec::new(),
         };
@@ -811,14 +820,19 @@ impl Store for SledStore {
         self.flush()
     }
 
-    fn synced_to(&self, identity: &str) -> StoreResult<Vec<(String, String)>> {
-        let scan = prefix(&[identity]);
+    fn synced_to(
+        &self,
+        identity: &str,
+        integrations: &[(String, String)],
+    ) -> StoreResult<Vec<(String, String)>> {
         let mut found = Vec::new();
-        for k in self.synced.scan_prefix(&scan).keys() {
-            let k = k.map_err(engine)?;
-            let rest = String::from_utf8_lossy(&k[scan.len()..]).into_owned();
-            if let Some((location, user)) = rest.split_once('\0') {
-                found.push((location.to_string(), user.to_string()));
+        for (location, user) in integrations {
+            if self
+                .synced
+                .contains_key(key(&[location, user, identity]))
+                .map_err(engine)?
+            {
+                found.push((location.clone(), user.clone()));
             }
         }
         Ok(found)

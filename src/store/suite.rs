@@ -246,15 +246,16 @@ fn ingest_commits_cursor_thread_and_events_together() {
             history: vec![],
             synced: Some(("<a@x>".into(), vec![("L1".into(), "u1".into())])),
         };
-        assert!(store.synced_to("<a@x>").unwrap().is_empty());
+        let l1u1 = vec![("L1".to_string(), "u1".to_string())];
+        assert!(store.synced_to("<a@x>", &l1u1).unwrap().is_empty());
         store.commit_ingest(&commit).unwrap();
         assert_eq!(
-            store.synced_to("<a@x>").unwrap(),
+            store.synced_to("<a@x>", &l1u1).unwrap(),
             vec![("L1".to_string(), "u1".to_string())],
             "the message is known as synced for that integration, with the commit"
         );
         assert!(
-            store.synced_to("<a@x").unwrap().is_empty(),
+            store.synced_to("<a@x", &l1u1).unwrap().is_empty(),
             "no prefix match"
         );
         let mut again = commit.clone();
@@ -684,5 +685,35 @@ fn an_unreadable_outbox_entry_is_set_aside_and_dead_letters_can_be_replayed() {
             [("evt_3".to_string(), 0), ("evt_1".to_string(), 0)],
             "requeued last, with a fresh retry budget"
         );
+    }
+}
+
+#[test]
+fn a_disconnect_forgets_what_the_integration_received() {
+    for (_dir, store) in engines() {
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let commit = IngestCommit {
+            mailbox: "me@x.test".into(),
+            folder: FolderRole::Inbox,
+            cursor: FolderCursor::new(1, 2),
+            thread: None,
+            message_ids: vec![],
+            events: vec![],
+            history: vec![],
+            synced: Some(("<a@x>|f".into(), vec![("L1".into(), "u1".into())])),
+        };
+        store.commit_ingest(&commit).unwrap();
+        let l1u1 = vec![("L1".to_string(), "u1".to_string())];
+        assert_eq!(store.synced_to("<a@x>|f", &l1u1).unwrap().len(), 1);
+        store.disconnect("L1", "u1", &[]).unwrap();
+        assert!(store.synced_to("<a@x>|f", &l1u1).unwrap().is_empty());
     }
 }
