@@ -609,7 +609,7 @@ pub fn failed(send: &mut SendRecord, error: String) -> Event {
 /// Exchange Online may replace the Message-ID of a submitted message with its
 /// own and names the new one in its reply to DATA, e.g.
 /// `250 2.0.0 OK <AM0PR01MB1234.…@AM0PR01MB1234.eurprd01.prod.outlook.com> [Hostname=…]`
-/// (recorded transcripts in ../shared/notes/provider-wire-facts.md; EmailEngine
+/// (recorded transcripts in docs/provider-wire-facts.md; EmailEngine
 /// adopts it the same way: postalsys/emailengine#254, "Hotmail message ID").
 /// Microsoft documents that SMTP submissions are saved to Sent Items; no
 /// Microsoft page describing the rewrite itself was found. The copy in Sent

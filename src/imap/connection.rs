@@ -117,7 +117,7 @@ pub struct ImapConnector {
 /// Words by which servers refuse a login for now rather than for good: RFC 5530
 /// codes, Dovecot's "Temporary authentication failure", Gmail's "Too many
 /// simultaneous connections" and `[THROTTLED]`, Exchange Online's "Request is
-/// throttled" and "Server Unavailable" (see ../shared/notes/provider-wire-facts.md).
+/// throttled" and "Server Unavailable" (see docs/provider-wire-facts.md).
 const TRANSIENT_REFUSALS: [&str; 9] = [
     "[UNAVAILABLE]",
     "[INUSE]",
