@@ -17,32 +17,20 @@ use support::{
 /// me connected as u1 of L1 with the stack's IMAP and an Exchange-like SMTP
 /// server that files Sent itself; ann a contact.
 async fn exchange_world() -> (World, ScriptedSmtp) {
-    let w = World::started_with(|config| {
-        // A transient hiccup is retried within the test's deadline.
-        config.sending.retry_min_ms = 100;
-        config.sending.retry_max_ms = 1_000;
-    })
-    .await;
     let exchange = ScriptedSmtp::start(Stack::get()).await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({
-                "provider": "imap",
-                "imap": w.stack.imap_endpoint(),
-                "smtp": exchange.endpoint(),
-                // The server files Sent itself, like Outlook.
-                "save_sent": "never",
-            }),
-        )
-        .await;
-    w.api.wait_active("L1", "u1").await;
+    let w = World::connected_with(
+        |config| {
+            // A transient hiccup is retried within the test's deadline.
+            config.sending.retry_min_ms = 100;
+            config.sending.retry_max_ms = 1_000;
+        },
+        serde_json::json!({
+            "smtp": exchange.endpoint(),
+            // The server files Sent itself, like Outlook.
+            "save_sent": "never",
+        }),
+    )
+    .await;
     (w, exchange)
 }
 

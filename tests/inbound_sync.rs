@@ -4,7 +4,7 @@
 mod support;
 
 use support::{
-    stack::{message, new_message_id},
+    stack::{Stack, message, new_message_id},
     world::{World, mail},
 };
 
@@ -303,34 +303,18 @@ async fn r21_a_message_moved_out_of_the_inbox_and_back_is_not_forwarded_again() 
     w.receiver
         .wait_for("the later message", |r| r.subject() == "after the move")
         .await;
-    let ids: std::collections::HashSet<String> = w
-        .receiver
-        .all()
-        .iter()
-        .filter(|r| r.subject() == "moved around")
-        .map(|r| r.webhook_id.clone())
-        .collect();
-    assert_eq!(ids.len(), 1, "forwarded once: {ids:?}");
+    assert_eq!(
+        w.receiver.distinct(|r| r.subject() == "moved around"),
+        1,
+        "forwarded once"
+    );
     w.daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_a_fetch_the_server_refuses_is_retried_not_taken_for_a_removed_message() {
-    let w = World::started().await;
-    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({"imap": proxy.endpoint()}),
-        )
-        .await;
-    w.api.wait_active("L1", "u1").await;
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
     proxy.refuse_next_fetches(2);
     mail(&w.stack, &w.ann, &w.me, "fetched at the third try", None).await;
     w.receiver
@@ -434,21 +418,8 @@ async fn r21_an_event_set_aside_is_listed_and_replayed_under_its_own_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_mail_announced_while_catching_up_is_fetched_at_once_not_at_the_next_idle() {
-    let w = World::started().await;
-    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({"imap": proxy.endpoint()}),
-        )
-        .await;
-    w.api.wait_active("L1", "u1").await;
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
     // The first message's FETCH is held while a second one arrives: Dovecot
     // announces it in its answer to that FETCH, once, and not again in IDLE
     // (which here would be renewed only after 25 minutes).
@@ -469,22 +440,10 @@ async fn r01_mail_announced_while_catching_up_is_fetched_at_once_not_at_the_next
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_a_folder_sync_that_crashes_is_started_again() {
-    let w = World::started().await;
-    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
     // From the first IDLE on, both folders' sessions meet a BAD without text.
     proxy.refuse_next_idles_without_text(2);
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({"imap": proxy.endpoint()}),
-        )
-        .await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
     mail(&w.stack, &w.ann, &w.me, "after the crash", None).await;
     w.receiver
         .wait_for("the message after the watchers were restarted", |r| {

@@ -449,17 +449,10 @@ async fn r20_a_revoked_grant_is_reported_once_stops_all_requests_and_reauth_resu
         .receiver
         .wait_for("the next message", |r| r.subject() == "after reauth")
         .await;
-    let all = world.receiver.all();
-    let count = |pred: &dyn Fn(&support::receiver::Received) -> bool| {
-        all.iter()
-            .filter(|r| pred(r))
-            .map(|r| r.data()["id"].to_string())
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-    };
-    assert_eq!(count(&|r| r.kind() == "mailbox.needs_reauth"), 1);
-    assert_eq!(count(&|r| r.subject() == "during reauth"), 1);
-    assert_eq!(count(&|r| r.subject() == "before revoke"), 1);
+    let receiver = &world.receiver;
+    assert_eq!(receiver.distinct(|r| r.kind() == "mailbox.needs_reauth"), 1);
+    assert_eq!(receiver.distinct(|r| r.subject() == "during reauth"), 1);
+    assert_eq!(receiver.distinct(|r| r.subject() == "before revoke"), 1);
     world.daemon.stop().await;
 }
 

@@ -453,26 +453,15 @@ async fn r17_a_send_with_24_mb_of_attachments_goes_out_whole() {
 
 /// The user's mailbox connected with `smtp`, with short SMTP step deadlines.
 async fn sending_through(smtp: serde_json::Value, save_sent: &str) -> World {
-    let w = World::started_with(|config| {
-        config.sending.timeout_secs = 2;
-        config.sending.retry_min_ms = 100;
-        config.sending.retry_max_ms = 500;
-    })
-    .await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({"smtp": smtp, "save_sent": save_sent}),
-        )
-        .await;
-    w.api.wait_active("L1", "u1").await;
-    w
+    World::connected_with(
+        |config| {
+            config.sending.timeout_secs = 2;
+            config.sending.retry_min_ms = 100;
+            config.sending.retry_max_ms = 500;
+        },
+        serde_json::json!({"smtp": smtp, "save_sent": save_sent}),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,25 +546,15 @@ async fn r21_no_verdict_after_the_message_was_handed_over_is_reported_never_sent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r05_a_copy_that_could_not_be_filed_in_sent_is_filed_on_a_later_try() {
-    let w = World::started_with(|config| {
-        config.sending.retry_min_ms = 100;
-        config.sending.retry_max_ms = 500;
-    })
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected_with(
+        |config| {
+            config.sending.retry_min_ms = 100;
+            config.sending.retry_max_ms = 500;
+        },
+        serde_json::json!({"imap": proxy.endpoint(), "save_sent": "append"}),
+    )
     .await;
-    let proxy = support::imap_proxy::ImapProxy::start(&w.stack).await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    w.api
-        .connect_with(
-            "L1",
-            "u1",
-            &w.stack,
-            &w.me,
-            serde_json::json!({"imap": proxy.endpoint(), "save_sent": "append"}),
-        )
-        .await;
-    w.api.wait_active("L1", "u1").await;
     proxy.refuse_next_appends(1);
     let (status, accepted, _) = w
         .send(serde_json::json!({"contact_id": "c-ann", "subject": "filed later", "text": "x"}))

@@ -147,6 +147,17 @@ impl Receiver {
         self.all().into_iter().filter(|r| r.accepted).collect()
     }
 
+    /// How many distinct events (by `webhook-id`) matching `pred` arrived,
+    /// acknowledged or not: a repeat of one event counts once.
+    pub fn distinct(&self, pred: impl Fn(&Received) -> bool) -> usize {
+        self.all()
+            .iter()
+            .filter(|r| pred(r))
+            .map(|r| r.webhook_id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
     /// Waits for an acknowledged event matching `pred`.
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Received) -> bool) -> Received {
         super::eventually(what, super::DEADLINE, async || {

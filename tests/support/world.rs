@@ -50,7 +50,15 @@ impl World {
     /// As `started`, with ann a contact of L1 assigned to u1 and me connected
     /// as u1's mailbox (`extra` is merged into the connect request).
     pub async fn connected(extra: serde_json::Value) -> World {
-        let world = World::started().await;
+        World::connected_with(|_| {}, extra).await
+    }
+
+    /// As `connected`, with the test configuration changed by `configure` first.
+    pub async fn connected_with(
+        configure: impl FnOnce(&mut mailbridge::config::Config),
+        extra: serde_json::Value,
+    ) -> World {
+        let world = World::started_with(configure).await;
         world
             .api
             .put_contact("L1", "c-ann", &world.ann.address, &["u1"])
