@@ -214,6 +214,14 @@ impl SledStore {
         })
     }
 
+    /// Serializes the writes that read before they write (mailbox records,
+    /// sends, integrations), so none undoes another.
+    fn one_at_a_time(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map_err(engine)?;
         Ok(())
@@ -410,10 +418,7 @@ impl Store for SledStore {
             .map(|(role, cursor)| Ok((cursor_key(&mailbox.address, *role), encode(cursor)?)))
             .collect::<StoreResult<_>>()?;
         let integration_key = key(&[&integration.location_id, &integration.user_id]);
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         // Only sends still queued fail: one claimed for submission is on its
         // way (claim_send takes the same lock).
         let mut failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
@@ -544,10 +549,7 @@ impl Store for SledStore {
     ) -> StoreResult<Option<Disconnected>> {
         let outbox_values = self.stored_entries(events)?;
         let integration_key = key(&[location_id, user_id]);
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let Some(integration) = self.integration(location_id, user_id)? else {
             return Ok(None);
         };
@@ -623,10 +625,7 @@ impl Store for SledStore {
         state: MailboxState,
         last_error: Option<String>,
     ) -> StoreResult<()> {
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(());
         };
@@ -653,10 +652,7 @@ impl Store for SledStore {
         events: &[Event],
     ) -> StoreResult<bool> {
         let outbox_values = self.stored_entries(events)?;
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(false);
         };
@@ -683,10 +679,7 @@ impl Store for SledStore {
         expected: &Credentials,
         new: &Credentials,
     ) -> StoreResult<bool> {
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(false);
         };
@@ -1001,10 +994,7 @@ impl Store for SledStore {
     ) -> StoreResult<SendAcceptance> {
         // Checks and writes happen under one lock so two concurrent requests
         // cannot both take the last unit of quota or both claim one key.
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let idempotency_key = send
             .idempotency_key
             .as_ref()
@@ -1144,10 +1134,7 @@ impl Store for SledStore {
     }
 
     fn claim_send(&self, send: &SendRecord) -> StoreResult<bool> {
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         let still_queued = self
             .send(&send.id)?
             .is_some_and(|stored| stored.status == SendStatus::Queued);
@@ -1279,10 +1266,7 @@ impl Store for SledStore {
     }
 
     fn secret_key(&self, name: &str) -> StoreResult<[u8; 32]> {
-        let _one_at_a_time = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.one_at_a_time();
         if let Some(sealed) = self.settings.get(name).map_err(engine)? {
             let sealed = String::from_utf8_lossy(&sealed).into_owned();
             return <[u8; 32]>::try_from(self.secrets.open(&sealed)?.as_slice())
