@@ -71,45 +71,22 @@ fn api_key_hashes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<[u8;
 }
 
 /// Removes message sources older than the retention period, hourly. Copies of
-/// sends still queued (`*.submit.eml`) are kept whatever their age.
-async fn prune_raw_messages(folder: std::path::PathBuf, days: u64, shutdown: CancellationToken) {
+/// sends still to be submitted are kept whatever their age.
+async fn prune_message_sources(store: Arc<dyn Store>, days: u64, shutdown: CancellationToken) {
     if days == 0 {
         return;
     }
     let keep = Duration::from_secs(days * 24 * 3600);
     loop {
-        let removed = tokio::task::spawn_blocking({
-            let folder = folder.clone();
-            move || {
-                let mut removed = 0usize;
-                let Ok(entries) = std::fs::read_dir(&folder) else {
-                    return 0;
-                };
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    if path.to_string_lossy().ends_with(".submit.eml") {
-                        continue;
-                    }
-                    let old = entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > keep);
-                    if old && std::fs::remove_file(&path).is_ok() {
-                        removed += 1;
-                    }
-                }
-                removed
-            }
-        })
-        .await
-        .unwrap_or(0);
-        if removed > 0 {
-            tracing::info!(
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_message_sources(keep)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(
                 removed,
                 "removed message sources past storage.raw_retention_days"
-            );
+            ),
+            Ok(Err(err)) => tracing::warn!("pruning message sources failed: {err:#}"),
+            Err(err) => tracing::warn!("pruning message sources stopped: {err}"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -203,8 +180,8 @@ pub async fn run(
             move || send_queue.clone().run(shutdown.clone())
         },
     ));
-    let retention = tokio::spawn(prune_raw_messages(
-        config.storage.path.join("messages"),
+    let retention = tokio::spawn(prune_message_sources(
+        store.clone(),
         config.storage.raw_retention_days,
         sending_shutdown.clone(),
     ));

@@ -17,6 +17,10 @@ use crate::{
     webhook::OutboxSignal,
 };
 
+/// How often a message is routed again when a CRM send keeps changing its
+/// thread at the same moment; past that the watcher retries the message later.
+const MAX_THREAD_RETRIES: u32 = 5;
+
 #[derive(Clone)]
 pub struct Ingest {
     store: Arc<dyn Store>,
@@ -31,6 +35,9 @@ pub struct Found<'a> {
     pub folder: FolderRole,
     pub uid_validity: u32,
     pub uid: u32,
+    /// The folder's cursor as the finder holds it: the message's commit
+    /// moves it only from there.
+    pub cursor: FolderCursor,
     /// When the server received it (INTERNALDATE), if it said.
     pub received_at: Option<chrono::DateTime<Utc>>,
 }
@@ -102,6 +109,30 @@ impl Ingest {
                 "message partly unreadable: {warning}"
             );
         }
+        // A CRM send may pin the thread between the look-up and the commit:
+        // the message is routed again over the thread as it now is.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.route_and_commit(found, &message, raw) {
+                Err(StoreError::ThreadChanged) if attempts < MAX_THREAD_RETRIES => {
+                    tracing::debug!(
+                        mailbox = found.mailbox,
+                        uid = found.uid,
+                        "the thread changed while the message was routed; routing it again"
+                    );
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn route_and_commit(
+        &self,
+        found: Found<'_>,
+        message: &Message,
+        raw: &[u8],
+    ) -> StoreResult<Outcome> {
         let cursor = FolderCursor {
             moved_at: Some(Utc::now()),
             ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
@@ -109,16 +140,14 @@ impl Ingest {
         let sent_by_crm = match &message.message_id {
             Some(id) => self.store.is_crm_message(found.mailbox, id)?,
             None => false,
-        } || self.names_a_crm_send(found.mailbox, &message)?;
+        } || self.names_a_crm_send(found.mailbox, message)?;
         let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
-        let contacts = self.contacts_for(
-            &message,
-            integrations.iter().map(|i| i.location_id.as_str()),
-        )?;
-        let thread = self
-            .store
-            .thread_of(found.mailbox, &message.thread_keys())?;
-        let identity = message_identity(&message, raw);
+        let contacts =
+            self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
+        let thread_keys = message.thread_keys();
+        let thread_seen = self.store.thread_of(found.mailbox, &thread_keys)?;
+        let thread = thread_seen.clone();
+        let identity = message_identity(message, raw);
         let pairs: Vec<(String, String)> = integrations
             .iter()
             .map(|i| (i.location_id.clone(), i.user_id.clone()))
@@ -126,7 +155,7 @@ impl Ingest {
         let already_synced = self.store.synced_to(&identity, &pairs)?;
         let routing = routing::route(
             Incoming {
-                message: &message,
+                message,
                 folder: found.folder,
                 uid_validity: found.uid_validity,
                 uid: found.uid,
@@ -190,7 +219,7 @@ impl Ingest {
                 date: message.date,
                 text: message.text.clone(),
                 html: message.html.clone(),
-                attachments: self.attachment_links(&message_record_id, &message),
+                attachments: self.attachment_links(&message_record_id, message),
             })
             .collect();
         let events: Vec<Event> = history
@@ -208,27 +237,30 @@ impl Ingest {
             })
             .collect();
         let count = events.len();
-        // The source is kept for /raw and attachment downloads; written (and
-        // synced to disk) before the commit that makes it reachable.
-        crate::store::write_durably(&self.store.raw_path(&message_record_id), raw)?;
-        let committed = self.store.commit_ingest(&IngestCommit {
-            mailbox: found.mailbox.to_string(),
-            folder: found.folder,
-            cursor,
-            message_ids: message.message_id.iter().cloned().collect(),
-            thread: Some(thread.clone()),
-            events,
-            synced: Some((
-                identity,
-                deliveries
-                    .iter()
-                    .map(|d| (d.route.location_id.clone(), d.route.user_id.clone()))
-                    .collect(),
-            )),
-            history,
-        });
+        // The source is kept for /raw and attachment downloads.
+        let committed = self.store.commit_ingest(
+            &IngestCommit {
+                mailbox: found.mailbox.to_string(),
+                folder: found.folder,
+                cursor_before: found.cursor,
+                cursor,
+                thread_keys_seen: thread_keys,
+                thread_seen,
+                message_ids: message.message_id.iter().cloned().collect(),
+                thread: Some(thread.clone()),
+                events,
+                synced: Some((
+                    identity,
+                    deliveries
+                        .iter()
+                        .map(|d| (d.route.location_id.clone(), d.route.user_id.clone()))
+                        .collect(),
+                )),
+                history,
+            },
+            Some(raw),
+        );
         if let Err(StoreError::AlreadySynced) = committed {
-            let _ = std::fs::remove_file(self.store.raw_path(&message_record_id));
             self.skip(found)?;
             return Ok(Outcome::Ignored(IgnoreReason::AlreadySynced));
         }
@@ -244,19 +276,23 @@ impl Ingest {
 
     /// Moves the cursor past a message that cannot be handled (logged by the caller).
     pub fn skip(&self, found: Found<'_>) -> StoreResult<()> {
-        self.store.commit_ingest(&IngestCommit {
+        let commit = IngestCommit {
             mailbox: found.mailbox.to_string(),
             folder: found.folder,
+            cursor_before: found.cursor,
             cursor: FolderCursor {
                 moved_at: Some(Utc::now()),
                 ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
             },
+            thread_keys_seen: vec![],
+            thread_seen: None,
             thread: None,
             message_ids: vec![],
             events: vec![],
             history: vec![],
             synced: None,
-        })
+        };
+        self.store.commit_ingest(&commit, None)
     }
 
     /// Every contact, in the given locations, that has one of the message's addresses.

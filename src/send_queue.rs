@@ -28,7 +28,7 @@ use crate::{
     imap::{ImapConnector, checked, connection::ImapSession, folders},
     model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
     smtp::{SubmitError, Submitter},
-    store::{Store, StoreResult},
+    store::{SourceCopy, Store, StoreResult},
     webhook::OutboxSignal,
 };
 
@@ -54,13 +54,6 @@ pub struct SendQueue {
 /// A send's copy found in the Sent folder.
 struct SentCopy {
     message_id: Option<String>,
-}
-
-/// Where the two copies of a send are kept until it settles.
-pub fn submit_copy_path(store: &dyn Store, send_id: &str) -> std::path::PathBuf {
-    let mut path = store.raw_path(send_id);
-    path.set_extension("submit.eml");
-    path
 }
 
 impl SendQueue {
@@ -152,7 +145,6 @@ impl SendQueue {
         metrics::counter!("mailbridge_sends_failed_total").increment(1);
         let event = failed(&mut send, error);
         self.record(&send, &[event]);
-        let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
     }
 
     fn sent_event(send: &SendRecord) -> Event {
@@ -190,13 +182,17 @@ impl SendQueue {
                 "the mailbox needs new credentials (needs_reauth); nothing was sent".into(),
             );
         }
-        let raw = match std::fs::read(submit_copy_path(self.store.as_ref(), &send.id)) {
-            Ok(raw) => raw,
-            Err(err) => {
+        let raw = match self.store.message_source(&send.id, SourceCopy::Submission) {
+            Ok(Some(raw)) => raw,
+            Ok(None) => {
                 return self.fail(
                     send,
-                    format!("the queued message is missing from the data folder: {err}"),
+                    "the queued message is missing from the data folder".into(),
                 );
+            }
+            Err(err) => {
+                tracing::error!(send = %send.id, "reading the queued message failed, will retry: {err:#}");
+                return;
             }
         };
         let signed = match self.auth.login(&mailbox.address, None).await {
@@ -247,7 +243,6 @@ impl SendQueue {
                 send.filed_in_sent = !mailbox.save_sent.bridge_appends(mailbox.provider);
                 let event = Self::sent_event(&send);
                 self.record(&send, &[event]);
-                let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
                 tracing::info!(send = %send.id, mailbox = %send.mailbox, "sent");
                 if !send.filed_in_sent {
                     self.file_in_sent(&mailbox, &mut send).await;
@@ -403,7 +398,11 @@ impl SendQueue {
     /// APPENDs the copy with Bcc, marked \Seen, to the mailbox's Sent folder.
     async fn file_in_sent(&self, mailbox: &Mailbox, send: &mut SendRecord) {
         let result = async {
-            let raw = std::fs::read(self.store.raw_path(&send.id)).map_err(|e| e.to_string())?;
+            let raw = self
+                .store
+                .message_source(&send.id, SourceCopy::Filed)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "the copy to file is missing from the data folder".to_string())?;
             let (mut session, sent) = self
                 .open_sent(mailbox)
                 .await?
@@ -480,7 +479,6 @@ impl SendQueue {
         send.filed_in_sent = true;
         let event = Self::sent_event(&send);
         self.record(&send, &[event]);
-        let _ = std::fs::remove_file(submit_copy_path(self.store.as_ref(), &send.id));
     }
 
     /// A send left `submitting` by a stop: sent if its Message-ID is in Sent,

@@ -321,9 +321,6 @@ pub async fn connect_mailbox(
     }
     // A refusal of the old credentials says nothing about these.
     state.auth.clear_refusals(&address);
-    for (send, _) in &failed_sends {
-        let _ = std::fs::remove_file(send_queue::submit_copy_path(state.store.as_ref(), &send.id));
-    }
     state.signal.notify();
     state.scheduler.start(&address);
     status_of(state, &mailbox, &integration)

@@ -19,12 +19,11 @@ use super::{
 use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
     model::{
-        Direction, EmailAddress, Event, MailboxState, MessageEventData, Origin, SendRecord,
-        SendStatus, Thread, ThreadRoute, new_id,
+        Contact, Direction, EmailAddress, Event, Mailbox, MailboxState, MessageEventData, Origin,
+        SendRecord, SendStatus, Thread, ThreadRoute, new_id,
     },
     routing,
-    send_queue::submit_copy_path,
-    store::SendAcceptance,
+    store::{NewSend, SendAcceptance, SourceCopy, StoreError},
 };
 
 /// R17: attachments of one send, decoded, in total.
@@ -96,21 +95,95 @@ fn send_view(send: &SendRecord) -> serde_json::Value {
     })
 }
 
+/// A send request that passed every check. Nothing is stored or sent for a
+/// refused request, so every check comes before anything else.
+struct ValidSend {
+    location_id: String,
+    user_id: String,
+    mailbox: Mailbox,
+    contact: Contact,
+    to: Vec<String>,
+    cc: Vec<String>,
+    bcc: Vec<String>,
+    subject: Option<String>,
+    reply_to: Option<String>,
+    text: Option<String>,
+    html: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+/// How often a send is planned again when an ingest changes its thread at
+/// the same moment.
+const MAX_THREAD_RETRIES: u32 = 5;
+
 pub async fn send(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     ApiJson(mut body): ApiJson<SendBody>,
 ) -> Result<Response, ApiError> {
+    let attachment_bodies = std::mem::take(&mut body.attachments);
+    let request = validate(&state, location_id, user_id, &headers, body)?;
+    // Decoding up to 25 MB of base64 is work for a blocking thread.
+    let attachments = tokio::task::spawn_blocking(move || decode_attachments(attachment_bodies))
+        .await
+        .map_err(|e| ApiError::invalid(format!("attachments could not be decoded: {e}")))??;
+
+    let now = Utc::now();
+    let send_id = new_id("msg");
+    let mut draft = Draft {
+        send_id: send_id.clone(),
+        from: request.mailbox.address.clone(),
+        from_name: None,
+        to: request.to.clone(),
+        cc: request.cc.clone(),
+        bcc: request.bcc.clone(),
+        subject: String::new(),
+        text: request.text.clone(),
+        html: request.html.clone(),
+        attachments,
+        message_id: new_message_id(&request.mailbox.address),
+        in_reply_to: None,
+        references: Vec::new(),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let plan = thread_for_send(&state, &request, now)?;
+        let composed;
+        (draft, composed) = compose(&state, &request, plan, draft, now).await?;
+        match accept(&state, &request, &composed, now) {
+            Err(Accept::ThreadChanged) if attempt < MAX_THREAD_RETRIES => continue,
+            Err(Accept::ThreadChanged) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "thread_busy",
+                    "the conversation kept changing while the send was accepted; nothing was sent, retry",
+                ));
+            }
+            Err(Accept::Refused(error)) => return Err(error),
+            Ok(response) => return Ok(response),
+        }
+    }
+}
+
+/// Step 1: the request's fields, the integration, its mailbox and the contact.
+fn validate(
+    state: &AppState,
+    location_id: String,
+    user_id: String,
+    headers: &HeaderMap,
+    body: SendBody,
+) -> Result<ValidSend, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
     check_id("contact_id", &body.contact_id)?;
-    let idempotency_key = idempotency_key(&headers)?;
-
-    // Validation first: nothing is stored or sent for a refused request.
-    let subject_given = body.subject.clone();
-    if let Some(subject) = &subject_given {
+    let idempotency_key = idempotency_key(headers)?;
+    if let Some(subject) = &body.subject {
         no_line_breaks("subject", subject)?;
+    }
+    if let Some(reply_to) = &body.reply_to {
+        no_line_breaks("reply_to", reply_to)?;
     }
     let to_given = addresses("to", &body.to)?;
     let cc = addresses("cc", &body.cc)?;
@@ -118,7 +191,11 @@ pub async fn send(
     if body.text.is_none() && body.html.is_none() {
         return Err(ApiError::invalid("text or html is required"));
     }
-    let attachments = decode_attachments(std::mem::take(&mut body.attachments))?;
+    if body.subject.is_none() && body.reply_to.is_none() {
+        return Err(ApiError::invalid(
+            "subject is required for a new conversation",
+        ));
+    }
 
     let not_connected = || {
         ApiError::not_found(format!(
@@ -163,112 +240,107 @@ pub async fn send(
     } else {
         to_given
     };
+    Ok(ValidSend {
+        location_id,
+        user_id,
+        mailbox,
+        contact,
+        to,
+        cc,
+        bcc,
+        subject: body.subject,
+        reply_to: body.reply_to,
+        text: body.text,
+        html: body.html,
+        idempotency_key,
+    })
+}
 
-    // Threading (R6, R12, R13).
-    let now = Utc::now();
-    let route = ThreadRoute {
-        location_id: location_id.clone(),
-        user_id: user_id.clone(),
-        contact_id: contact.id.clone(),
-    };
-    let ThreadPlan {
-        mut thread,
-        in_reply_to,
-        references,
-        detached,
-    } = thread_for_send(
-        &state,
-        &mailbox.address,
-        body.reply_to.as_deref(),
-        &route,
-        now,
-    )?;
-    let subject = match (subject_given, &body.reply_to) {
-        (Some(subject), _) => subject,
-        (None, Some(_)) => reply_subject(thread.subject.as_deref().unwrap_or("")),
-        (None, None) => {
-            return Err(ApiError::invalid(
-                "subject is required for a new conversation",
-            ));
-        }
-    };
-    let message_id = new_message_id(&mailbox.address);
-    thread.remember(Some(&message_id), Some(&subject));
+/// A send ready to be accepted: its record, both copies, and its thread.
+struct Composed {
+    record: SendRecord,
+    submitted: Vec<u8>,
+    filed: Option<Vec<u8>>,
+    plan: ThreadPlan,
+}
 
-    let send_id = new_id("msg");
-    let draft = Draft {
-        send_id: send_id.clone(),
-        from: mailbox.address.clone(),
-        from_name: None,
-        to: to.clone(),
-        cc: cc.clone(),
-        bcc: bcc.clone(),
-        subject: subject.clone(),
-        text: body.text.clone(),
-        html: body.html.clone(),
-        attachments,
-        message_id: message_id.clone(),
-        in_reply_to: in_reply_to.clone(),
-        references: references.clone(),
+/// Step 3: the message itself, on a blocking thread (attachments are
+/// encoded), and the record of the send. The draft comes back for a retry.
+async fn compose(
+    state: &AppState,
+    request: &ValidSend,
+    mut plan: ThreadPlan,
+    mut draft: Draft,
+    now: DateTime<Utc>,
+) -> Result<(Draft, Composed), ApiError> {
+    let subject = match &request.subject {
+        Some(subject) => subject.clone(),
+        None => reply_subject(plan.thread.subject.as_deref().unwrap_or("")),
     };
-    // Numbered as the source's parts are, so the URLs serve these bytes.
-    let attachment_info: Vec<(String, String, usize)> = draft
-        .attachments
-        .iter()
-        .map(|a| (a.filename.clone(), a.content_type.clone(), a.bytes.len()))
-        .collect();
-    let (submitted, filed) = draft
-        .build()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    plan.thread
+        .remember(Some(&draft.message_id), Some(&subject));
+    draft.subject = subject.clone();
+    draft.in_reply_to = plan.in_reply_to.clone();
+    draft.references = plan.references.clone();
+    let (draft, built) = tokio::task::spawn_blocking(move || {
+        let built = draft.build();
+        (draft, built)
+    })
+    .await
+    .map_err(|e| ApiError::invalid(format!("the message could not be built: {e}")))?;
+    let (submitted, filed) = built.map_err(|e| ApiError::invalid(e.to_string()))?;
+
+    let send_id = draft.send_id.clone();
+    let mailbox = &request.mailbox.address;
     let as_address = |email: &String| EmailAddress {
         email: email.clone(),
         name: None,
     };
     let data = MessageEventData {
         id: send_id.clone(),
-        location_id: location_id.clone(),
-        user_id: user_id.clone(),
-        contact_id: contact.id.clone(),
-        thread_id: thread.id.clone(),
-        mailbox: mailbox.address.clone(),
+        location_id: request.location_id.clone(),
+        user_id: request.user_id.clone(),
+        contact_id: request.contact.id.clone(),
+        thread_id: plan.thread.id.clone(),
+        mailbox: mailbox.clone(),
         direction: Direction::Outbound,
         origin: Origin::Crm,
-        message_id: Some(message_id.clone()),
-        in_reply_to,
-        references,
-        from: Some(as_address(&mailbox.address)),
-        to: to.iter().map(as_address).collect(),
-        cc: cc.iter().map(as_address).collect(),
-        bcc: bcc.iter().map(as_address).collect(),
+        message_id: Some(draft.message_id.clone()),
+        in_reply_to: plan.in_reply_to.clone(),
+        references: plan.references.clone(),
+        from: Some(as_address(mailbox)),
+        to: request.to.iter().map(as_address).collect(),
+        cc: request.cc.iter().map(as_address).collect(),
+        bcc: request.bcc.iter().map(as_address).collect(),
         subject: Some(subject),
         date: Some(now),
-        text: body.text,
-        html: body.html,
-        attachments: attachment_info
-            .into_iter()
+        text: request.text.clone(),
+        html: request.html.clone(),
+        // Numbered as the source's parts are, so the URLs serve these bytes.
+        attachments: draft
+            .attachments
+            .iter()
             .enumerate()
-            .map(
-                |(index, (filename, content_type, size))| crate::model::AttachmentEventInfo {
-                    index,
-                    filename,
-                    content_type,
-                    size,
-                    url: format!(
-                        "{}/v1/messages/{send_id}/attachments/{index}",
-                        state.public_url
-                    ),
-                },
-            )
+            .map(|(index, a)| crate::model::AttachmentEventInfo {
+                index,
+                filename: a.filename.clone(),
+                content_type: a.content_type.clone(),
+                size: a.bytes.len(),
+                url: format!(
+                    "{}/v1/messages/{send_id}/attachments/{index}",
+                    state.public_url
+                ),
+            })
             .collect(),
     };
     let record = SendRecord {
         id: send_id.clone(),
-        location_id: location_id.clone(),
-        user_id: user_id.clone(),
-        contact_id: contact.id.clone(),
-        mailbox: mailbox.address.clone(),
-        thread_id: thread.id.clone(),
-        message_id: message_id.clone(),
+        location_id: request.location_id.clone(),
+        user_id: request.user_id.clone(),
+        contact_id: request.contact.id.clone(),
+        mailbox: mailbox.clone(),
+        thread_id: plan.thread.id.clone(),
+        message_id: draft.message_id.clone(),
         status: SendStatus::Queued,
         error: None,
         smtp_response: None,
@@ -276,55 +348,89 @@ pub async fn send(
         next_attempt_ms: 0,
         created_at: now,
         sent_at: None,
-        idempotency_key,
-        recipients: to.iter().chain(&cc).chain(&bcc).cloned().collect(),
+        idempotency_key: request.idempotency_key.clone(),
+        recipients: request
+            .to
+            .iter()
+            .chain(&request.cc)
+            .chain(&request.bcc)
+            .cloned()
+            .collect(),
         data,
         filed_in_sent: false,
         filing_attempts: 0,
         filing_abandoned: false,
         submitted_message_id: None,
     };
-    // Both copies reach the disk before the send is recorded as accepted.
-    let filed_path = state.store.raw_path(&send_id);
-    let submit_path = submit_copy_path(state.store.as_ref(), &send_id);
-    let written = crate::store::write_durably(&filed_path, filed.as_deref().unwrap_or(&submitted))
-        .and_then(|()| crate::store::write_durably(&submit_path, &submitted));
-    if let Err(err) = written {
-        let _ = std::fs::remove_file(&filed_path);
-        let _ = std::fs::remove_file(&submit_path);
-        return Err(crate::store::StoreError::Io(err).into());
-    }
+    Ok((
+        draft,
+        Composed {
+            record,
+            submitted,
+            filed,
+            plan,
+        },
+    ))
+}
+
+enum Accept {
+    /// The thread changed since it was read: plan again.
+    ThreadChanged,
+    Refused(ApiError),
+}
+
+/// Step 4: one commit records the send, its copies, its thread (with the
+/// pin, R13) and the pin's `thread.detached` events; then the queue wakes.
+fn accept(
+    state: &AppState,
+    request: &ValidSend,
+    composed: &Composed,
+    now: DateTime<Utc>,
+) -> Result<Response, Accept> {
+    let Composed {
+        record,
+        submitted,
+        filed,
+        plan,
+    } = composed;
+    let thread = &plan.thread;
+    let detached: Vec<Event> = plan
+        .detached
+        .iter()
+        .map(|r| Event {
+            id: new_id("evt"),
+            kind: "thread.detached".into(),
+            timestamp: now,
+            ordering_key: thread.id.clone(),
+            data: serde_json::json!({
+                "thread_id": thread.id,
+                "location_id": r.location_id,
+                "user_id": r.user_id,
+                "contact_id": r.contact_id,
+                "mailbox": request.mailbox.address,
+                "pinned_to_location_id": request.location_id,
+            }),
+        })
+        .collect();
     let acceptance = state.store.accept_send(
-        &record,
-        &thread,
-        mailbox.daily_send_limit,
+        &NewSend {
+            record,
+            submitted,
+            filed: filed.as_deref().unwrap_or(submitted),
+            thread,
+            thread_before: plan.thread_before.as_ref(),
+            events: &detached,
+        },
+        request.mailbox.daily_send_limit,
         now.timestamp_millis(),
     );
-    let answer = match acceptance {
+    match acceptance {
         Ok(SendAcceptance::Accepted) => {
-            let events: Vec<Event> = detached
-                .iter()
-                .map(|r| Event {
-                    id: new_id("evt"),
-                    kind: "thread.detached".into(),
-                    timestamp: now,
-                    ordering_key: thread.id.clone(),
-                    data: serde_json::json!({
-                        "thread_id": thread.id,
-                        "location_id": r.location_id,
-                        "user_id": r.user_id,
-                        "contact_id": r.contact_id,
-                        "mailbox": mailbox.address,
-                        "pinned_to_location_id": location_id,
-                    }),
-                })
-                .collect();
-            if !events.is_empty() {
-                state.store.enqueue(&events)?;
+            if !detached.is_empty() {
                 state.signal.notify();
             }
             state.send_signal.notify();
-            return Ok((StatusCode::ACCEPTED, Json(send_view(&record))).into_response());
+            Ok((StatusCode::ACCEPTED, Json(send_view(record))).into_response())
         }
         Ok(SendAcceptance::Repeat(first)) => {
             Ok((StatusCode::ACCEPTED, Json(send_view(&first))).into_response())
@@ -337,19 +443,16 @@ pub async fn send(
                 "daily_send_limit_reached",
                 format!(
                     "the mailbox {} reached its limit of {limit} sends per 24 hours; retry after {}",
-                    mailbox.address,
+                    request.mailbox.address,
                     retry_at.to_rfc3339()
                 ),
             );
             error.retry_after_secs = Some(retry_after);
-            Err(error)
+            Err(Accept::Refused(error))
         }
-        Err(err) => Err(err.into()),
-    };
-    // Not accepted: the copies are not needed.
-    let _ = std::fs::remove_file(&filed_path);
-    let _ = std::fs::remove_file(&submit_path);
-    answer
+        Err(StoreError::ThreadChanged) => Err(Accept::ThreadChanged),
+        Err(err) => Err(Accept::Refused(err.into())),
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -407,37 +510,43 @@ fn decode_attachments(bodies: Vec<AttachmentBody>) -> Result<Vec<DraftAttachment
 /// The thread a send belongs to, and what its headers say about it.
 struct ThreadPlan {
     thread: Thread,
+    /// The thread as it was read; None for a new one.
+    thread_before: Option<Thread>,
     in_reply_to: Option<String>,
     references: Vec<String>,
     /// Conversations that stop receiving the thread (R13).
     detached: Vec<ThreadRoute>,
 }
 
-/// R6, R12, R13: a new thread bound to the sending location, or the thread
-/// `reply_to` names (a thread id or a Message-ID), pinned to this location.
+/// Step 2 (R6, R12, R13): a new thread bound to the sending location, or the
+/// thread `reply_to` names (a thread id or a Message-ID), pinned to this location.
 fn thread_for_send(
     state: &AppState,
-    mailbox: &str,
-    reply_to: Option<&str>,
-    route: &ThreadRoute,
+    request: &ValidSend,
     now: DateTime<Utc>,
 ) -> Result<ThreadPlan, ApiError> {
-    let Some(reply_to) = reply_to else {
+    let mailbox = request.mailbox.address.as_str();
+    let route = ThreadRoute {
+        location_id: request.location_id.clone(),
+        user_id: request.user_id.clone(),
+        contact_id: request.contact.id.clone(),
+    };
+    let Some(reply_to) = request.reply_to.as_deref() else {
         return Ok(ThreadPlan {
             thread: Thread {
                 id: new_id("thr"),
                 mailbox: mailbox.to_string(),
-                routes: vec![route.clone()],
+                routes: vec![route],
                 created_at: now,
                 message_ids: Vec::new(),
                 subject: None,
             },
+            thread_before: None,
             in_reply_to: None,
             references: Vec::new(),
             detached: Vec::new(),
         });
     };
-    no_line_breaks("reply_to", reply_to)?;
     let found = match state
         .store
         .thread(reply_to)?
@@ -446,7 +555,7 @@ fn thread_for_send(
         Some(thread) => Some(thread),
         None => state.store.thread_of(mailbox, &[reply_to.to_string()])?,
     };
-    let mut thread = found.ok_or_else(|| {
+    let before = found.ok_or_else(|| {
         ApiError::not_found(format!(
             "reply_to: no thread or message {reply_to:?} in mailbox {mailbox}"
         ))
@@ -454,13 +563,15 @@ fn thread_for_send(
     let in_reply_to = if reply_to.starts_with('<') {
         Some(reply_to.to_string())
     } else {
-        thread.message_ids.last().cloned()
+        before.message_ids.last().cloned()
     };
-    let references = thread.message_ids.clone();
-    let (kept, detached) = routing::r13_pin_thread(&thread.routes, route);
+    let references = before.message_ids.clone();
+    let (kept, detached) = routing::r13_pin_thread(&before.routes, &route);
+    let mut thread = before.clone();
     thread.routes = kept;
     Ok(ThreadPlan {
         thread,
+        thread_before: Some(before),
         in_reply_to,
         references,
         detached,
@@ -490,20 +601,25 @@ pub async fn get(
     Ok(Json(send_view(&send)))
 }
 
-fn read_raw(state: &AppState, id: &str) -> Result<Vec<u8>, ApiError> {
+async fn read_raw(state: &AppState, id: &str) -> Result<Vec<u8>, ApiError> {
     check_id("id", id)?;
-    std::fs::read(state.store.raw_path(id)).map_err(|_| {
-        ApiError::not_found(format!(
-            "no stored source for message {id:?} (unknown, or removed by retention)"
-        ))
-    })
+    let store = state.store.clone();
+    let record_id = id.to_string();
+    tokio::task::spawn_blocking(move || store.message_source(&record_id, SourceCopy::Filed))
+        .await
+        .map_err(|e| StoreError::Engine(format!("reading the message source stopped: {e}")))??
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no stored source for message {id:?} (unknown, or removed by retention)"
+            ))
+        })
 }
 
 pub async fn raw(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let raw = read_raw(&state, &id)?;
+    let raw = read_raw(&state, &id).await?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], Body::from(raw)).into_response())
 }
 
@@ -511,7 +627,7 @@ pub async fn attachment(
     State(state): State<AppState>,
     ApiPath((id, index)): ApiPath<(String, usize)>,
 ) -> Result<Response, ApiError> {
-    let raw = read_raw(&state, &id)?;
+    let raw = read_raw(&state, &id).await?;
     let (filename, content_type, bytes) =
         tokio::task::spawn_blocking(move || crate::mime::attachment(&raw, index))
             .await

@@ -79,6 +79,15 @@ impl FolderWatcher {
                 Err(SessionError::Connect(ConnectError::Disconnected)) => {
                     return WatchEnd::Cancelled;
                 }
+                Err(SessionError::Store(crate::store::StoreError::CursorMoved)) => {
+                    // This watcher's view is stale: the mailbox was disconnected
+                    // (and perhaps connected again with a new baseline).
+                    if !matches!(self.ctx.store.mailbox(&self.address), Ok(Some(_))) {
+                        return WatchEnd::Cancelled;
+                    }
+                    tracing::info!(mailbox = %self.address, folder = self.role.as_str(), "the folder's cursor was moved by a reconnect; starting again from it");
+                    continue;
+                }
                 Err(err) => err,
             };
             let mut wait = backoff::delay(
@@ -167,7 +176,9 @@ impl FolderWatcher {
                 let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
                 tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: resuming at the folder's end (no record of when the cursor last moved)", old.uid_validity);
                 let fresh = FolderCursor::new(uid_validity, next_uid);
-                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                self.ctx
+                    .store
+                    .set_cursor(address, self.role, Some(old), fresh)?;
                 fresh
             }
             Some(old) => {
@@ -193,14 +204,16 @@ impl FolderWatcher {
                 };
                 tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: reading again the {} messages received since {since}", old.uid_validity, found.len());
                 let fresh = FolderCursor::new(uid_validity, start);
-                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                self.ctx
+                    .store
+                    .set_cursor(address, self.role, Some(old), fresh)?;
                 fresh
             }
             None => {
                 // The first session: start at the present, never backfill (R2).
                 let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
                 let fresh = FolderCursor::new(uid_validity, next_uid);
-                self.ctx.store.set_cursor(address, self.role, fresh)?;
+                self.ctx.store.set_cursor(address, self.role, None, fresh)?;
                 fresh
             }
         };
@@ -412,6 +425,7 @@ impl FolderWatcher {
                     folder: self.role,
                     uid_validity: cursor.uid_validity,
                     uid: *uid,
+                    cursor: *cursor,
                     received_at: received.get(uid).copied(),
                 };
                 match bodies.remove(uid) {

@@ -11,11 +11,13 @@ use crate::model::{
     MessageEventData, SendRecord, Thread,
 };
 
+pub mod message_files;
 pub mod secret_box;
 pub mod sled_store;
 #[cfg(test)]
 mod suite;
 
+pub use message_files::{SourceCopy, write_durably};
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,23 +34,19 @@ pub enum StoreError {
     /// (another folder's watcher committed it first). Nothing was stored.
     #[error("the message was already forwarded to an integration")]
     AlreadySynced,
+    /// A thread the change was computed from was changed meanwhile (an
+    /// ingest and a CRM send on one conversation): nothing was stored; read
+    /// it again and redo the change.
+    #[error("the thread changed meanwhile")]
+    ThreadChanged,
+    /// The folder's cursor is not where the writer left it: another sync of
+    /// the folder moved it, or the mailbox was disconnected. Nothing was
+    /// stored; the writer is stale and stops.
+    #[error("the folder's cursor moved meanwhile (mailbox disconnected or synced elsewhere)")]
+    CursorMoved,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
-
-/// Writes a file so that it survives a crash once this returns: the file's
-/// bytes and its directory entry are both synced (a synced file whose new
-/// name is not is lost with the name).
-pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    if let Some(directory) = path.parent() {
-        std::fs::File::open(directory)?.sync_all()?;
-    }
-    Ok(())
-}
 
 /// One message's effect, committed atomically: where the folder's cursor moves,
 /// the thread it joins or starts, and the events it produces. Either all of it
@@ -57,7 +55,14 @@ pub fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
 pub struct IngestCommit {
     pub mailbox: String,
     pub folder: FolderRole,
+    /// Where the cursor stood when the message was read (compared by
+    /// UIDVALIDITY and next UID): a stale watcher never moves it.
+    pub cursor_before: FolderCursor,
     pub cursor: FolderCursor,
+    /// The thread keys looked up, and the thread they led to then: the
+    /// routing decision holds only if they still lead there.
+    pub thread_keys_seen: Vec<String>,
+    pub thread_seen: Option<Thread>,
     pub thread: Option<Thread>,
     /// Message ids to file under `thread` in the thread index.
     pub message_ids: Vec<String>,
@@ -67,6 +72,20 @@ pub struct IngestCommit {
     /// The message's identity (see `Store::synced_to`) and the integrations
     /// (location, user) that now have it.
     pub synced: Option<(String, Vec<(String, String)>)>,
+}
+
+/// A CRM send to accept: its record, its two copies, and the thread it
+/// starts or pins (R12, R13) with the `thread.detached` events that pin causes.
+pub struct NewSend<'a> {
+    pub record: &'a SendRecord,
+    /// As handed to the SMTP server.
+    pub submitted: &'a [u8],
+    /// As filed in Sent and served by `/raw` (with Bcc).
+    pub filed: &'a [u8],
+    pub thread: &'a Thread,
+    /// The thread as it was read (None for a new one): accepted only if unchanged.
+    pub thread_before: Option<&'a Thread>,
+    pub events: &'a [Event],
 }
 
 /// What became of a send the CRM asked for.
@@ -212,15 +231,23 @@ pub trait Store: Send + Sync + 'static {
 
     // --- sync state
     fn cursor(&self, mailbox: &str, folder: FolderRole) -> StoreResult<Option<FolderCursor>>;
+    /// Moves a folder's cursor if it still stands at `expected` (UIDVALIDITY
+    /// and next UID), or, with `None`, places the first one while the
+    /// mailbox is connected. Otherwise `StoreError::CursorMoved`.
     fn set_cursor(
         &self,
         mailbox: &str,
         folder: FolderRole,
+        expected: Option<FolderCursor>,
         cursor: FolderCursor,
     ) -> StoreResult<()>;
     /// The synced thread that one of these message ids belongs to, trying them in order.
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
-    fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()>;
+    /// Commits a message's effect, its `source` (kept as the filed copy of
+    /// the history record) written first. Checks the cursor and thread the
+    /// commit was computed from (`StoreError::CursorMoved`, `ThreadChanged`)
+    /// and the synced set (`AlreadySynced`); on any of them nothing is kept.
+    fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()>;
     /// Of `integrations` (location, user), those that already received the
     /// message with this identity (see `ingest::message_identity`), wherever
     /// and under whatever UID it was found: a message moved out and back, or
@@ -251,18 +278,20 @@ pub trait Store: Send + Sync + 'static {
 
     // --- CRM sends (R5, R14, R21)
     /// Checks the idempotency key and the mailbox's daily limit and, when both
-    /// allow, records the send (queued), its quota use, its idempotency key and
-    /// its thread (so a reply threads before the message even leaves), at once.
+    /// allow, records the send (queued) with its copies, its quota use, its
+    /// idempotency key, its thread (so a reply threads before the message
+    /// even leaves) and its events, at once. `StoreError::ThreadChanged`
+    /// when the thread is no longer `thread_before`.
     fn accept_send(
         &self,
-        send: &SendRecord,
-        thread: &Thread,
+        send: &NewSend<'_>,
         daily_limit: Option<u32>,
         now_ms: i64,
     ) -> StoreResult<SendAcceptance>;
     fn send(&self, id: &str) -> StoreResult<Option<SendRecord>>;
     /// Stores a send's new state and queues `events` with it. A send that
-    /// failed for good gives its quota back.
+    /// failed for good gives its quota back; one that can no longer be
+    /// submitted (sent or failed) loses its submission copy.
     fn update_send(&self, send: &SendRecord, events: &[Event]) -> StoreResult<()>;
     /// Records a queued send as `submitting`, if it is still queued and its
     /// integration still sends from its mailbox; otherwise changes nothing
@@ -287,8 +316,11 @@ pub trait Store: Send + Sync + 'static {
         before_ms: Option<i64>,
         limit: usize,
     ) -> StoreResult<Vec<MessageEventData>>;
-    /// Where the raw source of a synced or sent message is kept.
-    fn raw_path(&self, message_record_id: &str) -> std::path::PathBuf;
+    /// A copy of a synced or sent message's source, if it is (still) kept.
+    fn message_source(&self, record_id: &str, copy: SourceCopy) -> StoreResult<Option<Vec<u8>>>;
+    /// Removes filed sources older than `older_than` (not the copies of
+    /// sends still to be submitted); returns how many.
+    fn prune_message_sources(&self, older_than: std::time::Duration) -> StoreResult<usize>;
 
     // --- small settings (the generated API key's hash, …)
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;

@@ -11,8 +11,9 @@ use sled::{
 };
 
 use super::{
-    DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, OutboxEntry, QUOTA_WINDOW_MS,
-    Replay, SendAcceptance, Store, StoreError, StoreResult, secret_box::SecretBox,
+    DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, NewSend, OutboxEntry,
+    QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError, StoreResult,
+    message_files::MessageFiles, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
@@ -75,7 +76,7 @@ pub struct SledStore {
     /// location \0 user \0 identity → message record id.
     synced: sled::Tree,
     secrets: SecretBox,
-    raw_messages: PathBuf,
+    sources: MessageFiles,
     bodies: PathBuf,
     /// Connect and disconnect read the mailbox's other integrations before they
     /// write; one at a time keeps that read true.
@@ -184,8 +185,7 @@ impl SledStore {
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
         let bodies = path.join("event-bodies");
         std::fs::create_dir_all(&bodies)?;
-        let raw_messages = path.join("messages");
-        std::fs::create_dir_all(&raw_messages)?;
+        let sources = MessageFiles::open(path.join("messages"))?;
         let tree = |name: &str| db.open_tree(name);
         Ok(Self {
             contacts: tree("contacts")?,
@@ -206,7 +206,7 @@ impl SledStore {
             crm_message_ids: tree("crm_message_ids")?,
             history: tree("history")?,
             synced: tree("synced")?,
-            raw_messages,
+            sources,
             db,
             secrets,
             bodies,
@@ -325,6 +325,87 @@ impl SledStore {
         }
     }
 
+    /// `accept_send`'s checks and its one commit.
+    fn record_send(
+        &self,
+        new: &NewSend<'_>,
+        daily_limit: Option<u32>,
+        now_ms: i64,
+    ) -> StoreResult<SendAcceptance> {
+        let send = new.record;
+        let thread = new.thread;
+        let outbox_values = self.stored_entries(new.events)?;
+        // Checks and writes happen under one lock so two concurrent requests
+        // cannot both take the last unit of quota or both claim one key.
+        let _one_at_a_time = self.one_at_a_time();
+        let idempotency_key = send
+            .idempotency_key
+            .as_ref()
+            .map(|k| key(&[&send.location_id, &send.user_id, k]));
+        if let Some(k) = &idempotency_key
+            && let Some(existing) = self.idempotency.get(k).map_err(engine)?
+        {
+            let entry: IdempotencyEntry = decode(&existing)?;
+            if now_ms - entry.created_ms < IDEMPOTENCY_WINDOW_MS
+                && let Some(first) = self.send(&entry.send_id)?
+            {
+                return Ok(SendAcceptance::Repeat(Box::new(first)));
+            }
+        }
+        if let Some(limit) = daily_limit {
+            let (used, oldest) = self.quota_use(&send.mailbox, now_ms)?;
+            if used >= limit {
+                return Ok(SendAcceptance::LimitReached {
+                    retry_at_ms: oldest.map_or(now_ms, |t| t + QUOTA_WINDOW_MS),
+                    limit,
+                });
+            }
+        }
+        let send_value = encode(send)?;
+        let thread_value = encode(thread)?;
+        let idempotency_value = encode(&IdempotencyEntry {
+            send_id: send.id.clone(),
+            created_ms: now_ms,
+        })?;
+        let quota_key = timed_key(&[&send.mailbox], now_ms, &send.id);
+        let message_key = key(&[&send.mailbox, &send.message_id]);
+        let unsettled_key = unsettled_key(send);
+        (
+            &self.sends,
+            &self.idempotency,
+            &self.quota,
+            &self.threads,
+            &self.thread_keys,
+            &self.crm_message_ids,
+            &self.unsettled,
+            &self.outbox,
+        )
+            .transaction(
+                |(sends, idempotency, quota, threads, thread_keys, crm_ids, unsettled, outbox)| {
+                    // R12/R13: the pin holds only over the thread as it was read.
+                    if thread_tx(threads, thread.id.as_bytes())?.as_ref() != new.thread_before {
+                        return Err(ConflictableTransactionError::Abort(
+                            StoreError::ThreadChanged,
+                        ));
+                    }
+                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
+                    unsettled.insert(unsettled_key.as_slice(), send.id.as_bytes())?;
+                    if let Some(k) = &idempotency_key {
+                        idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
+                    }
+                    quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
+                    threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
+                    thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
+                    crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
+                    Self::put_outbox_tx(outbox, &outbox_values)?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                },
+            )
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(SendAcceptance::Accepted)
+    }
+
     fn put_outbox_tx(
         outbox: &TransactionalTree,
         values: &[Vec<u8>],
@@ -335,6 +416,50 @@ impl SledStore {
         }
         Ok(())
     }
+}
+
+/// The thread the keys lead to now, read inside a transaction.
+fn thread_of_tx(
+    threads: &TransactionalTree,
+    thread_keys: &TransactionalTree,
+    mailbox: &str,
+    message_ids: &[String],
+) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
+    for message_id in message_ids {
+        if let Some(thread_id) = thread_keys.get(key(&[mailbox, message_id]))? {
+            return thread_tx(threads, &thread_id);
+        }
+    }
+    Ok(None)
+}
+
+fn thread_tx(
+    threads: &TransactionalTree,
+    thread_id: &[u8],
+) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
+    match threads.get(thread_id)? {
+        Some(value) => decode(&value)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
+        None => Ok(None),
+    }
+}
+
+/// Whether a stored cursor stands where a writer expects: same UIDVALIDITY
+/// and next UID (when it last moved does not matter).
+fn cursor_stands_at(
+    cursors: &TransactionalTree,
+    at: &[u8],
+    expected: &FolderCursor,
+) -> Result<bool, ConflictableTransactionError<StoreError>> {
+    Ok(match cursors.get(at)? {
+        Some(value) => {
+            let stored: FolderCursor =
+                decode(&value).map_err(ConflictableTransactionError::Abort)?;
+            stored.uid_validity == expected.uid_validity && stored.next_uid == expected.next_uid
+        }
+        None => false,
+    })
 }
 
 impl Store for SledStore {
@@ -526,6 +651,9 @@ impl Store for SledStore {
             )
             .map_err(tx_error)?;
         self.flush()?;
+        for (id, _, _) in &failed_values {
+            self.sources.remove(id, SourceCopy::Submission);
+        }
         Ok(released)
     }
 
@@ -732,11 +860,27 @@ impl Store for SledStore {
         &self,
         mailbox: &str,
         folder: FolderRole,
+        expected: Option<FolderCursor>,
         cursor: FolderCursor,
     ) -> StoreResult<()> {
-        self.cursors
-            .insert(cursor_key(mailbox, folder), encode(&cursor)?)
-            .map_err(engine)?;
+        let at = cursor_key(mailbox, folder);
+        let value = encode(&cursor)?;
+        (&self.cursors, &self.mailboxes)
+            .transaction(|(cursors, mailboxes)| {
+                let stands = match &expected {
+                    Some(expected) => cursor_stands_at(cursors, &at, expected)?,
+                    None => {
+                        cursors.get(at.as_slice())?.is_none()
+                            && mailboxes.get(mailbox.as_bytes())?.is_some()
+                    }
+                };
+                if !stands {
+                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                }
+                cursors.insert(at.as_slice(), value.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
         self.flush()
     }
 
@@ -754,7 +898,7 @@ impl Store for SledStore {
         Ok(None)
     }
 
-    fn commit_ingest(&self, commit: &IngestCommit) -> StoreResult<()> {
+    fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()> {
         let cursor_value = encode(&commit.cursor)?;
         let thread_value = commit.thread.as_ref().map(encode).transpose()?;
         let outbox_values = self.stored_entries(&commit.events)?;
@@ -777,7 +921,15 @@ impl Store for SledStore {
                 .collect(),
             None => Vec::new(),
         };
-        (
+        // Written (and synced to disk) before the commit that makes it reachable.
+        let source_kept = match source {
+            Some(bytes) if !record_id.is_empty() => {
+                self.sources.write(&record_id, SourceCopy::Filed, bytes)?;
+                true
+            }
+            _ => false,
+        };
+        let committed = (
             &self.cursors,
             &self.threads,
             &self.thread_keys,
@@ -786,6 +938,21 @@ impl Store for SledStore {
             &self.synced,
         )
             .transaction(|(cursors, threads, thread_keys, outbox, history, synced)| {
+                if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
+                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                }
+                if commit.thread.is_some()
+                    && thread_of_tx(
+                        threads,
+                        thread_keys,
+                        &commit.mailbox,
+                        &commit.thread_keys_seen,
+                    )? != commit.thread_seen
+                {
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::ThreadChanged,
+                    ));
+                }
                 // Checked inside the commit: two folders' watchers may race
                 // with the same message.
                 for k in &synced_keys {
@@ -809,7 +976,11 @@ impl Store for SledStore {
                 Self::put_outbox_tx(outbox, &outbox_values)?;
                 Ok(())
             })
-            .map_err(tx_error)?;
+            .map_err(tx_error);
+        if committed.is_err() && source_kept {
+            self.sources.remove(&record_id, SourceCopy::Filed);
+        }
+        committed?;
         self.flush()
     }
 
@@ -987,72 +1158,28 @@ impl Store for SledStore {
 
     fn accept_send(
         &self,
-        send: &SendRecord,
-        thread: &Thread,
+        new: &NewSend<'_>,
         daily_limit: Option<u32>,
         now_ms: i64,
     ) -> StoreResult<SendAcceptance> {
-        // Checks and writes happen under one lock so two concurrent requests
-        // cannot both take the last unit of quota or both claim one key.
-        let _one_at_a_time = self.one_at_a_time();
-        let idempotency_key = send
-            .idempotency_key
-            .as_ref()
-            .map(|k| key(&[&send.location_id, &send.user_id, k]));
-        if let Some(k) = &idempotency_key
-            && let Some(existing) = self.idempotency.get(k).map_err(engine)?
-        {
-            let entry: IdempotencyEntry = decode(&existing)?;
-            if now_ms - entry.created_ms < IDEMPOTENCY_WINDOW_MS
-                && let Some(first) = self.send(&entry.send_id)?
-            {
-                return Ok(SendAcceptance::Repeat(Box::new(first)));
-            }
+        let send = new.record;
+        // Both copies reach the disk before the send is recorded as accepted.
+        let written = self
+            .sources
+            .write(&send.id, SourceCopy::Filed, new.filed)
+            .and_then(|()| {
+                self.sources
+                    .write(&send.id, SourceCopy::Submission, new.submitted)
+            });
+        let accepted = written
+            .map_err(StoreError::from)
+            .and_then(|()| self.record_send(new, daily_limit, now_ms));
+        if !matches!(accepted, Ok(SendAcceptance::Accepted)) {
+            // Not accepted: the copies are not needed.
+            self.sources.remove(&send.id, SourceCopy::Filed);
+            self.sources.remove(&send.id, SourceCopy::Submission);
         }
-        if let Some(limit) = daily_limit {
-            let (used, oldest) = self.quota_use(&send.mailbox, now_ms)?;
-            if used >= limit {
-                return Ok(SendAcceptance::LimitReached {
-                    retry_at_ms: oldest.map_or(now_ms, |t| t + QUOTA_WINDOW_MS),
-                    limit,
-                });
-            }
-        }
-        let send_value = encode(send)?;
-        let thread_value = encode(thread)?;
-        let idempotency_value = encode(&IdempotencyEntry {
-            send_id: send.id.clone(),
-            created_ms: now_ms,
-        })?;
-        let quota_key = timed_key(&[&send.mailbox], now_ms, &send.id);
-        let message_key = key(&[&send.mailbox, &send.message_id]);
-        let unsettled_key = unsettled_key(send);
-        (
-            &self.sends,
-            &self.idempotency,
-            &self.quota,
-            &self.threads,
-            &self.thread_keys,
-            &self.crm_message_ids,
-            &self.unsettled,
-        )
-            .transaction(
-                |(sends, idempotency, quota, threads, thread_keys, crm_ids, unsettled)| {
-                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
-                    unsettled.insert(unsettled_key.as_slice(), send.id.as_bytes())?;
-                    if let Some(k) = &idempotency_key {
-                        idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
-                    }
-                    quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
-                    threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
-                    thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
-                    crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                },
-            )
-            .map_err(tx_error)?;
-        self.flush()?;
-        Ok(SendAcceptance::Accepted)
+        accepted
     }
 
     fn send(&self, id: &str) -> StoreResult<Option<SendRecord>> {
@@ -1090,14 +1217,8 @@ impl Store for SledStore {
         // Online) joins the thread index and the CRM's own ids, so the reply
         // threads and the copy in Sent is not taken for the user's own mail.
         let message_key = key(&[&send.mailbox, &send.message_id]);
-        let adopted_thread = match (&send.submitted_message_id, send.status) {
-            (Some(_), SendStatus::Sent) => self.thread(&send.thread_id)?.map(|mut thread| {
-                thread.remember(Some(&send.message_id), None);
-                thread
-            }),
-            _ => None,
-        };
-        let adopted_thread_value = adopted_thread.as_ref().map(encode).transpose()?;
+        let adopts_message_id =
+            send.submitted_message_id.is_some() && send.status == SendStatus::Sent;
         (
             &self.sends,
             &self.outbox,
@@ -1110,8 +1231,14 @@ impl Store for SledStore {
         )
             .transaction(
                 |(sends, outbox, history, quota, unsettled, threads, thread_keys, crm_ids)| {
-                    if let Some(value) = &adopted_thread_value {
-                        threads.insert(send.thread_id.as_bytes(), value.as_slice())?;
+                    // Read and changed in the one commit, so an ingest or a
+                    // pin on the thread meanwhile is not undone.
+                    if adopts_message_id
+                        && let Some(mut thread) = thread_tx(threads, send.thread_id.as_bytes())?
+                    {
+                        thread.remember(Some(&send.message_id), None);
+                        let value = encode(&thread).map_err(ConflictableTransactionError::Abort)?;
+                        threads.insert(send.thread_id.as_bytes(), value)?;
                         thread_keys.insert(message_key.as_slice(), send.thread_id.as_bytes())?;
                         crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
                     }
@@ -1130,7 +1257,11 @@ impl Store for SledStore {
                 },
             )
             .map_err(tx_error)?;
-        self.flush()
+        self.flush()?;
+        if matches!(send.status, SendStatus::Sent | SendStatus::Failed) {
+            self.sources.remove(&send.id, SourceCopy::Submission);
+        }
+        Ok(())
     }
 
     fn claim_send(&self, send: &SendRecord) -> StoreResult<bool> {
@@ -1230,12 +1361,12 @@ impl Store for SledStore {
         Ok(found)
     }
 
-    fn raw_path(&self, message_record_id: &str) -> PathBuf {
-        let safe: String = message_record_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-            .collect();
-        self.raw_messages.join(format!("{safe}.eml"))
+    fn message_source(&self, record_id: &str, copy: SourceCopy) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.sources.read(record_id, copy)?)
+    }
+
+    fn prune_message_sources(&self, older_than: std::time::Duration) -> StoreResult<usize> {
+        Ok(self.sources.prune(older_than))
     }
 
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {

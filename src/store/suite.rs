@@ -48,6 +48,29 @@ fn mailbox(address: &str) -> Mailbox {
     }
 }
 
+/// Accepts a send over the thread as the store now holds it.
+fn accept(
+    store: &dyn Store,
+    record: &SendRecord,
+    thread: &Thread,
+    daily_limit: Option<u32>,
+    now_ms: i64,
+) -> StoreResult<SendAcceptance> {
+    let before = store.thread(&thread.id).unwrap();
+    store.accept_send(
+        &NewSend {
+            record,
+            submitted: b"submitted copy",
+            filed: b"filed copy",
+            thread,
+            thread_before: before.as_ref(),
+            events: &[],
+        },
+        daily_limit,
+        now_ms,
+    )
+}
+
 fn integration(location: &str, user: &str, mailbox: &str) -> Integration {
     Integration {
         location_id: location.into(),
@@ -180,7 +203,7 @@ fn update_email_moves_the_integration() {
         queued.mailbox = "old@x.test".into();
         let mut thread = send_thread();
         thread.mailbox = "old@x.test".into();
-        store.accept_send(&queued, &thread, None, 0).unwrap();
+        accept(store.as_ref(), &queued, &thread, None, 0).unwrap();
         let mut failed = queued.clone();
         let failed_event = crate::send_queue::failed(&mut failed, "moved".into());
         let released = store
@@ -236,10 +259,22 @@ fn ingest_commits_cursor_thread_and_events_together() {
             message_ids: vec!["<a@x>".into()],
             subject: None,
         };
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, FolderCursor::new(1, 7))],
+                &[],
+                &[],
+            )
+            .unwrap();
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
             folder: FolderRole::Inbox,
+            cursor_before: FolderCursor::new(1, 7),
             cursor: FolderCursor::new(1, 8),
+            thread_keys_seen: vec!["<a@x>".into()],
+            thread_seen: None,
             thread: Some(thread.clone()),
             message_ids: vec!["<a@x>".into()],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
@@ -248,7 +283,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
         };
         let l1u1 = vec![("L1".to_string(), "u1".to_string())];
         assert!(store.synced_to("<a@x>", &l1u1).unwrap().is_empty());
-        store.commit_ingest(&commit).unwrap();
+        store.commit_ingest(&commit, None).unwrap();
         assert_eq!(
             store.synced_to("<a@x>", &l1u1).unwrap(),
             vec![("L1".to_string(), "u1".to_string())],
@@ -259,9 +294,14 @@ fn ingest_commits_cursor_thread_and_events_together() {
             "no prefix match"
         );
         let mut again = commit.clone();
+        again.cursor_before = FolderCursor::new(1, 8);
         again.cursor = FolderCursor::new(1, 9);
+        again.thread_seen = Some(thread.clone());
         assert!(
-            matches!(store.commit_ingest(&again), Err(StoreError::AlreadySynced)),
+            matches!(
+                store.commit_ingest(&again, None),
+                Err(StoreError::AlreadySynced)
+            ),
             "a second commit of the message for the same integration is refused whole"
         );
         assert_eq!(
@@ -428,9 +468,14 @@ fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
     for (_dir, store) in engines() {
         let now = Utc::now().timestamp_millis();
         let accept = |id: &str, key: Option<&str>| {
-            store
-                .accept_send(&send_record(id, key), &send_thread(), Some(2), now)
-                .unwrap()
+            accept(
+                store.as_ref(),
+                &send_record(id, key),
+                &send_thread(),
+                Some(2),
+                now,
+            )
+            .unwrap()
         };
         assert_eq!(accept("msg_1", Some("k")), SendAcceptance::Accepted);
         match accept("msg_dup", Some("k")) {
@@ -695,7 +740,7 @@ fn a_disconnect_forgets_what_the_integration_received() {
             .connect(
                 &mailbox("me@x.test"),
                 &integration("L1", "u1", "me@x.test"),
-                &[],
+                &[(FolderRole::Inbox, FolderCursor::new(1, 1))],
                 &[],
                 &[],
             )
@@ -703,17 +748,330 @@ fn a_disconnect_forgets_what_the_integration_received() {
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
             folder: FolderRole::Inbox,
+            cursor_before: FolderCursor::new(1, 1),
             cursor: FolderCursor::new(1, 2),
+            thread_keys_seen: vec![],
+            thread_seen: None,
             thread: None,
             message_ids: vec![],
             events: vec![],
             history: vec![],
             synced: Some(("<a@x>|f".into(), vec![("L1".into(), "u1".into())])),
         };
-        store.commit_ingest(&commit).unwrap();
+        store.commit_ingest(&commit, None).unwrap();
         let l1u1 = vec![("L1".to_string(), "u1".to_string())];
         assert_eq!(store.synced_to("<a@x>|f", &l1u1).unwrap().len(), 1);
         store.disconnect("L1", "u1", &[]).unwrap();
         assert!(store.synced_to("<a@x>|f", &l1u1).unwrap().is_empty());
+    }
+}
+
+fn l1_thread(routes_to: &str, message_ids: &[&str]) -> Thread {
+    Thread {
+        id: "thr_c".into(),
+        mailbox: "me@x.test".into(),
+        routes: vec![ThreadRoute {
+            location_id: routes_to.into(),
+            user_id: "u1".into(),
+            contact_id: "c1".into(),
+        }],
+        created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        message_ids: message_ids.iter().map(|m| m.to_string()).collect(),
+        subject: None,
+    }
+}
+
+fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> IngestCommit {
+    IngestCommit {
+        mailbox: "me@x.test".into(),
+        folder: FolderRole::Inbox,
+        cursor_before: before,
+        cursor: FolderCursor::new(before.uid_validity, before.next_uid + 1),
+        thread_keys_seen: vec!["<b@x>".into(), "<a@x>".into()],
+        thread_seen: seen,
+        thread: Some(thread),
+        message_ids: vec!["<b@x>".into()],
+        events: vec![event("evt_i", "thr_c", serde_json::json!({"n": 1}))],
+        history: vec![],
+        synced: None,
+    }
+}
+
+/// Issue 7 item 8: an ingest routed over a thread that a CRM send pinned
+/// meanwhile is refused whole, so the pin is not undone (R13).
+#[test]
+fn r13_an_ingest_over_a_thread_changed_meanwhile_is_refused_whole() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, start)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let first = l1_thread("L1", &["<a@x>"]);
+        store
+            .commit_ingest(&ingest_commit(start, None, first.clone()), None)
+            .unwrap();
+        let at_two = FolderCursor::new(1, 2);
+        // A CRM send pins the thread to L2 while the next message is routed
+        // over the thread as it was.
+        let mut pinned = l1_thread("L2", &["<a@x>", "<crm@x>"]);
+        pinned.routes[0].location_id = "L2".into();
+        let mut send = send_record("msg_pin", None);
+        send.thread_id = pinned.id.clone();
+        assert_eq!(
+            accept(store.as_ref(), &send, &pinned, None, 0).unwrap(),
+            SendAcceptance::Accepted
+        );
+        let stale = ingest_commit(at_two, Some(first.clone()), first.clone());
+        let outbox_before = store.outbox_len().unwrap();
+        assert!(matches!(
+            store.commit_ingest(&stale, Some(b"source")),
+            Err(StoreError::ThreadChanged)
+        ));
+        assert_eq!(
+            store.thread("thr_c").unwrap(),
+            Some(pinned.clone()),
+            "the pin holds"
+        );
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .unwrap()
+                .next_uid,
+            2
+        );
+        assert_eq!(
+            store.outbox_len().unwrap(),
+            outbox_before,
+            "no event queued"
+        );
+        // Routed again over the pinned thread, it commits.
+        let mut fresh_thread = pinned.clone();
+        fresh_thread.remember(Some("<b@x>"), None);
+        store
+            .commit_ingest(
+                &ingest_commit(at_two, Some(pinned), fresh_thread.clone()),
+                None,
+            )
+            .unwrap();
+        assert_eq!(store.thread("thr_c").unwrap(), Some(fresh_thread));
+    }
+}
+
+/// Issue 7 item 8: a send planned over a thread that an ingest changed
+/// meanwhile is not accepted; nothing of it is kept.
+#[test]
+fn r12_a_send_over_a_thread_changed_meanwhile_is_not_accepted() {
+    for (_dir, store) in engines() {
+        let stored = l1_thread("L1", &["<a@x>", "<b@x>"]);
+        let mut seed = send_record("msg_seed", None);
+        seed.thread_id = stored.id.clone();
+        accept(store.as_ref(), &seed, &stored, None, 0).unwrap();
+        let read_before = l1_thread("L1", &["<a@x>"]);
+        let mut pinned = read_before.clone();
+        pinned.routes[0].location_id = "L2".into();
+        let mut send = send_record("msg_late", None);
+        send.thread_id = pinned.id.clone();
+        let detached = [event(
+            "evt_d",
+            "thr_c",
+            serde_json::json!({"detached": true}),
+        )];
+        let outbox_before = store.outbox_len().unwrap();
+        let result = store.accept_send(
+            &NewSend {
+                record: &send,
+                submitted: b"s",
+                filed: b"f",
+                thread: &pinned,
+                thread_before: Some(&read_before),
+                events: &detached,
+            },
+            Some(10),
+            0,
+        );
+        assert!(matches!(result, Err(StoreError::ThreadChanged)));
+        assert_eq!(store.thread("thr_c").unwrap(), Some(stored.clone()));
+        assert!(store.send("msg_late").unwrap().is_none());
+        assert_eq!(
+            store.quota_use("me@x.test", 1).unwrap().0,
+            1,
+            "no quota taken"
+        );
+        assert_eq!(store.outbox_len().unwrap(), outbox_before);
+        for copy in [SourceCopy::Filed, SourceCopy::Submission] {
+            assert_eq!(store.message_source("msg_late", copy).unwrap(), None);
+        }
+        // Over the thread as it is, the send and its detach events are one commit.
+        let result = store.accept_send(
+            &NewSend {
+                record: &send,
+                submitted: b"s",
+                filed: b"f",
+                thread: &pinned,
+                thread_before: Some(&stored),
+                events: &detached,
+            },
+            Some(10),
+            0,
+        );
+        assert_eq!(result.unwrap(), SendAcceptance::Accepted);
+        assert_eq!(store.outbox_len().unwrap(), outbox_before + 1);
+        assert_eq!(
+            store
+                .message_source("msg_late", SourceCopy::Submission)
+                .unwrap()
+                .as_deref(),
+            Some(&b"s"[..])
+        );
+    }
+}
+
+/// Issue 7 item 8: a watcher still finishing after its mailbox was
+/// disconnected (and connected again) never moves the new cursor.
+#[test]
+fn a_stale_watcher_never_moves_a_cursor() {
+    for (_dir, store) in engines() {
+        let connect = |at: FolderCursor| {
+            store
+                .connect(
+                    &mailbox("me@x.test"),
+                    &integration("L1", "u1", "me@x.test"),
+                    &[(FolderRole::Inbox, at)],
+                    &[],
+                    &[],
+                )
+                .unwrap();
+        };
+        connect(FolderCursor::new(1, 5));
+        store.disconnect("L1", "u1", &[]).unwrap();
+        let stale = FolderCursor::new(1, 5);
+        assert!(matches!(
+            store.set_cursor(
+                "me@x.test",
+                FolderRole::Inbox,
+                Some(stale),
+                FolderCursor::new(1, 6)
+            ),
+            Err(StoreError::CursorMoved)
+        ));
+        assert!(
+            matches!(
+                store.set_cursor(
+                    "me@x.test",
+                    FolderRole::Inbox,
+                    None,
+                    FolderCursor::new(1, 6)
+                ),
+                Err(StoreError::CursorMoved)
+            ),
+            "no first cursor for a mailbox that is not connected"
+        );
+        assert_eq!(store.cursor("me@x.test", FolderRole::Inbox).unwrap(), None);
+        connect(FolderCursor::new(1, 40));
+        let mut commit = ingest_commit(stale, None, l1_thread("L1", &[]));
+        commit.thread = None;
+        assert!(matches!(
+            store.commit_ingest(&commit, Some(b"late")),
+            Err(StoreError::CursorMoved)
+        ));
+        assert_eq!(
+            store.cursor("me@x.test", FolderRole::Inbox).unwrap(),
+            Some(FolderCursor::new(1, 40)),
+            "the reconnect's baseline stands"
+        );
+        // The live watcher moves it; when it last moved does not matter.
+        let mut live = FolderCursor::new(1, 41);
+        live.moved_at = Some(Utc::now());
+        store
+            .set_cursor(
+                "me@x.test",
+                FolderRole::Inbox,
+                Some(FolderCursor::new(1, 40)),
+                live,
+            )
+            .unwrap();
+        assert_eq!(
+            store.cursor("me@x.test", FolderRole::Inbox).unwrap(),
+            Some(live)
+        );
+    }
+}
+
+/// The store owns message sources: kept with the commit that reaches them,
+/// never without it, the submission copy dropped once the send can no
+/// longer be submitted, and pruned by age except while a send waits.
+#[test]
+fn message_sources_live_and_die_with_their_records() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, start)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let history = |id: &str| MessageEventData {
+            id: id.into(),
+            ..send_record("x", None).data
+        };
+        let mut kept = ingest_commit(start, None, l1_thread("L1", &[]));
+        kept.history = vec![history("msg_in")];
+        store.commit_ingest(&kept, Some(b"inbound source")).unwrap();
+        assert_eq!(
+            store
+                .message_source("msg_in", SourceCopy::Filed)
+                .unwrap()
+                .as_deref(),
+            Some(&b"inbound source"[..])
+        );
+        let mut refused = ingest_commit(start, None, l1_thread("L1", &[]));
+        refused.history = vec![history("msg_refused")];
+        assert!(store.commit_ingest(&refused, Some(b"x")).is_err());
+        assert_eq!(
+            store
+                .message_source("msg_refused", SourceCopy::Filed)
+                .unwrap(),
+            None
+        );
+
+        let mut send = send_record("msg_out", None);
+        accept(store.as_ref(), &send, &send_thread(), None, 0).unwrap();
+        assert!(
+            store
+                .message_source("msg_out", SourceCopy::Submission)
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            store
+                .prune_message_sources(std::time::Duration::ZERO)
+                .unwrap(),
+            2
+        );
+        assert!(
+            store
+                .message_source("msg_out", SourceCopy::Submission)
+                .unwrap()
+                .is_some(),
+            "a send still to be submitted keeps its copy whatever its age"
+        );
+        send.status = crate::model::SendStatus::Sent;
+        store.update_send(&send, &[]).unwrap();
+        assert_eq!(
+            store
+                .message_source("msg_out", SourceCopy::Submission)
+                .unwrap(),
+            None
+        );
     }
 }
