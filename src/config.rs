@@ -345,6 +345,9 @@ pub struct SyncConfig {
     pub reauth_confirm_secs: u64,
     /// An OAuth2 access token is renewed when less than this is left of it.
     pub token_refresh_margin_secs: u64,
+    /// Message sources held in memory at once, across every mailbox: catch-up
+    /// batches and sends being submitted or filed. Past it, they wait their turn.
+    pub memory_budget_bytes: u64,
 }
 
 impl Default for SyncConfig {
@@ -356,6 +359,7 @@ impl Default for SyncConfig {
             max_message_bytes: 50 * 1024 * 1024,
             reauth_confirm_secs: 30,
             token_refresh_margin_secs: 300,
+            memory_budget_bytes: 512 * 1024 * 1024,
         }
     }
 }

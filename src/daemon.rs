@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     imap::{ImapConnector, SyncContext},
     ingest::Ingest,
+    memory_budget::MemoryBudget,
     oauth::{TokenHttp, state::StateSigner},
     scheduler::Scheduler,
     send_queue::{SendQueue, SendSignal},
@@ -144,8 +145,10 @@ pub async fn run(
         Duration::from_secs(config.sync.reauth_confirm_secs),
     ));
     let oauth_state = StateSigner::new(store.secret_key(OAUTH_STATE_KEY_SETTING)?);
+    let memory = MemoryBudget::new(config.sync.memory_budget_bytes);
     let ctx = Arc::new(SyncContext {
         store: store.clone(),
+        memory: memory.clone(),
         connector: connector.clone(),
         auth: auth.clone(),
         ingest: Ingest::new(store.clone(), signal.clone(), &config.server.public_url),
@@ -158,6 +161,7 @@ pub async fn run(
     let send_signal = SendSignal::default();
     let send_queue = SendQueue {
         store: store.clone(),
+        memory,
         submitter: Submitter::new(
             &config.tls.extra_roots,
             Duration::from_secs(config.sending.timeout_secs),

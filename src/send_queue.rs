@@ -41,6 +41,8 @@ pub type SendSignal = crate::wakeup::Wakeup;
 #[derive(Clone)]
 pub struct SendQueue {
     pub store: Arc<dyn Store>,
+    /// Shared with the watchers: bounds the message bytes held at once.
+    pub memory: crate::memory_budget::MemoryBudget,
     pub submitter: Submitter,
     pub connector: ImapConnector,
     /// Signs in to the mailbox's servers and records `needs_reauth`.
@@ -54,6 +56,15 @@ pub struct SendQueue {
 /// A send's copy found in the Sent folder.
 struct SentCopy {
     message_id: Option<String>,
+}
+
+/// About the size of a send's source: attachments grow by a third in
+/// base64, the text parts may be there twice (plain and HTML), plus headers.
+fn source_size_estimate(send: &SendRecord) -> u64 {
+    let attachments: u64 = send.data.attachments.iter().map(|a| a.size as u64).sum();
+    let text = send.data.text.as_ref().map_or(0, String::len) as u64;
+    let html = send.data.html.as_ref().map_or(0, String::len) as u64;
+    attachments * 4 / 3 + (text + html) * 2 + 16 * 1024
 }
 
 impl SendQueue {
@@ -120,6 +131,7 @@ impl SendQueue {
             let queue = self.clone();
             in_flight.spawn(async move {
                 let mailbox = send.mailbox.clone();
+                let _held = queue.memory.reserve(source_size_estimate(&send)).await;
                 if filing {
                     queue.retry_filing(send).await;
                 } else {

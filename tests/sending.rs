@@ -570,3 +570,45 @@ async fn r05_a_copy_that_could_not_be_filed_in_sent_is_filed_on_a_later_try() {
     assert_eq!(send["status"], "sent", "{send}");
     w.daemon.stop().await;
 }
+
+/// Issue 7 item 12: the memory budget bounds what is held at once but never
+/// stops the flow. With a budget smaller than any message, mail still syncs
+/// and a send still leaves, one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_budget_smaller_than_one_message_still_lets_everything_through() {
+    let w = World::connected_with(
+        |config| config.sync.memory_budget_bytes = 1,
+        serde_json::json!({}),
+    )
+    .await;
+    for n in 0..3 {
+        w.stack
+            .deliver(
+                &w.ann.address,
+                &[&w.me.address],
+                &message(
+                    &w.ann.address,
+                    &w.me.address,
+                    &format!("budgeted {n}"),
+                    &new_message_id("b"),
+                    None,
+                ),
+            )
+            .await;
+    }
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "budgeted send", "text": "hi"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    for n in 0..3 {
+        let subject = format!("budgeted {n}");
+        w.receiver
+            .wait_for(&subject, |r| r.subject() == subject)
+            .await;
+    }
+    w.receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    w.stack.wait_count(&w.ann, "INBOX", 1).await;
+    w.daemon.stop().await;
+}

@@ -24,6 +24,8 @@ use watcher::{FolderWatcher, WatchEnd};
 
 pub struct SyncContext {
     pub store: Arc<dyn Store>,
+    /// Shared with the send queue: bounds the message bytes held at once.
+    pub memory: crate::memory_budget::MemoryBudget,
     pub connector: ImapConnector,
     pub auth: Arc<Auth>,
     pub ingest: Ingest,

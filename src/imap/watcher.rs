@@ -393,6 +393,17 @@ impl FolderWatcher {
                 .filter(|(_, size)| *size <= self.ctx.sync.max_message_bytes)
                 .map(|(uid, _)| *uid)
                 .collect();
+            let wanted_bytes: u64 = batch
+                .iter()
+                .filter(|(_, size)| *size <= self.ctx.sync.max_message_bytes)
+                .map(|(_, size)| u64::from(*size))
+                .sum();
+            // Held until the batch is handled: many mailboxes catching up
+            // at once stay within the memory budget.
+            let _held = match wanted.is_empty() {
+                true => None,
+                false => Some(self.ctx.memory.reserve(wanted_bytes).await),
+            };
             let mut bodies: HashMap<u32, Vec<u8>> = HashMap::new();
             if !wanted.is_empty() {
                 let set = wanted
@@ -402,7 +413,7 @@ impl FolderWatcher {
                     .join(",");
                 // A slow link still finishes a big batch; a stalled one is noticed.
                 let deadline = self.ctx.connector.step_timeout()
-                    + Duration::from_secs(bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
+                    + Duration::from_secs(wanted_bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
                 let fetched = match tokio::time::timeout(
                     deadline,
                     checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
@@ -430,9 +441,10 @@ impl FolderWatcher {
                 };
                 match bodies.remove(uid) {
                     Some(raw) => {
-                        // Handled here, not in a detached blocking task: a
-                        // cancelled watcher must not commit after it stopped.
-                        self.ctx.ingest.handle(found, &raw)?;
+                        // Parsing and the commit's fsync hold a thread, but
+                        // within this task: a cancelled watcher never commits
+                        // after it stopped (a detached task could).
+                        crate::offload::blocking(|| self.ctx.ingest.handle(found, &raw))?;
                     }
                     None => {
                         let reason = if *size > self.ctx.sync.max_message_bytes {

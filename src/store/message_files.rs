@@ -98,6 +98,10 @@ impl MessageFiles {
 /// bytes and its directory entry are both synced (a synced file whose new
 /// name is not is lost with the name).
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::offload::blocking(|| write_and_sync(path, bytes))
+}
+
+fn write_and_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::File::create(path)?;
     file.write_all(bytes)?;
     file.sync_all()?;

@@ -222,8 +222,9 @@ impl SledStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Every write ends here: the fsync must not stall an async worker.
     fn flush(&self) -> StoreResult<()> {
-        self.db.flush().map_err(engine)?;
+        crate::offload::blocking(|| self.db.flush()).map_err(engine)?;
         Ok(())
     }
 
