@@ -214,6 +214,10 @@ pub struct Mailbox {
     pub state: MailboxState,
     pub last_error: Option<String>,
     pub connected_at: DateTime<Utc>,
+    /// Counts connects (set by the store). Sync started under an older one
+    /// is stale: the state it reports is not recorded.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// Which of a mailbox's folders a message was found in.

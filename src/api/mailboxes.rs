@@ -306,6 +306,8 @@ pub async fn connect_mailbox(
         save_sent: body.save_sent,
         state: MailboxState::Connecting,
         last_error: None,
+        // Numbered by the store.
+        generation: 0,
         connected_at: state
             .store
             .mailbox(&address)?

@@ -57,6 +57,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
         let watcher = FolderWatcher {
             ctx: ctx.clone(),
             address: address.clone(),
+            generation: mailbox.generation,
             role,
             idle_period,
         };

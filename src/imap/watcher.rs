@@ -55,6 +55,8 @@ enum SessionError {
 pub struct FolderWatcher {
     pub ctx: Arc<SyncContext>,
     pub address: String,
+    /// The connect this sync started under (see `Mailbox::generation`).
+    pub generation: u64,
     pub role: FolderRole,
     pub idle_period: Duration,
 }
@@ -103,6 +105,7 @@ impl FolderWatcher {
             metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
             if let Err(e) = self.ctx.store.set_mailbox_state(
                 &self.address,
+                self.generation,
                 MailboxState::Error,
                 Some(err.to_string()),
             ) {
@@ -219,7 +222,7 @@ impl FolderWatcher {
         };
         self.ctx
             .store
-            .set_mailbox_state(address, MailboxState::Active, None)?;
+            .set_mailbox_state(address, self.generation, MailboxState::Active, None)?;
         tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
 
         loop {

@@ -175,7 +175,8 @@ pub trait Store: Send + Sync + 'static {
     fn contacts_by_email(&self, location_id: &str, email: &str) -> StoreResult<Vec<Contact>>;
 
     // --- mailboxes and integrations
-    /// Stores the mailbox and the integration, seeds each folder cursor that does
+    /// Stores the mailbox (numbering this connect in its `generation`) and
+    /// the integration, seeds each folder cursor that does
     /// not exist yet, records `failed_sends` (each with its `message.failed`,
     /// for those still queued) and queues `events`, all at once.
     /// When the integration pointed at another mailbox ("update email", R18)
@@ -200,11 +201,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Disconnected>>;
     fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>>;
     fn mailboxes(&self) -> StoreResult<Vec<Mailbox>>;
-    /// Records how sync stands. Never moves a mailbox out of `needs_reauth`:
-    /// only `connect` with new credentials does.
+    /// Records how sync stands, as seen by sync started under the connect
+    /// numbered `generation`; a stale report (the mailbox was connected
+    /// again since) changes nothing. Never moves a mailbox out of
+    /// `needs_reauth`: only `connect` with new credentials does.
     fn set_mailbox_state(
         &self,
         address: &str,
+        generation: u64,
         state: MailboxState,
         last_error: Option<String>,
     ) -> StoreResult<()>;

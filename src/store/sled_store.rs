@@ -537,7 +537,6 @@ impl Store for SledStore {
         failed_sends: &[(SendRecord, Event)],
         events: &[Event],
     ) -> StoreResult<Option<String>> {
-        let mailbox_value = self.seal_mailbox(mailbox)?;
         let integration_value = encode(integration)?;
         let cursor_values: Vec<(Vec<u8>, Vec<u8>)> = cursors
             .iter()
@@ -545,6 +544,11 @@ impl Store for SledStore {
             .collect::<StoreResult<_>>()?;
         let integration_key = key(&[&integration.location_id, &integration.user_id]);
         let _one_at_a_time = self.one_at_a_time();
+        let mut numbered = mailbox.clone();
+        numbered.generation = self
+            .mailbox(&mailbox.address)?
+            .map_or(1, |stored| stored.generation + 1);
+        let mailbox_value = self.seal_mailbox(&numbered)?;
         // Only sends still queued fail: one claimed for submission is on its
         // way (claim_send takes the same lock).
         let mut failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
@@ -751,6 +755,7 @@ impl Store for SledStore {
     fn set_mailbox_state(
         &self,
         address: &str,
+        generation: u64,
         state: MailboxState,
         last_error: Option<String>,
     ) -> StoreResult<()> {
@@ -758,6 +763,9 @@ impl Store for SledStore {
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(());
         };
+        if mailbox.generation != generation {
+            return Ok(());
+        }
         // Only new credentials (`connect`) end needs_reauth: a session that was
         // already under way must not flip it back (R20).
         if mailbox.state == MailboxState::NeedsReauth
