@@ -4,6 +4,10 @@
 # provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh),
 # runs the test suite, then the tests that restart the stack (one at a time,
 # after the rest), and stops both again, pass or fail.
+#
+#   scripts/test.sh          every test (what CI runs)
+#   scripts/test.sh --soak   only the soak: 10 mailboxes, connections cut every
+#                            few seconds, 1,000 messages in, 100 sends out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +22,12 @@ stop_stack() {
 trap stop_stack EXIT
 # writes its key into the stack's runtime dir, so it starts second
 $SUDO scripts/oauth-test-server/start.sh
+
+if [ "${1:-}" = "--soak" ]; then
+    shift
+    cargo test --release --test soak -- --ignored --nocapture "$@"
+    exit
+fi
 
 cargo test --all-targets "$@"
 # These restart the shared mail stack, so they run alone.

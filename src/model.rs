@@ -556,6 +556,10 @@ pub struct SendRecord {
     /// one now in `message_id` (Exchange Online).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_message_id: Option<String>,
+    /// Look-ups in Sent made for a send handed over without a verdict: it
+    /// stays `submitting`, and is looked for again at `next_attempt_ms`.
+    #[serde(default)]
+    pub outcome_checks: u32,
 }
 
 impl SendRecord {

@@ -11,9 +11,12 @@
 //! failed on a server where the bridge files Sent itself, but never sent twice.
 //!
 //! Every SMTP step has a deadline (`smtp`). A failure before the message was
-//! handed over is retried; after it (no verdict), the outcome is unknown: the
-//! copy in Sent settles it where the server files Sent itself, and otherwise
-//! the send is reported failed as "outcome unknown", never submitted again.
+//! handed over is retried; after it (no verdict), the outcome is unknown.
+//! Where the server files Sent itself, the send stays `submitting` and its
+//! copy is looked for in Sent now and again later ([`OUTCOME_CHECKS`] times,
+//! spaced like retries: a server may file it late, a look-up may fail); found
+//! → sent. Otherwise, and where the bridge files Sent itself (nothing can
+//! tell), it is reported failed as "outcome unknown", never submitted again.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -53,6 +56,10 @@ pub struct SendQueue {
     pub retry_max: Duration,
 }
 
+/// How often the copy of a send handed over without a verdict is looked for
+/// in Sent before the send is reported failed as "outcome unknown".
+pub const OUTCOME_CHECKS: u32 = 6;
+
 /// A send's copy found in the Sent folder.
 struct SentCopy {
     message_id: Option<String>,
@@ -71,9 +78,11 @@ impl SendQueue {
     pub async fn run(self, shutdown: CancellationToken) {
         match self.store.unsettled_sends() {
             Ok(sends) => {
+                // Those awaiting a look-up for an unknown outcome are due in
+                // their turn (start_due).
                 for send in sends
                     .into_iter()
-                    .filter(|s| s.status == SendStatus::Submitting)
+                    .filter(|s| s.status == SendStatus::Submitting && s.outcome_checks == 0)
                 {
                     self.settle_interrupted(send).await;
                 }
@@ -119,7 +128,10 @@ impl SendQueue {
         let mut next_due: Option<i64> = None;
         for send in self.store.unsettled_sends()? {
             let filing = send.awaits_filing();
-            if !(send.status == SendStatus::Queued || filing) || busy.contains(&send.mailbox) {
+            let checking = send.status == SendStatus::Submitting && send.outcome_checks > 0;
+            if !(send.status == SendStatus::Queued || filing || checking)
+                || busy.contains(&send.mailbox)
+            {
                 continue;
             }
             if send.next_attempt_ms > now {
@@ -134,6 +146,8 @@ impl SendQueue {
                 let _held = queue.memory.reserve(source_size_estimate(&send)).await;
                 if filing {
                     queue.retry_filing(send).await;
+                } else if checking {
+                    queue.check_outcome(send).await;
                 } else {
                     queue.attempt(send).await;
                 }
@@ -275,20 +289,50 @@ impl SendQueue {
     /// The message was handed over but no verdict came back. Where the server
     /// files Sent itself, its copy there says it was taken; otherwise nothing
     /// can tell, and it is reported failed, never submitted again (at most once).
-    async fn outcome_unknown(&self, mailbox: &Mailbox, send: SendRecord, words: String) {
+    async fn outcome_unknown(&self, mailbox: &Mailbox, mut send: SendRecord, words: String) {
         tracing::warn!(send = %send.id, mailbox = %mailbox.address, "no verdict from the SMTP server: {words}");
-        if !mailbox.save_sent.bridge_appends(mailbox.provider) {
-            match self.in_sent(mailbox, &send).await {
-                Ok(Some(copy)) => {
-                    tracing::info!(send = %send.id, "the message without a verdict is in Sent: it was sent");
-                    return self.settle_as_sent(send, copy);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(send = %send.id, "cannot look in Sent: {err}");
-                }
+        send.error = Some(format!("no verdict from the SMTP server: {words}"));
+        if mailbox.save_sent.bridge_appends(mailbox.provider) {
+            return self.fail_unknown(send);
+        }
+        self.look_for_outcome(mailbox, send).await;
+    }
+
+    /// A send handed over without a verdict, due for another look in Sent.
+    async fn check_outcome(&self, send: SendRecord) {
+        match self.store.mailbox(&send.mailbox) {
+            Ok(Some(mailbox)) => self.look_for_outcome(&mailbox, send).await,
+            Ok(None) => self.fail_unknown(send),
+            Err(err) => {
+                tracing::error!(send = %send.id, "loading the mailbox failed: {err:#}");
             }
         }
+    }
+
+    /// Looks for the send's copy in Sent: found → sent; otherwise looked for
+    /// again later, until [`OUTCOME_CHECKS`] look-ups found nothing.
+    async fn look_for_outcome(&self, mailbox: &Mailbox, mut send: SendRecord) {
+        let why = match self.in_sent(mailbox, &send).await {
+            Ok(Some(copy)) => {
+                tracing::info!(send = %send.id, "the message without a verdict is in Sent: it was sent");
+                return self.settle_as_sent(send, copy);
+            }
+            Ok(None) => "not in Sent yet".to_string(),
+            Err(err) => format!("cannot look in Sent: {err}"),
+        };
+        send.outcome_checks += 1;
+        if send.outcome_checks >= OUTCOME_CHECKS {
+            return self.fail_unknown(send);
+        }
+        let wait = backoff::delay(send.outcome_checks - 1, self.retry_min, self.retry_max);
+        tracing::info!(send = %send.id, checks = send.outcome_checks, "the message without a verdict is {why}; looking again in {wait:?}");
+        send.next_attempt_ms =
+            Utc::now().timestamp_millis() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        self.record(&send, &[]);
+    }
+
+    fn fail_unknown(&self, send: SendRecord) {
+        let words = send.error.clone().unwrap_or_default();
         self.fail(
             send,
             format!(

@@ -254,3 +254,47 @@ async fn r20_smtp_auth_turned_off_for_the_tenant_fails_the_send_but_is_not_needs
     );
     w.daemon.stop().await;
 }
+
+/// Issue 7 item 7: "cannot tell yet" is not "not sent". The server took the
+/// message but its reply was lost, and its copy reaches Sent only after the
+/// bridge first looked: the send stays `submitting`, is looked for again,
+/// and is settled as sent, never failed and never submitted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_a_send_without_a_verdict_filed_in_sent_late_is_found_by_a_later_look() {
+    let (w, exchange) = exchange_world().await;
+    let file_now = exchange.drop_next_reply_filing_later();
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "filed late", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let path = format!("/v1/messages/{}", accepted["id"].as_str().unwrap());
+    let pending = support::eventually(
+        "the first look in Sent, finding nothing",
+        support::DEADLINE,
+        async || {
+            let (_, body) = w.api.send(reqwest::Method::GET, &path, None).await;
+            (body["status"] == "submitting" && body["error"].as_str().is_some()).then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        pending["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no verdict from the SMTP server"),
+        "{pending}"
+    );
+    file_now.notify_one();
+    let sent = w
+        .receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    assert_eq!(sent.data()["id"], accepted["id"]);
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.failed"),
+        0,
+        "never reported failed"
+    );
+    assert_eq!(exchange.assigned().len(), 1, "submitted once");
+    w.daemon.stop().await;
+}

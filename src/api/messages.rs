@@ -360,6 +360,7 @@ async fn compose(
         filed_in_sent: false,
         filing_attempts: 0,
         filing_abandoned: false,
+        outcome_checks: 0,
         submitted_message_id: None,
     };
     Ok((

@@ -83,6 +83,9 @@ pub struct SledStore {
     lifecycle: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
+/// sled's page cache.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 fn engine(err: sled::Error) -> StoreError {
     StoreError::Engine(err.to_string())
 }
@@ -181,6 +184,9 @@ impl SledStore {
             .map_err(|e| anyhow::anyhow!("creating data folder {}: {e}", path.display()))?;
         let db = sled::Config::new()
             .path(path.join("db"))
+            // sled's default page cache is 1 GiB: a daemon beside a CRM must
+            // not grow toward that. Hot records fit in far less.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
         let bodies = path.join("event-bodies");

@@ -448,6 +448,7 @@ fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
         filed_in_sent: false,
         filing_attempts: 0,
         filing_abandoned: false,
+        outcome_checks: 0,
         submitted_message_id: None,
     }
 }

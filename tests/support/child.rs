@@ -68,6 +68,17 @@ impl ChildDaemon {
         }
     }
 
+    /// Resident memory of the daemon process now, from /proc (KiB).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("/proc status of the daemon")
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
     /// Everything the daemon logged so far, one line each.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")

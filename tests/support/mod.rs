@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod cutting_proxy;
 pub mod daemon;
 pub mod imap_proxy;
 pub mod oauth;

@@ -62,6 +62,9 @@ enum NextReply {
     Hold(Arc<tokio::sync::Notify>),
     /// Closes the connection without a reply, as a dropped connection would.
     Drop,
+    /// As `Drop`, and files the copy in Sent only once notified, as a
+    /// server that files Sent late does.
+    DropFilingLater(Arc<tokio::sync::Notify>),
 }
 
 pub struct ScriptedSmtp {
@@ -141,6 +144,16 @@ impl ScriptedSmtp {
     /// server relayed and filed it.
     pub fn drop_next_reply(&self) {
         self.log.lock().expect("scripted SMTP log").next_reply = NextReply::Drop;
+    }
+
+    /// The next message taken gets no reply (the connection closes after the
+    /// server relayed it), and its copy reaches Sent only once the returned
+    /// `Notify` is notified.
+    pub fn drop_next_reply_filing_later(&self) -> Arc<tokio::sync::Notify> {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.log.lock().expect("scripted SMTP log").next_reply =
+            NextReply::DropFilingLater(release.clone());
+        release
     }
 
     /// Every later AUTH gets `answer`, as when SMTP AUTH is turned off for
@@ -488,7 +501,21 @@ impl Session {
     /// Rewrites the Message-ID, relays, files in Sent, records; the reply to
     /// DATA, or None to close the connection without one.
     async fn take(&mut self, raw: Vec<u8>) -> Option<String> {
-        let answer = self.take_and_file(raw).await;
+        let late = {
+            let mut log = self.log.lock().expect("scripted SMTP log");
+            match std::mem::take(&mut log.next_reply) {
+                NextReply::DropFilingLater(release) => Some(release),
+                other => {
+                    log.next_reply = other;
+                    None
+                }
+            }
+        };
+        if let Some(release) = late {
+            let answer = self.take_and_file(raw, Some(release)).await;
+            return (!answer.starts_with("250")).then_some(answer);
+        }
+        let answer = self.take_and_file(raw, None).await;
         if !answer.starts_with("250") {
             return Some(answer);
         }
@@ -499,11 +526,16 @@ impl Session {
                 release.notified().await;
                 Some(answer)
             }
-            NextReply::Drop => None,
+            NextReply::Drop | NextReply::DropFilingLater(_) => None,
         }
     }
 
-    async fn take_and_file(&mut self, raw: Vec<u8>) -> String {
+    /// With `file_when`, the copy is filed in Sent only once it is notified.
+    async fn take_and_file(
+        &mut self,
+        raw: Vec<u8>,
+        file_when: Option<Arc<tokio::sync::Notify>>,
+    ) -> String {
         let user = match &self.user {
             Some(Login::Password(user)) => user.clone(),
             Some(Login::Token(address)) => {
@@ -522,7 +554,15 @@ impl Session {
                 "451 4.4.0 scripted SMTP: relaying to the stack's MX failed: {err}"
             ));
         }
-        if let Err(err) = file_in_sent(&self.stack, &user, &rewritten).await {
+        if let Some(release) = file_when {
+            let stack = self.stack.clone();
+            tokio::spawn(async move {
+                release.notified().await;
+                if let Err(err) = file_in_sent(&stack, &user, &rewritten).await {
+                    eprintln!("scripted SMTP: filing in Sent late failed: {err}");
+                }
+            });
+        } else if let Err(err) = file_in_sent(&self.stack, &user, &rewritten).await {
             return self.failed(format!(
                 "451 4.4.0 scripted SMTP: filing in Sent of {} failed: {err}",
                 user.address
