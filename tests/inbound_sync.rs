@@ -326,6 +326,31 @@ async fn r21_a_fetch_the_server_refuses_is_retried_not_taken_for_a_removed_messa
     w.daemon.stop().await;
 }
 
+/// A message the server never returns (Gmail keeps refusing some broken
+/// ones) must not stop the folder for good: after
+/// `UNFETCHABLE_AFTER_SESSIONS` sessions in a row it is passed over, logged,
+/// and the mail after it flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_a_message_the_server_never_returns_does_not_stop_the_folder() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let refusals = mailbridge::imap::UNFETCHABLE_AFTER_SESSIONS as usize + 1;
+    proxy.refuse_next_fetches(refusals);
+    mail(&w.stack, &w.ann, &w.me, "never returned", None).await;
+    support::eventually("every refusal used", support::DEADLINE, async || {
+        (proxy.fetches_refused() == refusals).then_some(())
+    })
+    .await;
+    mail(&w.stack, &w.ann, &w.me, "after the broken one", None).await;
+    w.receiver
+        .wait_for("the message after the broken one", |r| {
+            r.subject() == "after the broken one"
+        })
+        .await;
+    assert_eq!(w.receiver.distinct(|r| r.subject() == "never returned"), 0);
+    w.daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r16_a_forward_to_a_contact_is_a_sent_message_of_that_conversation() {
     let w = World::connected(serde_json::json!({})).await;

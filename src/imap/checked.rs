@@ -42,8 +42,22 @@ pub struct Fetched {
 async fn run(
     session: &mut ImapSession,
     command: &str,
-    mut each: impl FnMut(&Response<'_>),
+    each: impl FnMut(&Response<'_>),
 ) -> Result<bool, CheckedError> {
+    let (new_mail, refused) = run_allowing_no(session, command, each).await?;
+    match refused {
+        Some(refusal) => Err(refusal),
+        None => Ok(new_mail),
+    }
+}
+
+/// As `run`, but a NO is returned beside what came before it (Gmail answers
+/// the messages it can and says NO for the rest); a BAD is still an error.
+async fn run_allowing_no(
+    session: &mut ImapSession,
+    command: &str,
+    mut each: impl FnMut(&Response<'_>),
+) -> Result<(bool, Option<CheckedError>), CheckedError> {
     let tag = session
         .run_command(command)
         .await
@@ -67,20 +81,22 @@ async fn run(
                 status,
                 outcome,
             } if *done == tag => {
+                let refusal = CheckedError::Refused {
+                    command: verb,
+                    words: format!(
+                        "{status:?} {}{}",
+                        outcome
+                            .code
+                            .as_ref()
+                            .map(|c| format!("[{c:?}] "))
+                            .unwrap_or_default(),
+                        outcome.information.as_deref().unwrap_or("")
+                    ),
+                };
                 return match status {
-                    Status::Ok => Ok(new_mail),
-                    _ => Err(CheckedError::Refused {
-                        command: verb,
-                        words: format!(
-                            "{status:?} {}{}",
-                            outcome
-                                .code
-                                .as_ref()
-                                .map(|c| format!("[{c:?}] "))
-                                .unwrap_or_default(),
-                            outcome.information.as_deref().unwrap_or("")
-                        ),
-                    }),
+                    Status::Ok => Ok((new_mail, None)),
+                    Status::No => Ok((new_mail, Some(refusal))),
+                    _ => Err(refusal),
                 };
             }
             Response::Data {
@@ -103,51 +119,69 @@ pub struct FetchAnswer {
     pub new_mail: bool,
 }
 
-/// `UID FETCH set query`, every message that came back.
+/// `UID FETCH set query`, every message that came back; a NO is an error.
 pub async fn uid_fetch(
     session: &mut ImapSession,
     set: &str,
     query: &str,
 ) -> Result<FetchAnswer, CheckedError> {
+    let (answer, refused) = uid_fetch_partial(session, set, query).await?;
+    match refused {
+        Some(refusal) => Err(refusal),
+        None => Ok(answer),
+    }
+}
+
+/// `UID FETCH set query`, every message that came back, and the server's
+/// NO if it refused some: the caller must then look at what is missing.
+pub async fn uid_fetch_partial(
+    session: &mut ImapSession,
+    set: &str,
+    query: &str,
+) -> Result<(FetchAnswer, Option<CheckedError>), CheckedError> {
     let mut fetched = Vec::new();
-    let new_mail = run(session, &format!("UID FETCH {set} {query}"), |response| {
-        if let Response::Fetch(_, attributes) = response {
-            let mut message = Fetched::default();
-            for attribute in attributes {
-                match attribute {
-                    AttributeValue::Uid(uid) => message.uid = *uid,
-                    AttributeValue::Rfc822Size(size) => message.size = Some(*size),
-                    AttributeValue::InternalDate(date) => {
-                        message.received_at = internal_date(date);
+    let (new_mail, refused) =
+        run_allowing_no(session, &format!("UID FETCH {set} {query}"), |response| {
+            if let Response::Fetch(_, attributes) = response {
+                let mut message = Fetched::default();
+                for attribute in attributes {
+                    match attribute {
+                        AttributeValue::Uid(uid) => message.uid = *uid,
+                        AttributeValue::Rfc822Size(size) => message.size = Some(*size),
+                        AttributeValue::InternalDate(date) => {
+                            message.received_at = internal_date(date);
+                        }
+                        AttributeValue::BodySection {
+                            section: None,
+                            data: Some(data),
+                            ..
+                        }
+                        | AttributeValue::Rfc822(Some(data)) => message.body = Some(data.to_vec()),
+                        AttributeValue::BodySection {
+                            section: Some(SectionPath::Full(MessageSection::Header)),
+                            data: Some(data),
+                            ..
+                        }
+                        | AttributeValue::Rfc822Header(Some(data)) => {
+                            message.header = Some(data.to_vec())
+                        }
+                        _ => {}
                     }
-                    AttributeValue::BodySection {
-                        section: None,
-                        data: Some(data),
-                        ..
-                    }
-                    | AttributeValue::Rfc822(Some(data)) => message.body = Some(data.to_vec()),
-                    AttributeValue::BodySection {
-                        section: Some(SectionPath::Full(MessageSection::Header)),
-                        data: Some(data),
-                        ..
-                    }
-                    | AttributeValue::Rfc822Header(Some(data)) => {
-                        message.header = Some(data.to_vec())
-                    }
-                    _ => {}
+                }
+                // A FETCH without UID is an unsolicited flag change of another message.
+                if message.uid != 0 {
+                    fetched.push(message);
                 }
             }
-            // A FETCH without UID is an unsolicited flag change of another message.
-            if message.uid != 0 {
-                fetched.push(message);
-            }
-        }
-    })
-    .await?;
-    Ok(FetchAnswer {
-        messages: fetched,
-        new_mail,
-    })
+        })
+        .await?;
+    Ok((
+        FetchAnswer {
+            messages: fetched,
+            new_mail,
+        },
+        refused,
+    ))
 }
 
 /// `UID SEARCH query`, the UIDs found.

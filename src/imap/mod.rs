@@ -20,6 +20,7 @@ use crate::{
     webhook::OutboxSignal,
 };
 pub use connection::{ConnectError, ImapConnector};
+pub use watcher::UNFETCHABLE_AFTER_SESSIONS;
 use watcher::{FolderWatcher, WatchEnd};
 
 pub struct SyncContext {
@@ -60,6 +61,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
             generation: mailbox.generation,
             role,
             idle_period,
+            not_returned: Default::default(),
         };
         set.spawn(watcher.run(watchers.clone())).id()
     };

@@ -43,13 +43,27 @@ enum SessionError {
     Closed,
     #[error("IMAP: {0}")]
     Checked(#[from] checked::CheckedError),
-    #[error("the server did not return message {0}, which is still there; retrying")]
-    NotReturned(u32),
+    #[error("the server did not return message {1}, which is still there; retrying")]
+    NotReturned(u32, u32),
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
     #[error("storage: {0}")]
     Store(#[from] crate::store::StoreError),
+}
+
+/// A message the server says is there but does not return (Gmail: "Some
+/// messages could not be FETCHed") is asked for again in each new session;
+/// after this many sessions in a row it is passed over with an error in the
+/// log, so one broken message cannot stop a folder's sync for good.
+pub const UNFETCHABLE_AFTER_SESSIONS: u32 = 10;
+
+/// The message the server last did not return, and in how many sessions in a row.
+#[derive(Default)]
+pub struct NotReturned {
+    uid_validity: u32,
+    uid: u32,
+    sessions: u32,
 }
 
 pub struct FolderWatcher {
@@ -59,6 +73,7 @@ pub struct FolderWatcher {
     pub generation: u64,
     pub role: FolderRole,
     pub idle_period: Duration,
+    pub not_returned: std::sync::Mutex<NotReturned>,
 }
 
 impl FolderWatcher {
@@ -71,6 +86,22 @@ impl FolderWatcher {
             };
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
+                Err(SessionError::NotReturned(uid_validity, uid)) => {
+                    let mut last = self
+                        .not_returned
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if (last.uid_validity, last.uid) == (uid_validity, uid) {
+                        last.sessions += 1;
+                    } else {
+                        *last = NotReturned {
+                            uid_validity,
+                            uid,
+                            sessions: 1,
+                        };
+                    }
+                    SessionError::NotReturned(uid_validity, uid)
+                }
                 Err(SessionError::TokenExpiring) => {
                     tracing::debug!(mailbox = %self.address, folder = self.role.as_str(), "logging in again before the access token expires");
                     continue;
@@ -130,6 +161,16 @@ impl FolderWatcher {
             Ok(result) => Ok(result?),
             Err(_) => Err(SessionError::Timeout(what)),
         }
+    }
+
+    /// Whether this message was not returned in enough sessions in a row.
+    fn given_up_on(&self, uid_validity: u32, uid: u32) -> bool {
+        let last = self
+            .not_returned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (last.uid_validity, last.uid) == (uid_validity, uid)
+            && last.sessions >= UNFETCHABLE_AFTER_SESSIONS
     }
 
     /// One session: returns `Ok` only when cancelled.
@@ -417,15 +458,23 @@ impl FolderWatcher {
                 // A slow link still finishes a big batch; a stalled one is noticed.
                 let deadline = self.ctx.connector.step_timeout()
                     + Duration::from_secs(wanted_bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
-                let fetched = match tokio::time::timeout(
+                let (fetched, refused) = match tokio::time::timeout(
                     deadline,
-                    checked::uid_fetch(session, &set, "(UID BODY.PEEK[])"),
+                    checked::uid_fetch_partial(session, &set, "(UID BODY.PEEK[])"),
                 )
                 .await
                 {
                     Ok(fetched) => fetched?,
                     Err(_) => return Err(SessionError::Timeout("fetching messages")),
                 };
+                // What came back is handled; what did not is looked at below.
+                if let Some(refusal) = refused {
+                    tracing::warn!(
+                        mailbox = address,
+                        folder = self.role.as_str(),
+                        "the server did not return every message asked for: {refusal}"
+                    );
+                }
                 new_mail |= fetched.new_mail;
                 for fetch in fetched.messages {
                     if let Some(body) = fetch.body {
@@ -461,10 +510,23 @@ impl FolderWatcher {
                                     checked::uid_search(session, &format!("UID {uid}")),
                                 )
                                 .await?;
-                            if still_there.contains(uid) {
-                                return Err(SessionError::NotReturned(*uid));
+                            if !still_there.contains(uid) {
+                                "it was removed before it could be fetched".to_string()
+                            } else if self.given_up_on(cursor.uid_validity, *uid) {
+                                metrics::counter!("mailbridge_messages_unfetchable_total")
+                                    .increment(1);
+                                tracing::error!(
+                                    mailbox = address,
+                                    folder = self.role.as_str(),
+                                    uid,
+                                    "the server has not returned this message in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row, though it says it is there; passing over it so the folder's sync goes on"
+                                );
+                                format!(
+                                    "the server did not return it in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row"
+                                )
+                            } else {
+                                return Err(SessionError::NotReturned(cursor.uid_validity, *uid));
                             }
-                            "it was removed before it could be fetched".to_string()
                         };
                         tracing::warn!(
                             mailbox = address,
