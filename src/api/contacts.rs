@@ -8,7 +8,7 @@ use super::{
     AppState,
     error::{ApiError, ApiJson, ApiPath, check_email, check_id},
 };
-use crate::model::Contact;
+use crate::{model::Contact, store::ContactUpsert};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +29,7 @@ fn contact_from(
     id: String,
     body: ContactBody,
     field: &str,
-) -> Result<Contact, ApiError> {
+) -> Result<ContactUpsert, ApiError> {
     check_id(&format!("{field}id"), &id)?;
     if body.emails.is_empty() {
         return Err(ApiError::invalid(format!(
@@ -46,13 +46,16 @@ fn contact_from(
     for (i, user) in body.assigned_user_ids.iter().enumerate() {
         check_id(&format!("{field}assigned_user_ids[{i}]"), user)?;
     }
-    Ok(Contact {
-        location_id: location_id.to_string(),
-        id,
-        emails,
-        name: body.name.filter(|n| !n.trim().is_empty()),
-        assigned_user_ids: body.assigned_user_ids,
-        created_at: body.created_at.unwrap_or_else(Utc::now),
+    Ok(ContactUpsert {
+        created_at_given: body.created_at.is_some(),
+        contact: Contact {
+            location_id: location_id.to_string(),
+            id,
+            emails,
+            name: body.name.filter(|n| !n.trim().is_empty()),
+            assigned_user_ids: body.assigned_user_ids,
+            created_at: body.created_at.unwrap_or_else(Utc::now),
+        },
     })
 }
 
@@ -67,9 +70,13 @@ pub async fn put(
             "id in the body differs from the contact id in the path",
         ));
     }
-    let contact = contact_from(&location_id, contact_id, body, "")?;
-    state.store.put_contacts(std::slice::from_ref(&contact))?;
-    Ok(Json(contact))
+    let upsert = contact_from(&location_id, contact_id, body, "")?;
+    let stored = state
+        .store
+        .put_contacts(std::slice::from_ref(&upsert))?
+        .pop()
+        .unwrap_or(upsert.contact);
+    Ok(Json(stored))
 }
 
 pub async fn get(

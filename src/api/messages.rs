@@ -561,6 +561,23 @@ fn thread_for_send(
             "reply_to: no thread or message {reply_to:?} in mailbox {mailbox}"
         ))
     })?;
+    // R12: a thread that syncs only to other locations is theirs; replying
+    // from here would take it from them.
+    if !before.routes.is_empty()
+        && !before
+            .routes
+            .iter()
+            .any(|r| r.location_id == request.location_id)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "thread_in_other_location",
+            format!(
+                "reply_to: thread {} belongs to another location's conversation; a reply from location {:?} cannot take it (R12)",
+                before.id, request.location_id
+            ),
+        ));
+    }
     let in_reply_to = if reply_to.starts_with('<') {
         Some(reply_to.to_string())
     } else {

@@ -88,6 +88,25 @@ pub struct NewSend<'a> {
     pub events: &'a [Event],
 }
 
+/// A contact as the CRM gives it.
+#[derive(Clone, Debug)]
+pub struct ContactUpsert {
+    pub contact: Contact,
+    /// The CRM named the creation time. When it did not, a stored contact
+    /// keeps its own (R10: which duplicate wins must not flip on an
+    /// update), and a new one takes `contact.created_at`.
+    pub created_at_given: bool,
+}
+
+impl From<Contact> for ContactUpsert {
+    fn from(contact: Contact) -> Self {
+        Self {
+            contact,
+            created_at_given: true,
+        }
+    }
+}
+
 /// What became of a send the CRM asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SendAcceptance {
@@ -166,8 +185,10 @@ pub struct Disconnected {
 
 pub trait Store: Send + Sync + 'static {
     // --- the CRM's directory
-    /// Upserts contacts (the bulk path; one contact is a slice of one).
-    fn put_contacts(&self, contacts: &[Contact]) -> StoreResult<()>;
+    /// Upserts contacts (the bulk path; one contact is a slice of one), one
+    /// upsert at a time, so concurrent ones never lose an address from the
+    /// index. Returns them as stored.
+    fn put_contacts(&self, upserts: &[ContactUpsert]) -> StoreResult<Vec<Contact>>;
     fn contact(&self, location_id: &str, contact_id: &str) -> StoreResult<Option<Contact>>;
     /// Returns whether the contact existed.
     fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool>;

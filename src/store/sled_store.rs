@@ -11,9 +11,9 @@ use sled::{
 };
 
 use super::{
-    DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, NewSend, OutboxEntry,
-    QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError, StoreResult,
-    message_files::MessageFiles, secret_box::SecretBox,
+    ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, NewSend,
+    OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError,
+    StoreResult, message_files::MessageFiles, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
@@ -81,6 +81,8 @@ pub struct SledStore {
     /// Connect and disconnect read the mailbox's other integrations before they
     /// write; one at a time keeps that read true.
     lifecycle: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Contact upserts, one at a time (see `put_contacts`).
+    directory: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// sled's page cache.
@@ -217,6 +219,7 @@ impl SledStore {
             secrets,
             bodies,
             lifecycle: Default::default(),
+            directory: Default::default(),
         })
     }
 
@@ -470,16 +473,37 @@ fn cursor_stands_at(
 }
 
 impl Store for SledStore {
-    fn put_contacts(&self, contacts: &[Contact]) -> StoreResult<()> {
+    fn put_contacts(&self, upserts: &[ContactUpsert]) -> StoreResult<Vec<Contact>> {
+        // Each upsert reads the old record to drop its stale index entries;
+        // two at once could drop an entry the other just wrote.
+        let _one_at_a_time = self
+            .directory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Index entries first, records second: a lookup checks the record, so a
         // crash in between leaves at worst a harmless stale index entry, and
         // repeating the upsert repairs everything.
         let mut index = sled::Batch::default();
         let mut records = sled::Batch::default();
-        for contact in contacts {
+        let mut stored = Vec::with_capacity(upserts.len());
+        // A contact given twice in one call: the later one wins, over the earlier.
+        let mut pending: std::collections::HashMap<Vec<u8>, Contact> = Default::default();
+        for upsert in upserts {
+            let mut contact = upsert.contact.clone();
             let record_key = key(&[&contact.location_id, &contact.id]);
-            if let Some(old) = self.contacts.get(&record_key).map_err(engine)? {
-                let old: Contact = decode(&old)?;
+            let old = match pending.get(&record_key) {
+                Some(earlier) => Some(earlier.clone()),
+                None => self
+                    .contacts
+                    .get(&record_key)
+                    .map_err(engine)?
+                    .map(|value| decode::<Contact>(&value))
+                    .transpose()?,
+            };
+            if let Some(old) = &old {
+                if !upsert.created_at_given {
+                    contact.created_at = old.created_at;
+                }
                 for email in old.emails.iter().filter(|e| !contact.has_email(e)) {
                     index.remove(key(&[&old.location_id, email, &old.id]));
                 }
@@ -487,11 +511,14 @@ impl Store for SledStore {
             for email in &contact.emails {
                 index.insert(key(&[&contact.location_id, email, &contact.id]), &[][..]);
             }
-            records.insert(record_key, encode(contact)?);
+            records.insert(record_key.clone(), encode(&contact)?);
+            pending.insert(record_key, contact.clone());
+            stored.push(contact);
         }
         self.contact_emails.apply_batch(index).map_err(engine)?;
         self.contacts.apply_batch(records).map_err(engine)?;
-        self.flush()
+        self.flush()?;
+        Ok(stored)
     }
 
     fn contact(&self, location_id: &str, contact_id: &str) -> StoreResult<Option<Contact>> {
@@ -503,6 +530,10 @@ impl Store for SledStore {
     }
 
     fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool> {
+        let _one_at_a_time = self
+            .directory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(old) = self
             .contacts
             .remove(key(&[location_id, contact_id]))

@@ -97,7 +97,7 @@ fn event(id: &str, ordering_key: &str, data: serde_json::Value) -> Event {
 fn contacts_upsert_lookup_by_email_and_delete() {
     for (_dir, store) in engines() {
         store
-            .put_contacts(&[contact("c1", &["ann@x.test", "a2@x.test"])])
+            .put_contacts(&[contact("c1", &["ann@x.test", "a2@x.test"]).into()])
             .unwrap();
         assert_eq!(
             store.contacts_by_email("L1", "ann@x.test").unwrap().len(),
@@ -111,7 +111,7 @@ fn contacts_upsert_lookup_by_email_and_delete() {
         );
         // changing the emails drops the old index entry
         store
-            .put_contacts(&[contact("c1", &["new@x.test"])])
+            .put_contacts(&[contact("c1", &["new@x.test"]).into()])
             .unwrap();
         assert!(
             store
@@ -374,7 +374,7 @@ fn state_survives_reopening() {
     {
         let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
         store
-            .put_contacts(&[contact("c1", &["ann@x.test"])])
+            .put_contacts(&[contact("c1", &["ann@x.test"]).into()])
             .unwrap();
         store
             .enqueue(&[event("evt_1", "t", serde_json::json!({}))])
@@ -1120,5 +1120,68 @@ fn a_stale_session_does_not_report_the_state_of_a_new_connect() {
             store.mailbox("me@x.test").unwrap().unwrap().state,
             MailboxState::Active
         );
+    }
+}
+
+/// R10: an update that does not name the creation time keeps the stored
+/// one, so which of two duplicates wins does not flip.
+#[test]
+fn r10_an_update_without_created_at_keeps_the_stored_one() {
+    for (_dir, store) in engines() {
+        let first = contact("c1", &["ann@x.test"]);
+        store.put_contacts(&[first.clone().into()]).unwrap();
+        let mut update = contact("c1", &["ann@x.test", "ann2@x.test"]);
+        update.created_at = Utc::now();
+        let stored = store
+            .put_contacts(&[ContactUpsert {
+                contact: update,
+                created_at_given: false,
+            }])
+            .unwrap();
+        assert_eq!(stored[0].created_at, first.created_at);
+        assert_eq!(
+            store.contact("L1", "c1").unwrap().unwrap().created_at,
+            first.created_at
+        );
+        assert_eq!(
+            store.contacts_by_email("L1", "ann2@x.test").unwrap().len(),
+            1
+        );
+    }
+}
+
+/// R10: concurrent upserts of one contact never lose an address from the
+/// index: whichever record is stored last, each of its addresses finds it.
+#[test]
+fn r10_concurrent_upserts_of_one_contact_keep_the_index_whole() {
+    for (_dir, store) in engines() {
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
+        store
+            .put_contacts(&[contact("c1", &["a@x.test"]).into()])
+            .unwrap();
+        for round in 0..500 {
+            let writers: Vec<_> = [vec!["a@x.test"], vec!["b@x.test"]]
+                .into_iter()
+                .map(|emails| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        store
+                            .put_contacts(&[contact("c1", &emails).into()])
+                            .unwrap();
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.join().unwrap();
+            }
+            let stored = store.contact("L1", "c1").unwrap().unwrap();
+            for email in &stored.emails {
+                assert_eq!(
+                    store.contacts_by_email("L1", email).unwrap().len(),
+                    1,
+                    "round {round}: {email} of the stored record is not in the index"
+                );
+            }
+        }
     }
 }
