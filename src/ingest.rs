@@ -204,6 +204,7 @@ impl Ingest {
                 location_id: delivery.route.location_id.clone(),
                 user_id: delivery.route.user_id.clone(),
                 contact_id: delivery.route.contact_id.clone(),
+                contact_ids: delivery.contact_ids.clone(),
                 thread_id: thread.id.clone(),
                 mailbox: found.mailbox.to_string(),
                 direction: delivery.direction,

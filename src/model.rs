@@ -423,6 +423,11 @@ pub struct MessageEventData {
     pub location_id: String,
     pub user_id: String,
     pub contact_id: String,
+    /// Every existing contact of the location, assigned to the user, among
+    /// From/To/Cc/Bcc (the mailbox's own address aside), `contact_id`
+    /// first: the CRM shows the message under each of their records (R7, R8).
+    #[serde(default)]
+    pub contact_ids: Vec<String>,
     pub thread_id: String,
     pub mailbox: String,
     pub direction: Direction,

@@ -40,6 +40,9 @@ pub struct Delivery {
     pub route: ThreadRoute,
     pub direction: Direction,
     pub origin: Origin,
+    /// Every contact the message names in that conversation, the route's
+    /// contact first (R7, R8).
+    pub contact_ids: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,18 +152,79 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
         FolderRole::Inbox => Direction::Inbound,
     };
 
-    if let Some(thread) = thread {
-        return r06_continue_thread(thread, &live, direction);
+    let routing = match thread {
+        Some(thread) => r06_continue_thread(thread, &live, direction),
+        None => start_thread(message, sender, direction, &live, directory.contacts),
+    };
+    match routing {
+        Routing::Deliver { thread, deliveries } => Routing::Deliver {
+            thread,
+            deliveries: deliveries
+                .into_iter()
+                .map(|delivery| r07_r08_name_every_contact(delivery, message, &directory))
+                .collect(),
+        },
+        ignored => ignored,
     }
+}
 
+/// R7 + R8: every existing contact of the delivery's location, assigned to
+/// its user, that the message names in From/To/Cc/Bcc (the mailbox aside),
+/// the conversation's own contact first. Nothing is created for them.
+fn r07_r08_name_every_contact(
+    mut delivery: Delivery,
+    message: &Message,
+    directory: &Directory<'_>,
+) -> Delivery {
+    let mailbox = normalize_email(directory.mailbox);
+    let mut named = vec![delivery.route.contact_id.clone()];
+    for address in message
+        .from
+        .iter()
+        .chain(&message.to)
+        .chain(&message.cc)
+        .chain(&message.bcc)
+        .map(|a| normalize_email(&a.email))
+        .filter(|address| *address != mailbox)
+    {
+        let mut matching: Vec<&Contact> = directory
+            .contacts
+            .iter()
+            .filter(|c| c.location_id == delivery.route.location_id)
+            .filter(|c| c.is_assigned_to(&delivery.route.user_id))
+            .filter(|c| c.has_email(&address))
+            .collect();
+        matching.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        for contact in matching {
+            if !named.contains(&contact.id) {
+                named.push(contact.id.clone());
+            }
+        }
+    }
+    delivery.contact_ids = named;
+    delivery
+}
+
+/// A message of no synced thread: who it goes to, if anyone (R3, R4, R9, R11).
+fn start_thread(
+    message: &Message,
+    sender: Option<String>,
+    direction: Direction,
+    live: &[&Integration],
+    contacts: &[Contact],
+) -> Routing {
     let deliveries: Vec<Delivery> = match direction {
         Direction::Inbound => {
             let Some(sender) = sender else {
                 return Routing::Ignore(IgnoreReason::NoSender);
             };
-            r03_r11_inbound_from_contact(&sender, &live, directory.contacts)
+            r03_r11_inbound_from_contact(&sender, live, contacts)
         }
-        Direction::Outbound => r04_r09_outbound_to_contact(message, &live, directory.contacts),
+        Direction::Outbound => r04_r09_outbound_to_contact(message, live, contacts),
     };
     if deliveries.is_empty() {
         return Routing::Ignore(match direction {
@@ -203,6 +267,7 @@ fn r06_continue_thread(thread: &Thread, live: &[&Integration], direction: Direct
             route: r.clone(),
             direction,
             origin: Origin::Mailbox,
+            contact_ids: Vec::new(),
         })
         .collect();
     if deliveries.is_empty() {
@@ -233,6 +298,7 @@ fn r03_r11_inbound_from_contact(
                 },
                 direction: Direction::Inbound,
                 origin: Origin::Mailbox,
+                contact_ids: Vec::new(),
             })
         })
         .collect()
@@ -266,6 +332,7 @@ fn r04_r09_outbound_to_contact(
                     },
                     direction: Direction::Outbound,
                     origin: Origin::Mailbox,
+                    contact_ids: Vec::new(),
                 })
         })
         .collect()
@@ -695,6 +762,74 @@ mod tests {
                 expect: Err(IgnoreReason::NoRecipientContact),
             },
         ]);
+    }
+
+    /// The `contact_ids` of each delivery.
+    fn named(message: &Message, folder: FolderRole, contacts: &[Contact]) -> Vec<Vec<String>> {
+        let integrations = [integration("L1", "u1", 1), integration("L2", "u1", 1)];
+        match route(
+            Incoming {
+                message,
+                folder,
+                uid_validity: 1,
+                uid: 1,
+                received_at: None,
+                sent_by_crm: false,
+            },
+            Directory {
+                mailbox: MAILBOX,
+                integrations: &integrations,
+                contacts,
+                already_synced: &[],
+            },
+            None,
+        ) {
+            Routing::Deliver { deliveries, .. } => {
+                deliveries.into_iter().map(|d| d.contact_ids).collect()
+            }
+            Routing::Ignore(reason) => panic!("ignored: {reason}"),
+        }
+    }
+
+    #[test]
+    fn r07_r08_every_contact_the_message_names_is_listed_owner_first() {
+        let contacts = vec![
+            contact("L1", "c-ann", "ann@x.test", &["u1"], 2),
+            contact("L1", "c-bob", "bob@x.test", &["u1"], 1),
+            contact("L1", "c-cat", "cat@x.test", &["u1"], 3),
+            contact("L1", "c-unassigned", "dan@x.test", &["u2"], 1),
+            contact("L2", "c-bob-l2", "bob@x.test", &["u1"], 1),
+        ];
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: Vec<(&str, Message, FolderRole, Vec<Vec<String>>)> = vec![
+            (
+                "a cc'd contact is named after the owner; one not assigned to the user is not",
+                message("ann@x.test", &[MAILBOX], &["bob@x.test", "dan@x.test"], &[]),
+                FolderRole::Inbox,
+                vec![ids(&["c-ann", "c-bob"])],
+            ),
+            (
+                "sent to several: the first To contact owns it, every other contact follows, Bcc too",
+                message(
+                    MAILBOX,
+                    &["eve@x.test", "cat@x.test"],
+                    &["ann@x.test"],
+                    &["bob@x.test"],
+                ),
+                FolderRole::Sent,
+                // L2 knows only bob: the message is theirs too (R4), under him.
+                vec![ids(&["c-cat", "c-ann", "c-bob"]), ids(&["c-bob-l2"])],
+            ),
+            (
+                "each location names its own contacts (R11 fan-out)",
+                message("bob@x.test", &[MAILBOX, "cat@x.test"], &[], &[]),
+                FolderRole::Inbox,
+                vec![ids(&["c-bob", "c-cat"]), ids(&["c-bob-l2"])],
+            ),
+        ];
+        for (name, message, folder, expected) in cases {
+            assert_eq!(named(&message, folder, &contacts), expected, "{name}");
+        }
     }
 
     #[test]

@@ -102,6 +102,9 @@ struct ValidSend {
     user_id: String,
     mailbox: Mailbox,
     contact: Contact,
+    /// The contact first, then every other contact of the location assigned
+    /// to the user among the recipients (R7: none is created).
+    contact_ids: Vec<String>,
     to: Vec<String>,
     cc: Vec<String>,
     bcc: Vec<String>,
@@ -240,11 +243,27 @@ fn validate(
     } else {
         to_given
     };
+    let mut contact_ids = vec![contact.id.clone()];
+    for address in to.iter().chain(&cc).chain(&bcc) {
+        let mut named = state.store.contacts_by_email(&location_id, address)?;
+        named.retain(|c| c.is_assigned_to(&user_id));
+        named.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        for other in named {
+            if !contact_ids.contains(&other.id) {
+                contact_ids.push(other.id);
+            }
+        }
+    }
     Ok(ValidSend {
         location_id,
         user_id,
         mailbox,
         contact,
+        contact_ids,
         to,
         cc,
         bcc,
@@ -301,6 +320,7 @@ async fn compose(
         location_id: request.location_id.clone(),
         user_id: request.user_id.clone(),
         contact_id: request.contact.id.clone(),
+        contact_ids: request.contact_ids.clone(),
         thread_id: plan.thread.id.clone(),
         mailbox: mailbox.clone(),
         direction: Direction::Outbound,

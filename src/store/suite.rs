@@ -428,6 +428,7 @@ fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
             location_id: "L1".into(),
             user_id: "u1".into(),
             contact_id: "c1".into(),
+            contact_ids: vec!["c1".into()],
             thread_id: "thr_s".into(),
             mailbox: "me@x.test".into(),
             direction: Direction::Outbound,
