@@ -153,6 +153,9 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
     };
 
     let routing = match thread {
+        Some(thread) if direction == Direction::Outbound && is_forward(message) => {
+            r16_forward(thread, message, &live, directory.contacts)
+        }
         Some(thread) => r06_continue_thread(thread, &live, direction),
         None => start_thread(message, sender, direction, &live, directory.contacts),
     };
@@ -207,6 +210,41 @@ fn r07_r08_name_every_contact(
     }
     delivery.contact_ids = named;
     delivery
+}
+
+/// Whether the subject marks a forward, in the words mail clients use
+/// ("Fwd:", Outlook's "FW:", German "WG:", French "TR:", Spanish "RV:", …).
+fn is_forward(message: &Message) -> bool {
+    let Some(subject) = &message.subject else {
+        return false;
+    };
+    let Some((prefix, _)) = subject.trim_start().split_once(':') else {
+        return false;
+    };
+    matches!(
+        prefix.trim().to_ascii_lowercase().as_str(),
+        "fwd" | "fw" | "wg" | "tr" | "rv" | "enc" | "vs" | "vb" | "fs" | "doorst"
+    )
+}
+
+/// R16: a forward carries the References of the thread it came from (Gmail
+/// does), but it is a sent message of the conversation of the contact it is
+/// sent to. It stays in the thread only where it goes to the thread's own
+/// conversation; otherwise it starts its own.
+fn r16_forward(
+    thread: &Thread,
+    message: &Message,
+    live: &[&Integration],
+    contacts: &[Contact],
+) -> Routing {
+    let fresh = start_thread(message, None, Direction::Outbound, live, contacts);
+    let Routing::Deliver { deliveries, .. } = &fresh else {
+        return fresh;
+    };
+    if deliveries.iter().all(|d| thread.routes.contains(&d.route)) {
+        return r06_continue_thread(thread, live, Direction::Outbound);
+    }
+    fresh
 }
 
 /// A message of no synced thread: who it goes to, if anyone (R3, R4, R9, R11).
@@ -830,6 +868,102 @@ mod tests {
         for (name, message, folder, expected) in cases {
             assert_eq!(named(&message, folder, &contacts), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn r16_a_forward_goes_to_the_contact_it_is_sent_to_not_the_thread_it_came_from() {
+        let contacts = vec![
+            contact("L1", "c-ann", "ann@x.test", &["u1"], 1),
+            contact("L1", "c-bob", "bob@x.test", &["u1"], 2),
+        ];
+        let anns_thread = Thread {
+            id: "thr_ann".into(),
+            mailbox: MAILBOX.into(),
+            routes: vec![ThreadRoute {
+                location_id: "L1".into(),
+                user_id: "u1".into(),
+                contact_id: "c-ann".into(),
+            }],
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            message_ids: vec!["<from-ann@x>".into()],
+            subject: Some("invoice".into()),
+        };
+        let sent = |subject: &str, to: &str| Message {
+            subject: Some(subject.into()),
+            references: vec!["<from-ann@x>".into()],
+            ..message(MAILBOX, &[to], &[], &[])
+        };
+        let decide = |message: &Message| {
+            route(
+                Incoming {
+                    message,
+                    folder: FolderRole::Sent,
+                    uid_validity: 1,
+                    uid: 1,
+                    received_at: None,
+                    sent_by_crm: false,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &[integration("L1", "u1", 1)],
+                    contacts: &contacts,
+                    already_synced: &[],
+                },
+                Some(&anns_thread),
+            )
+        };
+        let cases: Vec<(&str, Message, ThreadDecision, Option<&str>)> = vec![
+            (
+                "Gmail's forward of ann's mail to bob: bob's conversation, a thread of its own",
+                sent("Fwd: invoice", "bob@x.test"),
+                ThreadDecision::Start,
+                Some("c-bob"),
+            ),
+            (
+                "Outlook's FW: to bob, the same",
+                sent("FW: invoice", "bob@x.test"),
+                ThreadDecision::Start,
+                Some("c-bob"),
+            ),
+            (
+                "a forward back to ann stays in her thread",
+                sent("Fwd: invoice", "ann@x.test"),
+                ThreadDecision::Continue {
+                    thread_id: "thr_ann".into(),
+                },
+                Some("c-ann"),
+            ),
+            (
+                "a reply (not a forward) to bob in ann's thread stays in the thread (R6)",
+                sent("Re: invoice", "bob@x.test"),
+                ThreadDecision::Continue {
+                    thread_id: "thr_ann".into(),
+                },
+                Some("c-ann"),
+            ),
+        ];
+        for (name, message, thread, owner) in cases {
+            match decide(&message) {
+                Routing::Deliver {
+                    thread: decided,
+                    deliveries,
+                } => {
+                    assert_eq!(decided, thread, "{name}");
+                    assert_eq!(
+                        deliveries[0].route.contact_id.as_str(),
+                        owner.unwrap(),
+                        "{name}"
+                    );
+                    assert_eq!(deliveries[0].direction, Direction::Outbound, "{name}");
+                }
+                Routing::Ignore(reason) => panic!("{name}: ignored ({reason})"),
+            }
+        }
+        // A forward of ann's mail to a stranger is not the contact's business.
+        assert_eq!(
+            decide(&sent("Fwd: invoice", "eve@x.test")),
+            Routing::Ignore(IgnoreReason::NoRecipientContact)
+        );
     }
 
     #[test]
