@@ -25,6 +25,28 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub sending: SendingConfig,
     pub log: LogConfig,
+    pub auto_bcc: AutoBccConfig,
+}
+
+/// Auto BCC (R15).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoBccConfig {
+    /// The shape of the smart addresses, with one `{token}`:
+    /// `"crm+{token}@bcc.example.com"`. Unset: `bcc-{token}@` and
+    /// `server.smart_bcc_domain`.
+    pub address: Option<String>,
+}
+
+impl Config {
+    /// The smart addresses' template, from `[auto_bcc] address` or the older
+    /// `server.smart_bcc_domain`.
+    pub fn smart_address_template(&self) -> String {
+        self.auto_bcc
+            .address
+            .clone()
+            .unwrap_or_else(|| format!("bcc-{{token}}@{}", self.server.smart_bcc_domain))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

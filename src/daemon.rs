@@ -21,6 +21,7 @@ use crate::{
     oauth::{TokenHttp, state::StateSigner},
     scheduler::Scheduler,
     send_queue::{SendQueue, SendSignal},
+    smart_address::SmartAddresses,
     smtp::Submitter,
     store::{SledStore, Store, secret_box::SecretBox},
     supervise::{Health, supervise},
@@ -30,6 +31,8 @@ use crate::{
 
 const API_KEY_SETTING: &str = "generated_api_key_sha256";
 const OAUTH_STATE_KEY_SETTING: &str = "oauth_state_key";
+/// Under which the secret of the Auto BCC addresses is kept (sealed).
+const AUTO_BCC_KEY_SETTING: &str = "auto_bcc_key";
 
 fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
@@ -145,13 +148,22 @@ pub async fn run(
         Duration::from_secs(config.sync.reauth_confirm_secs),
     ));
     let oauth_state = StateSigner::new(store.secret_key(OAUTH_STATE_KEY_SETTING)?);
+    let smart = SmartAddresses::new(
+        &config.smart_address_template(),
+        store.secret_key(AUTO_BCC_KEY_SETTING)?,
+    )?;
     let memory = MemoryBudget::new(config.sync.memory_budget_bytes);
     let ctx = Arc::new(SyncContext {
         store: store.clone(),
         memory: memory.clone(),
         connector: connector.clone(),
         auth: auth.clone(),
-        ingest: Ingest::new(store.clone(), signal.clone(), &config.server.public_url),
+        ingest: Ingest::new(
+            store.clone(),
+            signal.clone(),
+            &config.server.public_url,
+            smart.clone(),
+        ),
         providers: config.providers.clone(),
         sync: config.sync.clone(),
         signal: signal.clone(),
@@ -225,7 +237,7 @@ pub async fn run(
         key_hashes: Arc::new(key_hashes),
         ready: Arc::new(AtomicBool::new(false)),
         metrics: metrics_handle(),
-        smart_bcc_domain: config.server.smart_bcc_domain.clone(),
+        smart,
         send_signal,
         public_url: config.server.public_url.trim_end_matches('/').to_string(),
         auth,

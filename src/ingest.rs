@@ -13,6 +13,7 @@ use crate::{
         MessageEventData, Thread, new_id, normalize_email,
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
+    smart_address::SmartAddresses,
     store::{IngestCommit, Store, StoreError, StoreResult},
     webhook::OutboxSignal,
 };
@@ -26,6 +27,7 @@ pub struct Ingest {
     store: Arc<dyn Store>,
     signal: OutboxSignal,
     public_url: String,
+    smart: SmartAddresses,
 }
 
 /// Where a message was found.
@@ -78,11 +80,17 @@ pub fn message_identity(message: &Message, raw: &[u8]) -> String {
 }
 
 impl Ingest {
-    pub fn new(store: Arc<dyn Store>, signal: OutboxSignal, public_url: &str) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        signal: OutboxSignal,
+        public_url: &str,
+        smart: SmartAddresses,
+    ) -> Self {
         Self {
             store,
             signal,
             public_url: public_url.trim_end_matches('/').to_string(),
+            smart,
         }
     }
 
@@ -115,7 +123,9 @@ impl Ingest {
         loop {
             attempts += 1;
             match self.route_and_commit(found, &message, raw) {
-                Err(StoreError::ThreadChanged) if attempts < MAX_THREAD_RETRIES => {
+                Err(StoreError::ThreadChanged | StoreError::DirectoryChanged)
+                    if attempts < MAX_THREAD_RETRIES =>
+                {
                     tracing::debug!(
                         mailbox = found.mailbox,
                         uid = found.uid,
@@ -141,7 +151,13 @@ impl Ingest {
             Some(id) => self.store.is_crm_message(found.mailbox, id)?,
             None => false,
         } || self.names_a_crm_send(found.mailbox, message)?;
-        let integrations = self.store.integrations_of_mailbox(found.mailbox)?;
+        let mut integrations = self.store.integrations_of_mailbox(found.mailbox)?;
+        // The smart address is derived (R15), whatever an older record holds.
+        for integration in &mut integrations {
+            integration.smart_bcc_address = self
+                .smart
+                .address(&integration.location_id, &integration.user_id);
+        }
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
@@ -170,7 +186,7 @@ impl Ingest {
             },
             thread.as_ref(),
         );
-        let (decision, deliveries) = match routing {
+        let (decision, deliveries, new_contacts) = match routing {
             Routing::Ignore(reason) => {
                 tracing::debug!(
                     mailbox = found.mailbox,
@@ -181,7 +197,11 @@ impl Ingest {
                 self.skip(found)?;
                 return Ok(Outcome::Ignored(reason));
             }
-            Routing::Deliver { thread, deliveries } => (thread, deliveries),
+            Routing::Deliver {
+                thread,
+                deliveries,
+                new_contacts,
+            } => (thread, deliveries, new_contacts),
         };
         let now = Utc::now();
         let mut thread = match (decision, thread) {
@@ -237,6 +257,36 @@ impl Ingest {
                 data: serde_json::to_value(data).unwrap_or_default(),
             })
             .collect();
+        // R15: the contacts come first, so the CRM knows them when the
+        // message that names them arrives (same ordering key).
+        let new_contacts: Vec<Contact> = new_contacts
+            .into_iter()
+            .map(|new| Contact {
+                location_id: new.location_id,
+                id: new.id,
+                emails: vec![new.email],
+                name: new.name,
+                assigned_user_ids: vec![new.user_id],
+                created_at: now,
+            })
+            .collect();
+        let events: Vec<Event> = new_contacts
+            .iter()
+            .map(|contact| {
+                let mut data = serde_json::to_value(contact).unwrap_or_default();
+                if let Some(map) = data.as_object_mut() {
+                    map.insert("origin".into(), "auto_bcc".into());
+                }
+                Event {
+                    id: new_id("evt"),
+                    kind: "contact.created".into(),
+                    timestamp: now,
+                    ordering_key: thread.id.clone(),
+                    data,
+                }
+            })
+            .chain(events)
+            .collect();
         let count = events.len();
         // The source is kept for /raw and attachment downloads.
         let committed = self.store.commit_ingest(
@@ -249,6 +299,7 @@ impl Ingest {
                 thread_seen,
                 message_ids: message.message_id.iter().cloned().collect(),
                 thread: Some(thread.clone()),
+                new_contacts,
                 events,
                 synced: Some((
                     identity,
@@ -288,6 +339,7 @@ impl Ingest {
             thread_keys_seen: vec![],
             thread_seen: None,
             thread: None,
+            new_contacts: vec![],
             message_ids: vec![],
             events: vec![],
             history: vec![],

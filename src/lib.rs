@@ -20,6 +20,7 @@ pub mod offload;
 pub mod routing;
 pub mod scheduler;
 pub mod send_queue;
+pub mod smart_address;
 pub mod smtp;
 pub mod store;
 pub mod supervise;

@@ -59,7 +59,29 @@ pub enum Routing {
     Deliver {
         thread: ThreadDecision,
         deliveries: Vec<Delivery>,
+        /// Contacts Auto BCC creates (R15), before the message lands.
+        new_contacts: Vec<NewContact>,
     },
+}
+
+/// A contact Auto BCC creates: a To recipient of mail the user logged (R15).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewContact {
+    pub location_id: String,
+    /// Assigned to this user.
+    pub user_id: String,
+    /// Derived from location and address: both doors, and a retry, name the same contact.
+    pub id: String,
+    pub email: String,
+    pub name: Option<String>,
+}
+
+/// The id Auto BCC gives the contact it creates for `email` in `location_id`.
+pub fn auto_contact_id(location_id: &str, email: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{location_id}\0{email}").as_bytes());
+    let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("auto_{hex}")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,18 +179,154 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
             r16_forward(thread, message, &live, directory.contacts)
         }
         Some(thread) => r06_continue_thread(thread, &live, direction),
+        None if direction == Direction::Outbound => {
+            r15_outbound(message, &mailbox, &live, directory.contacts)
+        }
         None => start_thread(message, sender, direction, &live, directory.contacts),
     };
     match routing {
-        Routing::Deliver { thread, deliveries } => Routing::Deliver {
+        Routing::Deliver {
+            thread,
+            deliveries,
+            new_contacts,
+        } => Routing::Deliver {
             thread,
             deliveries: deliveries
                 .into_iter()
-                .map(|delivery| r07_r08_name_every_contact(delivery, message, &directory))
+                .map(|mut delivery| {
+                    // Logged through the smart address, in a thread that syncs.
+                    if direction == Direction::Outbound
+                        && live.iter().any(|i| {
+                            i.location_id == delivery.route.location_id
+                                && i.user_id == delivery.route.user_id
+                                && names_smart_address(message, i)
+                        })
+                    {
+                        delivery.origin = Origin::AutoBcc;
+                    }
+                    r07_r08_name_every_contact(delivery, message, &directory)
+                })
                 .collect(),
+            new_contacts,
         },
         ignored => ignored,
     }
+}
+
+/// Whether the integration's smart address is among the recipients.
+fn names_smart_address(message: &Message, integration: &Integration) -> bool {
+    let smart = normalize_email(&integration.smart_bcc_address);
+    !smart.is_empty()
+        && message
+            .to
+            .iter()
+            .chain(&message.cc)
+            .chain(&message.bcc)
+            .any(|a| normalize_email(&a.email) == smart)
+}
+
+/// Mail sent from the mailbox, of no synced thread: per integration, Auto
+/// BCC where the user put its smart address on it (R15), else the first
+/// contact among the recipients (R4, R9).
+fn r15_outbound(
+    message: &Message,
+    mailbox: &str,
+    live: &[&Integration],
+    contacts: &[Contact],
+) -> Routing {
+    let mut deliveries = Vec::new();
+    let mut new_contacts = Vec::new();
+    for integration in live {
+        if names_smart_address(message, integration)
+            && let Some((delivery, created)) = r15_auto_bcc(message, mailbox, integration, contacts)
+        {
+            deliveries.push(delivery);
+            new_contacts.extend(created);
+            continue;
+        }
+        deliveries.extend(r04_r09_outbound_to_contact(
+            message,
+            &[*integration],
+            contacts,
+        ));
+    }
+    if deliveries.is_empty() {
+        return Routing::Ignore(IgnoreReason::NoRecipientContact);
+    }
+    Routing::Deliver {
+        thread: ThreadDecision::Start,
+        deliveries,
+        new_contacts,
+    }
+}
+
+/// R15: every To recipient (not the mailbox, not a smart address) that is no
+/// contact of the location yet becomes one, assigned to the user; the first
+/// To recipient owns the conversation. Cc and Bcc create nothing (R7).
+fn r15_auto_bcc(
+    message: &Message,
+    mailbox: &str,
+    integration: &Integration,
+    contacts: &[Contact],
+) -> Option<(Delivery, Vec<NewContact>)> {
+    let smart = normalize_email(&integration.smart_bcc_address);
+    let mut to: Vec<(String, Option<String>)> = Vec::new();
+    for recipient in &message.to {
+        let email = normalize_email(&recipient.email);
+        if email != mailbox && email != smart && !to.iter().any(|(e, _)| *e == email) {
+            to.push((email, recipient.name.clone()));
+        }
+    }
+    let mut owner: Option<String> = None;
+    let mut named = Vec::new();
+    let mut created = Vec::new();
+    for (email, name) in to {
+        let in_location: Vec<&Contact> = contacts
+            .iter()
+            .filter(|c| c.location_id == integration.location_id && c.has_email(&email))
+            .collect();
+        let id = match r10_first_created(contacts, integration, &email) {
+            Some(assigned) => assigned.id.clone(),
+            // A contact of the location, not assigned to the user: it is
+            // known, so nothing is created (R10 picks among them).
+            None => match in_location.iter().min_by(|a, b| {
+                a.created_at
+                    .cmp(&b.created_at)
+                    .then_with(|| a.id.cmp(&b.id))
+            }) {
+                Some(known) => known.id.clone(),
+                None => {
+                    let id = auto_contact_id(&integration.location_id, &email);
+                    created.push(NewContact {
+                        location_id: integration.location_id.clone(),
+                        user_id: integration.user_id.clone(),
+                        id: id.clone(),
+                        email,
+                        name: name.filter(|n| !n.trim().is_empty()),
+                    });
+                    id
+                }
+            },
+        };
+        if owner.is_none() {
+            owner = Some(id.clone());
+        }
+        named.push(id);
+    }
+    let owner = owner?;
+    Some((
+        Delivery {
+            route: ThreadRoute {
+                location_id: integration.location_id.clone(),
+                user_id: integration.user_id.clone(),
+                contact_id: owner,
+            },
+            direction: Direction::Outbound,
+            origin: Origin::AutoBcc,
+            contact_ids: named,
+        },
+        created,
+    ))
 }
 
 /// R7 + R8: every existing contact of the delivery's location, assigned to
@@ -181,6 +339,12 @@ fn r07_r08_name_every_contact(
 ) -> Delivery {
     let mailbox = normalize_email(directory.mailbox);
     let mut named = vec![delivery.route.contact_id.clone()];
+    // Contacts the routing created or chose already (Auto BCC), in To order.
+    for id in std::mem::take(&mut delivery.contact_ids) {
+        if !named.contains(&id) {
+            named.push(id);
+        }
+    }
     for address in message
         .from
         .iter()
@@ -273,6 +437,7 @@ fn start_thread(
     Routing::Deliver {
         thread: ThreadDecision::Start,
         deliveries,
+        new_contacts: Vec::new(),
     }
 }
 
@@ -316,6 +481,7 @@ fn r06_continue_thread(thread: &Thread, live: &[&Integration], direction: Direct
             thread_id: thread.id.clone(),
         },
         deliveries,
+        new_contacts: Vec::new(),
     }
 }
 
@@ -947,6 +1113,7 @@ mod tests {
                 Routing::Deliver {
                     thread: decided,
                     deliveries,
+                    ..
                 } => {
                     assert_eq!(decided, thread, "{name}");
                     assert_eq!(
@@ -963,6 +1130,116 @@ mod tests {
         assert_eq!(
             decide(&sent("Fwd: invoice", "eve@x.test")),
             Routing::Ignore(IgnoreReason::NoRecipientContact)
+        );
+    }
+
+    #[test]
+    fn r15_auto_bcc_logs_mail_sent_with_the_smart_address_and_creates_to_recipients() {
+        let contacts = vec![contact("L1", "c-ann", "ann@x.test", &["u1"], 1)];
+        let smart = "bcc@bridge.test";
+        let mut l2 = integration("L2", "u1", 1);
+        l2.smart_bcc_address = "other-bcc@bridge.test".into();
+        let integrations = vec![integration("L1", "u1", 1), l2];
+        let decide = |message: &Message, folder: FolderRole| {
+            route(
+                Incoming {
+                    message,
+                    folder,
+                    uid_validity: 1,
+                    uid: 1,
+                    received_at: None,
+                    sent_by_crm: false,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations: &integrations,
+                    contacts: &contacts,
+                    already_synced: &[],
+                },
+                None,
+            )
+        };
+        let named = |email: &str, name: &str| EmailAddress {
+            email: email.into(),
+            name: Some(name.into()),
+        };
+        let new_id = auto_contact_id("L1", "new@x.test");
+
+        // In Bcc: the new To recipient is created and owns the conversation;
+        // the known one is named; the Cc stranger is not created (R7).
+        let mut logged = message(MAILBOX, &[], &["eve@x.test"], &[smart]);
+        logged.to = vec![named("New@X.test", "New Person"), addr("ann@x.test")];
+        match decide(&logged, FolderRole::Sent) {
+            Routing::Deliver {
+                thread,
+                deliveries,
+                new_contacts,
+            } => {
+                assert_eq!(thread, ThreadDecision::Start);
+                assert_eq!(
+                    new_contacts,
+                    vec![NewContact {
+                        location_id: "L1".into(),
+                        user_id: "u1".into(),
+                        id: new_id.clone(),
+                        email: "new@x.test".into(),
+                        name: Some("New Person".into()),
+                    }]
+                );
+                assert_eq!(
+                    deliveries.len(),
+                    1,
+                    "L2's smart address is not on it: {deliveries:?}"
+                );
+                assert_eq!(deliveries[0].route.contact_id, new_id);
+                assert_eq!(deliveries[0].origin, Origin::AutoBcc);
+                assert_eq!(deliveries[0].direction, Direction::Outbound);
+                assert_eq!(
+                    deliveries[0].contact_ids,
+                    vec![new_id.clone(), "c-ann".to_string()]
+                );
+            }
+            other => panic!("not logged: {other:?}"),
+        }
+
+        // In Cc works the same; a known first To owns it and nothing is created.
+        let known_first = message(MAILBOX, &["ann@x.test"], &[smart], &[]);
+        match decide(&known_first, FolderRole::Sent) {
+            Routing::Deliver {
+                deliveries,
+                new_contacts,
+                ..
+            } => {
+                assert!(new_contacts.is_empty());
+                assert_eq!(deliveries[0].route.contact_id, "c-ann");
+                assert_eq!(deliveries[0].origin, Origin::AutoBcc);
+            }
+            other => panic!("not logged: {other:?}"),
+        }
+
+        // Without the smart address, a stranger creates nothing (R4, R7).
+        assert_eq!(
+            decide(
+                &message(MAILBOX, &["new@x.test"], &[], &[]),
+                FolderRole::Sent
+            ),
+            Routing::Ignore(IgnoreReason::NoRecipientContact)
+        );
+        // A forged address of the same shape is no smart address.
+        assert_eq!(
+            decide(
+                &message(MAILBOX, &["new@x.test"], &[], &["bcc2@bridge.test"]),
+                FolderRole::Sent
+            ),
+            Routing::Ignore(IgnoreReason::NoRecipientContact)
+        );
+        // Mail received with the address on it was not sent by the user.
+        assert_eq!(
+            decide(
+                &message("new@x.test", &[MAILBOX], &[smart], &[]),
+                FolderRole::Inbox
+            ),
+            Routing::Ignore(IgnoreReason::SenderNotContact)
         );
     }
 

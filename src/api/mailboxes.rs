@@ -158,7 +158,10 @@ fn status_of(
         connected_at: integration.connected_at,
         sent_last_24h,
         daily_send_limit: mailbox.daily_send_limit,
-        smart_bcc_address: integration.smart_bcc_address.clone(),
+        // Derived, so an integration stored before it was keeps working.
+        smart_bcc_address: state
+            .smart
+            .address(&integration.location_id, &integration.user_id),
         save_sent: mailbox.save_sent,
     })
 }
@@ -184,11 +187,6 @@ fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-fn smart_bcc_address(domain: &str) -> String {
-    // 128 random bits: the address cannot be guessed (R15).
-    format!("sync-{}@{domain}", uuid::Uuid::new_v4().simple())
 }
 
 pub async fn put(
@@ -292,7 +290,7 @@ pub async fn connect_mailbox(
                 mailbox: address.clone(),
                 connected_at: now,
                 baseline: baseline.clone(),
-                smart_bcc_address: smart_bcc_address(&state.smart_bcc_domain),
+                smart_bcc_address: state.smart.address(&location_id, &user_id),
             }
         }
     };

@@ -45,7 +45,8 @@ pub struct AppState {
     pub key_hashes: Arc<Vec<[u8; 32]>>,
     pub ready: Arc<AtomicBool>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    pub smart_bcc_domain: String,
+    /// The integrations' Auto BCC addresses (R15).
+    pub smart: crate::smart_address::SmartAddresses,
     pub send_signal: crate::send_queue::SendSignal,
     pub public_url: String,
     pub auth: Arc<crate::auth::Auth>,

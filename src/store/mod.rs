@@ -39,6 +39,10 @@ pub enum StoreError {
     /// it again and redo the change.
     #[error("the thread changed meanwhile")]
     ThreadChanged,
+    /// A contact the commit creates (Auto BCC) exists meanwhile: nothing
+    /// was stored; route again with it known.
+    #[error("a contact to create exists meanwhile")]
+    DirectoryChanged,
     /// The folder's cursor is not where the writer left it: another sync of
     /// the folder moved it, or the mailbox was disconnected. Nothing was
     /// stored; the writer is stale and stops.
@@ -64,6 +68,8 @@ pub struct IngestCommit {
     pub thread_keys_seen: Vec<String>,
     pub thread_seen: Option<Thread>,
     pub thread: Option<Thread>,
+    /// Contacts Auto BCC creates (R15); none may exist yet.
+    pub new_contacts: Vec<Contact>,
     /// Message ids to file under `thread` in the thread index.
     pub message_ids: Vec<String>,
     pub events: Vec<Event>,

@@ -85,6 +85,9 @@ pub struct SledStore {
     directory: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
+/// A contact ready to insert: its key, its value, its address index keys.
+type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
+
 /// sled's page cache.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -975,6 +978,26 @@ impl Store for SledStore {
             }
             _ => false,
         };
+        let contact_values: Vec<ContactRecord> = commit
+            .new_contacts
+            .iter()
+            .map(|contact| {
+                Ok((
+                    key(&[&contact.location_id, &contact.id]),
+                    encode(contact)?,
+                    contact
+                        .emails
+                        .iter()
+                        .map(|email| key(&[&contact.location_id, email, &contact.id]))
+                        .collect(),
+                ))
+            })
+            .collect::<StoreResult<_>>()?;
+        let _directory = (!contact_values.is_empty()).then(|| {
+            self.directory
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
         let committed = (
             &self.cursors,
             &self.threads,
@@ -982,46 +1005,72 @@ impl Store for SledStore {
             &self.outbox,
             &self.history,
             &self.synced,
+            &self.contacts,
+            &self.contact_emails,
         )
-            .transaction(|(cursors, threads, thread_keys, outbox, history, synced)| {
-                if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
-                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
-                }
-                if commit.thread.is_some()
-                    && thread_of_tx(
-                        threads,
-                        thread_keys,
-                        &commit.mailbox,
-                        &commit.thread_keys_seen,
-                    )? != commit.thread_seen
-                {
-                    return Err(ConflictableTransactionError::Abort(
-                        StoreError::ThreadChanged,
-                    ));
-                }
-                // Checked inside the commit: two folders' watchers may race
-                // with the same message.
-                for k in &synced_keys {
-                    if synced.insert(k.as_slice(), record_id.as_bytes())?.is_some() {
+            .transaction(
+                |(
+                    cursors,
+                    threads,
+                    thread_keys,
+                    outbox,
+                    history,
+                    synced,
+                    contacts,
+                    contact_emails,
+                )| {
+                    for (record_key, value, index_keys) in &contact_values {
+                        if contacts.get(record_key.as_slice())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(
+                                StoreError::DirectoryChanged,
+                            ));
+                        }
+                        contacts.insert(record_key.as_slice(), value.as_slice())?;
+                        for index_key in index_keys {
+                            contact_emails.insert(index_key.as_slice(), &[][..])?;
+                        }
+                    }
+                    if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
+                        return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                    }
+                    if commit.thread.is_some()
+                        && thread_of_tx(
+                            threads,
+                            thread_keys,
+                            &commit.mailbox,
+                            &commit.thread_keys_seen,
+                        )? != commit.thread_seen
+                    {
                         return Err(ConflictableTransactionError::Abort(
-                            StoreError::AlreadySynced,
+                            StoreError::ThreadChanged,
                         ));
                     }
-                }
-                cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
-                for (k, v) in &history_values {
-                    history.insert(k.as_slice(), v.as_slice())?;
-                }
-                if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
-                    threads.insert(thread.id.as_bytes(), value.as_slice())?;
-                    for message_id in &commit.message_ids {
-                        thread_keys
-                            .insert(key(&[&commit.mailbox, message_id]), thread.id.as_bytes())?;
+                    // Checked inside the commit: two folders' watchers may race
+                    // with the same message.
+                    for k in &synced_keys {
+                        if synced.insert(k.as_slice(), record_id.as_bytes())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(
+                                StoreError::AlreadySynced,
+                            ));
+                        }
                     }
-                }
-                Self::put_outbox_tx(outbox, &outbox_values)?;
-                Ok(())
-            })
+                    cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                    for (k, v) in &history_values {
+                        history.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
+                        threads.insert(thread.id.as_bytes(), value.as_slice())?;
+                        for message_id in &commit.message_ids {
+                            thread_keys.insert(
+                                key(&[&commit.mailbox, message_id]),
+                                thread.id.as_bytes(),
+                            )?;
+                        }
+                    }
+                    Self::put_outbox_tx(outbox, &outbox_values)?;
+                    Ok(())
+                },
+            )
             .map_err(tx_error);
         if committed.is_err() && source_kept {
             self.sources.remove(&record_id, SourceCopy::Filed);
