@@ -9,14 +9,20 @@ use chrono::Utc;
 use crate::{
     mime,
     model::{
-        AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Message,
-        MessageEventData, Thread, new_id, normalize_email,
+        AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Integration,
+        Message, MessageEventData, Thread, new_id, normalize_email,
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
     smart_address::SmartAddresses,
     store::{IngestCommit, Store, StoreError, StoreResult},
     webhook::OutboxSignal,
 };
+
+/// The setting that finds (location, user) by their smart address's token;
+/// written when the address is handed out.
+pub fn smart_token_setting(token: &str) -> String {
+    format!("auto_bcc_token:{token}")
+}
 
 /// How often a message is routed again when a CRM send keeps changing its
 /// thread at the same moment; past that the watcher retries the message later.
@@ -158,6 +164,38 @@ impl Ingest {
                 .smart
                 .address(&integration.location_id, &integration.user_id);
         }
+        // Auto BCC's catch-all (R15, door 2): what arrives there was sent by
+        // a user who put their smart address on it; it is routed as that
+        // user's sent mail, for each integration an address names.
+        let mut routing_mailbox = found.mailbox.to_string();
+        let mut folder = found.folder;
+        let mut logged_by_envelope = Vec::new();
+        if let Some(catch_all) = integrations.iter().find(|i| i.is_catch_all()).cloned() {
+            let sender = message.from.as_ref().map(|a| normalize_email(&a.email));
+            integrations = match (found.folder, sender) {
+                (FolderRole::Inbox, Some(sender)) => {
+                    let logged = self.logged_through_catch_all(message, &catch_all, &sender)?;
+                    routing_mailbox = sender;
+                    logged
+                }
+                _ => Vec::new(),
+            };
+            if integrations.is_empty() {
+                tracing::info!(
+                    mailbox = found.mailbox,
+                    uid = found.uid,
+                    "not logged: {}",
+                    IgnoreReason::NoSmartAddress
+                );
+                self.skip(found)?;
+                return Ok(Outcome::Ignored(IgnoreReason::NoSmartAddress));
+            }
+            folder = FolderRole::Sent;
+            logged_by_envelope = integrations
+                .iter()
+                .map(|i| (i.location_id.clone(), i.user_id.clone()))
+                .collect();
+        }
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
@@ -172,17 +210,18 @@ impl Ingest {
         let routing = routing::route(
             Incoming {
                 message,
-                folder: found.folder,
+                folder,
                 uid_validity: found.uid_validity,
                 uid: found.uid,
                 received_at: found.received_at,
                 sent_by_crm,
             },
             Directory {
-                mailbox: found.mailbox,
+                mailbox: &routing_mailbox,
                 integrations: &integrations,
                 contacts: &contacts,
                 already_synced: &already_synced,
+                logged_by_envelope: &logged_by_envelope,
             },
             thread.as_ref(),
         );
@@ -324,6 +363,59 @@ impl Ingest {
             thread_id: thread.id,
             events: count,
         })
+    }
+
+    /// The integrations whose smart address a message in the catch-all names
+    /// (in To/Cc, or in the envelope the server left), as if they used the
+    /// sender's mailbox from the moment the catch-all was connected (R2).
+    fn logged_through_catch_all(
+        &self,
+        message: &Message,
+        catch_all: &Integration,
+        sender: &str,
+    ) -> StoreResult<Vec<Integration>> {
+        let mut logged: Vec<Integration> = Vec::new();
+        let candidates = message
+            .to
+            .iter()
+            .chain(&message.cc)
+            .chain(&message.bcc)
+            .map(|a| a.email.as_str())
+            .chain(message.envelope_to.iter().map(String::as_str));
+        for address in candidates {
+            let Some(token) = self.smart.token_in(address) else {
+                continue;
+            };
+            let Some(owner) = self.store.setting(&smart_token_setting(&token))? else {
+                continue;
+            };
+            let owner = String::from_utf8_lossy(&owner).into_owned();
+            let Some((location_id, user_id)) = owner.split_once('\0') else {
+                continue;
+            };
+            if !self.smart.is_address_of(address, location_id, user_id)
+                || logged
+                    .iter()
+                    .any(|i| i.location_id == location_id && i.user_id == user_id)
+            {
+                continue;
+            }
+            logged.push(Integration {
+                location_id: location_id.to_string(),
+                user_id: user_id.to_string(),
+                mailbox: sender.to_string(),
+                connected_at: catch_all.connected_at,
+                // The catch-all's INBOX start stands for the user's Sent.
+                baseline: catch_all
+                    .baseline
+                    .iter()
+                    .filter(|(role, _)| *role == FolderRole::Inbox)
+                    .map(|(_, start)| (FolderRole::Sent, *start))
+                    .collect(),
+                smart_bcc_address: self.smart.address(location_id, user_id),
+            });
+        }
+        Ok(logged)
     }
 
     /// Moves the cursor past a message that cannot be handled (logged by the caller).

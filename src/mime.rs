@@ -69,6 +69,19 @@ fn read_headers(headers: &[MailHeader<'_>], message: &mut Message) {
         .get_first_value("Subject")
         .map(|s| s.trim().to_string());
     message.date = headers.get_first_value("Date").and_then(|v| parse_date(&v));
+    for name in ["Delivered-To", "X-Original-To"] {
+        for header in headers.get_all_headers(name) {
+            let value = header.get_value();
+            let address = value.trim().trim_start_matches('<').trim_end_matches('>');
+            if !address.is_empty()
+                && address.len() <= 320
+                && !address.chars().any(|c| c.is_whitespace() || c.is_control())
+                && !message.envelope_to.iter().any(|known| known == address)
+            {
+                message.envelope_to.push(address.to_string());
+            }
+        }
+    }
     message.crm_send_id = headers
         .get_first_value(crate::compose::SEND_ID_HEADER)
         .map(|v| v.trim().to_string())

@@ -260,6 +260,12 @@ impl FolderCursor {
     }
 }
 
+/// The integration that stands for the Auto BCC catch-all mailbox (R15,
+/// door 2). Its location id holds a control character, which the API
+/// refuses in ids, so no CRM location can be it.
+pub const CATCH_ALL_LOCATION: &str = "\u{1}auto-bcc";
+pub const CATCH_ALL_USER: &str = "catch-all";
+
 /// (location, user) → mailbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Integration {
@@ -275,6 +281,11 @@ pub struct Integration {
 }
 
 impl Integration {
+    /// Whether this stands for the Auto BCC catch-all mailbox (R15, door 2).
+    pub fn is_catch_all(&self) -> bool {
+        self.location_id == CATCH_ALL_LOCATION
+    }
+
     /// Whether a message at `uid` of `folder`, which the server says it
     /// received at `received_at`, arrived after this integration was connected (R2).
     pub fn accepts(
@@ -334,6 +345,10 @@ pub struct Message {
     /// what the bridge submitted, whatever the server did to its Message-ID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crm_send_id: Option<String>,
+    /// Where the receiving server delivered it (`Delivered-To`,
+    /// `X-Original-To`): the only trace of a Bcc recipient in a delivered copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envelope_to: Vec<String>,
 }
 
 impl Message {

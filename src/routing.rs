@@ -33,6 +33,10 @@ pub struct Directory<'a> {
     /// Integrations (location, user) that already received this message,
     /// found before under another UID or in another folder.
     pub already_synced: &'a [(String, String)],
+    /// Integrations (location, user) whose smart address the receiving
+    /// server named in the envelope (Auto BCC's catch-all, door 2): a Bcc
+    /// leaves no header behind.
+    pub logged_by_envelope: &'a [(String, String)],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +109,9 @@ pub enum IgnoreReason {
     /// Every integration it would go to already received it (moved out and
     /// back, restored, filed twice): nothing is forwarded twice (R21).
     AlreadySynced,
+    /// Mail in the Auto BCC catch-all that names no smart address the bridge
+    /// handed out (a wrong or forged token), or has no sender (R15).
+    NoSmartAddress,
 }
 
 impl fmt::Display for IgnoreReason {
@@ -128,6 +135,9 @@ impl fmt::Display for IgnoreReason {
             IgnoreReason::SentByCrm => "sent by the CRM through the bridge (R5)",
             IgnoreReason::AlreadySynced => {
                 "already forwarded to every integration it belongs to (R21)"
+            }
+            IgnoreReason::NoSmartAddress => {
+                "in the Auto BCC catch-all, but names no smart address the bridge handed out (R15)"
             }
         })
     }
@@ -179,9 +189,13 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
             r16_forward(thread, message, &live, directory.contacts)
         }
         Some(thread) => r06_continue_thread(thread, &live, direction),
-        None if direction == Direction::Outbound => {
-            r15_outbound(message, &mailbox, &live, directory.contacts)
-        }
+        None if direction == Direction::Outbound => r15_outbound(
+            message,
+            &mailbox,
+            &live,
+            directory.contacts,
+            directory.logged_by_envelope,
+        ),
         None => start_thread(message, sender, direction, &live, directory.contacts),
     };
     match routing {
@@ -199,7 +213,7 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
                         && live.iter().any(|i| {
                             i.location_id == delivery.route.location_id
                                 && i.user_id == delivery.route.user_id
-                                && names_smart_address(message, i)
+                                && names_smart_address(message, i, directory.logged_by_envelope)
                         })
                     {
                         delivery.origin = Origin::AutoBcc;
@@ -213,8 +227,18 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
     }
 }
 
-/// Whether the integration's smart address is among the recipients.
-fn names_smart_address(message: &Message, integration: &Integration) -> bool {
+/// Whether the integration's smart address is among the recipients (or the
+/// envelope's).
+fn names_smart_address(
+    message: &Message,
+    integration: &Integration,
+    logged_by_envelope: &[(String, String)],
+) -> bool {
+    if logged_by_envelope.iter().any(|(location, user)| {
+        *location == integration.location_id && *user == integration.user_id
+    }) {
+        return true;
+    }
     let smart = normalize_email(&integration.smart_bcc_address);
     !smart.is_empty()
         && message
@@ -233,11 +257,12 @@ fn r15_outbound(
     mailbox: &str,
     live: &[&Integration],
     contacts: &[Contact],
+    logged_by_envelope: &[(String, String)],
 ) -> Routing {
     let mut deliveries = Vec::new();
     let mut new_contacts = Vec::new();
     for integration in live {
-        if names_smart_address(message, integration)
+        if names_smart_address(message, integration, logged_by_envelope)
             && let Some((delivery, created)) = r15_auto_bcc(message, mailbox, integration, contacts)
         {
             deliveries.push(delivery);
@@ -654,6 +679,7 @@ mod tests {
                 integrations,
                 contacts,
                 already_synced: &[],
+                logged_by_envelope: &[],
             },
             thread,
         );
@@ -752,6 +778,7 @@ mod tests {
                     integrations: &integrations,
                     contacts: &contacts,
                     already_synced: &[],
+                    logged_by_envelope: &[],
                 },
                 None,
             )
@@ -882,6 +909,7 @@ mod tests {
                     integrations: &integrations,
                     contacts: &contacts,
                     already_synced: &[],
+                    logged_by_envelope: &[],
                 },
                 None,
             )
@@ -913,6 +941,7 @@ mod tests {
                     integrations: &integrations,
                     contacts: &contacts,
                     already_synced,
+                    logged_by_envelope: &[],
                 },
                 None,
             )
@@ -985,6 +1014,7 @@ mod tests {
                 integrations: &integrations,
                 contacts,
                 already_synced: &[],
+                logged_by_envelope: &[],
             },
             None,
         ) {
@@ -1074,6 +1104,7 @@ mod tests {
                     integrations: &[integration("L1", "u1", 1)],
                     contacts: &contacts,
                     already_synced: &[],
+                    logged_by_envelope: &[],
                 },
                 Some(&anns_thread),
             )
@@ -1155,6 +1186,7 @@ mod tests {
                     integrations: &integrations,
                     contacts: &contacts,
                     already_synced: &[],
+                    logged_by_envelope: &[],
                 },
                 None,
             )
@@ -1418,6 +1450,7 @@ mod tests {
                     integrations: &integrations,
                     contacts: &[],
                     already_synced: &[],
+                    logged_by_envelope: &[],
                 },
                 Some(&known),
             );

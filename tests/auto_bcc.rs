@@ -92,3 +92,158 @@ async fn r15_door_1_mail_sent_from_the_mailbox_with_the_smart_address_creates_th
     assert_eq!(smart_address(&w).await, smart);
     w.daemon.stop().await;
 }
+
+/// The operator's catch-all, connected through the API; its address's
+/// `+detail` carries the tokens (the stack's Postfix keeps it in the
+/// envelope, Dovecot files it in INBOX).
+async fn with_catch_all() -> (World, support::stack::User) {
+    let stack = support::stack::Stack::get();
+    let catch_all = stack.new_user("catchall").await;
+    let (local, domain) = catch_all.address.split_once('@').unwrap();
+    let template = format!("{local}+{{token}}@{domain}");
+    let w = World::started_with(|config| config.auto_bcc.address = Some(template)).await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    let (status, body) = w
+        .api
+        .send(
+            Method::PUT,
+            "/v1/auto-bcc/mailbox",
+            Some(serde_json::json!({
+                "email": catch_all.address,
+                "provider": "imap",
+                "auth": {"type": "password", "username": catch_all.address, "password": catch_all.password},
+                "imap": w.stack.imap_endpoint(),
+                "smtp": w.stack.smtp_endpoint(),
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "connect the catch-all: {body}");
+    support::eventually("the catch-all active", support::DEADLINE, async || {
+        let (_, body) = w.api.send(Method::GET, "/v1/auto-bcc/mailbox", None).await;
+        (body["state"] == "active").then_some(())
+    })
+    .await;
+    (w, catch_all)
+}
+
+/// Mail the user sends from their own client (not connected here), Bcc'd
+/// to the smart address: only the catch-all sees it.
+async fn send_from_client(w: &World, to: &str, bcc: &str, subject: &str) {
+    let raw = format!(
+        "From: {me}\r\nTo: \"Nora New\" <{to}>\r\nSubject: {subject}\r\nMessage-ID: {id}\r\n\
+         Date: {date}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nHi\r\n",
+        me = w.me.address,
+        id = new_message_id("door2"),
+        date = chrono::Utc::now().to_rfc2822(),
+    );
+    w.stack.submit(&w.me, &[to, bcc], raw.as_bytes()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r15_door_2_the_catch_all_logs_mail_bcc_to_a_smart_address_and_a_forged_one_logs_nothing() {
+    let (w, catch_all) = with_catch_all().await;
+    let (status, body) = w
+        .api
+        .send(Method::GET, "/v1/locations/L1/users/u1/auto-bcc", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let smart = body["address"].as_str().unwrap().to_string();
+    let (local, domain) = catch_all.address.split_once('@').unwrap();
+    assert!(
+        smart.starts_with(&format!("{local}+")) && smart.ends_with(domain),
+        "{smart}"
+    );
+
+    // A token of the right shape that the bridge never handed out.
+    let forged = format!("{local}+aaaaaaaaaaaaaaaa@{domain}");
+    send_from_client(&w, "nora.new@elsewhere.test", &forged, "forged").await;
+    send_from_client(
+        &w,
+        "nora.new@elsewhere.test",
+        &smart,
+        "logged by the catch-all",
+    )
+    .await;
+    let logged = w
+        .receiver
+        .wait_for("the logged message", |r| {
+            r.subject() == "logged by the catch-all"
+        })
+        .await;
+    assert_eq!(logged.kind(), "message.outbound");
+    assert_eq!(logged.data()["origin"], "auto_bcc");
+    assert_eq!(logged.data()["location_id"], "L1");
+    assert_eq!(logged.data()["user_id"], "u1");
+    let created = w
+        .receiver
+        .wait_for("contact.created", |r| r.kind() == "contact.created")
+        .await;
+    assert_eq!(created.data()["id"], logged.data()["contact_id"]);
+    assert_eq!(
+        created.data()["emails"],
+        serde_json::json!(["nora.new@elsewhere.test"])
+    );
+    assert_eq!(
+        created.data()["assigned_user_ids"],
+        serde_json::json!(["u1"])
+    );
+    // The forged one came first (UID order) and was decided by now.
+    assert_eq!(w.receiver.distinct(|r| r.subject() == "forged"), 0);
+    assert_eq!(w.receiver.distinct(|r| r.kind() == "contact.created"), 1);
+    w.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r15_one_message_seen_by_both_doors_is_logged_once() {
+    let (w, _catch_all) = with_catch_all().await;
+    w.api.connect("L1", "u1", &w.stack, &w.me).await;
+    w.api.wait_active("L1", "u1").await;
+    let smart = smart_address(&w).await;
+    // The user's client submits it (the catch-all gets its copy) and files
+    // it in Sent with the Bcc (door 1 sees it there).
+    let raw = sent_copy(
+        &w.me.address,
+        "nora.new@elsewhere.test",
+        "Nora New",
+        &smart,
+        "both doors",
+    );
+    w.stack
+        .submit(&w.me, &["nora.new@elsewhere.test", &smart], &raw)
+        .await;
+    w.stack.append_sent(&w.me, &raw).await;
+    w.receiver
+        .wait_for("the logged message", |r| r.subject() == "both doors")
+        .await;
+    // Both copies are decided once a later message through both doors is in.
+    let marker = sent_copy(
+        &w.me.address,
+        "nora.new@elsewhere.test",
+        "Nora New",
+        &smart,
+        "marker",
+    );
+    w.stack
+        .submit(&w.me, &["nora.new@elsewhere.test", &smart], &marker)
+        .await;
+    w.stack.append_sent(&w.me, &marker).await;
+    support::eventually(
+        "the marker through both doors",
+        support::DEADLINE,
+        async || (w.receiver.distinct(|r| r.subject() == "marker") >= 1).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        w.receiver.distinct(|r| r.subject() == "both doors"),
+        1,
+        "logged once"
+    );
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "contact.created"),
+        1,
+        "the contact is created once"
+    );
+    w.daemon.stop().await;
+}

@@ -408,6 +408,10 @@ virtual_mailbox_maps = regexp:$PF_CONF/vmailbox
 virtual_alias_domains =
 virtual_alias_maps = regexp:$PF_CONF/virtual_alias.regexp
 virtual_transport = lmtp:unix:$DC_BASE/lmtp
+# One recipient per LMTP delivery, so Dovecot writes Delivered-To (it does
+# not with several): a catch-all MX must leave the smart address it was
+# reached by (Auto BCC, door 2), as providers' MX do.
+lmtp_destination_recipient_limit = 1
 default_transport = error:outbound delivery disabled in test stack
 smtpd_tls_chain_files = $RT/certs/server.key, $RT/certs/fullchain.pem
 smtpd_tls_security_level = may

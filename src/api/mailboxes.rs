@@ -196,9 +196,17 @@ pub async fn put(
 ) -> Result<Json<MailboxStatus>, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
+    let request = connect_request(body)?;
+    Ok(Json(
+        connect_mailbox(&state, &location_id, &user_id, request).await?,
+    ))
+}
+
+/// A connect body, checked.
+pub fn connect_request(body: ConnectBody) -> Result<ConnectRequest, ApiError> {
     let address = check_email("email", &body.email)?;
     let credentials = credentials_of(&address, body.auth)?;
-    let request = ConnectRequest {
+    Ok(ConnectRequest {
         address,
         provider: body.provider,
         credentials,
@@ -206,10 +214,7 @@ pub async fn put(
         smtp: body.smtp,
         daily_send_limit: body.daily_send_limit,
         save_sent: body.save_sent,
-    };
-    Ok(Json(
-        connect_mailbox(&state, &location_id, &user_id, request).await?,
-    ))
+    })
 }
 
 /// Connects (or re-connects, or moves) an integration once the server has
@@ -312,6 +317,12 @@ pub async fn connect_mailbox(
             .map(|m| m.connected_at)
             .unwrap_or(now),
     };
+    if integration.is_catch_all() {
+        // The operator's catch-all is no CRM integration: nothing to tell.
+        events.clear();
+    } else {
+        super::auto_bcc::register(state, &location_id, &user_id)?;
+    }
     let released =
         state
             .store
@@ -458,20 +469,30 @@ pub async fn get(
 ) -> Result<Json<MailboxStatus>, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
-    let not_found = || {
-        ApiError::not_found(format!(
-            "no mailbox connected for user {user_id:?} in location {location_id:?}"
-        ))
+    // The smart address it shows finds its user in the catch-all from now on.
+    super::auto_bcc::register(&state, &location_id, &user_id)?;
+    status(&state, &location_id, &user_id)?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no mailbox connected for user {user_id:?} in location {location_id:?}"
+            ))
+        })
+}
+
+/// How an integration's mailbox stands, if it has one.
+pub fn status(
+    state: &AppState,
+    location_id: &str,
+    user_id: &str,
+) -> Result<Option<MailboxStatus>, ApiError> {
+    let Some(integration) = state.store.integration(location_id, user_id)? else {
+        return Ok(None);
     };
-    let integration = state
-        .store
-        .integration(&location_id, &user_id)?
-        .ok_or_else(not_found)?;
-    let mailbox = state
-        .store
-        .mailbox(&integration.mailbox)?
-        .ok_or_else(not_found)?;
-    Ok(Json(status_of(&state, &mailbox, &integration)?))
+    let Some(mailbox) = state.store.mailbox(&integration.mailbox)? else {
+        return Ok(None);
+    };
+    Ok(Some(status_of(state, &mailbox, &integration)?))
 }
 
 pub async fn delete(
@@ -480,24 +501,35 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
-    let Some(integration) = state.store.integration(&location_id, &user_id)? else {
+    if !disconnect(&state, &location_id, &user_id)? {
         return Err(ApiError::not_found(format!(
             "no mailbox connected for user {user_id:?} in location {location_id:?}"
         )));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes an integration (R19: sync stops at once; nothing synced is
+/// deleted). Returns false if there was none.
+pub fn disconnect(state: &AppState, location_id: &str, user_id: &str) -> Result<bool, ApiError> {
+    let Some(integration) = state.store.integration(location_id, user_id)? else {
+        return Ok(false);
     };
-    let event = Event::lifecycle(
-        "mailbox.disconnected",
-        &location_id,
-        &user_id,
-        &integration.mailbox,
-        serde_json::json!({}),
-    );
-    if let Some(gone) = state.store.disconnect(&location_id, &user_id, &[event])?
+    let events = match integration.is_catch_all() {
+        true => Vec::new(),
+        false => vec![Event::lifecycle(
+            "mailbox.disconnected",
+            location_id,
+            user_id,
+            &integration.mailbox,
+            serde_json::json!({}),
+        )],
+    };
+    if let Some(gone) = state.store.disconnect(location_id, user_id, &events)?
         && gone.mailbox_released
     {
-        // R19: sync stops at once; nothing synced is deleted.
         state.scheduler.stop(&gone.integration.mailbox);
     }
     state.signal.notify();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(true)
 }

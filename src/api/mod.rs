@@ -2,6 +2,7 @@
 //! Handlers call into the store, the scheduler and the IMAP connector; no sync
 //! rule lives here.
 
+pub mod auto_bcc;
 pub mod contacts;
 pub mod dead_letters;
 pub mod error;
@@ -93,6 +94,16 @@ pub fn router(state: AppState) -> Router {
             get(messages::attachment),
         )
         .route("/oauth/{provider}/start", get(oauth::start))
+        .route(
+            "/locations/{location_id}/users/{user_id}/auto-bcc",
+            get(auto_bcc::address),
+        )
+        .route(
+            "/auto-bcc/mailbox",
+            put(auto_bcc::put)
+                .get(auto_bcc::get)
+                .delete(auto_bcc::delete),
+        )
         .route("/dead-letters", get(dead_letters::list))
         .route("/dead-letters/{id}/retry", post(dead_letters::retry))
         .route_layer(middleware::from_fn_with_state(

@@ -1,0 +1,70 @@
+//! Auto BCC (R15): a user's smart address, and the operator's catch-all
+//! mailbox (door 2) that logs mail for users whose own mailbox is not
+//! connected. The rule itself lives in `routing`; this room hands out
+//! addresses and connects the catch-all.
+
+use axum::{Json, extract::State, http::StatusCode};
+
+use super::{
+    AppState,
+    error::{ApiError, ApiJson, ApiPath, check_id},
+    mailboxes::{self, ConnectBody, MailboxStatus},
+};
+use crate::{
+    ingest::smart_token_setting,
+    model::{CATCH_ALL_LOCATION, CATCH_ALL_USER},
+};
+
+/// The smart address of (location, user), recorded so the catch-all can
+/// find them by its token. The address itself is derived, never stored.
+pub fn register(state: &AppState, location_id: &str, user_id: &str) -> Result<String, ApiError> {
+    let token_setting = smart_token_setting(&state.smart.token_of(location_id, user_id));
+    if state.store.setting(&token_setting)?.is_none() {
+        state.store.put_setting(
+            &token_setting,
+            format!("{location_id}\0{user_id}").as_bytes(),
+        )?;
+    }
+    Ok(state.smart.address(location_id, user_id))
+}
+
+/// `GET /v1/locations/{location}/users/{user}/auto-bcc`: the user's smart
+/// address, connected mailbox or not.
+pub async fn address(
+    State(state): State<AppState>,
+    ApiPath((location_id, user_id)): ApiPath<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_id("location_id", &location_id)?;
+    check_id("user_id", &user_id)?;
+    let address = register(&state, &location_id, &user_id)?;
+    Ok(Json(serde_json::json!({ "address": address })))
+}
+
+fn no_catch_all() -> ApiError {
+    ApiError::not_found("no Auto BCC catch-all mailbox is connected")
+}
+
+/// `PUT /v1/auto-bcc/mailbox`: connects the operator's catch-all (same body
+/// as a user's mailbox). Its MX receives the smart addresses' mail.
+pub async fn put(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<ConnectBody>,
+) -> Result<Json<MailboxStatus>, ApiError> {
+    let request = mailboxes::connect_request(body)?;
+    Ok(Json(
+        mailboxes::connect_mailbox(&state, CATCH_ALL_LOCATION, CATCH_ALL_USER, request).await?,
+    ))
+}
+
+pub async fn get(State(state): State<AppState>) -> Result<Json<MailboxStatus>, ApiError> {
+    mailboxes::status(&state, CATCH_ALL_LOCATION, CATCH_ALL_USER)?
+        .map(Json)
+        .ok_or_else(no_catch_all)
+}
+
+pub async fn delete(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    match mailboxes::disconnect(&state, CATCH_ALL_LOCATION, CATCH_ALL_USER)? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(no_catch_all()),
+    }
+}
