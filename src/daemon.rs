@@ -238,6 +238,7 @@ pub async fn run(
         ready: Arc::new(AtomicBool::new(false)),
         metrics: metrics_handle(),
         smart,
+        ingest: ctx.ingest.clone(),
         send_signal,
         public_url: config.server.public_url.trim_end_matches('/').to_string(),
         auth,

@@ -56,6 +56,62 @@ pub enum Outcome {
     Queued { thread_id: String, events: usize },
 }
 
+/// What the rules need to decide one message, loaded from the store.
+struct Loaded {
+    integrations: Vec<Integration>,
+    /// The mailbox as routing sees it (for the catch-all: the sender's).
+    routing_mailbox: String,
+    folder: FolderRole,
+    logged_by_envelope: Vec<(String, String)>,
+    contacts: Vec<Contact>,
+    thread_keys: Vec<String>,
+    thread_seen: Option<Thread>,
+    identity: String,
+    already_synced: Vec<(String, String)>,
+    sent_by_crm: bool,
+}
+
+impl Loaded {
+    fn route(
+        &self,
+        message: &Message,
+        uid_validity: u32,
+        uid: u32,
+        received_at: Option<chrono::DateTime<Utc>>,
+        integrations: &[Integration],
+    ) -> Routing {
+        routing::route(
+            Incoming {
+                message,
+                folder: self.folder,
+                uid_validity,
+                uid,
+                received_at,
+                sent_by_crm: self.sent_by_crm,
+            },
+            Directory {
+                mailbox: &self.routing_mailbox,
+                integrations,
+                contacts: &self.contacts,
+                already_synced: &self.already_synced,
+                logged_by_envelope: &self.logged_by_envelope,
+            },
+            self.thread_seen.as_ref(),
+        )
+    }
+}
+
+/// What the rules decide for one integration (`explain`).
+#[derive(Debug)]
+pub struct Verdict {
+    /// None when the message is not looked at for any integration.
+    pub location_id: Option<String>,
+    pub user_id: Option<String>,
+    pub routing: Routing,
+    /// The synced thread it continues, if it does.
+    pub thread_id: Option<String>,
+}
+
 /// What makes two copies of a message the same message: its Message-ID with
 /// a fingerprint of From, Date and Subject (some senders reuse one
 /// Message-ID for different mail), or, without a Message-ID, a hash of the
@@ -143,21 +199,21 @@ impl Ingest {
         }
     }
 
-    fn route_and_commit(
+    /// What the rules need to decide a message found in `folder` of
+    /// `mailbox`; or why it is not looked at (the Auto BCC catch-all with no
+    /// smart address on it).
+    fn load(
         &self,
-        found: Found<'_>,
+        mailbox: &str,
+        found_in: FolderRole,
         message: &Message,
         raw: &[u8],
-    ) -> StoreResult<Outcome> {
-        let cursor = FolderCursor {
-            moved_at: Some(Utc::now()),
-            ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
-        };
+    ) -> StoreResult<Result<Loaded, IgnoreReason>> {
         let sent_by_crm = match &message.message_id {
-            Some(id) => self.store.is_crm_message(found.mailbox, id)?,
+            Some(id) => self.store.is_crm_message(mailbox, id)?,
             None => false,
-        } || self.names_a_crm_send(found.mailbox, message)?;
-        let mut integrations = self.store.integrations_of_mailbox(found.mailbox)?;
+        } || self.names_a_crm_send(mailbox, message)?;
+        let mut integrations = self.store.integrations_of_mailbox(mailbox)?;
         // The smart address is derived (R15), whatever an older record holds.
         for integration in &mut integrations {
             integration.smart_bcc_address = self
@@ -167,12 +223,12 @@ impl Ingest {
         // Auto BCC's catch-all (R15, door 2): what arrives there was sent by
         // a user who put their smart address on it; it is routed as that
         // user's sent mail, for each integration an address names.
-        let mut routing_mailbox = found.mailbox.to_string();
-        let mut folder = found.folder;
+        let mut routing_mailbox = mailbox.to_string();
+        let mut folder = found_in;
         let mut logged_by_envelope = Vec::new();
         if let Some(catch_all) = integrations.iter().find(|i| i.is_catch_all()).cloned() {
             let sender = message.from.as_ref().map(|a| normalize_email(&a.email));
-            integrations = match (found.folder, sender) {
+            integrations = match (found_in, sender) {
                 (FolderRole::Inbox, Some(sender)) => {
                     let logged = self.logged_through_catch_all(message, &catch_all, &sender)?;
                     routing_mailbox = sender;
@@ -181,14 +237,7 @@ impl Ingest {
                 _ => Vec::new(),
             };
             if integrations.is_empty() {
-                tracing::info!(
-                    mailbox = found.mailbox,
-                    uid = found.uid,
-                    "not logged: {}",
-                    IgnoreReason::NoSmartAddress
-                );
-                self.skip(found)?;
-                return Ok(Outcome::Ignored(IgnoreReason::NoSmartAddress));
+                return Ok(Err(IgnoreReason::NoSmartAddress));
             }
             folder = FolderRole::Sent;
             logged_by_envelope = integrations
@@ -199,32 +248,121 @@ impl Ingest {
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
-        let thread_seen = self.store.thread_of(found.mailbox, &thread_keys)?;
-        let thread = thread_seen.clone();
+        let thread_seen = self.store.thread_of(mailbox, &thread_keys)?;
         let identity = message_identity(message, raw);
         let pairs: Vec<(String, String)> = integrations
             .iter()
             .map(|i| (i.location_id.clone(), i.user_id.clone()))
             .collect();
         let already_synced = self.store.synced_to(&identity, &pairs)?;
-        let routing = routing::route(
-            Incoming {
-                message,
-                folder,
-                uid_validity: found.uid_validity,
-                uid: found.uid,
-                received_at: found.received_at,
-                sent_by_crm,
-            },
-            Directory {
-                mailbox: &routing_mailbox,
-                integrations: &integrations,
-                contacts: &contacts,
-                already_synced: &already_synced,
-                logged_by_envelope: &logged_by_envelope,
-            },
-            thread.as_ref(),
+        Ok(Ok(Loaded {
+            integrations,
+            routing_mailbox,
+            folder,
+            logged_by_envelope,
+            contacts,
+            thread_keys,
+            thread_seen,
+            identity,
+            already_synced,
+            sent_by_crm,
+        }))
+    }
+
+    /// Why a message would or would not sync, integration by integration,
+    /// as if it arrived now in `folder` of `mailbox` (`mailbridge inspect`).
+    /// Reads only.
+    pub fn explain(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        raw: &[u8],
+    ) -> StoreResult<Vec<Verdict>> {
+        let message = mime::parse(raw);
+        let loaded = match self.load(mailbox, folder, &message, raw)? {
+            Ok(loaded) => loaded,
+            Err(reason) => {
+                return Ok(vec![Verdict {
+                    location_id: None,
+                    user_id: None,
+                    routing: Routing::Ignore(reason),
+                    thread_id: None,
+                }]);
+            }
+        };
+        if loaded.integrations.is_empty() {
+            return Ok(vec![Verdict {
+                location_id: None,
+                user_id: None,
+                routing: Routing::Ignore(IgnoreReason::NoIntegration),
+                thread_id: None,
+            }]);
+        }
+        Ok(loaded
+            .integrations
+            .iter()
+            .map(|integration| {
+                // Newly arrived: past every baseline (R2 is about the past).
+                let routing = loaded.route(
+                    &message,
+                    u32::MAX,
+                    u32::MAX,
+                    Some(Utc::now()),
+                    std::slice::from_ref(integration),
+                );
+                let thread_id = match &routing {
+                    Routing::Deliver {
+                        thread: ThreadDecision::Continue { thread_id },
+                        ..
+                    } => Some(thread_id.clone()),
+                    _ => None,
+                };
+                Verdict {
+                    location_id: Some(integration.location_id.clone()),
+                    user_id: Some(integration.user_id.clone()),
+                    routing,
+                    thread_id,
+                }
+            })
+            .collect())
+    }
+
+    fn route_and_commit(
+        &self,
+        found: Found<'_>,
+        message: &Message,
+        raw: &[u8],
+    ) -> StoreResult<Outcome> {
+        let cursor = FolderCursor {
+            moved_at: Some(Utc::now()),
+            ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
+        };
+        let loaded = match self.load(found.mailbox, found.folder, message, raw)? {
+            Ok(loaded) => loaded,
+            Err(reason) => {
+                tracing::info!(
+                    mailbox = found.mailbox,
+                    uid = found.uid,
+                    "not logged: {reason}"
+                );
+                self.skip(found)?;
+                return Ok(Outcome::Ignored(reason));
+            }
+        };
+        let routing = loaded.route(
+            message,
+            found.uid_validity,
+            found.uid,
+            found.received_at,
+            &loaded.integrations,
         );
+        let Loaded {
+            thread_keys,
+            thread_seen,
+            identity,
+            ..
+        } = loaded;
+        let thread = thread_seen.clone();
         let (decision, deliveries, new_contacts) = match routing {
             Routing::Ignore(reason) => {
                 tracing::debug!(

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use mailbridge::{
     config::{Config, LogFormat},
     mime,
+    model::FolderRole,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -32,13 +33,43 @@ enum Command {
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
     },
-    /// Print how the bridge parses a message file (.eml).
+    /// Print how the bridge parses a message file (.eml) and, with
+    /// --mailbox, what the sync rules decide for it and why.
     Inspect {
         file: PathBuf,
         /// Print JSON (the webhook `data` shape plus the thread keys).
         #[arg(long)]
         json: bool,
+        /// Route the message as if it arrived now in this connected mailbox:
+        /// for each of its integrations, the decision and the rule behind it.
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// The folder it arrives in.
+        #[arg(long, value_enum, default_value = "inbox")]
+        folder: FolderArg,
+        /// TOML config file (the data folder to read, when the daemon is stopped).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask the running daemon at this base URL instead (its data folder is
+        /// locked while it runs), with the first of the config's [api] keys.
+        #[arg(long)]
+        api: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FolderArg {
+    Inbox,
+    Sent,
+}
+
+impl From<FolderArg> for FolderRole {
+    fn from(folder: FolderArg) -> Self {
+        match folder {
+            FolderArg::Inbox => FolderRole::Inbox,
+            FolderArg::Sent => FolderRole::Sent,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -75,7 +106,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, log_format } => serve(config, log_format),
-        Command::Inspect { file, json } => inspect(&file, json),
+        Command::Inspect {
+            file,
+            json,
+            mailbox: None,
+            ..
+        } => inspect(&file, json),
+        Command::Inspect {
+            file,
+            json,
+            mailbox: Some(mailbox),
+            folder,
+            config,
+            api,
+        } => inspect_routing(&file, json, &mailbox, folder.into(), config, api),
     }
 }
 
@@ -244,6 +288,175 @@ fn inspect(file: &std::path::Path, json: bool) -> ExitCode {
         let _ = writeln!(out, "Warning:     {w}");
     }
     emit(&out)
+}
+
+/// `inspect --mailbox`: the rules' verdicts, from the running daemon (--api)
+/// or from the data folder of a stopped one.
+fn inspect_routing(
+    file: &std::path::Path,
+    json: bool,
+    mailbox: &str,
+    folder: FolderRole,
+    config_file: Option<PathBuf>,
+    api: Option<String>,
+) -> ExitCode {
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        use anyhow::Context as _;
+        let raw = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let config = Config::load(config_file.as_deref())?;
+        match api {
+            Some(base) => verdicts_from_daemon(&config, &base, mailbox, folder, raw),
+            None => verdicts_from_data_folder(&config, mailbox, folder, &raw),
+        }
+    })();
+    let described = match result {
+        Ok(described) => described,
+        Err(err) => {
+            eprintln!("mailbridge: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        return match serde_json::to_string_pretty(&described) {
+            Ok(text) => emit(&(text + "\n")),
+            Err(err) => {
+                eprintln!("mailbridge: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    emit(&render_verdicts(&described))
+}
+
+fn verdicts_from_daemon(
+    config: &Config,
+    base: &str,
+    mailbox: &str,
+    folder: FolderRole,
+    raw: Vec<u8>,
+) -> anyhow::Result<serde_json::Value> {
+    let key = config.api.keys.first().ok_or_else(|| {
+        anyhow::anyhow!("no API key to ask the daemon with: give one in the config's [api] keys")
+    })?;
+    let tls = mailbridge::tls::client_config(&config.tls.extra_roots)?;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/v1/inspect", base.trim_end_matches('/')),
+            &[("mailbox", mailbox), ("folder", folder.as_str())],
+        )?;
+        let response = client
+            .post(url)
+            .bearer_auth(key)
+            .header("content-type", "message/rfc822")
+            .body(raw)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        if !status.is_success() {
+            anyhow::bail!("the daemon answered {status}: {body}");
+        }
+        Ok(body)
+    })
+}
+
+fn verdicts_from_data_folder(
+    config: &Config,
+    mailbox: &str,
+    folder: FolderRole,
+    raw: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    use mailbridge::store::{SledStore, Store as _, secret_box::SecretBox};
+    let path = &config.storage.path;
+    anyhow::ensure!(path.exists(), "no data folder at {}", path.display());
+    let secrets = SecretBox::load(
+        config.storage.encryption_key.as_deref(),
+        &path.join("secret.key"),
+    )?;
+    let store = SledStore::open(path, secrets).with_context(|| {
+        format!(
+            "opening {} (while the daemon runs it holds the data folder: pass --api http://{})",
+            path.display(),
+            config.server.listen
+        )
+    })?;
+    let smart = mailbridge::smart_address::SmartAddresses::new(
+        &config.smart_address_template(),
+        store.secret_key("auto_bcc_key")?,
+    )?;
+    let store: std::sync::Arc<dyn mailbridge::store::Store> = std::sync::Arc::new(store);
+    let ingest = mailbridge::ingest::Ingest::new(
+        store,
+        mailbridge::webhook::OutboxSignal::default(),
+        &config.server.public_url,
+        smart,
+    );
+    let address = mailbridge::model::normalize_email(mailbox);
+    let verdicts = ingest.explain(&address, folder, raw)?;
+    Ok(mailbridge::api::inspect::describe(
+        &address,
+        folder,
+        &mime::parse(raw),
+        &verdicts,
+    ))
+}
+
+/// One line per integration: what happens to the message there, and why.
+fn render_verdicts(described: &serde_json::Value) -> String {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("").to_string();
+    let message = &described["message"];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Message {} \"{}\" in {} of {}:",
+        text(&message["message_id"]),
+        text(&message["subject"]),
+        text(&described["folder"]),
+        text(&described["mailbox"])
+    );
+    for verdict in described["verdicts"].as_array().into_iter().flatten() {
+        let who = match (verdict["location_id"].as_str(), verdict["user_id"].as_str()) {
+            (Some(location), Some(user)) => format!("{location}/{user}"),
+            _ => "(no integration)".into(),
+        };
+        if verdict["synced"] != true {
+            let _ = writeln!(out, "  {who}: ignored: {}", text(&verdict["reason"]));
+            continue;
+        }
+        for created in verdict["contacts_created"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {who}: creates contact {} <{}> (R15)",
+                text(&created["id"]),
+                text(&created["email"])
+            );
+        }
+        let thread = match text(&verdict["thread"]).as_str() {
+            "new" => "a new thread".to_string(),
+            id => format!("thread {id}"),
+        };
+        for delivery in verdict["deliveries"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {who}: → {}/{} as {} ({}), {thread}, by {}",
+                text(&delivery["location_id"]),
+                text(&delivery["contact_id"]),
+                text(&delivery["direction"]),
+                text(&delivery["origin"]),
+                text(&delivery["rule"])
+            );
+        }
+    }
+    out
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.

@@ -47,6 +47,8 @@ pub struct Delivery {
     /// Every contact the message names in that conversation, the route's
     /// contact first (R7, R8).
     pub contact_ids: Vec<String>,
+    /// The rule that decided it, for `mailbridge inspect`.
+    pub rule: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,6 +351,7 @@ fn r15_auto_bcc(
             direction: Direction::Outbound,
             origin: Origin::AutoBcc,
             contact_ids: named,
+            rule: "R15",
         },
         created,
     ))
@@ -433,7 +436,21 @@ fn r16_forward(
     if deliveries.iter().all(|d| thread.routes.contains(&d.route)) {
         return r06_continue_thread(thread, live, Direction::Outbound);
     }
-    fresh
+    match fresh {
+        Routing::Deliver {
+            thread,
+            deliveries,
+            new_contacts,
+        } => Routing::Deliver {
+            thread,
+            deliveries: deliveries
+                .into_iter()
+                .map(|d| Delivery { rule: "R16", ..d })
+                .collect(),
+            new_contacts,
+        },
+        ignored => ignored,
+    }
 }
 
 /// A message of no synced thread: who it goes to, if anyone (R3, R4, R9, R11).
@@ -496,6 +513,7 @@ fn r06_continue_thread(thread: &Thread, live: &[&Integration], direction: Direct
             direction,
             origin: Origin::Mailbox,
             contact_ids: Vec::new(),
+            rule: "R6",
         })
         .collect();
     if deliveries.is_empty() {
@@ -528,6 +546,7 @@ fn r03_r11_inbound_from_contact(
                 direction: Direction::Inbound,
                 origin: Origin::Mailbox,
                 contact_ids: Vec::new(),
+                rule: "R3, R11",
             })
         })
         .collect()
@@ -562,6 +581,7 @@ fn r04_r09_outbound_to_contact(
                     direction: Direction::Outbound,
                     origin: Origin::Mailbox,
                     contact_ids: Vec::new(),
+                    rule: "R4, R9",
                 })
         })
         .collect()

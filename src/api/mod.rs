@@ -6,6 +6,7 @@ pub mod auto_bcc;
 pub mod contacts;
 pub mod dead_letters;
 pub mod error;
+pub mod inspect;
 pub mod mailboxes;
 pub mod messages;
 pub mod oauth;
@@ -34,6 +35,8 @@ use error::ApiError;
 /// Requests up to this size are read; a bulk contact upload may be larger.
 const BODY_LIMIT: usize = 48 * 1024 * 1024;
 const BULK_BODY_LIMIT: usize = 256 * 1024 * 1024;
+/// A message to inspect: as large as one the bridge syncs.
+const INSPECT_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -48,6 +51,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The integrations' Auto BCC addresses (R15).
     pub smart: crate::smart_address::SmartAddresses,
+    /// Explains routing decisions (`POST /v1/inspect`).
+    pub ingest: crate::ingest::Ingest,
     pub send_signal: crate::send_queue::SendSignal,
     pub public_url: String,
     pub auth: Arc<crate::auth::Auth>,
@@ -103,6 +108,10 @@ pub fn router(state: AppState) -> Router {
             put(auto_bcc::put)
                 .get(auto_bcc::get)
                 .delete(auto_bcc::delete),
+        )
+        .route(
+            "/inspect",
+            post(inspect::inspect).layer(DefaultBodyLimit::max(INSPECT_BODY_LIMIT)),
         )
         .route("/dead-letters", get(dead_letters::list))
         .route("/dead-letters/{id}/retry", post(dead_letters::retry))
