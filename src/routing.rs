@@ -1295,6 +1295,235 @@ mod tests {
         );
     }
 
+    /// The seed article's FAQ, question by question, each as the rule that
+    /// answers it decides it. (Removing an account and changed credentials
+    /// are lifecycle, not routing: `lifecycle.rs` covers R19 and R20.)
+    #[test]
+    fn faq_the_seed_articles_questions_answered_one_by_one() {
+        let ann = contact("L1", "c-ann", "ann@x.test", &["u1"], 1);
+        let bob = contact("L1", "c-bob", "bob@x.test", &["u1"], 2);
+        let ann_l2 = contact("L2", "c-ann-l2", "ann@x.test", &["u1"], 1);
+        let ann_twin = contact("L1", "c-ann-later", "ann@x.test", &["u1"], 5);
+        let one = vec![integration("L1", "u1", 1)];
+        let two = vec![integration("L1", "u1", 1), integration("L2", "u1", 1)];
+        let anns_thread = Thread {
+            id: "thr_ann".into(),
+            mailbox: MAILBOX.into(),
+            routes: vec![ThreadRoute {
+                location_id: "L1".into(),
+                user_id: "u1".into(),
+                contact_id: "c-ann".into(),
+            }],
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            message_ids: vec!["<first@x>".into()],
+            subject: None,
+        };
+        let reply_in_thread = Message {
+            in_reply_to: Some("<first@x>".into()),
+            ..message("eve@x.test", &[MAILBOX], &[], &[])
+        };
+        let forward = Message {
+            subject: Some("Fwd: the offer".into()),
+            ..message(MAILBOX, &["bob@x.test"], &[], &[])
+        };
+        type Expect = Result<Vec<(String, String, String, Direction)>, IgnoreReason>;
+        /// (question, message, folder, uid, integrations, contacts, thread, expected)
+        type Faq<'t> = (
+            &'static str,
+            Message,
+            FolderRole,
+            u32,
+            Vec<Integration>,
+            Vec<Contact>,
+            Option<&'t Thread>,
+            Expect,
+        );
+        let cases: Vec<Faq<'_>> = vec![
+            (
+                "What happens to emails received from existing contacts? Reflected in the CRM (R3)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Inbound)]),
+            ),
+            (
+                "…and from anyone else? Not forwarded (R3)",
+                message("eve@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                None,
+                Err(IgnoreReason::SenderNotContact),
+            ),
+            (
+                "Do new emails get synced after an account is removed? No (R19)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                vec![],
+                vec![ann.clone()],
+                None,
+                Err(IgnoreReason::NoIntegration),
+            ),
+            (
+                "Will existing contacts' past emails sync? No, only after connecting (R2)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                vec![integration("L1", "u1", 10)],
+                vec![ann.clone()],
+                None,
+                Err(IgnoreReason::BeforeConnect),
+            ),
+            (
+                "A new email of an existing thread shows in the same thread, from anyone (R6)",
+                reply_in_thread,
+                FolderRole::Inbox,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                Some(&anns_thread),
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Inbound)]),
+            ),
+            (
+                "Emails sent from Gmail appear under the contact's conversation (R4)",
+                message(MAILBOX, &["ann@x.test"], &[], &[]),
+                FolderRole::Sent,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Outbound)]),
+            ),
+            (
+                "cc/bcc: a cc'd contact gets it under their record; no contact is created for Cc (R7)",
+                message(MAILBOX, &["eve@x.test"], &["ann@x.test", "new@x.test"], &[]),
+                FolderRole::Sent,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Outbound)]),
+            ),
+            (
+                "A contact emails someone else but includes the user: under that contact (R8)",
+                message("ann@x.test", &["eve@x.test"], &[MAILBOX], &[]),
+                FolderRole::Inbox,
+                5,
+                one.clone(),
+                vec![ann.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Inbound)]),
+            ),
+            (
+                "Multiple To recipients: the first contact gets the conversation (R9)",
+                message(
+                    MAILBOX,
+                    &["eve@x.test", "bob@x.test", "ann@x.test"],
+                    &[],
+                    &[],
+                ),
+                FolderRole::Sent,
+                5,
+                one.clone(),
+                vec![ann.clone(), bob.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-bob", Direction::Outbound)]),
+            ),
+            (
+                "The same contact in several locations: their email reaches every location (R11)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                two.clone(),
+                vec![ann.clone(), ann_l2.clone()],
+                None,
+                Ok(vec![
+                    to("L1", "u1", "c-ann", Direction::Inbound),
+                    to("L2", "u1", "c-ann-l2", Direction::Inbound),
+                ]),
+            ),
+            (
+                "…but replies in a thread the CRM started in L1 stay in L1 (R12)",
+                Message {
+                    in_reply_to: Some("<first@x>".into()),
+                    ..message("ann@x.test", &[MAILBOX], &[], &[])
+                },
+                FolderRole::Inbox,
+                5,
+                two.clone(),
+                vec![ann.clone(), ann_l2.clone()],
+                Some(&anns_thread),
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Inbound)]),
+            ),
+            (
+                "A forwarded email to an existing contact is a sent email of that contact (R16)",
+                forward,
+                FolderRole::Sent,
+                5,
+                one.clone(),
+                vec![ann.clone(), bob.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-bob", Direction::Outbound)]),
+            ),
+            (
+                "Duplicate contacts with one address: the first created gets it (R10)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                5,
+                one.clone(),
+                vec![ann_twin.clone(), ann.clone()],
+                None,
+                Ok(vec![to("L1", "u1", "c-ann", Direction::Inbound)]),
+            ),
+            (
+                "Auto BCC: the smart address on a sent email creates the To contact (R15)",
+                message(MAILBOX, &["new@x.test"], &[], &["bcc@bridge.test"]),
+                FolderRole::Sent,
+                5,
+                one.clone(),
+                vec![],
+                None,
+                Ok(vec![to(
+                    "L1",
+                    "u1",
+                    &auto_contact_id("L1", "new@x.test"),
+                    Direction::Outbound,
+                )]),
+            ),
+        ];
+        for (question, message, folder, uid, integrations, contacts, thread, expect) in cases {
+            let got = outcome(&message, folder, uid, &integrations, &contacts, thread);
+            assert_eq!(got, expect, "{question}");
+        }
+        // "What happens to sent emails from the CRM?" Logged in Sent, and
+        // not reported again as the user's own mail (R5).
+        let crm_copy = message(MAILBOX, &["ann@x.test"], &[], &[]);
+        let routing = route(
+            Incoming {
+                message: &crm_copy,
+                folder: FolderRole::Sent,
+                uid_validity: 1,
+                uid: 5,
+                received_at: None,
+                sent_by_crm: true,
+            },
+            Directory {
+                mailbox: MAILBOX,
+                integrations: &one,
+                contacts: &[ann],
+                already_synced: &[],
+                logged_by_envelope: &[],
+            },
+            None,
+        );
+        assert_eq!(routing, Routing::Ignore(IgnoreReason::SentByCrm));
+    }
+
     #[test]
     fn r08_contact_writing_to_others_with_the_user_in_cc_syncs() {
         run(vec![Case {
