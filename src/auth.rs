@@ -348,6 +348,8 @@ impl Auth {
                 .store
                 .integrations_of_mailbox(address)?
                 .into_iter()
+                // The operator's Auto BCC catch-all is no CRM integration.
+                .filter(|i| !i.is_catch_all())
                 .map(|i| {
                     Event::lifecycle(
                         "mailbox.needs_reauth",

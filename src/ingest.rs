@@ -24,6 +24,12 @@ pub fn smart_token_setting(token: &str) -> String {
     format!("auto_bcc_token:{token}")
 }
 
+/// The setting that holds the addresses a user sends from (besides a
+/// connected mailbox), for the catch-all to know their mail.
+pub fn smart_senders_setting(location_id: &str, user_id: &str) -> String {
+    format!("auto_bcc_senders:{location_id}\0{user_id}")
+}
+
 /// How often a message is routed again when a CRM send keeps changing its
 /// thread at the same moment; past that the watcher retries the message later.
 const MAX_THREAD_RETRIES: u32 = 5;
@@ -185,9 +191,11 @@ impl Ingest {
         loop {
             attempts += 1;
             match self.route_and_commit(found, &message, raw) {
-                Err(StoreError::ThreadChanged | StoreError::DirectoryChanged)
-                    if attempts < MAX_THREAD_RETRIES =>
-                {
+                Err(
+                    StoreError::ThreadChanged
+                    | StoreError::DirectoryChanged
+                    | StoreError::AlreadySynced,
+                ) if attempts < MAX_THREAD_RETRIES => {
                     tracing::debug!(
                         mailbox = found.mailbox,
                         uid = found.uid,
@@ -209,10 +217,6 @@ impl Ingest {
         message: &Message,
         raw: &[u8],
     ) -> StoreResult<Result<Loaded, IgnoreReason>> {
-        let sent_by_crm = match &message.message_id {
-            Some(id) => self.store.is_crm_message(mailbox, id)?,
-            None => false,
-        } || self.names_a_crm_send(mailbox, message)?;
         let mut integrations = self.store.integrations_of_mailbox(mailbox)?;
         // The smart address is derived (R15), whatever an older record holds.
         for integration in &mut integrations {
@@ -245,10 +249,16 @@ impl Ingest {
                 .map(|i| (i.location_id.clone(), i.user_id.clone()))
                 .collect();
         }
+        // Door 2 files threads and CRM sends under the sender's mailbox, so
+        // both doors see one conversation.
+        let sent_by_crm = match &message.message_id {
+            Some(id) => self.store.is_crm_message(&routing_mailbox, id)?,
+            None => false,
+        } || self.names_a_crm_send(&routing_mailbox, message)?;
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
-        let thread_seen = self.store.thread_of(mailbox, &thread_keys)?;
+        let thread_seen = self.store.thread_of(&routing_mailbox, &thread_keys)?;
         let identity = message_identity(message, raw);
         let pairs: Vec<(String, String)> = integrations
             .iter()
@@ -360,6 +370,7 @@ impl Ingest {
             thread_keys,
             thread_seen,
             identity,
+            routing_mailbox,
             ..
         } = loaded;
         let thread = thread_seen.clone();
@@ -385,7 +396,7 @@ impl Ingest {
             (ThreadDecision::Continue { .. }, Some(thread)) => thread,
             _ => Thread {
                 id: new_id("thr"),
-                mailbox: found.mailbox.to_string(),
+                mailbox: routing_mailbox.clone(),
                 routes: deliveries.iter().map(|d| d.route.clone()).collect(),
                 created_at: now,
                 message_ids: Vec::new(),
@@ -403,7 +414,7 @@ impl Ingest {
                 contact_id: delivery.route.contact_id.clone(),
                 contact_ids: delivery.contact_ids.clone(),
                 thread_id: thread.id.clone(),
-                mailbox: found.mailbox.to_string(),
+                mailbox: routing_mailbox.clone(),
                 direction: delivery.direction,
                 origin: delivery.origin,
                 message_id: message.message_id.clone(),
@@ -469,6 +480,7 @@ impl Ingest {
         let committed = self.store.commit_ingest(
             &IngestCommit {
                 mailbox: found.mailbox.to_string(),
+                thread_mailbox: routing_mailbox.clone(),
                 folder: found.folder,
                 cursor_before: found.cursor,
                 cursor,
@@ -489,10 +501,8 @@ impl Ingest {
             },
             Some(raw),
         );
-        if let Err(StoreError::AlreadySynced) = committed {
-            self.skip(found)?;
-            return Ok(Outcome::Ignored(IgnoreReason::AlreadySynced));
-        }
+        // An integration received it meanwhile (the other Auto BCC door,
+        // another folder): the caller routes it again without that one.
         committed?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
         self.signal.notify();
@@ -538,6 +548,16 @@ impl Ingest {
             {
                 continue;
             }
+            // Only the user's own mail is theirs to log: a contact's
+            // reply-all that kept the smart address in Cc is not.
+            if !self.sends_as(location_id, user_id, sender)? {
+                tracing::info!(
+                    location = location_id,
+                    user = user_id,
+                    "not logged: the sender is none of the user's addresses (R15)"
+                );
+                continue;
+            }
             logged.push(Integration {
                 location_id: location_id.to_string(),
                 user_id: user_id.to_string(),
@@ -556,10 +576,28 @@ impl Ingest {
         Ok(logged)
     }
 
+    /// Whether `sender` is one of the user's own addresses: their connected
+    /// mailbox, or one the CRM registered for their smart address.
+    fn sends_as(&self, location_id: &str, user_id: &str, sender: &str) -> StoreResult<bool> {
+        if self
+            .store
+            .integration(location_id, user_id)?
+            .is_some_and(|i| i.mailbox == sender)
+        {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .setting(&smart_senders_setting(location_id, user_id))?
+            .and_then(|bytes| serde_json::from_slice::<Vec<String>>(&bytes).ok())
+            .is_some_and(|senders| senders.iter().any(|s| normalize_email(s) == sender)))
+    }
+
     /// Moves the cursor past a message that cannot be handled (logged by the caller).
     pub fn skip(&self, found: Found<'_>) -> StoreResult<()> {
         let commit = IngestCommit {
             mailbox: found.mailbox.to_string(),
+            thread_mailbox: found.mailbox.to_string(),
             folder: found.folder,
             cursor_before: found.cursor,
             cursor: FolderCursor {

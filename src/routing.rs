@@ -187,6 +187,22 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
     };
 
     let routing = match thread {
+        // A forward logged through a smart address is Auto BCC's (R15).
+        Some(_)
+            if direction == Direction::Outbound
+                && is_forward(message)
+                && live
+                    .iter()
+                    .any(|i| names_smart_address(message, i, directory.logged_by_envelope)) =>
+        {
+            r15_outbound(
+                message,
+                &mailbox,
+                &live,
+                directory.contacts,
+                directory.logged_by_envelope,
+            )
+        }
         Some(thread) if direction == Direction::Outbound && is_forward(message) => {
             r16_forward(thread, message, &live, directory.contacts)
         }
@@ -268,7 +284,14 @@ fn r15_outbound(
             && let Some((delivery, created)) = r15_auto_bcc(message, mailbox, integration, contacts)
         {
             deliveries.push(delivery);
-            new_contacts.extend(created);
+            // Two integrations of one location create its contact once.
+            for contact in created {
+                if !new_contacts.iter().any(|c: &NewContact| {
+                    c.location_id == contact.location_id && c.id == contact.id
+                }) {
+                    new_contacts.push(contact);
+                }
+            }
             continue;
         }
         deliveries.extend(r04_r09_outbound_to_contact(

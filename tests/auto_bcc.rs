@@ -155,10 +155,35 @@ async fn r15_door_2_the_catch_all_logs_mail_bcc_to_a_smart_address_and_a_forged_
         smart.starts_with(&format!("{local}+")) && smart.ends_with(domain),
         "{smart}"
     );
+    // The user's own address, so the catch-all knows their mail from a
+    // contact's reply-all that kept the smart address in Cc.
+    let (status, body) = w
+        .api
+        .send(
+            Method::PUT,
+            "/v1/locations/L1/users/u1/auto-bcc",
+            Some(serde_json::json!({"senders": [w.me.address]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["senders"], serde_json::json!([w.me.address]));
+    let reply_all = format!(
+        "From: {ann}\r\nTo: {me}\r\nCc: {smart}\r\nSubject: reply-all\r\nMessage-ID: {id}\r\n\
+         Date: {date}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nthanks\r\n",
+        ann = w.ann.address,
+        me = w.me.address,
+        id = new_message_id("reply-all"),
+        date = chrono::Utc::now().to_rfc2822(),
+    );
+    w.stack
+        .submit(&w.ann, &[&w.me.address, &smart], reply_all.as_bytes())
+        .await;
+    w.stack.wait_count(&catch_all, "INBOX", 1).await;
 
     // A token of the right shape that the bridge never handed out.
     let forged = format!("{local}+aaaaaaaaaaaaaaaa@{domain}");
     send_from_client(&w, "nora.new@elsewhere.test", &forged, "forged").await;
+    w.stack.wait_count(&catch_all, "INBOX", 2).await;
     send_from_client(
         &w,
         "nora.new@elsewhere.test",
@@ -189,8 +214,9 @@ async fn r15_door_2_the_catch_all_logs_mail_bcc_to_a_smart_address_and_a_forged_
         created.data()["assigned_user_ids"],
         serde_json::json!(["u1"])
     );
-    // The forged one came first (UID order) and was decided by now.
+    // The reply-all and the forged one came first (UID order) and were decided by now.
     assert_eq!(w.receiver.distinct(|r| r.subject() == "forged"), 0);
+    assert_eq!(w.receiver.distinct(|r| r.subject() == "reply-all"), 0);
     assert_eq!(w.receiver.distinct(|r| r.kind() == "contact.created"), 1);
     w.daemon.stop().await;
 }

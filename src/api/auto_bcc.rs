@@ -4,14 +4,15 @@
 //! addresses and connects the catch-all.
 
 use axum::{Json, extract::State, http::StatusCode};
+use serde::Deserialize;
 
 use super::{
     AppState,
-    error::{ApiError, ApiJson, ApiPath, check_id},
+    error::{ApiError, ApiJson, ApiPath, check_email, check_id},
     mailboxes::{self, ConnectBody, MailboxStatus},
 };
 use crate::{
-    ingest::smart_token_setting,
+    ingest::{smart_senders_setting, smart_token_setting},
     model::{CATCH_ALL_LOCATION, CATCH_ALL_USER},
 };
 
@@ -29,7 +30,8 @@ pub fn register(state: &AppState, location_id: &str, user_id: &str) -> Result<St
 }
 
 /// `GET /v1/locations/{location}/users/{user}/auto-bcc`: the user's smart
-/// address, connected mailbox or not.
+/// address, connected mailbox or not, and the addresses the catch-all takes
+/// as theirs.
 pub async fn address(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
@@ -37,7 +39,61 @@ pub async fn address(
     check_id("location_id", &location_id)?;
     check_id("user_id", &user_id)?;
     let address = register(&state, &location_id, &user_id)?;
-    Ok(Json(serde_json::json!({ "address": address })))
+    let senders = senders(&state, &location_id, &user_id)?;
+    Ok(Json(
+        serde_json::json!({ "address": address, "senders": senders }),
+    ))
+}
+
+fn senders(state: &AppState, location_id: &str, user_id: &str) -> Result<Vec<String>, ApiError> {
+    Ok(state
+        .store
+        .setting(&smart_senders_setting(location_id, user_id))?
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendersBody {
+    senders: Vec<String>,
+}
+
+/// The most addresses one user may send from, for the catch-all.
+const MAX_SENDERS: usize = 20;
+
+/// `PUT /v1/locations/{location}/users/{user}/auto-bcc` `{"senders": [...]}`:
+/// the addresses the user sends from. The catch-all (door 2) logs only mail
+/// from these (or from their connected mailbox): the smart address alone is
+/// not enough, since a contact's reply-all carries it too.
+pub async fn put_senders(
+    State(state): State<AppState>,
+    ApiPath((location_id, user_id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<SendersBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_id("location_id", &location_id)?;
+    check_id("user_id", &user_id)?;
+    if body.senders.len() > MAX_SENDERS {
+        return Err(ApiError::invalid(format!(
+            "senders: at most {MAX_SENDERS} addresses"
+        )));
+    }
+    let mut senders = Vec::with_capacity(body.senders.len());
+    for (i, sender) in body.senders.iter().enumerate() {
+        let sender = check_email(&format!("senders[{i}]"), sender)?;
+        if !senders.contains(&sender) {
+            senders.push(sender);
+        }
+    }
+    let value =
+        serde_json::to_vec(&senders).map_err(|e| ApiError::invalid(format!("senders: {e}")))?;
+    state
+        .store
+        .put_setting(&smart_senders_setting(&location_id, &user_id), &value)?;
+    let address = register(&state, &location_id, &user_id)?;
+    Ok(Json(
+        serde_json::json!({ "address": address, "senders": senders }),
+    ))
 }
 
 fn no_catch_all() -> ApiError {

@@ -101,7 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth/{provider}/start", get(oauth::start))
         .route(
             "/locations/{location_id}/users/{user_id}/auto-bcc",
-            get(auto_bcc::address),
+            get(auto_bcc::address).put(auto_bcc::put_senders),
         )
         .route(
             "/auto-bcc/mailbox",

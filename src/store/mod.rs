@@ -58,6 +58,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct IngestCommit {
     pub mailbox: String,
+    /// Whose thread index the thread and message ids go to: the mailbox's
+    /// own, or for the Auto BCC catch-all, the sender's.
+    pub thread_mailbox: String,
     pub folder: FolderRole,
     /// Where the cursor stood when the message was read (compared by
     /// UIDVALIDITY and next UID): a stale watcher never moves it.

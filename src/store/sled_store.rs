@@ -948,9 +948,49 @@ impl Store for SledStore {
     }
 
     fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()> {
+        // Contacts Auto BCC creates: checked and written under the directory
+        // lock that every contact write takes, so the checks hold until the
+        // commit. An address some contact has meanwhile: routed again. An id
+        // taken meanwhile (the CRM changed that contact's address, or two
+        // deliveries create one contact): that contact is kept, not created
+        // twice, and no `contact.created` goes out for it.
+        let _directory = (!commit.new_contacts.is_empty()).then(|| {
+            self.directory
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
+        let mut creating: Vec<&Contact> = Vec::new();
+        for contact in &commit.new_contacts {
+            for email in &contact.emails {
+                if !self
+                    .contacts_by_email(&contact.location_id, email)?
+                    .is_empty()
+                {
+                    return Err(StoreError::DirectoryChanged);
+                }
+            }
+            let taken = creating
+                .iter()
+                .any(|c| c.location_id == contact.location_id && c.id == contact.id)
+                || self.contact(&contact.location_id, &contact.id)?.is_some();
+            if !taken {
+                creating.push(contact);
+            }
+        }
+        let events: Vec<Event> = commit
+            .events
+            .iter()
+            .filter(|event| {
+                event.kind != "contact.created"
+                    || creating.iter().any(|c| {
+                        event.data.get("id").and_then(|id| id.as_str()) == Some(c.id.as_str())
+                    })
+            })
+            .cloned()
+            .collect();
         let cursor_value = encode(&commit.cursor)?;
         let thread_value = commit.thread.as_ref().map(encode).transpose()?;
-        let outbox_values = self.stored_entries(&commit.events)?;
+        let outbox_values = self.stored_entries(&events)?;
         let cursor_at = cursor_key(&commit.mailbox, commit.folder);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
@@ -978,8 +1018,7 @@ impl Store for SledStore {
             }
             _ => false,
         };
-        let contact_values: Vec<ContactRecord> = commit
-            .new_contacts
+        let contact_values: Vec<ContactRecord> = creating
             .iter()
             .map(|contact| {
                 Ok((
@@ -993,11 +1032,6 @@ impl Store for SledStore {
                 ))
             })
             .collect::<StoreResult<_>>()?;
-        let _directory = (!contact_values.is_empty()).then(|| {
-            self.directory
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        });
         let committed = (
             &self.cursors,
             &self.threads,
@@ -1037,7 +1071,7 @@ impl Store for SledStore {
                         && thread_of_tx(
                             threads,
                             thread_keys,
-                            &commit.mailbox,
+                            &commit.thread_mailbox,
                             &commit.thread_keys_seen,
                         )? != commit.thread_seen
                     {
@@ -1062,7 +1096,7 @@ impl Store for SledStore {
                         threads.insert(thread.id.as_bytes(), value.as_slice())?;
                         for message_id in &commit.message_ids {
                             thread_keys.insert(
-                                key(&[&commit.mailbox, message_id]),
+                                key(&[&commit.thread_mailbox, message_id]),
                                 thread.id.as_bytes(),
                             )?;
                         }

@@ -271,6 +271,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
             .unwrap();
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
+            thread_mailbox: "me@x.test".into(),
             folder: FolderRole::Inbox,
             cursor_before: FolderCursor::new(1, 7),
             cursor: FolderCursor::new(1, 8),
@@ -752,6 +753,7 @@ fn a_disconnect_forgets_what_the_integration_received() {
             .unwrap();
         let commit = IngestCommit {
             mailbox: "me@x.test".into(),
+            thread_mailbox: "me@x.test".into(),
             folder: FolderRole::Inbox,
             cursor_before: FolderCursor::new(1, 1),
             cursor: FolderCursor::new(1, 2),
@@ -790,6 +792,7 @@ fn l1_thread(routes_to: &str, message_ids: &[&str]) -> Thread {
 fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> IngestCommit {
     IngestCommit {
         mailbox: "me@x.test".into(),
+        thread_mailbox: "me@x.test".into(),
         folder: FolderRole::Inbox,
         cursor_before: before,
         cursor: FolderCursor::new(before.uid_validity, before.next_uid + 1),
@@ -1187,5 +1190,72 @@ fn r10_concurrent_upserts_of_one_contact_keep_the_index_whole() {
                 );
             }
         }
+    }
+}
+
+/// R15: a contact Auto BCC would create is created once. Its id taken
+/// meanwhile (the CRM changed that contact's address): kept, no second
+/// `contact.created`, the message still lands. Its address taken meanwhile:
+/// the commit is refused so the message is routed again over that contact.
+#[test]
+fn r15_a_contact_to_create_that_exists_meanwhile_is_never_created_twice() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, start)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let created = |id: &str, email: &str| Contact {
+            id: id.into(),
+            ..contact("unused", &[email])
+        };
+        let with_contact = |before: FolderCursor, new: Contact| {
+            let mut commit = ingest_commit(before, None, l1_thread("L1", &[]));
+            commit.events = vec![
+                Event {
+                    kind: "contact.created".into(),
+                    ..event("evt_c", "thr_c", serde_json::json!({"id": new.id}))
+                },
+                event("evt_m", "thr_c", serde_json::json!({"n": 1})),
+            ];
+            commit.new_contacts = vec![new];
+            commit
+        };
+        // The CRM moved auto_1 to another address; the old one is free.
+        store
+            .put_contacts(&[created("auto_1", "moved@x.test").into()])
+            .unwrap();
+        let outbox = store.outbox_len().unwrap();
+        store
+            .commit_ingest(&with_contact(start, created("auto_1", "old@x.test")), None)
+            .unwrap();
+        assert_eq!(
+            store.outbox_len().unwrap(),
+            outbox + 1,
+            "the message, no contact.created"
+        );
+        assert_eq!(
+            store.contact("L1", "auto_1").unwrap().unwrap().emails,
+            vec!["moved@x.test".to_string()],
+            "the CRM's contact is kept"
+        );
+        // Another contact has the address meanwhile: routed again.
+        store
+            .put_contacts(&[created("c-crm", "taken@x.test").into()])
+            .unwrap();
+        let at_two = FolderCursor::new(1, 2);
+        assert!(matches!(
+            store.commit_ingest(
+                &with_contact(at_two, created("auto_2", "taken@x.test")),
+                None
+            ),
+            Err(StoreError::DirectoryChanged)
+        ));
+        assert!(store.contact("L1", "auto_2").unwrap().is_none());
     }
 }
