@@ -9,8 +9,8 @@ use chrono::Utc;
 use crate::{
     mime,
     model::{
-        AttachmentEventInfo, Contact, Direction, Event, FolderCursor, FolderRole, Integration,
-        Message, MessageEventData, Thread, new_id, normalize_email,
+        AttachmentEventInfo, Contact, Direction, Event, FlagState, FolderCursor, FolderRole,
+        Integration, LocatedMessage, Message, MessageEventData, Thread, new_id, normalize_email,
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
     smart_address::SmartAddresses,
@@ -52,6 +52,8 @@ pub struct Found<'a> {
     /// The folder's cursor as the finder holds it: the message's commit
     /// moves it only from there.
     pub cursor: FolderCursor,
+    /// Its flags when it was fetched, if the server said.
+    pub flags: Option<FlagState>,
     /// When the server received it (INTERNALDATE), if it said.
     pub received_at: Option<chrono::DateTime<Utc>>,
 }
@@ -345,6 +347,7 @@ impl Ingest {
     ) -> StoreResult<Outcome> {
         let cursor = FolderCursor {
             moved_at: Some(Utc::now()),
+            highest_modseq: found.cursor.highest_modseq,
             ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
         };
         let loaded = match self.load(found.mailbox, found.folder, message, raw)? {
@@ -489,6 +492,17 @@ impl Ingest {
                 message_ids: message.message_id.iter().cloned().collect(),
                 thread: Some(thread.clone()),
                 new_contacts,
+                located: Some((
+                    found.uid_validity,
+                    found.uid,
+                    LocatedMessage {
+                        record_id: message_record_id.clone(),
+                        message_id: message.message_id.clone(),
+                        thread_id: thread.id.clone(),
+                        routes: deliveries.iter().map(|d| d.route.clone()).collect(),
+                        flags: found.flags.unwrap_or_default(),
+                    },
+                )),
                 events,
                 synced: Some((
                     identity,
@@ -602,12 +616,14 @@ impl Ingest {
             cursor_before: found.cursor,
             cursor: FolderCursor {
                 moved_at: Some(Utc::now()),
+                highest_modseq: found.cursor.highest_modseq,
                 ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
             },
             thread_keys_seen: vec![],
             thread_seen: None,
             thread: None,
             new_contacts: vec![],
+            located: None,
             message_ids: vec![],
             events: vec![],
             history: vec![],

@@ -248,6 +248,10 @@ pub struct FolderCursor {
     /// then is looked for again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_at: Option<DateTime<Utc>>,
+    /// The folder's HIGHESTMODSEQ (RFC 7162) up to which flag changes were
+    /// handled; None where the server has no CONDSTORE or none was read yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_modseq: Option<u64>,
 }
 
 impl FolderCursor {
@@ -256,8 +260,42 @@ impl FolderCursor {
             uid_validity,
             next_uid,
             moved_at: None,
+            highest_modseq: None,
         }
     }
+}
+
+/// The state of a message the mailbox keeps as flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlagState {
+    pub seen: bool,
+    pub flagged: bool,
+    pub answered: bool,
+}
+
+impl FlagState {
+    /// From IMAP flags (`\Seen`, `\Flagged`, `\Answered`, any case).
+    pub fn from_flags<S: AsRef<str>>(flags: &[S]) -> Self {
+        let has = |name: &str| flags.iter().any(|f| f.as_ref().eq_ignore_ascii_case(name));
+        Self {
+            seen: has("\\Seen"),
+            flagged: has("\\Flagged"),
+            answered: has("\\Answered"),
+        }
+    }
+}
+
+/// A synced message where the mailbox keeps it, for its later changes
+/// (`message.updated`): which record and conversations it is, and its flags
+/// as last reported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocatedMessage {
+    pub record_id: String,
+    pub message_id: Option<String>,
+    pub thread_id: String,
+    /// Each conversation it was forwarded to.
+    pub routes: Vec<ThreadRoute>,
+    pub flags: FlagState,
 }
 
 /// The integration that stands for the Auto BCC catch-all mailbox (R15,

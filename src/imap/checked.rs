@@ -34,6 +34,10 @@ pub struct Fetched {
     pub header: Option<Vec<u8>>,
     /// `INTERNALDATE`, when it was asked for: when the server received it.
     pub received_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `FLAGS`, when it was asked for.
+    pub flags: Option<Vec<String>>,
+    /// `MODSEQ` (RFC 7162), when the server sent it.
+    pub modseq: Option<u64>,
 }
 
 /// Runs `command`; calls `each` for every untagged response until the tagged
@@ -151,6 +155,10 @@ pub async fn uid_fetch_partial(
                         AttributeValue::InternalDate(date) => {
                             message.received_at = internal_date(date);
                         }
+                        AttributeValue::Flags(flags) => {
+                            message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
+                        }
+                        AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
                         AttributeValue::BodySection {
                             section: None,
                             data: Some(data),

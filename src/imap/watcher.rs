@@ -16,7 +16,7 @@ use super::{SyncContext, checked, connection::ConnectError, connection::ImapSess
 use crate::{
     backoff,
     ingest::Found,
-    model::{FolderCursor, FolderRole, MailboxState},
+    model::{Event, FlagState, FolderCursor, FolderRole, MailboxState, new_id},
 };
 
 /// Bodies fetched per round trip while catching up.
@@ -207,9 +207,22 @@ impl FolderWatcher {
                 }
             },
         };
-        let selected = self
-            .timed("selecting the folder", session.select(&folder))
-            .await?;
+        // CONDSTORE (RFC 7162): flag changes are read by HIGHESTMODSEQ, so
+        // a change made while the bridge was away arrives too, once.
+        let condstore = self
+            .timed("asking the server's capabilities", session.capabilities())
+            .await?
+            .has_str("CONDSTORE");
+        let selected = match condstore {
+            true => {
+                self.timed("selecting the folder", session.select_condstore(&folder))
+                    .await?
+            }
+            false => {
+                self.timed("selecting the folder", session.select(&folder))
+                    .await?
+            }
+        };
         let uid_validity = selected.uid_validity.unwrap_or(0);
         let mut cursor = match self.ctx.store.cursor(address, self.role)? {
             Some(cursor) if cursor.uid_validity == uid_validity => cursor,
@@ -261,6 +274,18 @@ impl FolderWatcher {
                 fresh
             }
         };
+        // The first session with CONDSTORE starts reading changes from now.
+        if let (true, None, Some(now)) = (condstore, cursor.highest_modseq, selected.highest_modseq)
+        {
+            let from_now = FolderCursor {
+                highest_modseq: Some(now),
+                ..cursor
+            };
+            self.ctx
+                .store
+                .set_cursor(address, self.role, Some(cursor), from_now)?;
+            cursor = from_now;
+        }
         self.ctx
             .store
             .set_mailbox_state(address, self.generation, MailboxState::Active, None)?;
@@ -272,6 +297,9 @@ impl FolderWatcher {
             let more = self.catch_up(&mut session, &mut cursor).await?;
             if more {
                 continue;
+            }
+            if condstore {
+                self.sync_flags(&mut session, &folder, &mut cursor).await?;
             }
 
             // Cloned before IDLE takes the session: the server may announce new
@@ -287,12 +315,9 @@ impl FolderWatcher {
                 TokenExpiring,
                 Cancel,
             }
-            let arrived_meanwhile = std::iter::from_fn(|| unsolicited.try_recv().ok()).any(|r| {
-                matches!(
-                    r,
-                    UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
-                )
-            });
+            // New mail, or a flag change (an untagged FETCH), or an expunge.
+            let arrived_meanwhile = std::iter::from_fn(|| unsolicited.try_recv().ok())
+                .any(|r| !matches!(r, UnsolicitedResponse::Status { .. }));
             let woke = if arrived_meanwhile {
                 Woke::Arrived
             } else {
@@ -384,6 +409,92 @@ impl FolderWatcher {
         Ok((from - chrono::TimeDelta::days(1)).date_naive())
     }
 
+    /// Reports flag changes (\\Seen, \\Flagged, \\Answered) of synced messages
+    /// since the cursor's HIGHESTMODSEQ as `message.updated`, and moves it.
+    async fn sync_flags(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        cursor: &mut FolderCursor,
+    ) -> Result<(), SessionError> {
+        let Some(since) = cursor.highest_modseq else {
+            return Ok(());
+        };
+        let changed = self
+            .timed(
+                "reading flag changes",
+                checked::uid_fetch(
+                    session,
+                    "1:*",
+                    &format!("(UID FLAGS) (CHANGEDSINCE {since})"),
+                ),
+            )
+            .await?;
+        let mut highest = since;
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        for fetched in &changed.messages {
+            highest = highest.max(fetched.modseq.unwrap_or(0));
+            // Newer ones are read, flags and all, by the next catch-up.
+            let (Some(flags), true) = (&fetched.flags, fetched.uid < cursor.next_uid) else {
+                continue;
+            };
+            let now = FlagState::from_flags(flags);
+            let Some(located) = self.ctx.store.located(
+                &self.address,
+                self.role,
+                cursor.uid_validity,
+                fetched.uid,
+            )?
+            else {
+                continue;
+            };
+            if located.flags == now {
+                continue;
+            }
+            changes.push((cursor.uid_validity, fetched.uid, now));
+            events.extend(located.routes.iter().map(|route| Event {
+                id: new_id("evt"),
+                kind: "message.updated".into(),
+                timestamp: chrono::Utc::now(),
+                ordering_key: located.thread_id.clone(),
+                data: serde_json::json!({
+                    "id": located.record_id,
+                    "message_id": located.message_id,
+                    "thread_id": located.thread_id,
+                    "location_id": route.location_id,
+                    "user_id": route.user_id,
+                    "contact_id": route.contact_id,
+                    "mailbox": self.address,
+                    "folder": folder,
+                    "seen": now.seen,
+                    "flagged": now.flagged,
+                    "answered": now.answered,
+                }),
+            }));
+        }
+        if highest == since && changes.is_empty() {
+            return Ok(());
+        }
+        let count = events.len();
+        crate::offload::blocking(|| {
+            self.ctx.store.commit_flag_changes(
+                &self.address,
+                self.role,
+                *cursor,
+                highest,
+                &changes,
+                &events,
+            )
+        })?;
+        cursor.highest_modseq = Some(highest);
+        if count > 0 {
+            self.ctx.signal.notify();
+            tracing::info!(mailbox = %self.address, folder, events = count, "flags changed");
+        }
+        Ok(())
+    }
+
     /// Fetches and handles every message at or after the cursor, in UID order.
     /// Returns whether the server announced more mail meanwhile.
     async fn catch_up(
@@ -449,6 +560,7 @@ impl FolderWatcher {
                 false => Some(self.ctx.memory.reserve(wanted_bytes).await),
             };
             let mut bodies: HashMap<u32, Vec<u8>> = HashMap::new();
+            let mut flags: HashMap<u32, FlagState> = HashMap::new();
             if !wanted.is_empty() {
                 let set = wanted
                     .iter()
@@ -460,7 +572,7 @@ impl FolderWatcher {
                     + Duration::from_secs(wanted_bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
                 let (fetched, refused) = match tokio::time::timeout(
                     deadline,
-                    checked::uid_fetch_partial(session, &set, "(UID BODY.PEEK[])"),
+                    checked::uid_fetch_partial(session, &set, "(UID FLAGS BODY.PEEK[])"),
                 )
                 .await
                 {
@@ -477,6 +589,9 @@ impl FolderWatcher {
                 }
                 new_mail |= fetched.new_mail;
                 for fetch in fetched.messages {
+                    if let Some(found) = &fetch.flags {
+                        flags.insert(fetch.uid, FlagState::from_flags(found));
+                    }
                     if let Some(body) = fetch.body {
                         bodies.insert(fetch.uid, body);
                     }
@@ -489,6 +604,7 @@ impl FolderWatcher {
                     uid_validity: cursor.uid_validity,
                     uid: *uid,
                     cursor: *cursor,
+                    flags: flags.get(uid).copied(),
                     received_at: received.get(uid).copied(),
                 };
                 match bodies.remove(uid) {

@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-    MessageEventData, SendRecord, Thread,
+    Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
+    Mailbox, MailboxState, MessageEventData, SendRecord, Thread,
 };
 
 pub mod message_files;
@@ -81,6 +81,9 @@ pub struct IngestCommit {
     /// The message's identity (see `Store::synced_to`) and the integrations
     /// (location, user) that now have it.
     pub synced: Option<(String, Vec<(String, String)>)>,
+    /// Where the mailbox keeps the synced message (UIDVALIDITY, UID), for
+    /// its later flag changes.
+    pub located: Option<(u32, u32, LocatedMessage)>,
 }
 
 /// A CRM send to accept: its record, its two copies, and the thread it
@@ -291,6 +294,28 @@ pub trait Store: Send + Sync + 'static {
         identity: &str,
         integrations: &[(String, String)],
     ) -> StoreResult<Vec<(String, String)>>;
+    /// A synced message by where the mailbox keeps it.
+    fn located(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        uid_validity: u32,
+        uid: u32,
+    ) -> StoreResult<Option<LocatedMessage>>;
+    /// Records the new flags of synced messages (UIDVALIDITY, UID, flags)
+    /// with their `message.updated` events, and moves the folder's
+    /// HIGHESTMODSEQ to `highest_modseq`, at once: only if the cursor still
+    /// stands at `cursor_before`, else `StoreError::CursorMoved`. The rest of
+    /// the cursor stays as stored.
+    fn commit_flag_changes(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        cursor_before: FolderCursor,
+        highest_modseq: u64,
+        changes: &[(u32, u32, FlagState)],
+        events: &[Event],
+    ) -> StoreResult<()>;
 
     // --- the webhook outbox, in enqueue order
     fn enqueue(&self, events: &[Event]) -> StoreResult<()>;

@@ -16,8 +16,8 @@ use super::{
     StoreResult, message_files::MessageFiles, secret_box::SecretBox,
 };
 use crate::model::{
-    Contact, Credentials, Event, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
-    MessageEventData, SendRecord, SendStatus, Thread,
+    Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
+    Mailbox, MailboxState, MessageEventData, SendRecord, SendStatus, Thread,
 };
 
 /// A dead letter in either stored form; never fails (an unreadable one says so).
@@ -75,6 +75,8 @@ pub struct SledStore {
     history: sled::Tree,
     /// location \0 user \0 identity → message record id.
     synced: sled::Tree,
+    /// mailbox \0 folder \0 UIDVALIDITY UID (big-endian) → LocatedMessage.
+    located: sled::Tree,
     secrets: SecretBox,
     sources: MessageFiles,
     bodies: PathBuf,
@@ -153,6 +155,13 @@ fn cursor_key(mailbox: &str, folder: FolderRole) -> Vec<u8> {
     key(&[mailbox, folder.as_str()])
 }
 
+fn located_key(mailbox: &str, folder: FolderRole, uid_validity: u32, uid: u32) -> Vec<u8> {
+    let mut k = prefix(&[mailbox, folder.as_str()]);
+    k.extend_from_slice(&uid_validity.to_be_bytes());
+    k.extend_from_slice(&uid.to_be_bytes());
+    k
+}
+
 /// How a mailbox is kept: everything readable but the credentials, which are sealed.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredMailbox {
@@ -217,6 +226,7 @@ impl SledStore {
             crm_message_ids: tree("crm_message_ids")?,
             history: tree("history")?,
             synced: tree("synced")?,
+            located: tree("located")?,
             sources,
             db,
             secrets,
@@ -759,6 +769,12 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
+        // A released mailbox's synced messages are no longer watched.
+        if !others {
+            for k in self.located.scan_prefix(prefix(&[&address])).keys() {
+                self.located.remove(k.map_err(engine)?).map_err(engine)?;
+            }
+        }
         // What this integration received no longer matters: a reconnect
         // starts from its new baseline (R19).
         for k in self
@@ -991,6 +1007,16 @@ impl Store for SledStore {
         let cursor_value = encode(&commit.cursor)?;
         let thread_value = commit.thread.as_ref().map(encode).transpose()?;
         let outbox_values = self.stored_entries(&events)?;
+        let located_value = commit
+            .located
+            .as_ref()
+            .map(|(uid_validity, uid, entry)| {
+                Ok::<_, StoreError>((
+                    located_key(&commit.mailbox, commit.folder, *uid_validity, *uid),
+                    encode(entry)?,
+                ))
+            })
+            .transpose()?;
         let cursor_at = cursor_key(&commit.mailbox, commit.folder);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
@@ -1041,6 +1067,7 @@ impl Store for SledStore {
             &self.synced,
             &self.contacts,
             &self.contact_emails,
+            &self.located,
         )
             .transaction(
                 |(
@@ -1052,6 +1079,7 @@ impl Store for SledStore {
                     synced,
                     contacts,
                     contact_emails,
+                    located,
                 )| {
                     for (record_key, value, index_keys) in &contact_values {
                         if contacts.get(record_key.as_slice())?.is_some() {
@@ -1101,6 +1129,9 @@ impl Store for SledStore {
                             )?;
                         }
                     }
+                    if let Some((key, value)) = &located_value {
+                        located.insert(key.as_slice(), value.as_slice())?;
+                    }
                     Self::put_outbox_tx(outbox, &outbox_values)?;
                     Ok(())
                 },
@@ -1110,6 +1141,66 @@ impl Store for SledStore {
             self.sources.remove(&record_id, SourceCopy::Filed);
         }
         committed?;
+        self.flush()
+    }
+
+    fn located(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        uid_validity: u32,
+        uid: u32,
+    ) -> StoreResult<Option<LocatedMessage>> {
+        self.located
+            .get(located_key(mailbox, folder, uid_validity, uid))
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn commit_flag_changes(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        cursor_before: FolderCursor,
+        highest_modseq: u64,
+        changes: &[(u32, u32, FlagState)],
+        events: &[Event],
+    ) -> StoreResult<()> {
+        let outbox_values = self.stored_entries(events)?;
+        let cursor_at = cursor_key(mailbox, folder);
+        let change_keys: Vec<(Vec<u8>, FlagState)> = changes
+            .iter()
+            .map(|(uid_validity, uid, flags)| {
+                (located_key(mailbox, folder, *uid_validity, *uid), *flags)
+            })
+            .collect();
+        (&self.cursors, &self.located, &self.outbox)
+            .transaction(|(cursors, located, outbox)| {
+                if !cursor_stands_at(cursors, &cursor_at, &cursor_before)? {
+                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                }
+                let Some(stored) = cursors.get(cursor_at.as_slice())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                };
+                let mut cursor: FolderCursor =
+                    decode(&stored).map_err(ConflictableTransactionError::Abort)?;
+                cursor.highest_modseq = Some(highest_modseq);
+                let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
+                for (key, flags) in &change_keys {
+                    if let Some(value) = located.get(key.as_slice())? {
+                        let mut entry: LocatedMessage =
+                            decode(&value).map_err(ConflictableTransactionError::Abort)?;
+                        entry.flags = *flags;
+                        let value = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
+                        located.insert(key.as_slice(), value)?;
+                    }
+                }
+                cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                Self::put_outbox_tx(outbox, &outbox_values)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
         self.flush()
     }
 

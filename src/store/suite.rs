@@ -4,8 +4,8 @@ use chrono::{TimeZone as _, Utc};
 
 use super::*;
 use crate::model::{
-    Credentials, Endpoint, FolderCursor, FolderRole, Integration, Mailbox, MailboxState, Provider,
-    Security, Thread, ThreadRoute,
+    Credentials, Endpoint, FlagState, FolderCursor, FolderRole, Integration, Mailbox, MailboxState,
+    Provider, Security, Thread, ThreadRoute,
 };
 
 fn engines() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
@@ -279,6 +279,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
             thread_seen: None,
             thread: Some(thread.clone()),
             new_contacts: vec![],
+            located: None,
             message_ids: vec!["<a@x>".into()],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
             history: vec![],
@@ -761,6 +762,7 @@ fn a_disconnect_forgets_what_the_integration_received() {
             thread_seen: None,
             thread: None,
             new_contacts: vec![],
+            located: None,
             message_ids: vec![],
             events: vec![],
             history: vec![],
@@ -800,6 +802,7 @@ fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> 
         thread_seen: seen,
         thread: Some(thread),
         new_contacts: vec![],
+        located: None,
         message_ids: vec!["<b@x>".into()],
         events: vec![event("evt_i", "thr_c", serde_json::json!({"n": 1}))],
         history: vec![],
@@ -1257,5 +1260,100 @@ fn r15_a_contact_to_create_that_exists_meanwhile_is_never_created_twice() {
             Err(StoreError::DirectoryChanged)
         ));
         assert!(store.contact("L1", "auto_2").unwrap().is_none());
+    }
+}
+
+/// Issue 9: a synced message is found again by where the mailbox keeps it;
+/// its flag changes and their events move with the cursor's HIGHESTMODSEQ
+/// in one commit, and never from a stale cursor.
+#[test]
+fn flag_changes_of_a_located_message_commit_with_the_cursor() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor {
+            highest_modseq: Some(10),
+            ..FolderCursor::new(1, 1)
+        };
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, start)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let entry = crate::model::LocatedMessage {
+            record_id: "msg_1".into(),
+            message_id: Some("<b@x>".into()),
+            thread_id: "thr_c".into(),
+            routes: l1_thread("L1", &[]).routes,
+            flags: FlagState::default(),
+        };
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.cursor.highest_modseq = Some(10);
+        commit.located = Some((1, 1, entry.clone()));
+        store.commit_ingest(&commit, None).unwrap();
+        assert_eq!(
+            store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
+            Some(entry)
+        );
+        assert_eq!(
+            store.located("me@x.test", FolderRole::Inbox, 1, 2).unwrap(),
+            None
+        );
+
+        let at = store
+            .cursor("me@x.test", FolderRole::Inbox)
+            .unwrap()
+            .unwrap();
+        let seen = FlagState {
+            seen: true,
+            ..FlagState::default()
+        };
+        let outbox = store.outbox_len().unwrap();
+        let updated = event("evt_u", "thr_c", serde_json::json!({"seen": true}));
+        assert!(matches!(
+            store.commit_flag_changes(
+                "me@x.test",
+                FolderRole::Inbox,
+                FolderCursor::new(1, 1),
+                12,
+                &[(1, 1, seen)],
+                std::slice::from_ref(&updated),
+            ),
+            Err(StoreError::CursorMoved)
+        ));
+        store
+            .commit_flag_changes(
+                "me@x.test",
+                FolderRole::Inbox,
+                at,
+                12,
+                &[(1, 1, seen)],
+                &[updated],
+            )
+            .unwrap();
+        assert_eq!(
+            store
+                .located("me@x.test", FolderRole::Inbox, 1, 1)
+                .unwrap()
+                .unwrap()
+                .flags,
+            seen
+        );
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .unwrap()
+                .highest_modseq,
+            Some(12)
+        );
+        assert_eq!(store.outbox_len().unwrap(), outbox + 1);
+        store.disconnect("L1", "u1", &[]).unwrap();
+        assert_eq!(
+            store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
+            None
+        );
     }
 }

@@ -281,6 +281,30 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// As another mail client does: changes the flags (`"+FLAGS (\\Seen)"`,
+    /// `"-FLAGS (\\Flagged)"`) of the message with this Message-ID.
+    pub async fn store_flags(&self, user: &User, folder: &str, message_id: &str, change: &str) {
+        use futures_util::TryStreamExt as _;
+        let mut session = self.session(user).await;
+        session.select(folder).await.expect("SELECT");
+        let uids = session
+            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+            .await
+            .expect("SEARCH");
+        let uid = uids
+            .into_iter()
+            .next()
+            .expect("the message is in the folder");
+        let _: Vec<_> = session
+            .uid_store(uid.to_string(), change)
+            .await
+            .expect("STORE")
+            .try_collect()
+            .await
+            .expect("STORE responses");
+        let _ = session.logout().await;
+    }
+
     /// Every message in a folder, in UID order.
     pub async fn fetch_all(&self, user: &User, folder: &str) -> Vec<Vec<u8>> {
         use futures_util::TryStreamExt as _;

@@ -1,0 +1,100 @@
+//! Two-way updates (issue 9), mailbox → CRM: what another client does to a
+//! synced message (read, star, answer) reaches the CRM as `message.updated`.
+
+mod support;
+
+use support::world::{World, mail};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_and_starring_a_synced_message_elsewhere_is_reported_as_message_updated() {
+    let w = World::connected(serde_json::json!({})).await;
+    let id = mail(&w.stack, &w.ann, &w.me, "to be read", None).await;
+    let synced = w
+        .receiver
+        .wait_for("the message", |r| r.subject() == "to be read")
+        .await;
+    // Mail nobody synced changes nothing in the CRM.
+    let stranger = mail(&w.stack, &w.me, &w.me, "not synced", None).await;
+    w.stack.wait_count(&w.me, "INBOX", 2).await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &stranger, "+FLAGS (\\Seen)")
+        .await;
+
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Seen)")
+        .await;
+    let read = w
+        .receiver
+        .wait_for("message.updated: seen", |r| {
+            r.kind() == "message.updated" && r.data()["seen"] == true
+        })
+        .await;
+    let data = read.data();
+    assert_eq!(data["id"], synced.data()["id"]);
+    assert_eq!(data["thread_id"], synced.data()["thread_id"]);
+    assert_eq!(data["message_id"], id.as_str());
+    assert_eq!(data["location_id"], "L1");
+    assert_eq!(data["user_id"], "u1");
+    assert_eq!(data["contact_id"], "c-ann");
+    assert_eq!(data["mailbox"], w.me.address.as_str());
+    assert_eq!(data["folder"], "INBOX");
+    assert_eq!(data["flagged"], false);
+    assert_eq!(data["answered"], false);
+
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Flagged)")
+        .await;
+    let starred = w
+        .receiver
+        .wait_for("message.updated: flagged", |r| {
+            r.kind() == "message.updated" && r.data()["flagged"] == true
+        })
+        .await;
+    assert_eq!(starred.data()["seen"], true);
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.updated"),
+        2,
+        "one event per change, none for the unsynced message"
+    );
+    w.daemon.stop().await;
+}
+
+/// Changes made while the bridge was stopped arrive after its restart, each
+/// once (HIGHESTMODSEQ is kept in the folder's cursor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_bridge_was_stopped_arrives_after_restart_once() {
+    let w = World::connected(serde_json::json!({})).await;
+    let id = mail(&w.stack, &w.ann, &w.me, "read while away", None).await;
+    w.receiver
+        .wait_for("the message", |r| r.subject() == "read while away")
+        .await;
+    w.daemon.stop().await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Seen \\Answered)")
+        .await;
+    let again = support::daemon::Daemon::start(support::daemon::test_config(
+        w._data.path(),
+        &w.stack,
+        &w.receiver,
+    ))
+    .await;
+    let updated = w
+        .receiver
+        .wait_for("the change made while away", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == id.as_str()
+        })
+        .await;
+    assert_eq!(updated.data()["seen"], true);
+    assert_eq!(updated.data()["answered"], true);
+    // A later change is the next event; the one from while away came once.
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for("the later change", |r| {
+            r.kind() == "message.updated" && r.data()["flagged"] == true
+        })
+        .await;
+    assert_eq!(w.receiver.distinct(|r| r.kind() == "message.updated"), 2);
+    again.stop().await;
+}
