@@ -98,3 +98,56 @@ async fn a_change_made_while_the_bridge_was_stopped_arrives_after_restart_once()
     assert_eq!(w.receiver.distinct(|r| r.kind() == "message.updated"), 2);
     again.stop().await;
 }
+
+/// A synced message archived elsewhere is `message.updated` with its new
+/// folder; one moved to Trash, or deleted for good, is `message.deleted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_trashing_and_expunging_a_synced_message_are_reported() {
+    let w = World::connected(serde_json::json!({})).await;
+    let archived = mail(&w.stack, &w.ann, &w.me, "to archive", None).await;
+    let trashed = mail(&w.stack, &w.ann, &w.me, "to trash", None).await;
+    let expunged = mail(&w.stack, &w.ann, &w.me, "to expunge", None).await;
+    w.receiver
+        .wait_for_count("the three messages", 3, |r| r.kind() == "message.inbound")
+        .await;
+
+    w.stack
+        .move_message(&w.me, "INBOX", &archived, Some("Archive"))
+        .await;
+    let moved = w
+        .receiver
+        .wait_for("the archived one", |r| {
+            r.data()["message_id"] == archived.as_str() && r.kind() == "message.updated"
+        })
+        .await;
+    assert_eq!(moved.data()["folder"], "Archive");
+    assert_eq!(moved.data()["previous_folder"], "INBOX");
+
+    w.stack
+        .move_message(&w.me, "INBOX", &trashed, Some("Trash"))
+        .await;
+    let binned = w
+        .receiver
+        .wait_for("the trashed one", |r| {
+            r.data()["message_id"] == trashed.as_str() && r.kind() == "message.deleted"
+        })
+        .await;
+    assert_eq!(binned.data()["folder"], "Trash");
+    assert_eq!(binned.data()["contact_id"], "c-ann");
+
+    w.stack.move_message(&w.me, "INBOX", &expunged, None).await;
+    let gone = w
+        .receiver
+        .wait_for("the expunged one", |r| {
+            r.data()["message_id"] == expunged.as_str() && r.kind() == "message.deleted"
+        })
+        .await;
+    assert!(gone.data()["folder"].is_null(), "{}", gone.data());
+    assert_eq!(
+        w.receiver
+            .distinct(|r| matches!(r.kind(), "message.updated" | "message.deleted")),
+        3,
+        "one event each"
+    );
+    w.daemon.stop().await;
+}

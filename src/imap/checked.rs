@@ -204,12 +204,66 @@ pub async fn uid_search(session: &mut ImapSession, query: &str) -> Result<Vec<u3
     Ok(found)
 }
 
+/// `ENABLE capability` (RFC 5161), e.g. QRESYNC before SELECT.
+pub async fn enable(session: &mut ImapSession, capability: &str) -> Result<(), CheckedError> {
+    run(session, &format!("ENABLE {capability}"), |_| {}).await?;
+    Ok(())
+}
+
+/// Changes since `modseq` (RFC 7162): the messages whose flags changed, and
+/// with QRESYNC enabled the UIDs expunged since (`VANISHED (EARLIER)`), as
+/// inclusive ranges.
+pub async fn changes_since(
+    session: &mut ImapSession,
+    modseq: u64,
+    vanished: bool,
+) -> Result<(FetchAnswer, Vec<std::ops::RangeInclusive<u32>>), CheckedError> {
+    let mut gone = Vec::new();
+    let mut fetched = Vec::new();
+    let command = format!(
+        "UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE {modseq}{})",
+        if vanished { " VANISHED" } else { "" }
+    );
+    let new_mail = run(session, &command, |response| match response {
+        Response::Vanished { uids, .. } => gone.extend(uids.iter().cloned()),
+        Response::Fetch(_, attributes) => {
+            let mut message = Fetched::default();
+            for attribute in attributes {
+                match attribute {
+                    AttributeValue::Uid(uid) => message.uid = *uid,
+                    AttributeValue::Flags(flags) => {
+                        message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
+                    }
+                    AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
+                    _ => {}
+                }
+            }
+            if message.uid != 0 {
+                fetched.push(message);
+            }
+        }
+        _ => {}
+    })
+    .await?;
+    Ok((
+        FetchAnswer {
+            messages: fetched,
+            new_mail,
+        },
+        gone,
+    ))
+}
+
 /// A folder as LIST names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Folder {
     pub name: String,
     /// Carries the RFC 6154 `\Sent` attribute.
     pub is_sent: bool,
+    /// Carries `\Trash` or `\Junk`: a message moved here was deleted.
+    pub is_bin: bool,
+    /// Carries `\Noselect`: it holds no messages.
+    pub no_select: bool,
 }
 
 /// `LIST "" *`: every folder.
@@ -223,6 +277,14 @@ pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedE
                     .name_attributes
                     .iter()
                     .any(|a| matches!(a, NameAttribute::Sent)),
+                is_bin: data
+                    .name_attributes
+                    .iter()
+                    .any(|a| matches!(a, NameAttribute::Trash | NameAttribute::Junk)),
+                no_select: data
+                    .name_attributes
+                    .iter()
+                    .any(|a| matches!(a, NameAttribute::NoSelect)),
             });
         }
     })

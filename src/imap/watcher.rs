@@ -16,7 +16,7 @@ use super::{SyncContext, checked, connection::ConnectError, connection::ImapSess
 use crate::{
     backoff,
     ingest::Found,
-    model::{Event, FlagState, FolderCursor, FolderRole, MailboxState, new_id},
+    model::{Event, FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState, new_id},
 };
 
 /// Bodies fetched per round trip while catching up.
@@ -209,10 +209,16 @@ impl FolderWatcher {
         };
         // CONDSTORE (RFC 7162): flag changes are read by HIGHESTMODSEQ, so
         // a change made while the bridge was away arrives too, once.
-        let condstore = self
+        let capabilities = self
             .timed("asking the server's capabilities", session.capabilities())
-            .await?
-            .has_str("CONDSTORE");
+            .await?;
+        let condstore = capabilities.has_str("CONDSTORE");
+        // QRESYNC (RFC 7162) also names what was expunged since (VANISHED).
+        let qresync = condstore && capabilities.has_str("QRESYNC");
+        if qresync {
+            self.timed("enabling QRESYNC", checked::enable(&mut session, "QRESYNC"))
+                .await?;
+        }
         let selected = match condstore {
             true => {
                 self.timed("selecting the folder", session.select_condstore(&folder))
@@ -299,7 +305,8 @@ impl FolderWatcher {
                 continue;
             }
             if condstore {
-                self.sync_flags(&mut session, &folder, &mut cursor).await?;
+                self.sync_flags(&mut session, &folder, qresync, &mut cursor)
+                    .await?;
             }
 
             // Cloned before IDLE takes the session: the server may announce new
@@ -415,24 +422,62 @@ impl FolderWatcher {
         &self,
         session: &mut ImapSession,
         folder: &str,
+        qresync: bool,
         cursor: &mut FolderCursor,
     ) -> Result<(), SessionError> {
         let Some(since) = cursor.highest_modseq else {
             return Ok(());
         };
-        let changed = self
+        let (changed, vanished) = self
             .timed(
                 "reading flag changes",
-                checked::uid_fetch(
-                    session,
-                    "1:*",
-                    &format!("(UID FLAGS) (CHANGEDSINCE {since})"),
-                ),
+                checked::changes_since(session, since, qresync),
             )
             .await?;
         let mut highest = since;
         let mut changes = Vec::new();
         let mut events = Vec::new();
+        // Gone from the folder: moved elsewhere (a message.updated naming
+        // where), or to Trash/Junk or expunged (message.deleted).
+        for range in vanished {
+            let last = (*range.end()).min(cursor.next_uid.saturating_sub(1));
+            if *range.start() > last {
+                continue;
+            }
+            for (uid, located) in self.ctx.store.located_in(
+                &self.address,
+                self.role,
+                cursor.uid_validity,
+                *range.start()..=last,
+            )? {
+                let (kind, now_in) = match self.now_in(folder, &located).await {
+                    Some((name, false)) => ("message.updated", Some(name)),
+                    Some((name, true)) => ("message.deleted", Some(name)),
+                    None => ("message.deleted", None),
+                };
+                changes.push((cursor.uid_validity, uid, None));
+                events.extend(located.routes.iter().map(|route| Event {
+                    id: new_id("evt"),
+                    kind: kind.into(),
+                    timestamp: chrono::Utc::now(),
+                    ordering_key: located.thread_id.clone(),
+                    data: serde_json::json!({
+                        "id": located.record_id,
+                        "message_id": located.message_id,
+                        "thread_id": located.thread_id,
+                        "location_id": route.location_id,
+                        "user_id": route.user_id,
+                        "contact_id": route.contact_id,
+                        "mailbox": self.address,
+                        "folder": now_in,
+                        "previous_folder": folder,
+                        "seen": located.flags.seen,
+                        "flagged": located.flags.flagged,
+                        "answered": located.flags.answered,
+                    }),
+                }));
+            }
+        }
         for fetched in &changed.messages {
             highest = highest.max(fetched.modseq.unwrap_or(0));
             // Newer ones are read, flags and all, by the next catch-up.
@@ -452,7 +497,7 @@ impl FolderWatcher {
             if located.flags == now {
                 continue;
             }
-            changes.push((cursor.uid_validity, fetched.uid, now));
+            changes.push((cursor.uid_validity, fetched.uid, Some(now)));
             events.extend(located.routes.iter().map(|route| Event {
                 id: new_id("evt"),
                 kind: "message.updated".into(),
@@ -493,6 +538,53 @@ impl FolderWatcher {
             tracing::info!(mailbox = %self.address, folder, events = count, "flags changed");
         }
         Ok(())
+    }
+
+    /// Where a message that left `folder` is now, by its Message-ID, looked
+    /// up over a second session (this one stays on its folder): the folder's
+    /// name and whether it is Trash or Junk; None if it is nowhere (expunged),
+    /// or cannot be told.
+    async fn now_in(&self, folder: &str, located: &LocatedMessage) -> Option<(String, bool)> {
+        let message_id = located.message_id.as_deref()?;
+        let quoted = format!("\"{}\"", message_id.replace(['"', '\\'], ""));
+        let lookup = async {
+            let mut session = self
+                .ctx
+                .auth
+                .open_imap(&self.ctx.connector, &self.address)
+                .await
+                .ok()?;
+            let mut folders = self
+                .timed("listing folders", checked::list_all(&mut session))
+                .await
+                .ok()?;
+            // Trash and Junk first: Gmail's All Mail holds everything else too.
+            folders.sort_by_key(|f| !f.is_bin);
+            let mut found = None;
+            for candidate in folders.iter().filter(|f| !f.no_select && f.name != folder) {
+                if self
+                    .timed("opening a folder", session.examine(&candidate.name))
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                let hits = self
+                    .timed(
+                        "looking for a moved message",
+                        checked::uid_search(&mut session, &format!("HEADER Message-ID {quoted}")),
+                    )
+                    .await
+                    .unwrap_or_default();
+                if !hits.is_empty() {
+                    found = Some((candidate.name.clone(), candidate.is_bin));
+                    break;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+            found
+        };
+        lookup.await
     }
 
     /// Fetches and handles every message at or after the cursor, in UID order.

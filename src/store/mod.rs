@@ -302,18 +302,27 @@ pub trait Store: Send + Sync + 'static {
         uid_validity: u32,
         uid: u32,
     ) -> StoreResult<Option<LocatedMessage>>;
-    /// Records the new flags of synced messages (UIDVALIDITY, UID, flags)
-    /// with their `message.updated` events, and moves the folder's
-    /// HIGHESTMODSEQ to `highest_modseq`, at once: only if the cursor still
-    /// stands at `cursor_before`, else `StoreError::CursorMoved`. The rest of
-    /// the cursor stays as stored.
+    /// The synced messages of a folder whose UIDs lie in `uids`.
+    fn located_in(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        uid_validity: u32,
+        uids: std::ops::RangeInclusive<u32>,
+    ) -> StoreResult<Vec<(u32, LocatedMessage)>>;
+    /// Records the changes of synced messages (UIDVALIDITY, UID, new flags,
+    /// or None: gone from the folder) with their `message.updated` /
+    /// `message.deleted` events, and moves the folder's HIGHESTMODSEQ to
+    /// `highest_modseq`, at once: only if the cursor still stands at
+    /// `cursor_before`, else `StoreError::CursorMoved`. The rest of the
+    /// cursor stays as stored.
     fn commit_flag_changes(
         &self,
         mailbox: &str,
         folder: FolderRole,
         cursor_before: FolderCursor,
         highest_modseq: u64,
-        changes: &[(u32, u32, FlagState)],
+        changes: &[(u32, u32, Option<FlagState>)],
         events: &[Event],
     ) -> StoreResult<()>;
 

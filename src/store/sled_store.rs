@@ -1158,18 +1158,43 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn located_in(
+        &self,
+        mailbox: &str,
+        folder: FolderRole,
+        uid_validity: u32,
+        uids: std::ops::RangeInclusive<u32>,
+    ) -> StoreResult<Vec<(u32, LocatedMessage)>> {
+        let first = located_key(mailbox, folder, uid_validity, *uids.start());
+        let last = located_key(mailbox, folder, uid_validity, *uids.end());
+        let mut found = Vec::new();
+        for item in self.located.range(first..=last) {
+            let (k, v) = item.map_err(engine)?;
+            let uid = k
+                .len()
+                .checked_sub(4)
+                .and_then(|at| k.get(at..))
+                .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+                .map(u32::from_be_bytes);
+            if let Some(uid) = uid {
+                found.push((uid, decode(&v)?));
+            }
+        }
+        Ok(found)
+    }
+
     fn commit_flag_changes(
         &self,
         mailbox: &str,
         folder: FolderRole,
         cursor_before: FolderCursor,
         highest_modseq: u64,
-        changes: &[(u32, u32, FlagState)],
+        changes: &[(u32, u32, Option<FlagState>)],
         events: &[Event],
     ) -> StoreResult<()> {
         let outbox_values = self.stored_entries(events)?;
         let cursor_at = cursor_key(mailbox, folder);
-        let change_keys: Vec<(Vec<u8>, FlagState)> = changes
+        let change_keys: Vec<(Vec<u8>, Option<FlagState>)> = changes
             .iter()
             .map(|(uid_validity, uid, flags)| {
                 (located_key(mailbox, folder, *uid_validity, *uid), *flags)
@@ -1188,6 +1213,10 @@ impl Store for SledStore {
                 cursor.highest_modseq = Some(highest_modseq);
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
                 for (key, flags) in &change_keys {
+                    let Some(flags) = flags else {
+                        located.remove(key.as_slice())?;
+                        continue;
+                    };
                     if let Some(value) = located.get(key.as_slice())? {
                         let mut entry: LocatedMessage =
                             decode(&value).map_err(ConflictableTransactionError::Abort)?;

@@ -1318,7 +1318,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
                 FolderRole::Inbox,
                 FolderCursor::new(1, 1),
                 12,
-                &[(1, 1, seen)],
+                &[(1, 1, Some(seen))],
                 std::slice::from_ref(&updated),
             ),
             Err(StoreError::CursorMoved)
@@ -1329,7 +1329,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
                 FolderRole::Inbox,
                 at,
                 12,
-                &[(1, 1, seen)],
+                &[(1, 1, Some(seen))],
                 &[updated],
             )
             .unwrap();

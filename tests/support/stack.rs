@@ -305,6 +305,49 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// As another mail client does: moves the message with this Message-ID
+    /// to `to` (UID MOVE), or with `to` None deletes it for good (\\Deleted
+    /// and EXPUNGE).
+    pub async fn move_message(
+        &self,
+        user: &User,
+        folder: &str,
+        message_id: &str,
+        to: Option<&str>,
+    ) {
+        use futures_util::TryStreamExt as _;
+        let mut session = self.session(user).await;
+        session.select(folder).await.expect("SELECT");
+        let uids = session
+            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+            .await
+            .expect("SEARCH");
+        let uid = uids
+            .into_iter()
+            .next()
+            .expect("the message is in the folder");
+        match to {
+            Some(to) => session.uid_mv(uid.to_string(), to).await.expect("MOVE"),
+            None => {
+                let _: Vec<_> = session
+                    .uid_store(uid.to_string(), "+FLAGS (\\Deleted)")
+                    .await
+                    .expect("STORE")
+                    .try_collect()
+                    .await
+                    .expect("STORE responses");
+                let _: Vec<_> = session
+                    .expunge()
+                    .await
+                    .expect("EXPUNGE")
+                    .try_collect()
+                    .await
+                    .expect("EXPUNGE responses");
+            }
+        }
+        let _ = session.logout().await;
+    }
+
     /// Every message in a folder, in UID order.
     pub async fn fetch_all(&self, user: &User, folder: &str) -> Vec<Vec<u8>> {
         use futures_util::TryStreamExt as _;
