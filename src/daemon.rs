@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     imap::{ImapConnector, SyncContext},
     ingest::Ingest,
+    mailbox_changes::MailboxChanges,
     memory_budget::MemoryBudget,
     oauth::{TokenHttp, state::StateSigner},
     scheduler::Scheduler,
@@ -196,6 +197,24 @@ pub async fn run(
             move || send_queue.clone().run(shutdown.clone())
         },
     ));
+    let changes_signal = crate::wakeup::Wakeup::default();
+    let mailbox_changes = MailboxChanges {
+        store: store.clone(),
+        auth: auth.clone(),
+        connector: connector.clone(),
+        signal: changes_signal.clone(),
+        retry_min: Duration::from_millis(config.sending.retry_min_ms),
+        retry_max: Duration::from_millis(config.sending.retry_max_ms),
+    };
+    let changing = tokio::spawn(supervise(
+        "mailbox changes",
+        health.clone(),
+        sending_shutdown.clone(),
+        {
+            let shutdown = sending_shutdown.clone();
+            move || mailbox_changes.clone().run(shutdown.clone())
+        },
+    ));
     let retention = tokio::spawn(prune_message_sources(
         store.clone(),
         config.storage.raw_retention_days,
@@ -239,6 +258,7 @@ pub async fn run(
         metrics: metrics_handle(),
         smart,
         ingest: ctx.ingest.clone(),
+        changes_signal,
         send_signal,
         public_url: config.server.public_url.trim_end_matches('/').to_string(),
         auth,
@@ -266,6 +286,7 @@ pub async fn run(
         sending_shutdown.cancel();
         scheduler.wait().await;
         let _ = sending.await;
+        let _ = changing.await;
         let _ = retention.await;
         delivery_shutdown.cancel();
         let _ = delivery.await;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod imap;
 pub mod ingest;
+pub mod mailbox_changes;
 pub mod memory_budget;
 pub mod mime;
 pub mod model;

@@ -285,6 +285,31 @@ impl FlagState {
     }
 }
 
+/// Where the mailbox keeps a synced message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageLocation {
+    pub mailbox: String,
+    pub folder: FolderRole,
+    pub uid_validity: u32,
+    pub uid: u32,
+}
+
+/// A change the CRM asked for (`PATCH`/`DELETE /v1/messages/{id}`), to make
+/// in the mailbox; queued durably until it is made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MailboxChange {
+    pub record_id: String,
+    pub location: MessageLocation,
+    pub seen: Option<bool>,
+    pub flagged: Option<bool>,
+    /// Move it to the mailbox's Trash.
+    pub to_trash: bool,
+    pub attempts: u32,
+    /// Unix milliseconds before which it is not tried again.
+    pub next_attempt_ms: i64,
+    pub created_at: DateTime<Utc>,
+}
+
 /// A synced message where the mailbox keeps it, for its later changes
 /// (`message.updated`): which record and conversations it is, and its flags
 /// as last reported.

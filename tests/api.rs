@@ -53,6 +53,8 @@ async fn every_v1_route_needs_the_api_key_and_health_does_not() {
         (Method::GET, "/v1/auto-bcc/mailbox"),
         (Method::DELETE, "/v1/auto-bcc/mailbox"),
         (Method::POST, "/v1/inspect?mailbox=me@example.test"),
+        (Method::PATCH, "/v1/messages/msg_1"),
+        (Method::DELETE, "/v1/messages/msg_1"),
     ] {
         for auth in [None, Some("Bearer wrong-key"), Some(API_KEY)] {
             let mut request = http.request(method.clone(), format!("{}{path}", daemon.base));

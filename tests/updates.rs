@@ -151,3 +151,85 @@ async fn archiving_trashing_and_expunging_a_synced_message_are_reported() {
     );
     w.daemon.stop().await;
 }
+
+/// CRM → mailbox: PATCH sets the flags and DELETE moves the message to
+/// Trash, as another client sees over IMAP; neither comes back as an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crm_reads_stars_and_deletes_a_message_in_the_mailbox_without_an_echo() {
+    let w = World::connected(serde_json::json!({})).await;
+    let id = mail(&w.stack, &w.ann, &w.me, "read me from the crm", None).await;
+    let synced = w
+        .receiver
+        .wait_for("the message", |r| r.subject() == "read me from the crm")
+        .await;
+    let record = synced.data()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/messages/{record}");
+
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            Some(serde_json::json!({"seen": true, "flagged": true})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    support::eventually(
+        "\\Seen and \\Flagged over IMAP",
+        support::DEADLINE,
+        async || {
+            let flags = w
+                .stack
+                .flags_of(&w.me, "INBOX", &id)
+                .await
+                .unwrap_or_default();
+            (flags.iter().any(|f| f == "Seen") && flags.iter().any(|f| f == "Flagged"))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (status, body) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 202, "{body}");
+    support::eventually("the message in Trash", support::DEADLINE, async || {
+        w.stack.flags_of(&w.me, "Trash", &id).await.map(|_| ())
+    })
+    .await;
+    assert!(w.stack.flags_of(&w.me, "INBOX", &id).await.is_none());
+
+    // A later change of another message is reported; the CRM's own were not.
+    let other = mail(&w.stack, &w.ann, &w.me, "read elsewhere", None).await;
+    w.receiver
+        .wait_for("the other message", |r| r.subject() == "read elsewhere")
+        .await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &other, "+FLAGS (\\Seen)")
+        .await;
+    w.receiver
+        .wait_for("the other's update", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == other.as_str()
+        })
+        .await;
+    assert_eq!(
+        w.receiver.distinct(|r| {
+            matches!(r.kind(), "message.updated" | "message.deleted")
+                && r.data()["message_id"] == id.as_str()
+        }),
+        0,
+        "no echo of the CRM's own changes"
+    );
+
+    // Gone from INBOX: nothing more to change there.
+    let (status, _) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = w
+        .api
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/messages/msg_unknown",
+            Some(serde_json::json!({"seen": true})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    w.daemon.stop().await;
+}

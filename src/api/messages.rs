@@ -627,6 +627,91 @@ fn too_large() -> ApiError {
     )
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchBody {
+    #[serde(default)]
+    seen: Option<bool>,
+    #[serde(default)]
+    flagged: Option<bool>,
+}
+
+/// `PATCH /v1/messages/{id}` `{"seen", "flagged"}`: sets or clears the flags
+/// in the mailbox (issue 9). Answered at once; made from a durable queue.
+pub async fn patch(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchBody>,
+) -> Result<Response, ApiError> {
+    if body.seen.is_none() && body.flagged.is_none() {
+        return Err(ApiError::invalid("seen or flagged is required"));
+    }
+    queue_change(&state, &id, body.seen, body.flagged, false)
+}
+
+/// `DELETE /v1/messages/{id}`: moves the message to the mailbox's Trash.
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    queue_change(&state, &id, None, None, true)
+}
+
+fn queue_change(
+    state: &AppState,
+    id: &str,
+    seen: Option<bool>,
+    flagged: Option<bool>,
+    to_trash: bool,
+) -> Result<Response, ApiError> {
+    check_id("id", id)?;
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no synced message {id:?} in a connected mailbox (unknown, sent by the CRM, moved out of its folder, or already in Trash)"
+        ))
+    };
+    let (location, _) = state.store.locate_record(id)?.ok_or_else(not_found)?;
+    match state.store.mailbox(&location.mailbox)? {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "mailbox_disconnected",
+                format!("the mailbox {} is no longer connected", location.mailbox),
+            ));
+        }
+        Some(mailbox) if mailbox.state == MailboxState::NeedsReauth => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "needs_reauth",
+                format!(
+                    "the mailbox {} needs new credentials before it can be changed; reconnect it",
+                    mailbox.address
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    let change = crate::model::MailboxChange {
+        record_id: id.to_string(),
+        location,
+        seen,
+        flagged,
+        to_trash,
+        attempts: 0,
+        next_attempt_ms: 0,
+        created_at: Utc::now(),
+    };
+    if !state.store.queue_mailbox_change(&change)? {
+        return Err(not_found());
+    }
+    state.changes_signal.notify();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"id": id, "status": "queued"})),
+    )
+        .into_response())
+}
+
 pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,

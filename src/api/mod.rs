@@ -53,6 +53,8 @@ pub struct AppState {
     pub smart: crate::smart_address::SmartAddresses,
     /// Explains routing decisions (`POST /v1/inspect`).
     pub ingest: crate::ingest::Ingest,
+    /// Wakes the worker that makes the CRM's changes in mailboxes.
+    pub changes_signal: crate::wakeup::Wakeup,
     pub send_signal: crate::send_queue::SendSignal,
     pub public_url: String,
     pub auth: Arc<crate::auth::Auth>,
@@ -92,7 +94,12 @@ pub fn router(state: AppState) -> Router {
             "/locations/{location_id}/contacts/{contact_id}/messages",
             get(messages::history),
         )
-        .route("/messages/{id}", get(messages::get))
+        .route(
+            "/messages/{id}",
+            get(messages::get)
+                .patch(messages::patch)
+                .delete(messages::delete),
+        )
         .route("/messages/{id}/raw", get(messages::raw))
         .route(
             "/messages/{id}/attachments/{index}",

@@ -204,6 +204,18 @@ pub async fn uid_search(session: &mut ImapSession, query: &str) -> Result<Vec<u3
     Ok(found)
 }
 
+/// A command whose answer is only OK or not (`UID STORE … +FLAGS.SILENT …`,
+/// `UID MOVE …`): a NO or BAD is an error.
+pub async fn command(session: &mut ImapSession, command: &str) -> Result<(), CheckedError> {
+    run(session, command, |_| {}).await?;
+    Ok(())
+}
+
+/// A folder name as an IMAP quoted string.
+pub fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// `ENABLE capability` (RFC 5161), e.g. QRESYNC before SELECT.
 pub async fn enable(session: &mut ImapSession, capability: &str) -> Result<(), CheckedError> {
     run(session, &format!("ENABLE {capability}"), |_| {}).await?;
@@ -262,6 +274,8 @@ pub struct Folder {
     pub is_sent: bool,
     /// Carries `\Trash` or `\Junk`: a message moved here was deleted.
     pub is_bin: bool,
+    /// Carries `\Trash`.
+    pub is_trash: bool,
     /// Carries `\Noselect`: it holds no messages.
     pub no_select: bool,
 }
@@ -281,6 +295,10 @@ pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedE
                     .name_attributes
                     .iter()
                     .any(|a| matches!(a, NameAttribute::Trash | NameAttribute::Junk)),
+                is_trash: data
+                    .name_attributes
+                    .iter()
+                    .any(|a| matches!(a, NameAttribute::Trash)),
                 no_select: data
                     .name_attributes
                     .iter()

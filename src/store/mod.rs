@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
-    Mailbox, MailboxState, MessageEventData, SendRecord, Thread,
+    Mailbox, MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord, Thread,
 };
 
 pub mod message_files;
@@ -302,6 +302,25 @@ pub trait Store: Send + Sync + 'static {
         uid_validity: u32,
         uid: u32,
     ) -> StoreResult<Option<LocatedMessage>>;
+    /// Where the mailbox keeps the synced message with this record id (the
+    /// `data.id` of its message events), and what is known of it.
+    fn locate_record(
+        &self,
+        record_id: &str,
+    ) -> StoreResult<Option<(MessageLocation, LocatedMessage)>>;
+    /// Queues a change the CRM asked for and records its outcome as already
+    /// known (the new flags, or for a move to Trash, the message as gone), so
+    /// the watcher does not report it back. False, queueing nothing, if the
+    /// message is no longer where `change.location` says.
+    fn queue_mailbox_change(&self, change: &MailboxChange) -> StoreResult<bool>;
+    /// Every queued change, oldest first.
+    fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>>;
+    /// Stores a queued change's progress, or with None removes it (made, or given up).
+    fn update_mailbox_change(
+        &self,
+        sequence: u64,
+        change: Option<&MailboxChange>,
+    ) -> StoreResult<()>;
     /// The synced messages of a folder whose UIDs lie in `uids`.
     fn located_in(
         &self,

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::model::{
     Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
-    Mailbox, MailboxState, MessageEventData, SendRecord, SendStatus, Thread,
+    Mailbox, MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord,
+    SendStatus, Thread,
 };
 
 /// A dead letter in either stored form; never fails (an unreadable one says so).
@@ -77,6 +78,10 @@ pub struct SledStore {
     synced: sled::Tree,
     /// mailbox \0 folder \0 UIDVALIDITY UID (big-endian) → LocatedMessage.
     located: sled::Tree,
+    /// record id → MessageLocation of a located message.
+    record_locations: sled::Tree,
+    /// The CRM's changes to make in mailboxes, in order (sequence → MailboxChange).
+    mailbox_changes: sled::Tree,
     secrets: SecretBox,
     sources: MessageFiles,
     bodies: PathBuf,
@@ -227,6 +232,8 @@ impl SledStore {
             history: tree("history")?,
             synced: tree("synced")?,
             located: tree("located")?,
+            record_locations: tree("record_locations")?,
+            mailbox_changes: tree("mailbox_changes")?,
             sources,
             db,
             secrets,
@@ -1014,6 +1021,13 @@ impl Store for SledStore {
                 Ok::<_, StoreError>((
                     located_key(&commit.mailbox, commit.folder, *uid_validity, *uid),
                     encode(entry)?,
+                    entry.record_id.clone(),
+                    encode(&MessageLocation {
+                        mailbox: commit.mailbox.clone(),
+                        folder: commit.folder,
+                        uid_validity: *uid_validity,
+                        uid: *uid,
+                    })?,
                 ))
             })
             .transpose()?;
@@ -1068,6 +1082,7 @@ impl Store for SledStore {
             &self.contacts,
             &self.contact_emails,
             &self.located,
+            &self.record_locations,
         )
             .transaction(
                 |(
@@ -1080,6 +1095,7 @@ impl Store for SledStore {
                     contacts,
                     contact_emails,
                     located,
+                    record_locations,
                 )| {
                     for (record_key, value, index_keys) in &contact_values {
                         if contacts.get(record_key.as_slice())?.is_some() {
@@ -1129,8 +1145,9 @@ impl Store for SledStore {
                             )?;
                         }
                     }
-                    if let Some((key, value)) = &located_value {
+                    if let Some((key, value, record_id, location)) = &located_value {
                         located.insert(key.as_slice(), value.as_slice())?;
+                        record_locations.insert(record_id.as_bytes(), location.as_slice())?;
                     }
                     Self::put_outbox_tx(outbox, &outbox_values)?;
                     Ok(())
@@ -1156,6 +1173,98 @@ impl Store for SledStore {
             .map_err(engine)?
             .map(|v| decode(&v))
             .transpose()
+    }
+
+    fn locate_record(
+        &self,
+        record_id: &str,
+    ) -> StoreResult<Option<(MessageLocation, LocatedMessage)>> {
+        let Some(value) = self
+            .record_locations
+            .get(record_id.as_bytes())
+            .map_err(engine)?
+        else {
+            return Ok(None);
+        };
+        let location: MessageLocation = decode(&value)?;
+        Ok(self
+            .located(
+                &location.mailbox,
+                location.folder,
+                location.uid_validity,
+                location.uid,
+            )?
+            .map(|entry| (location, entry)))
+    }
+
+    fn queue_mailbox_change(&self, change: &MailboxChange) -> StoreResult<bool> {
+        let at = &change.location;
+        let key = located_key(&at.mailbox, at.folder, at.uid_validity, at.uid);
+        let value = encode(change)?;
+        let queued = (&self.located, &self.record_locations, &self.mailbox_changes)
+            .transaction(|(located, record_locations, changes)| {
+                let Some(stored) = located.get(key.as_slice())? else {
+                    return Ok(false);
+                };
+                let mut entry: LocatedMessage =
+                    decode(&stored).map_err(ConflictableTransactionError::Abort)?;
+                if change.to_trash {
+                    located.remove(key.as_slice())?;
+                    record_locations.remove(entry.record_id.as_bytes())?;
+                } else {
+                    if let Some(seen) = change.seen {
+                        entry.flags.seen = seen;
+                    }
+                    if let Some(flagged) = change.flagged {
+                        entry.flags.flagged = flagged;
+                    }
+                    let updated = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
+                    located.insert(key.as_slice(), updated)?;
+                }
+                let sequence = changes.generate_id()?;
+                changes.insert(&sequence.to_be_bytes(), value.as_slice())?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(queued)
+    }
+
+    fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>> {
+        let mut found = Vec::new();
+        for item in self.mailbox_changes.iter() {
+            let (k, v) = item.map_err(engine)?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            match decode(&v) {
+                Ok(change) => found.push((u64::from_be_bytes(bytes), change)),
+                Err(err) => {
+                    tracing::error!("an unreadable queued mailbox change is skipped: {err:#}")
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn update_mailbox_change(
+        &self,
+        sequence: u64,
+        change: Option<&MailboxChange>,
+    ) -> StoreResult<()> {
+        match change {
+            Some(change) => {
+                self.mailbox_changes
+                    .insert(sequence.to_be_bytes(), encode(change)?)
+                    .map_err(engine)?;
+            }
+            None => {
+                self.mailbox_changes
+                    .remove(sequence.to_be_bytes())
+                    .map_err(engine)?;
+            }
+        }
+        self.flush()
     }
 
     fn located_in(
@@ -1200,8 +1309,13 @@ impl Store for SledStore {
                 (located_key(mailbox, folder, *uid_validity, *uid), *flags)
             })
             .collect();
-        (&self.cursors, &self.located, &self.outbox)
-            .transaction(|(cursors, located, outbox)| {
+        (
+            &self.cursors,
+            &self.located,
+            &self.outbox,
+            &self.record_locations,
+        )
+            .transaction(|(cursors, located, outbox, record_locations)| {
                 if !cursor_stands_at(cursors, &cursor_at, &cursor_before)? {
                     return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
                 }
@@ -1214,7 +1328,11 @@ impl Store for SledStore {
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
                 for (key, flags) in &change_keys {
                     let Some(flags) = flags else {
-                        located.remove(key.as_slice())?;
+                        if let Some(gone) = located.remove(key.as_slice())? {
+                            let entry: LocatedMessage =
+                                decode(&gone).map_err(ConflictableTransactionError::Abort)?;
+                            record_locations.remove(entry.record_id.as_bytes())?;
+                        }
                         continue;
                     };
                     if let Some(value) = located.get(key.as_slice())? {

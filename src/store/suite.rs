@@ -1357,3 +1357,68 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
         );
     }
 }
+
+/// Issue 9: a change the CRM asks for is queued with its outcome already
+/// recorded (so the watcher does not report it back); a message no longer
+/// where it was queues nothing.
+#[test]
+fn a_crm_change_is_queued_with_its_outcome_recorded() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration("L1", "u1", "me@x.test"),
+                &[(FolderRole::Inbox, start)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.located = Some((
+            1,
+            1,
+            crate::model::LocatedMessage {
+                record_id: "msg_1".into(),
+                message_id: Some("<b@x>".into()),
+                thread_id: "thr_c".into(),
+                routes: vec![],
+                flags: FlagState::default(),
+            },
+        ));
+        store.commit_ingest(&commit, None).unwrap();
+        let (location, _) = store.locate_record("msg_1").unwrap().unwrap();
+        let change = |seen, to_trash| crate::model::MailboxChange {
+            record_id: "msg_1".into(),
+            location: location.clone(),
+            seen,
+            flagged: None,
+            to_trash,
+            attempts: 0,
+            next_attempt_ms: 0,
+            created_at: Utc::now(),
+        };
+        assert!(
+            store
+                .queue_mailbox_change(&change(Some(true), false))
+                .unwrap()
+        );
+        assert!(store.locate_record("msg_1").unwrap().unwrap().1.flags.seen);
+        assert!(store.queue_mailbox_change(&change(None, true)).unwrap());
+        assert_eq!(
+            store.locate_record("msg_1").unwrap(),
+            None,
+            "gone from INBOX"
+        );
+        assert!(
+            !store
+                .queue_mailbox_change(&change(Some(false), false))
+                .unwrap()
+        );
+        let queued = store.mailbox_changes().unwrap();
+        assert_eq!(queued.len(), 2);
+        assert!(queued[1].1.to_trash, "in order");
+        store.update_mailbox_change(queued[0].0, None).unwrap();
+        assert_eq!(store.mailbox_changes().unwrap().len(), 1);
+    }
+}

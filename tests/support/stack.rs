@@ -348,6 +348,49 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// The flags of the message with this Message-ID in a folder, or None if
+    /// it is not there.
+    pub async fn flags_of(
+        &self,
+        user: &User,
+        folder: &str,
+        message_id: &str,
+    ) -> Option<Vec<String>> {
+        use futures_util::TryStreamExt as _;
+        let mut session = self.session(user).await;
+        session.examine(folder).await.expect("EXAMINE");
+        let uid = session
+            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+            .await
+            .expect("SEARCH")
+            .into_iter()
+            .next();
+        let flags = match uid {
+            None => None,
+            Some(uid) => {
+                let fetched: Vec<_> = session
+                    .uid_fetch(uid.to_string(), "(UID FLAGS)")
+                    .await
+                    .expect("FETCH")
+                    .try_collect()
+                    .await
+                    .expect("FETCH responses");
+                Some(
+                    fetched
+                        .iter()
+                        .flat_map(|f| {
+                            f.flags()
+                                .map(|flag| format!("{flag:?}"))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect(),
+                )
+            }
+        };
+        let _ = session.logout().await;
+        flags
+    }
+
     /// Every message in a folder, in UID order.
     pub async fn fetch_all(&self, user: &User, folder: &str) -> Vec<Vec<u8>> {
         use futures_util::TryStreamExt as _;

@@ -1,0 +1,177 @@
+//! The CRM's changes to synced messages (`PATCH`/`DELETE /v1/messages/{id}`),
+//! made in the mailbox from a durable queue: read or unread, starred or not,
+//! moved to Trash. The answer to the CRM comes at once; a lost connection or
+//! a restart only delays the change. The store records the outcome as known
+//! when the change is queued, so the watcher does not report it back.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::Auth,
+    backoff,
+    imap::{ConnectError, ImapConnector, checked, folders},
+    model::{FolderRole, MailboxChange},
+    store::Store,
+    wakeup::Wakeup,
+};
+
+/// How long a change is tried before it is given up (logged).
+const GIVE_UP_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+#[derive(Clone)]
+pub struct MailboxChanges {
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<Auth>,
+    pub connector: ImapConnector,
+    pub signal: Wakeup,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl MailboxChanges {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let next = self.apply_due().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.signal.notified() => {}
+                _ = tokio::time::sleep(next.unwrap_or(Duration::from_secs(3600))) => {}
+            }
+        }
+    }
+
+    /// Makes every due change; returns when the next one is due.
+    async fn apply_due(&self) -> Option<Duration> {
+        let changes = match self.store.mailbox_changes() {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::error!("reading the queued mailbox changes failed: {err:#}");
+                return Some(Duration::from_secs(5));
+            }
+        };
+        let now = Utc::now().timestamp_millis();
+        let mut next: Option<i64> = None;
+        for (sequence, mut change) in changes {
+            if change.next_attempt_ms > now {
+                next = Some(next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)));
+                continue;
+            }
+            let outcome = match self.apply(&change).await {
+                Ok(()) => None,
+                Err(Failure::Permanent(why)) => {
+                    tracing::warn!(record = %change.record_id, mailbox = %change.location.mailbox, "the CRM's change cannot be made in the mailbox: {why}");
+                    None
+                }
+                Err(Failure::Transient(why)) if Utc::now() - change.created_at > GIVE_UP_AFTER => {
+                    tracing::error!(record = %change.record_id, mailbox = %change.location.mailbox, "giving up the CRM's change after a day of tries: {why}");
+                    None
+                }
+                Err(Failure::Transient(why)) => {
+                    let wait = backoff::delay(change.attempts, self.retry_min, self.retry_max);
+                    change.attempts += 1;
+                    change.next_attempt_ms = Utc::now().timestamp_millis()
+                        + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                    tracing::info!(record = %change.record_id, "the CRM's change waits {wait:?}: {why}");
+                    next = Some(
+                        next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)),
+                    );
+                    Some(change)
+                }
+            };
+            if let Err(err) = self.store.update_mailbox_change(sequence, outcome.as_ref()) {
+                tracing::error!("recording a mailbox change failed: {err:#}");
+            }
+        }
+        next.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0)))
+    }
+
+    async fn apply(&self, change: &MailboxChange) -> Result<(), Failure> {
+        let address = &change.location.mailbox;
+        let mut session = match self.auth.open_imap(&self.connector, address).await {
+            Ok(session) => session,
+            Err(ConnectError::Disconnected) => {
+                return Err(Failure::Permanent("the mailbox was disconnected".into()));
+            }
+            Err(err) => return Err(Failure::Transient(err.to_string())),
+        };
+        let result = self.apply_in(&mut session, change).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+        result
+    }
+
+    async fn apply_in(
+        &self,
+        session: &mut crate::imap::connection::ImapSession,
+        change: &MailboxChange,
+    ) -> Result<(), Failure> {
+        let folder = match change.location.folder {
+            FolderRole::Inbox => "INBOX".to_string(),
+            FolderRole::Sent => self
+                .within("listing folders", folders::find_sent(session))
+                .await?
+                .ok_or_else(|| Failure::Permanent("the mailbox has no Sent folder".into()))?,
+        };
+        let selected = self
+            .within("selecting the folder", session.select(&folder))
+            .await?;
+        if selected.uid_validity != Some(change.location.uid_validity) {
+            return Err(Failure::Permanent(format!(
+                "{folder} was renumbered (UIDVALIDITY changed); the message is no longer where it was"
+            )));
+        }
+        let uid = change.location.uid;
+        if change.to_trash {
+            let trash = self
+                .within("listing folders", checked::list_all(session))
+                .await?
+                .into_iter()
+                .find(|f| f.is_trash)
+                .map(|f| f.name)
+                .ok_or_else(|| Failure::Permanent("the mailbox has no Trash folder".into()))?;
+            return self
+                .within(
+                    "moving the message to Trash",
+                    checked::command(
+                        session,
+                        &format!("UID MOVE {uid} {}", checked::quoted(&trash)),
+                    ),
+                )
+                .await;
+        }
+        for (flag, wanted) in [("\\Seen", change.seen), ("\\Flagged", change.flagged)] {
+            let Some(set) = wanted else {
+                continue;
+            };
+            let sign = if set { '+' } else { '-' };
+            self.within(
+                "changing the message's flags",
+                checked::command(
+                    session,
+                    &format!("UID STORE {uid} {sign}FLAGS.SILENT ({flag})"),
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn within<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.connector.step_timeout(), step).await {
+            Ok(result) => result.map_err(|e| Failure::Transient(format!("{what}: {e}"))),
+            Err(_) => Err(Failure::Transient(format!("timed out {what}"))),
+        }
+    }
+}
+
+enum Failure {
+    /// Trying again cannot help.
+    Permanent(String),
+    Transient(String),
+}
