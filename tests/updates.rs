@@ -233,3 +233,74 @@ async fn the_crm_reads_stars_and_deletes_a_message_in_the_mailbox_without_an_ech
     assert_eq!(status, 404);
     w.daemon.stop().await;
 }
+
+/// A change the CRM asked for waits out a mailbox that cannot take logins,
+/// and a restart of the bridge: it is made once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected_with(
+        |config| {
+            config.sending.retry_min_ms = 100;
+            config.sending.retry_max_ms = 500;
+        },
+        serde_json::json!({"imap": proxy.endpoint()}),
+    )
+    .await;
+    let id = mail(&w.stack, &w.ann, &w.me, "star me later", None).await;
+    let synced = w
+        .receiver
+        .wait_for("the message", |r| r.subject() == "star me later")
+        .await;
+    proxy.refuse_next(10_000, support::imap_proxy::UNAVAILABLE);
+    let (refused_before, _) = proxy.counts();
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/messages/{}", synced.data()["id"].as_str().unwrap()),
+            Some(serde_json::json!({"flagged": true})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // The bridge tried, and was turned away.
+    support::eventually("a refused try", support::DEADLINE, async || {
+        (proxy.counts().0 > refused_before + 2).then_some(())
+    })
+    .await;
+    w.daemon.stop().await;
+    assert!(
+        !w.stack
+            .flags_of(&w.me, "INBOX", &id)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == "Flagged"),
+        "not made while the server refused"
+    );
+
+    proxy.stop_refusing();
+    let mut config = support::daemon::test_config(w._data.path(), &w.stack, &w.receiver);
+    config.sending.retry_min_ms = 100;
+    config.sending.retry_max_ms = 500;
+    let again = support::daemon::Daemon::start(config).await;
+    support::eventually(
+        "\\Flagged over IMAP after the restart",
+        support::DEADLINE,
+        async || {
+            let flags = w
+                .stack
+                .flags_of(&w.me, "INBOX", &id)
+                .await
+                .unwrap_or_default();
+            flags.iter().any(|f| f == "Flagged").then_some(())
+        },
+    )
+    .await;
+    again.stop().await;
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.updated"),
+        0,
+        "the CRM's own change is not echoed"
+    );
+}

@@ -96,6 +96,11 @@ impl ImapProxy {
             .extend(std::iter::repeat_n(answer.to_string(), count));
     }
 
+    /// Logins pass again: the refusals not yet given are dropped.
+    pub fn stop_refusing(&self) {
+        self.script.lock().expect("proxy script").refusals.clear();
+    }
+
     /// The next `count` body FETCHes are answered `FETCH_REFUSED`.
     pub fn refuse_next_fetches(&self, count: usize) {
         self.script.lock().expect("proxy script").fetch_refusals += count;
