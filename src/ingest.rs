@@ -54,6 +54,8 @@ pub struct Found<'a> {
     pub cursor: FolderCursor,
     /// Its flags when it was fetched, if the server said.
     pub flags: Option<FlagState>,
+    /// The folder's name on the server (`INBOX`, the Sent folder's).
+    pub folder_name: &'a str,
     /// When the server received it (INTERNALDATE), if it said.
     pub received_at: Option<chrono::DateTime<Utc>>,
 }
@@ -369,6 +371,11 @@ impl Ingest {
             found.received_at,
             &loaded.integrations,
         );
+        let pairs: Vec<(String, String)> = loaded
+            .integrations
+            .iter()
+            .map(|i| (i.location_id.clone(), i.user_id.clone()))
+            .collect();
         let Loaded {
             thread_keys,
             thread_seen,
@@ -378,6 +385,12 @@ impl Ingest {
         } = loaded;
         let thread = thread_seen.clone();
         let (decision, deliveries, new_contacts) = match routing {
+            Routing::Ignore(IgnoreReason::AlreadySynced)
+                if routing_mailbox == found.mailbox
+                    && self.relocate(found, &identity, &pairs)? =>
+            {
+                return Ok(Outcome::Ignored(IgnoreReason::AlreadySynced));
+            }
             Routing::Ignore(reason) => {
                 tracing::debug!(
                     mailbox = found.mailbox,
@@ -525,6 +538,81 @@ impl Ingest {
             thread_id: thread.id,
             events: count,
         })
+    }
+
+    /// A synced message back in a watched folder (moved out and back,
+    /// restored from Trash): not forwarded again (R21), but followed again
+    /// from its new place and reported as `message.updated` with the folder.
+    /// False when it is not such a message (or is followed elsewhere).
+    fn relocate(
+        &self,
+        found: Found<'_>,
+        identity: &str,
+        integrations: &[(String, String)],
+    ) -> StoreResult<bool> {
+        let Some(record_id) = self.store.synced_record(identity, integrations)? else {
+            return Ok(false);
+        };
+        if self.store.locate_record(&record_id)?.is_some() {
+            return Ok(false);
+        }
+        let Some(info) = self.store.record_info(&record_id)? else {
+            return Ok(false);
+        };
+        let flags = found.flags.unwrap_or(info.flags);
+        let now = Utc::now();
+        let events: Vec<Event> = info
+            .routes
+            .iter()
+            .map(|route| Event {
+                id: new_id("evt"),
+                kind: "message.updated".into(),
+                timestamp: now,
+                ordering_key: info.thread_id.clone(),
+                data: serde_json::json!({
+                    "id": info.record_id,
+                    "message_id": info.message_id,
+                    "thread_id": info.thread_id,
+                    "location_id": route.location_id,
+                    "user_id": route.user_id,
+                    "contact_id": route.contact_id,
+                    "mailbox": found.mailbox,
+                    "folder": found.folder_name,
+                    "previous_folder": null,
+                    "seen": flags.seen,
+                    "flagged": flags.flagged,
+                    "answered": flags.answered,
+                }),
+            })
+            .collect();
+        let commit = IngestCommit {
+            mailbox: found.mailbox.to_string(),
+            thread_mailbox: found.mailbox.to_string(),
+            folder: found.folder,
+            cursor_before: found.cursor,
+            cursor: FolderCursor {
+                moved_at: Some(now),
+                highest_modseq: found.cursor.highest_modseq,
+                ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
+            },
+            thread_keys_seen: vec![],
+            thread_seen: None,
+            thread: None,
+            new_contacts: vec![],
+            located: Some((
+                found.uid_validity,
+                found.uid,
+                LocatedMessage { flags, ..info },
+            )),
+            message_ids: vec![],
+            events,
+            history: vec![],
+            synced: None,
+        };
+        self.store.commit_ingest(&commit, None)?;
+        self.signal.notify();
+        tracing::info!(mailbox = found.mailbox, folder = found.folder_name, uid = found.uid, record = %record_id, "a synced message came back; following it again");
+        Ok(true)
     }
 
     /// The integrations whose smart address a message in the catch-all names

@@ -304,3 +304,48 @@ async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
         "the CRM's own change is not echoed"
     );
 }
+
+/// Archived and brought back: not forwarded again (R21), reported back in
+/// its folder, and followed from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_archived_and_brought_back_is_followed_again_not_forwarded_again() {
+    let w = World::connected(serde_json::json!({})).await;
+    let id = mail(&w.stack, &w.ann, &w.me, "out and back", None).await;
+    let synced = w
+        .receiver
+        .wait_for("the message", |r| r.subject() == "out and back")
+        .await;
+    w.stack
+        .move_message(&w.me, "INBOX", &id, Some("Archive"))
+        .await;
+    w.receiver
+        .wait_for("archived", |r| {
+            r.kind() == "message.updated" && r.data()["folder"] == "Archive"
+        })
+        .await;
+    w.stack
+        .move_message(&w.me, "Archive", &id, Some("INBOX"))
+        .await;
+    let back = w
+        .receiver
+        .wait_for("back in INBOX", |r| {
+            r.kind() == "message.updated" && r.data()["folder"] == "INBOX"
+        })
+        .await;
+    assert_eq!(back.data()["id"], synced.data()["id"]);
+    assert_eq!(back.data()["thread_id"], synced.data()["thread_id"]);
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for("a change after its return", |r| {
+            r.kind() == "message.updated" && r.data()["flagged"] == true
+        })
+        .await;
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.inbound"),
+        1,
+        "never forwarded again"
+    );
+    w.daemon.stop().await;
+}

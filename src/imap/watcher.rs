@@ -300,7 +300,7 @@ impl FolderWatcher {
         loop {
             // What async-imap queued so far is covered by the catch-up below.
             while session.unsolicited_responses.try_recv().is_ok() {}
-            let more = self.catch_up(&mut session, &mut cursor).await?;
+            let more = self.catch_up(&mut session, &folder, &mut cursor).await?;
             if more {
                 continue;
             }
@@ -592,6 +592,7 @@ impl FolderWatcher {
     async fn catch_up(
         &self,
         session: &mut ImapSession,
+        folder: &str,
         cursor: &mut FolderCursor,
     ) -> Result<bool, SessionError> {
         let address = self.address.as_str();
@@ -695,6 +696,7 @@ impl FolderWatcher {
                     folder: self.role,
                     uid_validity: cursor.uid_validity,
                     uid: *uid,
+                    folder_name: folder,
                     cursor: *cursor,
                     flags: flags.get(uid).copied(),
                     received_at: received.get(uid).copied(),

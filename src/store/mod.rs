@@ -321,6 +321,16 @@ pub trait Store: Send + Sync + 'static {
         sequence: u64,
         change: Option<&MailboxChange>,
     ) -> StoreResult<()>;
+    /// What is known of a synced message by its record id, wherever it is
+    /// now (kept when it leaves its folder, so it can be found again).
+    fn record_info(&self, record_id: &str) -> StoreResult<Option<LocatedMessage>>;
+    /// The record id under which one of `integrations` received the message
+    /// with this identity (see `synced_to`).
+    fn synced_record(
+        &self,
+        identity: &str,
+        integrations: &[(String, String)],
+    ) -> StoreResult<Option<String>>;
     /// The synced messages of a folder whose UIDs lie in `uids`.
     fn located_in(
         &self,

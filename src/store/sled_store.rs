@@ -80,6 +80,8 @@ pub struct SledStore {
     located: sled::Tree,
     /// record id → MessageLocation of a located message.
     record_locations: sled::Tree,
+    /// record id → LocatedMessage, kept when it leaves its folder.
+    record_info: sled::Tree,
     /// The CRM's changes to make in mailboxes, in order (sequence → MailboxChange).
     mailbox_changes: sled::Tree,
     secrets: SecretBox,
@@ -233,6 +235,7 @@ impl SledStore {
             synced: tree("synced")?,
             located: tree("located")?,
             record_locations: tree("record_locations")?,
+            record_info: tree("record_info")?,
             mailbox_changes: tree("mailbox_changes")?,
             sources,
             db,
@@ -1083,6 +1086,7 @@ impl Store for SledStore {
             &self.contact_emails,
             &self.located,
             &self.record_locations,
+            &self.record_info,
         )
             .transaction(
                 |(
@@ -1096,6 +1100,7 @@ impl Store for SledStore {
                     contact_emails,
                     located,
                     record_locations,
+                    record_info,
                 )| {
                     for (record_key, value, index_keys) in &contact_values {
                         if contacts.get(record_key.as_slice())?.is_some() {
@@ -1148,6 +1153,7 @@ impl Store for SledStore {
                     if let Some((key, value, record_id, location)) = &located_value {
                         located.insert(key.as_slice(), value.as_slice())?;
                         record_locations.insert(record_id.as_bytes(), location.as_slice())?;
+                        record_info.insert(record_id.as_bytes(), value.as_slice())?;
                     }
                     Self::put_outbox_tx(outbox, &outbox_values)?;
                     Ok(())
@@ -1173,6 +1179,31 @@ impl Store for SledStore {
             .map_err(engine)?
             .map(|v| decode(&v))
             .transpose()
+    }
+
+    fn record_info(&self, record_id: &str) -> StoreResult<Option<LocatedMessage>> {
+        self.record_info
+            .get(record_id.as_bytes())
+            .map_err(engine)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn synced_record(
+        &self,
+        identity: &str,
+        integrations: &[(String, String)],
+    ) -> StoreResult<Option<String>> {
+        for (location, user) in integrations {
+            if let Some(record) = self
+                .synced
+                .get(key(&[location, user, identity]))
+                .map_err(engine)?
+            {
+                return Ok(Some(String::from_utf8_lossy(&record).into_owned()));
+            }
+        }
+        Ok(None)
     }
 
     fn locate_record(
