@@ -553,7 +553,13 @@ impl Ingest {
         let Some(record_id) = self.store.synced_record(identity, integrations)? else {
             return Ok(false);
         };
-        if self.store.locate_record(&record_id)?.is_some() {
+        // Followed elsewhere already (a copy in the other folder). A place
+        // from before this folder was renumbered does not count.
+        if let Some((at, _)) = self.store.locate_record(&record_id)?
+            && !(at.mailbox == found.mailbox
+                && at.folder == found.folder
+                && at.uid_validity != found.uid_validity)
+        {
             return Ok(false);
         }
         let Some(info) = self.store.record_info(&record_id)? else {

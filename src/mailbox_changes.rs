@@ -34,7 +34,7 @@ pub struct MailboxChanges {
 impl MailboxChanges {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let next = self.apply_due().await;
+            let next = self.apply_due(&shutdown).await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.signal.notified() => {}
@@ -44,7 +44,7 @@ impl MailboxChanges {
     }
 
     /// Makes every due change; returns when the next one is due.
-    async fn apply_due(&self) -> Option<Duration> {
+    async fn apply_due(&self, shutdown: &CancellationToken) -> Option<Duration> {
         let changes = match self.store.mailbox_changes() {
             Ok(changes) => changes,
             Err(err) => {
@@ -54,8 +54,18 @@ impl MailboxChanges {
         };
         let now = Utc::now().timestamp_millis();
         let mut next: Option<i64> = None;
+        // Changes of one message are made in the order they were asked for:
+        // once one waits, the later ones wait behind it.
+        let mut waiting: std::collections::HashSet<String> = Default::default();
         for (sequence, mut change) in changes {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            if waiting.contains(&change.record_id) {
+                continue;
+            }
             if change.next_attempt_ms > now {
+                waiting.insert(change.record_id.clone());
                 next = Some(next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)));
                 continue;
             }
@@ -63,10 +73,12 @@ impl MailboxChanges {
                 Ok(()) => None,
                 Err(Failure::Permanent(why)) => {
                     tracing::warn!(record = %change.record_id, mailbox = %change.location.mailbox, "the CRM's change cannot be made in the mailbox: {why}");
+                    self.not_made(&change);
                     None
                 }
                 Err(Failure::Transient(why)) if Utc::now() - change.created_at > GIVE_UP_AFTER => {
                     tracing::error!(record = %change.record_id, mailbox = %change.location.mailbox, "giving up the CRM's change after a day of tries: {why}");
+                    self.not_made(&change);
                     None
                 }
                 Err(Failure::Transient(why)) => {
@@ -75,6 +87,7 @@ impl MailboxChanges {
                     change.next_attempt_ms = Utc::now().timestamp_millis()
                         + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
                     tracing::info!(record = %change.record_id, "the CRM's change waits {wait:?}: {why}");
+                    waiting.insert(change.record_id.clone());
                     next = Some(
                         next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)),
                     );
@@ -86,6 +99,15 @@ impl MailboxChanges {
             }
         }
         next.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0)))
+    }
+
+    /// A move to Trash that will not happen: the message stays followed.
+    fn not_made(&self, change: &MailboxChange) {
+        if change.to_trash
+            && let Err(err) = self.store.restore_location(change)
+        {
+            tracing::error!(record = %change.record_id, "following the message again failed: {err:#}");
+        }
     }
 
     async fn apply(&self, change: &MailboxChange) -> Result<(), Failure> {

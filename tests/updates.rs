@@ -349,3 +349,42 @@ async fn a_message_archived_and_brought_back_is_followed_again_not_forwarded_aga
     );
     w.daemon.stop().await;
 }
+
+/// Moved out and straight back while the bridge was not looking (here:
+/// stopped): it is back, not deleted, and followed from its new UID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_moved_out_and_straight_back_is_not_reported_deleted() {
+    let w = World::connected(serde_json::json!({})).await;
+    let id = mail(&w.stack, &w.ann, &w.me, "undo archive", None).await;
+    w.receiver
+        .wait_for("the message", |r| r.subject() == "undo archive")
+        .await;
+    w.daemon.stop().await;
+    w.stack
+        .move_message(&w.me, "INBOX", &id, Some("Archive"))
+        .await;
+    w.stack
+        .move_message(&w.me, "Archive", &id, Some("INBOX"))
+        .await;
+    let again = support::daemon::Daemon::start(support::daemon::test_config(
+        w._data.path(),
+        &w.stack,
+        &w.receiver,
+    ))
+    .await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for("a change at its new UID", |r| {
+            r.kind() == "message.updated" && r.data()["flagged"] == true
+        })
+        .await;
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.deleted"),
+        0,
+        "back, not deleted"
+    );
+    assert_eq!(w.receiver.distinct(|r| r.kind() == "message.inbound"), 1);
+    again.stop().await;
+}

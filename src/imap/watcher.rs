@@ -280,8 +280,11 @@ impl FolderWatcher {
                 fresh
             }
         };
-        // The first session with CONDSTORE starts reading changes from now.
-        if let (true, None, Some(now)) = (condstore, cursor.highest_modseq, selected.highest_modseq)
+        // The first session with CONDSTORE starts reading changes from now;
+        // so does one whose server went back (an index rebuilt under the same
+        // UIDVALIDITY), which would otherwise report nothing until it caught up.
+        if let (true, Some(now)) = (condstore, selected.highest_modseq)
+            && cursor.highest_modseq.is_none_or(|kept| kept > now)
         {
             let from_now = FolderCursor {
                 highest_modseq: Some(now),
@@ -300,13 +303,15 @@ impl FolderWatcher {
         loop {
             // What async-imap queued so far is covered by the catch-up below.
             while session.unsolicited_responses.try_recv().is_ok() {}
-            let more = self.catch_up(&mut session, &folder, &mut cursor).await?;
-            if more {
-                continue;
-            }
+            // Changes first: a message moved out and straight back is then
+            // known to be back before the catch-up meets it at its new UID.
             if condstore {
                 self.sync_flags(&mut session, &folder, qresync, &mut cursor)
                     .await?;
+            }
+            let more = self.catch_up(&mut session, &folder, &mut cursor).await?;
+            if more {
+                continue;
             }
 
             // Cloned before IDLE takes the session: the server may announce new
@@ -440,20 +445,32 @@ impl FolderWatcher {
         // Gone from the folder: moved elsewhere (a message.updated naming
         // where), or to Trash/Junk or expunged (message.deleted).
         for range in vanished {
-            let last = (*range.end()).min(cursor.next_uid.saturating_sub(1));
-            if *range.start() > last {
+            // A server may name a range high end first (`9:3`).
+            let first = (*range.start()).min(*range.end());
+            let last = (*range.start())
+                .max(*range.end())
+                .min(cursor.next_uid.saturating_sub(1));
+            if first > last {
                 continue;
             }
             for (uid, located) in self.ctx.store.located_in(
                 &self.address,
                 self.role,
                 cursor.uid_validity,
-                *range.start()..=last,
+                first..=last,
             )? {
-                let (kind, now_in) = match self.now_in(folder, &located).await {
-                    Some((name, false)) => ("message.updated", Some(name)),
-                    Some((name, true)) => ("message.deleted", Some(name)),
-                    None => ("message.deleted", None),
+                // A lookup that fails is no verdict: the session ends and the
+                // VANISHED is read again (HIGHESTMODSEQ has not moved).
+                let (kind, now_in) = match self.now_in(folder, &located).await? {
+                    Whereabouts::Back => {
+                        // Moved out and straight back: the catch-up follows it
+                        // from its new UID.
+                        changes.push((cursor.uid_validity, uid, None));
+                        continue;
+                    }
+                    Whereabouts::Elsewhere(name) => ("message.updated", Some(name)),
+                    Whereabouts::Binned(name) => ("message.deleted", Some(name)),
+                    Whereabouts::Nowhere => ("message.deleted", None),
                 };
                 changes.push((cursor.uid_validity, uid, None));
                 events.extend(located.routes.iter().map(|route| Event {
@@ -541,50 +558,68 @@ impl FolderWatcher {
     }
 
     /// Where a message that left `folder` is now, by its Message-ID, looked
-    /// up over a second session (this one stays on its folder): the folder's
-    /// name and whether it is Trash or Junk; None if it is nowhere (expunged),
-    /// or cannot be told.
-    async fn now_in(&self, folder: &str, located: &LocatedMessage) -> Option<(String, bool)> {
-        let message_id = located.message_id.as_deref()?;
-        let quoted = format!("\"{}\"", message_id.replace(['"', '\\'], ""));
-        let lookup = async {
-            let mut session = self
-                .ctx
-                .auth
-                .open_imap(&self.ctx.connector, &self.address)
-                .await
-                .ok()?;
+    /// up over a second session (this one stays on its folder), Trash and
+    /// Junk first. An error is no verdict: the caller tries again later.
+    async fn now_in(
+        &self,
+        folder: &str,
+        located: &LocatedMessage,
+    ) -> Result<Whereabouts, SessionError> {
+        // Without a Message-ID it cannot be looked for: taken as gone.
+        let Some(message_id) = located.message_id.as_deref() else {
+            return Ok(Whereabouts::Nowhere);
+        };
+        let quoted = checked::quoted(message_id);
+        let mut session = self
+            .ctx
+            .auth
+            .open_imap(&self.ctx.connector, &self.address)
+            .await?;
+        let result = async {
             let mut folders = self
                 .timed("listing folders", checked::list_all(&mut session))
+                .await?;
+            // Trash and Junk first (Gmail's All Mail holds everything else
+            // too); its own folder last (moved straight back).
+            folders.sort_by_key(|f| (f.name == folder, !f.is_bin));
+            for candidate in folders.iter().filter(|f| !f.no_select) {
+                // A folder the server will not open is no answer about the
+                // message, and must not stop the watch: it is passed over.
+                match tokio::time::timeout(
+                    self.ctx.connector.step_timeout(),
+                    session.examine(&candidate.name),
+                )
                 .await
-                .ok()?;
-            // Trash and Junk first: Gmail's All Mail holds everything else too.
-            folders.sort_by_key(|f| !f.is_bin);
-            let mut found = None;
-            for candidate in folders.iter().filter(|f| !f.no_select && f.name != folder) {
-                if self
-                    .timed("opening a folder", session.examine(&candidate.name))
-                    .await
-                    .is_err()
                 {
-                    continue;
+                    Ok(Ok(_)) => {}
+                    Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
+                        continue;
+                    }
+                    Ok(Err(err)) => return Err(err.into()),
+                    Err(_) => return Err(SessionError::Timeout("opening a folder")),
                 }
                 let hits = self
                     .timed(
                         "looking for a moved message",
                         checked::uid_search(&mut session, &format!("HEADER Message-ID {quoted}")),
                     )
-                    .await
-                    .unwrap_or_default();
-                if !hits.is_empty() {
-                    found = Some((candidate.name.clone(), candidate.is_bin));
-                    break;
+                    .await?;
+                if hits.is_empty() {
+                    continue;
                 }
+                return Ok(if candidate.name == folder {
+                    Whereabouts::Back
+                } else if candidate.is_bin {
+                    Whereabouts::Binned(candidate.name.clone())
+                } else {
+                    Whereabouts::Elsewhere(candidate.name.clone())
+                });
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-            found
-        };
-        lookup.await
+            Ok(Whereabouts::Nowhere)
+        }
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+        result
     }
 
     /// Fetches and handles every message at or after the cursor, in UID order.
@@ -752,6 +787,17 @@ impl FolderWatcher {
         }
         Ok(new_mail)
     }
+}
+
+/// Where a message that left its folder went.
+enum Whereabouts {
+    /// Back in the same folder, under a new UID.
+    Back,
+    Elsewhere(String),
+    /// In Trash or Junk.
+    Binned(String),
+    /// Expunged.
+    Nowhere,
 }
 
 /// Sleeps until `deadline`, or forever without one.

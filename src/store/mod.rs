@@ -313,6 +313,9 @@ pub trait Store: Send + Sync + 'static {
     /// the watcher does not report it back. False, queueing nothing, if the
     /// message is no longer where `change.location` says.
     fn queue_mailbox_change(&self, change: &MailboxChange) -> StoreResult<bool>;
+    /// A move to Trash that could not be made: the message is followed
+    /// again where it still is.
+    fn restore_location(&self, change: &MailboxChange) -> StoreResult<()>;
     /// Every queued change, oldest first.
     fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>>;
     /// Stores a queued change's progress, or with None removes it (made, or given up).

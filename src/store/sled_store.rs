@@ -1261,6 +1261,26 @@ impl Store for SledStore {
         Ok(queued)
     }
 
+    fn restore_location(&self, change: &MailboxChange) -> StoreResult<()> {
+        let Some(info) = self.record_info(&change.record_id)? else {
+            return Ok(());
+        };
+        let at = &change.location;
+        let key = located_key(&at.mailbox, at.folder, at.uid_validity, at.uid);
+        let value = encode(&info)?;
+        let location = encode(at)?;
+        (&self.located, &self.record_locations)
+            .transaction(|(located, record_locations)| {
+                if located.get(key.as_slice())?.is_none() {
+                    located.insert(key.as_slice(), value.as_slice())?;
+                    record_locations.insert(change.record_id.as_bytes(), location.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
     fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>> {
         let mut found = Vec::new();
         for item in self.mailbox_changes.iter() {
