@@ -17,6 +17,7 @@ use crate::{
     backoff,
     ingest::Found,
     model::{Event, FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState, new_id},
+    store::LocatedChange,
 };
 
 /// Bodies fetched per round trip while catching up.
@@ -440,8 +441,7 @@ impl FolderWatcher {
             )
             .await?;
         let mut highest = since;
-        let mut changes = Vec::new();
-        let mut events = Vec::new();
+        let mut changes: Vec<LocatedChange> = Vec::new();
         // Gone from the folder: moved elsewhere (a message.updated naming
         // where), or to Trash/Junk or expunged (message.deleted).
         for range in vanished {
@@ -465,15 +465,20 @@ impl FolderWatcher {
                     Whereabouts::Back => {
                         // Moved out and straight back: the catch-up follows it
                         // from its new UID.
-                        changes.push((cursor.uid_validity, uid, None));
+                        changes.push(LocatedChange {
+                            uid_validity: cursor.uid_validity,
+                            uid,
+                            flags_before: located.flags,
+                            flags_after: None,
+                            events: Vec::new(),
+                        });
                         continue;
                     }
                     Whereabouts::Elsewhere(name) => ("message.updated", Some(name)),
                     Whereabouts::Binned(name) => ("message.deleted", Some(name)),
                     Whereabouts::Nowhere => ("message.deleted", None),
                 };
-                changes.push((cursor.uid_validity, uid, None));
-                events.extend(located.routes.iter().map(|route| Event {
+                let events = located.routes.iter().map(|route| Event {
                     id: new_id("evt"),
                     kind: kind.into(),
                     timestamp: chrono::Utc::now(),
@@ -492,7 +497,14 @@ impl FolderWatcher {
                         "flagged": located.flags.flagged,
                         "answered": located.flags.answered,
                     }),
-                }));
+                });
+                changes.push(LocatedChange {
+                    uid_validity: cursor.uid_validity,
+                    uid,
+                    flags_before: located.flags,
+                    flags_after: None,
+                    events: events.collect(),
+                });
             }
         }
         for fetched in &changed.messages {
@@ -514,8 +526,7 @@ impl FolderWatcher {
             if located.flags == now {
                 continue;
             }
-            changes.push((cursor.uid_validity, fetched.uid, Some(now)));
-            events.extend(located.routes.iter().map(|route| Event {
+            let events = located.routes.iter().map(|route| Event {
                 id: new_id("evt"),
                 kind: "message.updated".into(),
                 timestamp: chrono::Utc::now(),
@@ -533,21 +544,23 @@ impl FolderWatcher {
                     "flagged": now.flagged,
                     "answered": now.answered,
                 }),
-            }));
+            });
+            changes.push(LocatedChange {
+                uid_validity: cursor.uid_validity,
+                uid: fetched.uid,
+                flags_before: located.flags,
+                flags_after: Some(now),
+                events: events.collect(),
+            });
         }
         if highest == since && changes.is_empty() {
             return Ok(());
         }
-        let count = events.len();
+        let count: usize = changes.iter().map(|c| c.events.len()).sum();
         crate::offload::blocking(|| {
-            self.ctx.store.commit_flag_changes(
-                &self.address,
-                self.role,
-                *cursor,
-                highest,
-                &changes,
-                &events,
-            )
+            self.ctx
+                .store
+                .commit_flag_changes(&self.address, self.role, *cursor, highest, &changes)
         })?;
         cursor.highest_modseq = Some(highest);
         if count > 0 {

@@ -86,6 +86,20 @@ pub struct IngestCommit {
     pub located: Option<(u32, u32, LocatedMessage)>,
 }
 
+/// A synced message's change seen in the mailbox, with the events it causes.
+#[derive(Clone, Debug)]
+pub struct LocatedChange {
+    pub uid_validity: u32,
+    pub uid: u32,
+    /// The flags the change was judged against. A flag update whose message
+    /// no longer has them stored (a CRM change was queued meanwhile) is
+    /// dropped with its events; the next look judges it again.
+    pub flags_before: FlagState,
+    /// The new flags, or None: gone from the folder.
+    pub flags_after: Option<FlagState>,
+    pub events: Vec<Event>,
+}
+
 /// A CRM send to accept: its record, its two copies, and the thread it
 /// starts or pins (R12, R13) with the `thread.detached` events that pin causes.
 pub struct NewSend<'a> {
@@ -354,8 +368,7 @@ pub trait Store: Send + Sync + 'static {
         folder: FolderRole,
         cursor_before: FolderCursor,
         highest_modseq: u64,
-        changes: &[(u32, u32, Option<FlagState>)],
-        events: &[Event],
+        changes: &[LocatedChange],
     ) -> StoreResult<()>;
 
     // --- the webhook outbox, in enqueue order

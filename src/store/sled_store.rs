@@ -11,14 +11,13 @@ use sled::{
 };
 
 use super::{
-    ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, NewSend,
-    OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError,
+    ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, LocatedChange,
+    NewSend, OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError,
     StoreResult, message_files::MessageFiles, secret_box::SecretBox,
 };
 use crate::model::{
-    Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
-    Mailbox, MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord,
-    SendStatus, Thread,
+    Contact, Credentials, Event, FolderCursor, FolderRole, Integration, LocatedMessage, Mailbox,
+    MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord, SendStatus, Thread,
 };
 
 /// A dead letter in either stored form; never fails (an unreadable one says so).
@@ -93,6 +92,9 @@ pub struct SledStore {
     /// Contact upserts, one at a time (see `put_contacts`).
     directory: std::sync::Arc<std::sync::Mutex<()>>,
 }
+
+/// A located change ready to commit: its key, the change, its events' outbox values.
+type PreparedChange<'c> = (Vec<u8>, &'c LocatedChange, Vec<Vec<u8>>);
 
 /// A contact ready to insert: its key, its value, its address index keys.
 type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
@@ -1349,17 +1351,19 @@ impl Store for SledStore {
         folder: FolderRole,
         cursor_before: FolderCursor,
         highest_modseq: u64,
-        changes: &[(u32, u32, Option<FlagState>)],
-        events: &[Event],
+        changes: &[LocatedChange],
     ) -> StoreResult<()> {
-        let outbox_values = self.stored_entries(events)?;
         let cursor_at = cursor_key(mailbox, folder);
-        let change_keys: Vec<(Vec<u8>, Option<FlagState>)> = changes
+        let change_keys: Vec<PreparedChange<'_>> = changes
             .iter()
-            .map(|(uid_validity, uid, flags)| {
-                (located_key(mailbox, folder, *uid_validity, *uid), *flags)
+            .map(|change| {
+                Ok((
+                    located_key(mailbox, folder, change.uid_validity, change.uid),
+                    change,
+                    self.stored_entries(&change.events)?,
+                ))
             })
-            .collect();
+            .collect::<StoreResult<_>>()?;
         (
             &self.cursors,
             &self.located,
@@ -1377,25 +1381,30 @@ impl Store for SledStore {
                     decode(&stored).map_err(ConflictableTransactionError::Abort)?;
                 cursor.highest_modseq = Some(highest_modseq);
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
-                for (key, flags) in &change_keys {
-                    let Some(flags) = flags else {
+                for (key, change, outbox_values) in &change_keys {
+                    let Some(flags) = change.flags_after else {
                         if let Some(gone) = located.remove(key.as_slice())? {
                             let entry: LocatedMessage =
                                 decode(&gone).map_err(ConflictableTransactionError::Abort)?;
                             record_locations.remove(entry.record_id.as_bytes())?;
                         }
+                        Self::put_outbox_tx(outbox, outbox_values)?;
                         continue;
                     };
-                    if let Some(value) = located.get(key.as_slice())? {
-                        let mut entry: LocatedMessage =
-                            decode(&value).map_err(ConflictableTransactionError::Abort)?;
-                        entry.flags = *flags;
-                        let value = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
-                        located.insert(key.as_slice(), value)?;
+                    let Some(value) = located.get(key.as_slice())? else {
+                        continue;
+                    };
+                    let mut entry: LocatedMessage =
+                        decode(&value).map_err(ConflictableTransactionError::Abort)?;
+                    if entry.flags != change.flags_before {
+                        continue;
                     }
+                    entry.flags = flags;
+                    let value = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
+                    located.insert(key.as_slice(), value)?;
+                    Self::put_outbox_tx(outbox, outbox_values)?;
                 }
                 cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
-                Self::put_outbox_tx(outbox, &outbox_values)?;
                 Ok(())
             })
             .map_err(tx_error)?;

@@ -1312,25 +1312,54 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
         };
         let outbox = store.outbox_len().unwrap();
         let updated = event("evt_u", "thr_c", serde_json::json!({"seen": true}));
+        let change = |before, after, event| LocatedChange {
+            uid_validity: 1,
+            uid: 1,
+            flags_before: before,
+            flags_after: Some(after),
+            events: vec![event],
+        };
         assert!(matches!(
             store.commit_flag_changes(
                 "me@x.test",
                 FolderRole::Inbox,
                 FolderCursor::new(1, 1),
                 12,
-                &[(1, 1, Some(seen))],
-                std::slice::from_ref(&updated),
+                &[change(FlagState::default(), seen, updated.clone())],
             ),
             Err(StoreError::CursorMoved)
         ));
+        // Judged against flags that are no longer stored (the CRM queued a
+        // change meanwhile): dropped with its event, the cursor still moves.
+        let flagged = FlagState {
+            flagged: true,
+            ..FlagState::default()
+        };
+        store
+            .commit_flag_changes(
+                "me@x.test",
+                FolderRole::Inbox,
+                at,
+                11,
+                &[change(flagged, seen, updated.clone())],
+            )
+            .unwrap();
+        assert_eq!(store.outbox_len().unwrap(), outbox, "nothing queued");
+        assert_eq!(
+            store
+                .located("me@x.test", FolderRole::Inbox, 1, 1)
+                .unwrap()
+                .unwrap()
+                .flags,
+            FlagState::default()
+        );
         store
             .commit_flag_changes(
                 "me@x.test",
                 FolderRole::Inbox,
                 at,
                 12,
-                &[(1, 1, Some(seen))],
-                &[updated],
+                &[change(FlagState::default(), seen, updated)],
             )
             .unwrap();
         assert_eq!(
