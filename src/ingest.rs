@@ -79,6 +79,7 @@ struct Loaded {
     identity: String,
     already_synced: Vec<(String, String)>,
     sent_by_crm: bool,
+    smart_addresses: Vec<String>,
 }
 
 impl Loaded {
@@ -105,6 +106,7 @@ impl Loaded {
                 contacts: &self.contacts,
                 already_synced: &self.already_synced,
                 logged_by_envelope: &self.logged_by_envelope,
+                smart_addresses: &self.smart_addresses,
             },
             self.thread_seen.as_ref(),
         )
@@ -269,7 +271,16 @@ impl Ingest {
             .map(|i| (i.location_id.clone(), i.user_id.clone()))
             .collect();
         let already_synced = self.store.synced_to(&identity, &pairs)?;
+        let smart_addresses = message
+            .to
+            .iter()
+            .chain(&message.cc)
+            .chain(&message.bcc)
+            .map(|a| normalize_email(&a.email))
+            .filter(|a| self.smart.token_in(a).is_some())
+            .collect();
         Ok(Ok(Loaded {
+            smart_addresses,
             integrations,
             routing_mailbox,
             folder,

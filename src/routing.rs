@@ -37,6 +37,9 @@ pub struct Directory<'a> {
     /// server named in the envelope (Auto BCC's catch-all, door 2): a Bcc
     /// leaves no header behind.
     pub logged_by_envelope: &'a [(String, String)],
+    /// The message's addresses that are smart addresses (any integration's,
+    /// or shaped like one): never created as contacts (R15).
+    pub smart_addresses: &'a [String],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,25 +198,15 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
                     .iter()
                     .any(|i| names_smart_address(message, i, directory.logged_by_envelope)) =>
         {
-            r15_outbound(
-                message,
-                &mailbox,
-                &live,
-                directory.contacts,
-                directory.logged_by_envelope,
-            )
+            r15_outbound(message, &mailbox, &live, &directory)
         }
         Some(thread) if direction == Direction::Outbound && is_forward(message) => {
             r16_forward(thread, message, &live, directory.contacts)
         }
         Some(thread) => r06_continue_thread(thread, &live, direction),
-        None if direction == Direction::Outbound => r15_outbound(
-            message,
-            &mailbox,
-            &live,
-            directory.contacts,
-            directory.logged_by_envelope,
-        ),
+        None if direction == Direction::Outbound => {
+            r15_outbound(message, &mailbox, &live, &directory)
+        }
         None => start_thread(message, sender, direction, &live, directory.contacts),
     };
     match routing {
@@ -274,14 +267,16 @@ fn r15_outbound(
     message: &Message,
     mailbox: &str,
     live: &[&Integration],
-    contacts: &[Contact],
-    logged_by_envelope: &[(String, String)],
+    directory: &Directory<'_>,
 ) -> Routing {
+    let contacts = directory.contacts;
+    let logged_by_envelope = directory.logged_by_envelope;
     let mut deliveries = Vec::new();
     let mut new_contacts = Vec::new();
     for integration in live {
         if names_smart_address(message, integration, logged_by_envelope)
-            && let Some((delivery, created)) = r15_auto_bcc(message, mailbox, integration, contacts)
+            && let Some((delivery, created)) =
+                r15_auto_bcc(message, mailbox, integration, directory)
         {
             deliveries.push(delivery);
             // Two integrations of one location create its contact once.
@@ -317,13 +312,15 @@ fn r15_auto_bcc(
     message: &Message,
     mailbox: &str,
     integration: &Integration,
-    contacts: &[Contact],
+    directory: &Directory<'_>,
 ) -> Option<(Delivery, Vec<NewContact>)> {
+    let contacts = directory.contacts;
     let smart = normalize_email(&integration.smart_bcc_address);
     let mut to: Vec<(String, Option<String>)> = Vec::new();
     for recipient in &message.to {
         let email = normalize_email(&recipient.email);
-        if email != mailbox && email != smart && !to.iter().any(|(e, _)| *e == email) {
+        let a_smart_address = email == smart || directory.smart_addresses.contains(&email);
+        if email != mailbox && !a_smart_address && !to.iter().any(|(e, _)| *e == email) {
             to.push((email, recipient.name.clone()));
         }
     }
@@ -723,6 +720,7 @@ mod tests {
                 contacts,
                 already_synced: &[],
                 logged_by_envelope: &[],
+                smart_addresses: &[],
             },
             thread,
         );
@@ -822,6 +820,7 @@ mod tests {
                     contacts: &contacts,
                     already_synced: &[],
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 None,
             )
@@ -953,6 +952,7 @@ mod tests {
                     contacts: &contacts,
                     already_synced: &[],
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 None,
             )
@@ -985,6 +985,7 @@ mod tests {
                     contacts: &contacts,
                     already_synced,
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 None,
             )
@@ -1058,6 +1059,7 @@ mod tests {
                 contacts,
                 already_synced: &[],
                 logged_by_envelope: &[],
+                smart_addresses: &[],
             },
             None,
         ) {
@@ -1148,6 +1150,7 @@ mod tests {
                     contacts: &contacts,
                     already_synced: &[],
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 Some(&anns_thread),
             )
@@ -1230,6 +1233,7 @@ mod tests {
                     contacts: &contacts,
                     already_synced: &[],
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 None,
             )
@@ -1541,10 +1545,57 @@ mod tests {
                 contacts: &[ann],
                 already_synced: &[],
                 logged_by_envelope: &[],
+                smart_addresses: &[],
             },
             None,
         );
         assert_eq!(routing, Routing::Ignore(IgnoreReason::SentByCrm));
+    }
+
+    /// R15: another integration's smart address in To is no person: it is
+    /// never created as a contact.
+    #[test]
+    fn r15_no_smart_address_is_ever_created_as_a_contact() {
+        let integrations = [integration("L1", "u1", 1)];
+        let mut logged = message(MAILBOX, &["other-bcc@bridge.test", "new@x.test"], &[], &[]);
+        logged.bcc = vec![addr("bcc@bridge.test")];
+        let smart_addresses = [
+            "other-bcc@bridge.test".to_string(),
+            "bcc@bridge.test".to_string(),
+        ];
+        let routing = route(
+            Incoming {
+                message: &logged,
+                folder: FolderRole::Sent,
+                uid_validity: 1,
+                uid: 1,
+                received_at: None,
+                sent_by_crm: false,
+            },
+            Directory {
+                mailbox: MAILBOX,
+                integrations: &integrations,
+                contacts: &[],
+                already_synced: &[],
+                logged_by_envelope: &[],
+                smart_addresses: &smart_addresses,
+            },
+            None,
+        );
+        let Routing::Deliver {
+            new_contacts,
+            deliveries,
+            ..
+        } = routing
+        else {
+            panic!("not logged: {routing:?}");
+        };
+        let created: Vec<&str> = new_contacts.iter().map(|c| c.email.as_str()).collect();
+        assert_eq!(created, ["new@x.test"]);
+        assert_eq!(
+            deliveries[0].route.contact_id,
+            auto_contact_id("L1", "new@x.test")
+        );
     }
 
     #[test]
@@ -1723,6 +1774,7 @@ mod tests {
                     contacts: &[],
                     already_synced: &[],
                     logged_by_envelope: &[],
+                    smart_addresses: &[],
                 },
                 Some(&known),
             );
