@@ -30,6 +30,18 @@ pub fn smart_senders_setting(location_id: &str, user_id: &str) -> String {
     format!("auto_bcc_senders:{location_id}\0{user_id}")
 }
 
+/// The addresses registered as a user's own (see `smart_senders_setting`).
+pub fn smart_senders(
+    store: &dyn Store,
+    location_id: &str,
+    user_id: &str,
+) -> StoreResult<Vec<String>> {
+    Ok(store
+        .setting(&smart_senders_setting(location_id, user_id))?
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default())
+}
+
 /// How often a message is routed again when a CRM send keeps changing its
 /// thread at the same moment; past that the watcher retries the message later.
 const MAX_THREAD_RETRIES: u32 = 5;
@@ -58,6 +70,17 @@ pub struct Found<'a> {
     pub folder_name: &'a str,
     /// When the server received it (INTERNALDATE), if it said.
     pub received_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl Found<'_> {
+    /// The folder's cursor once this message is handled: past it, moved now.
+    fn cursor_after(&self, now: chrono::DateTime<Utc>) -> FolderCursor {
+        FolderCursor {
+            moved_at: Some(now),
+            highest_modseq: self.cursor.highest_modseq,
+            ..FolderCursor::new(self.uid_validity, self.uid.saturating_add(1))
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -358,11 +381,7 @@ impl Ingest {
         message: &Message,
         raw: &[u8],
     ) -> StoreResult<Outcome> {
-        let cursor = FolderCursor {
-            moved_at: Some(Utc::now()),
-            highest_modseq: found.cursor.highest_modseq,
-            ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
-        };
+        let cursor = found.cursor_after(Utc::now());
         let loaded = match self.load(found.mailbox, found.folder, message, raw)? {
             Ok(loaded) => loaded,
             Err(reason) => {
@@ -578,40 +597,23 @@ impl Ingest {
         };
         let flags = found.flags.unwrap_or(info.flags);
         let now = Utc::now();
-        let events: Vec<Event> = info
-            .routes
-            .iter()
-            .map(|route| Event {
-                id: new_id("evt"),
-                kind: "message.updated".into(),
-                timestamp: now,
-                ordering_key: info.thread_id.clone(),
-                data: serde_json::json!({
-                    "id": info.record_id,
-                    "message_id": info.message_id,
-                    "thread_id": info.thread_id,
-                    "location_id": route.location_id,
-                    "user_id": route.user_id,
-                    "contact_id": route.contact_id,
-                    "mailbox": found.mailbox,
-                    "folder": found.folder_name,
-                    "previous_folder": null,
-                    "seen": flags.seen,
-                    "flagged": flags.flagged,
-                    "answered": flags.answered,
-                }),
-            })
-            .collect();
+        let events = info.events(
+            "message.updated",
+            found.mailbox,
+            serde_json::json!({
+                "folder": found.folder_name,
+                "previous_folder": null,
+                "seen": flags.seen,
+                "flagged": flags.flagged,
+                "answered": flags.answered,
+            }),
+        );
         let commit = IngestCommit {
             mailbox: found.mailbox.to_string(),
             thread_mailbox: found.mailbox.to_string(),
             folder: found.folder,
             cursor_before: found.cursor,
-            cursor: FolderCursor {
-                moved_at: Some(now),
-                highest_modseq: found.cursor.highest_modseq,
-                ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
-            },
+            cursor: found.cursor_after(now),
             thread_keys_seen: vec![],
             thread_seen: None,
             thread: None,
@@ -705,11 +707,9 @@ impl Ingest {
         {
             return Ok(true);
         }
-        Ok(self
-            .store
-            .setting(&smart_senders_setting(location_id, user_id))?
-            .and_then(|bytes| serde_json::from_slice::<Vec<String>>(&bytes).ok())
-            .is_some_and(|senders| senders.iter().any(|s| normalize_email(s) == sender)))
+        Ok(smart_senders(self.store.as_ref(), location_id, user_id)?
+            .iter()
+            .any(|s| normalize_email(s) == sender))
     }
 
     /// Moves the cursor past a message that cannot be handled (logged by the caller).
@@ -719,11 +719,7 @@ impl Ingest {
             thread_mailbox: found.mailbox.to_string(),
             folder: found.folder,
             cursor_before: found.cursor,
-            cursor: FolderCursor {
-                moved_at: Some(Utc::now()),
-                highest_modseq: found.cursor.highest_modseq,
-                ..FolderCursor::new(found.uid_validity, found.uid.saturating_add(1))
-            },
+            cursor: found.cursor_after(Utc::now()),
             thread_keys_seen: vec![],
             thread_seen: None,
             thread: None,

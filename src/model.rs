@@ -220,6 +220,39 @@ pub struct Mailbox {
     pub generation: u64,
 }
 
+impl LocatedMessage {
+    /// A `kind` event (`message.updated`, `message.deleted`) for each
+    /// conversation that received the message: its ids, then `state`.
+    pub fn events(&self, kind: &str, mailbox: &str, state: serde_json::Value) -> Vec<Event> {
+        self.routes
+            .iter()
+            .map(|route| {
+                let mut data = serde_json::json!({
+                    "id": self.record_id,
+                    "message_id": self.message_id,
+                    "thread_id": self.thread_id,
+                    "location_id": route.location_id,
+                    "user_id": route.user_id,
+                    "contact_id": route.contact_id,
+                    "mailbox": mailbox,
+                });
+                if let (Some(data), serde_json::Value::Object(state)) =
+                    (data.as_object_mut(), state.clone())
+                {
+                    data.extend(state);
+                }
+                Event {
+                    id: new_id("evt"),
+                    kind: kind.into(),
+                    timestamp: Utc::now(),
+                    ordering_key: self.thread_id.clone(),
+                    data,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Which of a mailbox's folders a message was found in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

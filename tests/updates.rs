@@ -8,11 +8,7 @@ use support::world::{World, mail};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_and_starring_a_synced_message_elsewhere_is_reported_as_message_updated() {
     let w = World::connected(serde_json::json!({})).await;
-    let id = mail(&w.stack, &w.ann, &w.me, "to be read", None).await;
-    let synced = w
-        .receiver
-        .wait_for("the message", |r| r.subject() == "to be read")
-        .await;
+    let (id, synced) = w.mail_synced("to be read").await;
     // Mail nobody synced changes nothing in the CRM.
     let stranger = mail(&w.stack, &w.me, &w.me, "not synced", None).await;
     w.stack.wait_count(&w.me, "INBOX", 2).await;
@@ -157,11 +153,7 @@ async fn archiving_trashing_and_expunging_a_synced_message_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_crm_reads_stars_and_deletes_a_message_in_the_mailbox_without_an_echo() {
     let w = World::connected(serde_json::json!({})).await;
-    let id = mail(&w.stack, &w.ann, &w.me, "read me from the crm", None).await;
-    let synced = w
-        .receiver
-        .wait_for("the message", |r| r.subject() == "read me from the crm")
-        .await;
+    let (id, synced) = w.mail_synced("read me from the crm").await;
     let record = synced.data()["id"].as_str().unwrap().to_string();
     let path = format!("/v1/messages/{record}");
 
@@ -247,11 +239,7 @@ async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
         serde_json::json!({"imap": proxy.endpoint()}),
     )
     .await;
-    let id = mail(&w.stack, &w.ann, &w.me, "star me later", None).await;
-    let synced = w
-        .receiver
-        .wait_for("the message", |r| r.subject() == "star me later")
-        .await;
+    let (id, synced) = w.mail_synced("star me later").await;
     proxy.refuse_next(10_000, support::imap_proxy::UNAVAILABLE);
     let (refused_before, _) = proxy.counts();
     let (status, body) = w
@@ -310,11 +298,7 @@ async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_archived_and_brought_back_is_followed_again_not_forwarded_again() {
     let w = World::connected(serde_json::json!({})).await;
-    let id = mail(&w.stack, &w.ann, &w.me, "out and back", None).await;
-    let synced = w
-        .receiver
-        .wait_for("the message", |r| r.subject() == "out and back")
-        .await;
+    let (id, synced) = w.mail_synced("out and back").await;
     w.stack
         .move_message(&w.me, "INBOX", &id, Some("Archive"))
         .await;

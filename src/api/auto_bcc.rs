@@ -12,7 +12,7 @@ use super::{
     mailboxes::{self, ConnectBody, MailboxStatus},
 };
 use crate::{
-    ingest::{smart_senders_setting, smart_token_setting},
+    ingest::{smart_senders, smart_senders_setting, smart_token_setting},
     model::{CATCH_ALL_LOCATION, CATCH_ALL_USER},
 };
 
@@ -46,11 +46,7 @@ pub async fn address(
 }
 
 fn senders(state: &AppState, location_id: &str, user_id: &str) -> Result<Vec<String>, ApiError> {
-    Ok(state
-        .store
-        .setting(&smart_senders_setting(location_id, user_id))?
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default())
+    Ok(smart_senders(state.store.as_ref(), location_id, user_id)?)
 }
 
 #[derive(Deserialize)]

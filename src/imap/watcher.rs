@@ -16,7 +16,7 @@ use super::{SyncContext, checked, connection::ConnectError, connection::ImapSess
 use crate::{
     backoff,
     ingest::Found,
-    model::{Event, FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState, new_id},
+    model::{FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState},
     store::LocatedChange,
 };
 
@@ -478,32 +478,23 @@ impl FolderWatcher {
                     Whereabouts::Binned(name) => ("message.deleted", Some(name)),
                     Whereabouts::Nowhere => ("message.deleted", None),
                 };
-                let events = located.routes.iter().map(|route| Event {
-                    id: new_id("evt"),
-                    kind: kind.into(),
-                    timestamp: chrono::Utc::now(),
-                    ordering_key: located.thread_id.clone(),
-                    data: serde_json::json!({
-                        "id": located.record_id,
-                        "message_id": located.message_id,
-                        "thread_id": located.thread_id,
-                        "location_id": route.location_id,
-                        "user_id": route.user_id,
-                        "contact_id": route.contact_id,
-                        "mailbox": self.address,
+                let events = located.events(
+                    kind,
+                    &self.address,
+                    serde_json::json!({
                         "folder": now_in,
                         "previous_folder": folder,
                         "seen": located.flags.seen,
                         "flagged": located.flags.flagged,
                         "answered": located.flags.answered,
                     }),
-                });
+                );
                 changes.push(LocatedChange {
                     uid_validity: cursor.uid_validity,
                     uid,
                     flags_before: located.flags,
                     flags_after: None,
-                    events: events.collect(),
+                    events,
                 });
             }
         }
@@ -526,31 +517,22 @@ impl FolderWatcher {
             if located.flags == now {
                 continue;
             }
-            let events = located.routes.iter().map(|route| Event {
-                id: new_id("evt"),
-                kind: "message.updated".into(),
-                timestamp: chrono::Utc::now(),
-                ordering_key: located.thread_id.clone(),
-                data: serde_json::json!({
-                    "id": located.record_id,
-                    "message_id": located.message_id,
-                    "thread_id": located.thread_id,
-                    "location_id": route.location_id,
-                    "user_id": route.user_id,
-                    "contact_id": route.contact_id,
-                    "mailbox": self.address,
+            let events = located.events(
+                "message.updated",
+                &self.address,
+                serde_json::json!({
                     "folder": folder,
                     "seen": now.seen,
                     "flagged": now.flagged,
                     "answered": now.answered,
                 }),
-            });
+            );
             changes.push(LocatedChange {
                 uid_validity: cursor.uid_validity,
                 uid: fetched.uid,
                 flags_before: located.flags,
                 flags_after: Some(now),
-                events: events.collect(),
+                events,
             });
         }
         if highest == since && changes.is_empty() {

@@ -257,6 +257,13 @@ impl SledStore {
     }
 
     /// Every write ends here: the fsync must not stall an async worker.
+    /// Contact writes, one at a time (see `put_contacts`).
+    fn directory_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.directory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn flush(&self) -> StoreResult<()> {
         crate::offload::blocking(|| self.db.flush()).map_err(engine)?;
         Ok(())
@@ -501,10 +508,7 @@ impl Store for SledStore {
     fn put_contacts(&self, upserts: &[ContactUpsert]) -> StoreResult<Vec<Contact>> {
         // Each upsert reads the old record to drop its stale index entries;
         // two at once could drop an entry the other just wrote.
-        let _one_at_a_time = self
-            .directory
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.directory_lock();
         // Index entries first, records second: a lookup checks the record, so a
         // crash in between leaves at worst a harmless stale index entry, and
         // repeating the upsert repairs everything.
@@ -555,10 +559,7 @@ impl Store for SledStore {
     }
 
     fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool> {
-        let _one_at_a_time = self
-            .directory
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = self.directory_lock();
         let Some(old) = self
             .contacts
             .remove(key(&[location_id, contact_id]))
@@ -982,11 +983,7 @@ impl Store for SledStore {
         // taken meanwhile (the CRM changed that contact's address, or two
         // deliveries create one contact): that contact is kept, not created
         // twice, and no `contact.created` goes out for it.
-        let _directory = (!commit.new_contacts.is_empty()).then(|| {
-            self.directory
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        });
+        let _directory = (!commit.new_contacts.is_empty()).then(|| self.directory_lock());
         let mut creating: Vec<&Contact> = Vec::new();
         for contact in &commit.new_contacts {
             for email in &contact.emails {

@@ -72,6 +72,19 @@ fn accept(
     )
 }
 
+/// me@x.test connected for L1/u1, its INBOX cursor at `start`.
+fn connect_inbox_at(store: &dyn Store, start: FolderCursor) {
+    store
+        .connect(
+            &mailbox("me@x.test"),
+            &integration("L1", "u1", "me@x.test"),
+            &[(FolderRole::Inbox, start)],
+            &[],
+            &[],
+        )
+        .unwrap();
+}
+
 fn integration(location: &str, user: &str, mailbox: &str) -> Integration {
     Integration {
         location_id: location.into(),
@@ -816,15 +829,7 @@ fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> 
 fn r13_an_ingest_over_a_thread_changed_meanwhile_is_refused_whole() {
     for (_dir, store) in engines() {
         let start = FolderCursor::new(1, 1);
-        store
-            .connect(
-                &mailbox("me@x.test"),
-                &integration("L1", "u1", "me@x.test"),
-                &[(FolderRole::Inbox, start)],
-                &[],
-                &[],
-            )
-            .unwrap();
+        connect_inbox_at(store.as_ref(), start);
         let first = l1_thread("L1", &["<a@x>"]);
         store
             .commit_ingest(&ingest_commit(start, None, first.clone()), None)
@@ -1024,15 +1029,7 @@ fn a_stale_watcher_never_moves_a_cursor() {
 fn message_sources_live_and_die_with_their_records() {
     for (_dir, store) in engines() {
         let start = FolderCursor::new(1, 1);
-        store
-            .connect(
-                &mailbox("me@x.test"),
-                &integration("L1", "u1", "me@x.test"),
-                &[(FolderRole::Inbox, start)],
-                &[],
-                &[],
-            )
-            .unwrap();
+        connect_inbox_at(store.as_ref(), start);
         let history = |id: &str| MessageEventData {
             id: id.into(),
             ..send_record("x", None).data
@@ -1204,15 +1201,7 @@ fn r10_concurrent_upserts_of_one_contact_keep_the_index_whole() {
 fn r15_a_contact_to_create_that_exists_meanwhile_is_never_created_twice() {
     for (_dir, store) in engines() {
         let start = FolderCursor::new(1, 1);
-        store
-            .connect(
-                &mailbox("me@x.test"),
-                &integration("L1", "u1", "me@x.test"),
-                &[(FolderRole::Inbox, start)],
-                &[],
-                &[],
-            )
-            .unwrap();
+        connect_inbox_at(store.as_ref(), start);
         let created = |id: &str, email: &str| Contact {
             id: id.into(),
             ..contact("unused", &[email])
@@ -1273,15 +1262,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
             highest_modseq: Some(10),
             ..FolderCursor::new(1, 1)
         };
-        store
-            .connect(
-                &mailbox("me@x.test"),
-                &integration("L1", "u1", "me@x.test"),
-                &[(FolderRole::Inbox, start)],
-                &[],
-                &[],
-            )
-            .unwrap();
+        connect_inbox_at(store.as_ref(), start);
         let entry = crate::model::LocatedMessage {
             record_id: "msg_1".into(),
             message_id: Some("<b@x>".into()),
@@ -1394,15 +1375,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
 fn a_crm_change_is_queued_with_its_outcome_recorded() {
     for (_dir, store) in engines() {
         let start = FolderCursor::new(1, 1);
-        store
-            .connect(
-                &mailbox("me@x.test"),
-                &integration("L1", "u1", "me@x.test"),
-                &[(FolderRole::Inbox, start)],
-                &[],
-                &[],
-            )
-            .unwrap();
+        connect_inbox_at(store.as_ref(), start);
         let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
         commit.located = Some((
             1,

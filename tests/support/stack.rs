@@ -287,13 +287,8 @@ impl Stack {
         use futures_util::TryStreamExt as _;
         let mut session = self.session(user).await;
         session.select(folder).await.expect("SELECT");
-        let uids = session
-            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+        let uid = uid_of(&mut session, message_id)
             .await
-            .expect("SEARCH");
-        let uid = uids
-            .into_iter()
-            .next()
             .expect("the message is in the folder");
         let _: Vec<_> = session
             .uid_store(uid.to_string(), change)
@@ -318,13 +313,8 @@ impl Stack {
         use futures_util::TryStreamExt as _;
         let mut session = self.session(user).await;
         session.select(folder).await.expect("SELECT");
-        let uids = session
-            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+        let uid = uid_of(&mut session, message_id)
             .await
-            .expect("SEARCH");
-        let uid = uids
-            .into_iter()
-            .next()
             .expect("the message is in the folder");
         match to {
             Some(to) => session.uid_mv(uid.to_string(), to).await.expect("MOVE"),
@@ -359,12 +349,7 @@ impl Stack {
         use futures_util::TryStreamExt as _;
         let mut session = self.session(user).await;
         session.examine(folder).await.expect("EXAMINE");
-        let uid = session
-            .uid_search(format!("HEADER Message-ID \"{message_id}\""))
-            .await
-            .expect("SEARCH")
-            .into_iter()
-            .next();
+        let uid = uid_of(&mut session, message_id).await;
         let flags = match uid {
             None => None,
             Some(uid) => {
@@ -456,6 +441,16 @@ pub fn message(
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBody of {subject}\r\n"
     ));
     raw.into_bytes()
+}
+
+/// The UID of the message with this Message-ID in the selected folder.
+async fn uid_of(session: &mut ImapSession, message_id: &str) -> Option<u32> {
+    session
+        .uid_search(format!("HEADER Message-ID \"{message_id}\""))
+        .await
+        .expect("SEARCH")
+        .into_iter()
+        .next()
 }
 
 pub fn new_message_id(tag: &str) -> String {

@@ -85,6 +85,16 @@ impl World {
     ) -> (u16, serde_json::Value, Option<String>) {
         self.api.send_message("L1", "u1", body, Some(key)).await
     }
+
+    /// Ann mails me; returns the Message-ID and the event it was forwarded as.
+    pub async fn mail_synced(&self, subject: &str) -> (String, super::receiver::Received) {
+        let id = mail(&self.stack, &self.ann, &self.me, subject, None).await;
+        let event = self
+            .receiver
+            .wait_for(subject, |r| r.subject() == subject)
+            .await;
+        (id, event)
+    }
 }
 
 /// Delivers a message from `from` to `to` through the MX; returns its Message-ID.
