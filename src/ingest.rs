@@ -424,7 +424,7 @@ impl Ingest {
             Routing::Ignore(reason) => {
                 tracing::debug!(
                     mailbox = found.mailbox,
-                    folder = found.folder.as_str(),
+                    folder = %found.folder,
                     uid = found.uid,
                     "not synced: {reason}"
                 );
@@ -563,7 +563,7 @@ impl Ingest {
         committed?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
         self.signal.notify();
-        tracing::info!(mailbox = found.mailbox, folder = found.folder.as_str(), uid = found.uid, thread = %thread.id, events = count, "synced");
+        tracing::info!(mailbox = found.mailbox, folder = %found.folder, uid = found.uid, thread = %thread.id, events = count, "synced");
         Ok(Outcome::Queued {
             thread_id: thread.id,
             events: count,

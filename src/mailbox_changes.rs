@@ -119,7 +119,12 @@ impl MailboxChanges {
             }
             Err(err) => return Err(Failure::Transient(err.to_string())),
         };
-        let result = self.apply_in(&mut session, change).await;
+        let listed = match self.store.mailbox(address) {
+            Ok(Some(mailbox)) => mailbox.folders,
+            Ok(None) => return Err(Failure::Permanent("the mailbox was disconnected".into())),
+            Err(err) => return Err(Failure::Transient(err.to_string())),
+        };
+        let result = self.apply_in(&mut session, change, &listed).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
         result
     }
@@ -128,14 +133,20 @@ impl MailboxChanges {
         &self,
         session: &mut crate::imap::connection::ImapSession,
         change: &MailboxChange,
+        listed: &[String],
     ) -> Result<(), Failure> {
-        let folder = match change.location.folder {
-            FolderRole::Inbox => "INBOX".to_string(),
-            FolderRole::Sent => self
-                .within("listing folders", folders::find_sent(session))
-                .await?
-                .ok_or_else(|| Failure::Permanent("the mailbox has no Sent folder".into()))?,
-        };
+        let folder = self
+            .within(
+                "listing folders",
+                folders::name_of(session, change.location.folder, listed),
+            )
+            .await?
+            .ok_or_else(|| {
+                Failure::Permanent(match change.location.folder {
+                    FolderRole::Sent => "the mailbox has no Sent folder".into(),
+                    _ => "the folder is no longer watched".into(),
+                })
+            })?;
         let selected = self
             .within("selecting the folder", session.select(&folder))
             .await?;
@@ -147,21 +158,46 @@ impl MailboxChanges {
         let uid = change.location.uid;
         if change.to_trash {
             let trash = self
-                .within("listing folders", checked::list_all(session))
+                .within("listing folders", folders::find_trash(session))
                 .await?
-                .into_iter()
-                .find(|f| f.is_trash)
-                .map(|f| f.name)
                 .ok_or_else(|| Failure::Permanent("the mailbox has no Trash folder".into()))?;
-            return self
-                .within(
-                    "moving the message to Trash",
-                    checked::command(
-                        session,
-                        &format!("UID MOVE {uid} {}", checked::quoted(&trash)),
-                    ),
+            let capabilities = self
+                .within("asking the server's capabilities", session.capabilities())
+                .await?;
+            let trash = checked::quoted(&trash);
+            if capabilities.has_str("MOVE") {
+                return self
+                    .within(
+                        "moving the message to Trash",
+                        checked::command(session, &format!("UID MOVE {uid} {trash}")),
+                    )
+                    .await;
+            }
+            // Without MOVE (RFC 6851): copy, then mark and expunge the
+            // original. Only UID EXPUNGE (UIDPLUS) removes this one message
+            // alone; a plain EXPUNGE would take every message another client
+            // marked deleted, so without it the original stays marked.
+            self.within(
+                "copying the message to Trash",
+                checked::command(session, &format!("UID COPY {uid} {trash}")),
+            )
+            .await?;
+            self.within(
+                "marking the original deleted",
+                checked::command(
+                    session,
+                    &format!("UID STORE {uid} +FLAGS.SILENT (\\Deleted)"),
+                ),
+            )
+            .await?;
+            if capabilities.has_str("UIDPLUS") {
+                self.within(
+                    "expunging the original",
+                    checked::command(session, &format!("UID EXPUNGE {uid}")),
                 )
-                .await;
+                .await?;
+            }
+            return Ok(());
         }
         for (flag, wanted) in [("\\Seen", change.seen), ("\\Flagged", change.flagged)] {
             let Some(set) = wanted else {

@@ -350,7 +350,7 @@ fn verdicts_from_daemon(
     runtime.block_on(async {
         let url = reqwest::Url::parse_with_params(
             &format!("{}/v1/inspect", base.trim_end_matches('/')),
-            &[("mailbox", mailbox), ("folder", folder.as_str())],
+            &[("mailbox", mailbox), ("folder", &folder.key())],
         )?;
         let response = client
             .post(url)

@@ -218,6 +218,28 @@ pub struct Mailbox {
     /// is stale: the state it reports is not recorded.
     #[serde(default)]
     pub generation: u64,
+    /// Folders watched beside INBOX and Sent, by their IMAP names: where
+    /// server rules (filters, "skip the inbox") file new mail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folders: Vec<String>,
+}
+
+impl Mailbox {
+    /// Every folder role the mailbox's sync watches.
+    pub fn roles(&self) -> Vec<FolderRole> {
+        FolderRole::FIXED
+            .into_iter()
+            .chain(self.folders.iter().map(|name| FolderRole::listed(name)))
+            .collect()
+    }
+
+    /// The name of a listed folder's role, while it is listed.
+    pub fn listed_name(&self, role: FolderRole) -> Option<&str> {
+        self.folders
+            .iter()
+            .find(|name| FolderRole::listed(name) == role)
+            .map(String::as_str)
+    }
 }
 
 impl LocatedMessage {
@@ -259,16 +281,39 @@ impl LocatedMessage {
 pub enum FolderRole {
     Inbox,
     Sent,
+    /// A folder the operator listed (`"folders"`), where server rules file
+    /// mail; known by a hash of its name, so the list's order does not
+    /// matter and the role stays a small copyable key.
+    Listed(u32),
 }
 
 impl FolderRole {
-    pub const ALL: [FolderRole; 2] = [FolderRole::Inbox, FolderRole::Sent];
+    pub const FIXED: [FolderRole; 2] = [FolderRole::Inbox, FolderRole::Sent];
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FolderRole::Inbox => "inbox",
-            FolderRole::Sent => "sent",
+    /// The role of a listed folder: FNV-1a of its name, stable across
+    /// versions and restarts (cursors are stored under it).
+    pub fn listed(name: &str) -> Self {
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in name.as_bytes() {
+            hash ^= u32::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0193);
         }
+        FolderRole::Listed(hash)
+    }
+
+    /// Stable short name, used in store keys and logs.
+    pub fn key(self) -> String {
+        match self {
+            FolderRole::Inbox => "inbox".into(),
+            FolderRole::Sent => "sent".into(),
+            FolderRole::Listed(hash) => format!("listed-{hash:08x}"),
+        }
+    }
+}
+
+impl std::fmt::Display for FolderRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
     }
 }
 

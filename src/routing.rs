@@ -183,10 +183,14 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
             return Routing::Ignore(IgnoreReason::SentByCrm);
         }
         FolderRole::Sent => Direction::Outbound,
-        FolderRole::Inbox if sender.as_deref() == Some(mailbox.as_str()) => {
+        // A listed folder (server rules file mail there) is inbound mail too;
+        // the user's own mail there is synced from Sent.
+        FolderRole::Inbox | FolderRole::Listed(_)
+            if sender.as_deref() == Some(mailbox.as_str()) =>
+        {
             return Routing::Ignore(IgnoreReason::OwnMessageInInbox);
         }
-        FolderRole::Inbox => Direction::Inbound,
+        FolderRole::Inbox | FolderRole::Listed(_) => Direction::Inbound,
     };
 
     let routing = match thread {
@@ -890,6 +894,24 @@ mod tests {
                 name: "the user's own mail in the inbox",
                 message: message(MAILBOX, &["ann@x.test"], &[], &[]),
                 folder: FolderRole::Inbox,
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Err(IgnoreReason::OwnMessageInInbox),
+            },
+            Case {
+                name: "filed by a server rule in a listed folder",
+                message: message("ann@x.test", &[MAILBOX], &[], &[]),
+                folder: FolderRole::listed("Clients"),
+                uid: 1,
+                integrations: vec![integration("L1", "u1", 1)],
+                contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],
+                expect: Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            },
+            Case {
+                name: "the user's own mail in a listed folder (synced from Sent)",
+                message: message(MAILBOX, &["ann@x.test"], &[], &[]),
+                folder: FolderRole::listed("Clients"),
                 uid: 1,
                 integrations: vec![integration("L1", "u1", 1)],
                 contacts: vec![contact("L1", "c1", "ann@x.test", &["u1"], 1)],

@@ -372,3 +372,130 @@ async fn a_message_moved_out_and_straight_back_is_not_reported_deleted() {
     assert_eq!(w.receiver.distinct(|r| r.kind() == "message.inbound"), 1);
     again.stop().await;
 }
+
+/// Issue 9, folders beyond INBOX and Sent: mail a server rule files in a
+/// folder the operator listed is new mail of the mailbox (R3); a synced
+/// message moved between watched folders keeps its ids, is reported once as
+/// `message.updated` with its new folder and followed there, and is never
+/// forwarded again (R21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r03_mail_filed_in_a_listed_folder_syncs_and_a_move_between_watched_folders_is_followed() {
+    let w = World::started().await;
+    w.stack.create_folder(&w.me, "Clients").await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    let connect = |folders: serde_json::Value| {
+        serde_json::json!({
+            "email": w.me.address,
+            "provider": "imap",
+            "auth": {"type": "password", "username": w.me.address, "password": w.me.password},
+            "imap": w.stack.imap_endpoint(),
+            "smtp": w.stack.smtp_endpoint(),
+            "folders": folders,
+        })
+    };
+    let path = "/v1/locations/L1/users/u1/mailbox";
+    let (status, refused) = w
+        .api
+        .send(
+            reqwest::Method::PUT,
+            path,
+            Some(connect(serde_json::json!(["Clients", "No such folder"]))),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("folders[1]")),
+        "the error names the field: {refused}"
+    );
+    let (status, connected) = w
+        .api
+        .send(
+            reqwest::Method::PUT,
+            path,
+            Some(connect(serde_json::json!(["Clients"]))),
+        )
+        .await;
+    assert_eq!(status, 200, "{connected}");
+    assert_eq!(connected["folders"], serde_json::json!(["Clients"]));
+    w.api.wait_active("L1", "u1").await;
+
+    let filed = support::stack::new_message_id("rule");
+    w.stack
+        .file_into(
+            &w.me,
+            "Clients",
+            &support::stack::message(
+                &w.ann.address,
+                &w.me.address,
+                "filed by a rule",
+                &filed,
+                None,
+            ),
+        )
+        .await;
+    let inbound = w
+        .receiver
+        .wait_for("the message filed by a rule", |r| {
+            r.subject() == "filed by a rule"
+        })
+        .await;
+    assert_eq!(inbound.kind(), "message.inbound");
+    assert_eq!(inbound.data()["contact_id"], "c-ann");
+
+    let (moved, synced) = w.mail_synced("moved to Clients").await;
+    w.stack
+        .move_message(&w.me, "INBOX", &moved, Some("Clients"))
+        .await;
+    let relocated = w
+        .receiver
+        .wait_for("the move to Clients", |r| {
+            r.kind() == "message.updated"
+                && r.data()["message_id"] == moved.as_str()
+                && r.data()["folder"] == "Clients"
+        })
+        .await;
+    assert_eq!(relocated.data()["id"], synced.data()["id"]);
+    assert_eq!(relocated.data()["previous_folder"], "INBOX");
+
+    // Followed in its new folder: a later change there is reported.
+    w.stack
+        .store_flags(&w.me, "Clients", &moved, "+FLAGS (\\Flagged)")
+        .await;
+    let starred = w
+        .receiver
+        .wait_for("the star in Clients", |r| {
+            r.kind() == "message.updated"
+                && r.data()["message_id"] == moved.as_str()
+                && r.data()["flagged"] == true
+        })
+        .await;
+    assert_eq!(starred.data()["folder"], "Clients");
+    w.stack
+        .store_flags(&w.me, "Clients", &filed, "+FLAGS (\\Seen)")
+        .await;
+    w.receiver
+        .wait_for("the filed one read", |r| {
+            r.kind() == "message.updated"
+                && r.data()["message_id"] == filed.as_str()
+                && r.data()["seen"] == true
+        })
+        .await;
+
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.inbound"),
+        2,
+        "the moved message was not forwarded again"
+    );
+    assert_eq!(
+        w.receiver.distinct(|r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == moved.as_str()
+        }),
+        2,
+        "the move was reported once, not by both folders"
+    );
+    w.daemon.stop().await;
+}

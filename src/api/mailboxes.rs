@@ -9,7 +9,7 @@ use super::{
     error::{ApiError, ApiJson, ApiPath, check_email, check_id},
 };
 use crate::{
-    imap::{ConnectError, connection::is_loopback, folders},
+    imap::{ConnectError, checked, connection::is_loopback, folders},
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Login, Mailbox,
         MailboxState, Provider, SaveSent, Security, SendStatus, new_id,
@@ -32,6 +32,9 @@ pub struct ConnectBody {
     daily_send_limit: Option<u32>,
     #[serde(default)]
     save_sent: SaveSent,
+    /// Folders to watch beside INBOX and Sent; omitted keeps the mailbox's list.
+    #[serde(default)]
+    folders: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +66,41 @@ pub struct ConnectRequest {
     pub smtp: Option<Endpoint>,
     pub daily_send_limit: Option<u32>,
     pub save_sent: SaveSent,
+    /// None keeps the mailbox's list (empty for a new one).
+    pub folders: Option<Vec<String>>,
+}
+
+/// At most this many listed folders per mailbox: each is one more IMAP session.
+pub const MAX_LISTED_FOLDERS: usize = 20;
+
+/// Checks the listed folders: names a server could have, none twice, none
+/// already watched as INBOX.
+fn check_folders(folders: &[String]) -> Result<(), ApiError> {
+    if folders.len() > MAX_LISTED_FOLDERS {
+        return Err(ApiError::invalid(format!(
+            "folders: at most {MAX_LISTED_FOLDERS} folders can be listed"
+        )));
+    }
+    for (index, name) in folders.iter().enumerate() {
+        let field = format!("folders[{index}]");
+        if name.is_empty() || name.len() > 512 {
+            return Err(ApiError::invalid(format!(
+                "{field} must be a folder name of 1 to 512 bytes"
+            )));
+        }
+        no_line_breaks(&field, &[name])?;
+        if name.eq_ignore_ascii_case("INBOX") {
+            return Err(ApiError::invalid(format!(
+                "{field}: INBOX is always watched"
+            )));
+        }
+        if folders[..index].contains(name) {
+            return Err(ApiError::invalid(format!(
+                "{field}: \"{name}\" is listed twice"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn no_line_breaks(field: &str, values: &[&str]) -> Result<(), ApiError> {
@@ -140,6 +178,7 @@ pub struct MailboxStatus {
     daily_send_limit: Option<u32>,
     smart_bcc_address: String,
     save_sent: SaveSent,
+    folders: Vec<String>,
 }
 
 fn status_of(
@@ -163,6 +202,7 @@ fn status_of(
             .smart
             .address(&integration.location_id, &integration.user_id),
         save_sent: mailbox.save_sent,
+        folders: mailbox.folders.clone(),
     })
 }
 
@@ -214,6 +254,13 @@ pub fn connect_request(body: ConnectBody) -> Result<ConnectRequest, ApiError> {
         smtp: body.smtp,
         daily_send_limit: body.daily_send_limit,
         save_sent: body.save_sent,
+        folders: match body.folders {
+            Some(folders) => {
+                check_folders(&folders)?;
+                Some(folders)
+            }
+            None => None,
+        },
     })
 }
 
@@ -241,8 +288,16 @@ pub async fn connect_mailbox(
 
     // The credentials are checked against the server before anything is stored,
     // and the folders' current ends become this integration's starting point (R2).
+    let folders = match body.folders {
+        Some(folders) => folders,
+        None => state
+            .store
+            .mailbox(&address)?
+            .map(|m| m.folders)
+            .unwrap_or_default(),
+    };
     let (credentials, baseline) =
-        check_login(state, body.provider, &imap, body.credentials).await?;
+        check_login(state, body.provider, &imap, body.credentials, &folders).await?;
 
     let existing = state.store.integration(&location_id, &user_id)?;
     let now = Utc::now();
@@ -307,6 +362,7 @@ pub async fn connect_mailbox(
         smtp,
         daily_send_limit: body.daily_send_limit.or(preset.daily_send_limit),
         save_sent: body.save_sent,
+        folders,
         state: MailboxState::Connecting,
         last_error: None,
         // Numbered by the store.
@@ -379,6 +435,7 @@ async fn check_login(
     provider: Provider,
     imap: &Endpoint,
     credentials: Credentials,
+    listed: &[String],
 ) -> Result<(Credentials, Vec<(FolderRole, FolderCursor)>), ApiError> {
     let token_failure = |err: TokenError| match err {
         TokenError::Revoked(words) => ApiError::new(
@@ -441,15 +498,25 @@ async fn check_login(
             format!("imap: {what}: {err}"),
         )
     };
-    let sent = tokio::time::timeout(step, folders::find_sent(&mut session))
+    let all = tokio::time::timeout(step, checked::list_all(&mut session))
         .await
         .map_err(|_| failed("listing folders", "timed out".into()))?
         .map_err(|e| failed("listing folders", e.to_string()))?;
-    let mut baseline = Vec::new();
-    for (role, folder) in [
+    let mut watched = vec![
         (FolderRole::Inbox, Some("INBOX".to_string())),
-        (FolderRole::Sent, sent),
-    ] {
+        (FolderRole::Sent, folders::sent_among(&all)),
+    ];
+    for (index, name) in listed.iter().enumerate() {
+        if !all.iter().any(|f| &f.name == name && !f.no_select) {
+            let _ = tokio::time::timeout(step, session.logout()).await;
+            return Err(ApiError::invalid(format!(
+                "folders[{index}]: the mailbox has no folder named \"{name}\" that holds mail"
+            )));
+        }
+        watched.push((FolderRole::listed(name), Some(name.clone())));
+    }
+    let mut baseline = Vec::new();
+    for (role, folder) in watched {
         let Some(folder) = folder else { continue };
         let status = tokio::time::timeout(step, session.status(&folder, "(UIDNEXT UIDVALIDITY)"))
             .await

@@ -287,6 +287,7 @@ async fn connect_from_code(
         smtp: existing.as_ref().map(|m| m.smtp.clone()),
         daily_send_limit: existing.as_ref().and_then(|m| m.daily_send_limit),
         save_sent: existing.map(|m| m.save_sent).unwrap_or(SaveSent::Auto),
+        folders: None,
     };
     connect_mailbox(state, &flow.location_id, &flow.user_id, request)
         .await

@@ -1,10 +1,12 @@
 //! Finding a mailbox's folders by role: INBOX is fixed; Sent is found by its
-//! SPECIAL-USE attribute (RFC 6154), else by the names clients commonly use.
+//! SPECIAL-USE attribute (RFC 6154), else by the names clients commonly use;
+//! Trash likewise; listed folders are named by the operator.
 
 use super::{
     checked::{self, CheckedError},
     connection::ImapSession,
 };
+use crate::model::FolderRole;
 
 /// Folder names clients use for sent mail, tried in order when no folder
 /// carries `\Sent`.
@@ -21,14 +23,41 @@ const COMMON_SENT_NAMES: [&str; 7] = [
 /// The Sent folder's name, if the mailbox has one. A refused LIST is an
 /// error, never "no Sent folder".
 pub async fn find_sent(session: &mut ImapSession) -> Result<Option<String>, CheckedError> {
-    let folders = checked::list_all(session).await?;
+    Ok(sent_among(&checked::list_all(session).await?))
+}
+
+/// The Sent folder among those LIST named.
+pub fn sent_among(folders: &[checked::Folder]) -> Option<String> {
     if let Some(sent) = folders.iter().find(|f| f.is_sent) {
-        return Ok(Some(sent.name.clone()));
+        return Some(sent.name.clone());
     }
-    for wanted in COMMON_SENT_NAMES {
-        if let Some(found) = folders.iter().find(|f| f.name.eq_ignore_ascii_case(wanted)) {
-            return Ok(Some(found.name.clone()));
-        }
+    COMMON_SENT_NAMES.iter().find_map(|wanted| {
+        folders
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(wanted))
+            .map(|f| f.name.clone())
+    })
+}
+
+/// The IMAP name of the folder `role` stands for, if the mailbox has it;
+/// `listed` is the mailbox's operator-listed folders.
+pub async fn name_of(
+    session: &mut ImapSession,
+    role: FolderRole,
+    listed: &[String],
+) -> Result<Option<String>, CheckedError> {
+    match role {
+        FolderRole::Inbox => Ok(Some("INBOX".to_string())),
+        FolderRole::Sent => find_sent(session).await,
+        FolderRole::Listed(_) => Ok(listed
+            .iter()
+            .find(|name| FolderRole::listed(name) == role)
+            .cloned()),
     }
-    Ok(None)
+}
+
+/// The Trash folder's name, by its SPECIAL-USE attribute (`\\Trash`).
+pub async fn find_trash(session: &mut ImapSession) -> Result<Option<String>, CheckedError> {
+    let folders = checked::list_all(session).await?;
+    Ok(folders.into_iter().find(|f| f.is_trash).map(|f| f.name))
 }

@@ -1,5 +1,5 @@
 //! The IMAP side: one task per mailbox, however many integrations use it, with a
-//! watcher per folder (INBOX and Sent). Fetched messages go to [`Ingest`].
+//! watcher per folder (INBOX, Sent and the folders the operator listed). Fetched messages go to [`Ingest`].
 
 pub mod checked;
 pub mod connection;
@@ -60,12 +60,13 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
             address: address.clone(),
             generation: mailbox.generation,
             role,
+            listed: mailbox.folders.clone(),
             idle_period,
             not_returned: Default::default(),
         };
         set.spawn(watcher.run(watchers.clone())).id()
     };
-    for role in FolderRole::ALL {
+    for role in mailbox.roles() {
         roles.insert(spawn(&mut set, role), role);
     }
     while let Some(ended) = set.join_next_with_id().await {
@@ -87,7 +88,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
                     std::time::Duration::from_millis(ctx.sync.reconnect_max_ms),
                 );
                 crashes = crashes.saturating_add(1);
-                tracing::error!(mailbox = %address, folder = role.as_str(), "the folder's sync crashed, restarting it in {wait:?}: {err}");
+                tracing::error!(mailbox = %address, folder = %role, "the folder's sync crashed, restarting it in {wait:?}: {err}");
                 metrics::counter!("mailbridge_worker_restarts_total", "worker" => "folder_sync")
                     .increment(1);
                 tokio::select! {

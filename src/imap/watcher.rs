@@ -73,6 +73,8 @@ pub struct FolderWatcher {
     /// The connect this sync started under (see `Mailbox::generation`).
     pub generation: u64,
     pub role: FolderRole,
+    /// The mailbox's operator-listed folders (a `Listed` role's name is here).
+    pub listed: Vec<String>,
     pub idle_period: Duration,
     pub not_returned: std::sync::Mutex<NotReturned>,
 }
@@ -104,7 +106,7 @@ impl FolderWatcher {
                     SessionError::NotReturned(uid_validity, uid)
                 }
                 Err(SessionError::TokenExpiring) => {
-                    tracing::debug!(mailbox = %self.address, folder = self.role.as_str(), "logging in again before the access token expires");
+                    tracing::debug!(mailbox = %self.address, folder = %self.role, "logging in again before the access token expires");
                     continue;
                 }
                 Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
@@ -119,7 +121,7 @@ impl FolderWatcher {
                     if !matches!(self.ctx.store.mailbox(&self.address), Ok(Some(_))) {
                         return WatchEnd::Cancelled;
                     }
-                    tracing::info!(mailbox = %self.address, folder = self.role.as_str(), "the folder's cursor was moved by a reconnect; starting again from it");
+                    tracing::info!(mailbox = %self.address, folder = %self.role, "the folder's cursor was moved by a reconnect; starting again from it");
                     continue;
                 }
                 Err(err) => err,
@@ -133,7 +135,7 @@ impl FolderWatcher {
             if let SessionError::Connect(ConnectError::Rejected(_)) = &err {
                 wait = wait.max(self.ctx.auth.confirm_after());
             }
-            tracing::warn!(mailbox = %self.address, folder = self.role.as_str(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
+            tracing::warn!(mailbox = %self.address, folder = %self.role, "sync interrupted, reconnecting in {wait:?}: {err:#}");
             metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
             if let Err(e) = self.ctx.store.set_mailbox_state(
                 &self.address,
@@ -191,22 +193,20 @@ impl FolderWatcher {
             .auth
             .relogin_in(address)
             .map(|left| tokio::time::Instant::now() + left);
-        let folder = match self.role {
-            FolderRole::Inbox => "INBOX".to_string(),
-            FolderRole::Sent => match self
-                .timed("listing folders", folders::find_sent(&mut session))
-                .await?
-            {
-                Some(name) => name,
-                None => {
-                    tracing::warn!(
-                        mailbox = address,
-                        "no Sent folder found: mail sent from other clients cannot sync"
-                    );
-                    cancel.cancelled().await;
-                    return Ok(());
-                }
-            },
+        let Some(folder) = self
+            .timed(
+                "listing folders",
+                folders::name_of(&mut session, self.role, &self.listed),
+            )
+            .await?
+        else {
+            tracing::warn!(
+                mailbox = address,
+                folder = %self.role,
+                "no such folder: mail in it cannot sync"
+            );
+            cancel.cancelled().await;
+            return Ok(());
         };
         // CONDSTORE (RFC 7162): flag changes are read by HIGHESTMODSEQ, so
         // a change made while the bridge was away arrives too, once.
@@ -470,7 +470,32 @@ impl FolderWatcher {
                             uid,
                             flags_before: located.flags,
                             flags_after: None,
+                            moved_to: None,
                             events: Vec::new(),
+                        });
+                        continue;
+                    }
+                    Whereabouts::Watched { name, at } => {
+                        // Followed in its new folder from here on; that
+                        // folder's watcher knows it and does not report it again.
+                        let events = located.events(
+                            "message.updated",
+                            &self.address,
+                            serde_json::json!({
+                                "folder": name,
+                                "previous_folder": folder,
+                                "seen": located.flags.seen,
+                                "flagged": located.flags.flagged,
+                                "answered": located.flags.answered,
+                            }),
+                        );
+                        changes.push(LocatedChange {
+                            uid_validity: cursor.uid_validity,
+                            uid,
+                            flags_before: located.flags,
+                            flags_after: None,
+                            moved_to: Some(at),
+                            events,
                         });
                         continue;
                     }
@@ -494,6 +519,7 @@ impl FolderWatcher {
                     uid,
                     flags_before: located.flags,
                     flags_after: None,
+                    moved_to: None,
                     events,
                 });
             }
@@ -532,6 +558,7 @@ impl FolderWatcher {
                 uid: fetched.uid,
                 flags_before: located.flags,
                 flags_after: Some(now),
+                moved_to: None,
                 events,
             });
         }
@@ -577,37 +604,56 @@ impl FolderWatcher {
             // Trash and Junk first (Gmail's All Mail holds everything else
             // too); its own folder last (moved straight back).
             folders.sort_by_key(|f| (f.name == folder, !f.is_bin));
+            let sent = folders::sent_among(&folders);
+            let watched_role = |name: &str| -> Option<FolderRole> {
+                if name.eq_ignore_ascii_case("INBOX") {
+                    Some(FolderRole::Inbox)
+                } else if sent.as_deref() == Some(name) {
+                    Some(FolderRole::Sent)
+                } else {
+                    self.listed
+                        .iter()
+                        .any(|listed| listed == name)
+                        .then(|| FolderRole::listed(name))
+                }
+            };
             for candidate in folders.iter().filter(|f| !f.no_select) {
                 // A folder the server will not open is no answer about the
                 // message, and must not stop the watch: it is passed over.
-                match tokio::time::timeout(
+                let opened = match tokio::time::timeout(
                     self.ctx.connector.step_timeout(),
                     session.examine(&candidate.name),
                 )
                 .await
                 {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(opened)) => opened,
                     Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
                         continue;
                     }
                     Ok(Err(err)) => return Err(err.into()),
                     Err(_) => return Err(SessionError::Timeout("opening a folder")),
-                }
+                };
                 let hits = self
                     .timed(
                         "looking for a moved message",
                         checked::uid_search(&mut session, &format!("HEADER Message-ID {quoted}")),
                     )
                     .await?;
-                if hits.is_empty() {
+                let Some(new_uid) = hits.iter().max().copied() else {
                     continue;
+                };
+                if candidate.name == folder {
+                    return Ok(Whereabouts::Back);
                 }
-                return Ok(if candidate.name == folder {
-                    Whereabouts::Back
-                } else if candidate.is_bin {
-                    Whereabouts::Binned(candidate.name.clone())
-                } else {
-                    Whereabouts::Elsewhere(candidate.name.clone())
+                if candidate.is_bin {
+                    return Ok(Whereabouts::Binned(candidate.name.clone()));
+                }
+                return Ok(match (watched_role(&candidate.name), opened.uid_validity) {
+                    (Some(role), Some(uid_validity)) if role != self.role => Whereabouts::Watched {
+                        name: candidate.name.clone(),
+                        at: (role, uid_validity, new_uid),
+                    },
+                    _ => Whereabouts::Elsewhere(candidate.name.clone()),
                 });
             }
             Ok(Whereabouts::Nowhere)
@@ -706,7 +752,7 @@ impl FolderWatcher {
                 if let Some(refusal) = refused {
                     tracing::warn!(
                         mailbox = address,
-                        folder = self.role.as_str(),
+                        folder = %self.role,
                         "the server did not return every message asked for: {refusal}"
                     );
                 }
@@ -757,7 +803,7 @@ impl FolderWatcher {
                                     .increment(1);
                                 tracing::error!(
                                     mailbox = address,
-                                    folder = self.role.as_str(),
+                                    folder = %self.role,
                                     uid,
                                     "the server has not returned this message in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row, though it says it is there; passing over it so the folder's sync goes on"
                                 );
@@ -770,7 +816,7 @@ impl FolderWatcher {
                         };
                         tracing::warn!(
                             mailbox = address,
-                            folder = self.role.as_str(),
+                            folder = %self.role,
                             uid,
                             "message skipped: {reason}"
                         );
@@ -788,6 +834,12 @@ impl FolderWatcher {
 enum Whereabouts {
     /// Back in the same folder, under a new UID.
     Back,
+    /// In another folder the mailbox's sync watches (role, UIDVALIDITY, UID).
+    Watched {
+        name: String,
+        at: (FolderRole, u32, u32),
+    },
+    /// In a folder no watcher reads (an archive).
     Elsewhere(String),
     /// In Trash or Junk.
     Binned(String),

@@ -93,8 +93,14 @@ pub struct SledStore {
     directory: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
-/// A located change ready to commit: its key, the change, its events' outbox values.
-type PreparedChange<'c> = (Vec<u8>, &'c LocatedChange, Vec<Vec<u8>>);
+/// A located change ready to commit: its key, the change, its events' outbox
+/// values, and where it moved to (its key and location), if to a watched folder.
+type PreparedChange<'c> = (
+    Vec<u8>,
+    &'c LocatedChange,
+    Vec<Vec<u8>>,
+    Option<(Vec<u8>, Vec<u8>)>,
+);
 
 /// A contact ready to insert: its key, its value, its address index keys.
 type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
@@ -161,11 +167,11 @@ struct IdempotencyEntry {
 }
 
 fn cursor_key(mailbox: &str, folder: FolderRole) -> Vec<u8> {
-    key(&[mailbox, folder.as_str()])
+    key(&[mailbox, &folder.key()])
 }
 
 fn located_key(mailbox: &str, folder: FolderRole, uid_validity: u32, uid: u32) -> Vec<u8> {
-    let mut k = prefix(&[mailbox, folder.as_str()]);
+    let mut k = prefix(&[mailbox, &folder.key()]);
     k.extend_from_slice(&uid_validity.to_be_bytes());
     k.extend_from_slice(&uid.to_be_bytes());
     k
@@ -656,6 +662,25 @@ impl Store for SledStore {
             }
             None => None,
         };
+        // Cursors to forget: every folder of a released mailbox, and the
+        // folders this mailbox no longer lists (listed again later, one
+        // starts from the present instead of catching up on the gap).
+        let mut forgotten_cursors: Vec<Vec<u8>> = Vec::new();
+        if let Some(old) = &released
+            && let Some(stored) = self.mailbox(old)?
+        {
+            for role in stored.roles() {
+                forgotten_cursors.push(cursor_key(old, role));
+            }
+        }
+        if let Some(stored) = self.mailbox(&mailbox.address)? {
+            let watched = mailbox.roles();
+            for role in stored.roles() {
+                if !watched.contains(&role) {
+                    forgotten_cursors.push(cursor_key(&mailbox.address, role));
+                }
+            }
+        }
         (
             &self.mailboxes,
             &self.integrations,
@@ -686,9 +711,9 @@ impl Store for SledStore {
                     }
                     if let Some(old) = &released {
                         mailboxes.remove(old.as_bytes())?;
-                        for role in FolderRole::ALL {
-                            cursors.remove(cursor_key(old, role))?;
-                        }
+                    }
+                    for forgotten in &forgotten_cursors {
+                        cursors.remove(forgotten.as_slice())?;
                     }
                     mailboxes.insert(mailbox.address.as_bytes(), mailbox_value.as_slice())?;
                     integrations
@@ -762,6 +787,10 @@ impl Store for SledStore {
                 break;
             }
         }
+        let roles = match self.mailbox(&address)? {
+            Some(stored) => stored.roles(),
+            None => FolderRole::FIXED.to_vec(),
+        };
         (
             &self.mailboxes,
             &self.integrations,
@@ -774,8 +803,8 @@ impl Store for SledStore {
                 by_mailbox.remove(own_key.as_slice())?;
                 if !others {
                     mailboxes.remove(address.as_bytes())?;
-                    for role in FolderRole::ALL {
-                        cursors.remove(cursor_key(&address, role))?;
+                    for role in &roles {
+                        cursors.remove(cursor_key(&address, *role))?;
                     }
                 }
                 Self::put_outbox_tx(outbox, &outbox_values)?;
@@ -1358,6 +1387,20 @@ impl Store for SledStore {
                     located_key(mailbox, folder, change.uid_validity, change.uid),
                     change,
                     self.stored_entries(&change.events)?,
+                    change
+                        .moved_to
+                        .map(|(role, uid_validity, uid)| {
+                            Ok::<_, StoreError>((
+                                located_key(mailbox, role, uid_validity, uid),
+                                encode(&MessageLocation {
+                                    mailbox: mailbox.to_string(),
+                                    folder: role,
+                                    uid_validity,
+                                    uid,
+                                })?,
+                            ))
+                        })
+                        .transpose()?,
                 ))
             })
             .collect::<StoreResult<_>>()?;
@@ -1378,12 +1421,21 @@ impl Store for SledStore {
                     decode(&stored).map_err(ConflictableTransactionError::Abort)?;
                 cursor.highest_modseq = Some(highest_modseq);
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
-                for (key, change, outbox_values) in &change_keys {
+                for (key, change, outbox_values, moved_to) in &change_keys {
                     let Some(flags) = change.flags_after else {
                         if let Some(gone) = located.remove(key.as_slice())? {
                             let entry: LocatedMessage =
                                 decode(&gone).map_err(ConflictableTransactionError::Abort)?;
-                            record_locations.remove(entry.record_id.as_bytes())?;
+                            match moved_to {
+                                Some((new_key, location)) => {
+                                    located.insert(new_key.as_slice(), gone)?;
+                                    record_locations
+                                        .insert(entry.record_id.as_bytes(), location.as_slice())?;
+                                }
+                                None => {
+                                    record_locations.remove(entry.record_id.as_bytes())?;
+                                }
+                            }
                         }
                         Self::put_outbox_tx(outbox, outbox_values)?;
                         continue;

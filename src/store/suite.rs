@@ -46,6 +46,7 @@ fn mailbox(address: &str) -> Mailbox {
         last_error: None,
         connected_at: Utc::now(),
         generation: 0,
+        folders: Vec::new(),
     }
 }
 
@@ -1298,6 +1299,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
             uid: 1,
             flags_before: before,
             flags_after: Some(after),
+            moved_to: None,
             events: vec![event],
         };
         assert!(matches!(
@@ -1422,5 +1424,102 @@ fn a_crm_change_is_queued_with_its_outcome_recorded() {
         assert!(queued[1].1.to_trash, "in order");
         store.update_mailbox_change(queued[0].0, None).unwrap();
         assert_eq!(store.mailbox_changes().unwrap().len(), 1);
+    }
+}
+
+/// Issue 9: a message gone to another watched folder of the mailbox is
+/// followed there (same record, new place) in the commit that reports it.
+#[test]
+fn a_message_moved_to_a_watched_folder_is_followed_there() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor {
+            highest_modseq: Some(10),
+            ..FolderCursor::new(1, 1)
+        };
+        connect_inbox_at(store.as_ref(), start);
+        let entry = crate::model::LocatedMessage {
+            record_id: "msg_1".into(),
+            message_id: Some("<b@x>".into()),
+            thread_id: "thr_c".into(),
+            routes: l1_thread("L1", &[]).routes,
+            flags: FlagState::default(),
+        };
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.cursor.highest_modseq = Some(10);
+        commit.located = Some((1, 1, entry.clone()));
+        store.commit_ingest(&commit, None).unwrap();
+        let at = store
+            .cursor("me@x.test", FolderRole::Inbox)
+            .unwrap()
+            .unwrap();
+        let clients = FolderRole::listed("Clients");
+        let moved = LocatedChange {
+            uid_validity: 1,
+            uid: 1,
+            flags_before: FlagState::default(),
+            flags_after: None,
+            moved_to: Some((clients, 77, 5)),
+            events: vec![event(
+                "evt_m",
+                "thr_c",
+                serde_json::json!({"folder": "Clients"}),
+            )],
+        };
+        store
+            .commit_flag_changes("me@x.test", FolderRole::Inbox, at, 11, &[moved])
+            .unwrap();
+        assert_eq!(
+            store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
+            None
+        );
+        assert_eq!(
+            store.located("me@x.test", clients, 77, 5).unwrap(),
+            Some(entry)
+        );
+        let (location, _) = store.locate_record("msg_1").unwrap().unwrap();
+        assert_eq!(
+            (location.folder, location.uid_validity, location.uid),
+            (clients, 77, 5)
+        );
+    }
+}
+
+/// Issue 9: a folder the mailbox no longer lists forgets its cursor, so
+/// listing it again starts from the present (R2), not from the gap.
+#[test]
+fn a_folder_no_longer_listed_forgets_its_cursor() {
+    for (_dir, store) in engines() {
+        let clients = FolderRole::listed("Clients");
+        let mut listing = mailbox("me@x.test");
+        listing.folders = vec!["Clients".into()];
+        let integration = integration("L1", "u1", "me@x.test");
+        let baseline = [
+            (FolderRole::Inbox, FolderCursor::new(1, 1)),
+            (clients, FolderCursor::new(9, 4)),
+        ];
+        store
+            .connect(&listing, &integration, &baseline, &[], &[])
+            .unwrap();
+        assert_eq!(
+            store.cursor("me@x.test", clients).unwrap(),
+            Some(FolderCursor::new(9, 4))
+        );
+        store
+            .connect(
+                &mailbox("me@x.test"),
+                &integration,
+                &baseline[..1],
+                &[],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(store.cursor("me@x.test", clients).unwrap(), None);
+        assert!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .is_some(),
+            "INBOX keeps its cursor"
+        );
     }
 }

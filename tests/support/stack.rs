@@ -281,6 +281,24 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// As a server rule (Sieve `fileinto`) does: files a message straight
+    /// into `folder`, creating the folder first if asked.
+    pub async fn file_into(&self, user: &User, folder: &str, raw: &[u8]) {
+        let mut session = self.session(user).await;
+        session
+            .append(folder, None, None, raw)
+            .await
+            .expect("APPEND");
+        let _ = session.logout().await;
+    }
+
+    /// Creates a folder in the user's mailbox.
+    pub async fn create_folder(&self, user: &User, folder: &str) {
+        let mut session = self.session(user).await;
+        session.create(folder).await.expect("CREATE");
+        let _ = session.logout().await;
+    }
+
     /// As another mail client does: changes the flags (`"+FLAGS (\\Seen)"`,
     /// `"-FLAGS (\\Flagged)"`) of the message with this Message-ID.
     pub async fn store_flags(&self, user: &User, folder: &str, message_id: &str, change: &str) {
