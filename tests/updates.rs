@@ -499,3 +499,106 @@ async fn r03_mail_filed_in_a_listed_folder_syncs_and_a_move_between_watched_fold
     );
     w.daemon.stop().await;
 }
+
+/// What a server without some RFC 7162 extension reports, as `hidden`.
+async fn reads_stars_archives_and_expunges_on_a_server_without(hidden: &[&str]) {
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    proxy.hide_capabilities(hidden);
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let (read, _) = w.mail_synced("read elsewhere").await;
+    let (archived, _) = w.mail_synced("archived elsewhere").await;
+    let (expunged, _) = w.mail_synced("expunged elsewhere").await;
+
+    w.stack
+        .store_flags(&w.me, "INBOX", &read, "+FLAGS (\\Seen \\Flagged)")
+        .await;
+    let updated = w
+        .receiver
+        .wait_for("the read one", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == read.as_str()
+        })
+        .await;
+    assert_eq!(updated.data()["seen"], true);
+    assert_eq!(updated.data()["flagged"], true);
+
+    w.stack
+        .move_message(&w.me, "INBOX", &archived, Some("Archive"))
+        .await;
+    let moved = w
+        .receiver
+        .wait_for("the archived one", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == archived.as_str()
+        })
+        .await;
+    assert_eq!(moved.data()["folder"], "Archive");
+
+    w.stack.move_message(&w.me, "INBOX", &expunged, None).await;
+    let gone = w
+        .receiver
+        .wait_for("the expunged one", |r| {
+            r.kind() == "message.deleted" && r.data()["message_id"] == expunged.as_str()
+        })
+        .await;
+    assert!(gone.data()["folder"].is_null());
+
+    // CRM → mailbox: a PATCH is not echoed back by the re-read flags, and a
+    // DELETE without MOVE copies to Trash and expunges the original.
+    let (crm, synced) = w.mail_synced("changed by the crm").await;
+    let path = format!("/v1/messages/{}", synced.data()["id"].as_str().unwrap());
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            Some(serde_json::json!({"seen": true})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    support::eventually("\\Seen over IMAP", support::DEADLINE, async || {
+        let flags = w.stack.flags_of(&w.me, "INBOX", &crm).await?;
+        flags.iter().any(|f| f == "Seen").then_some(())
+    })
+    .await;
+    let (status, body) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 202, "{body}");
+    support::eventually("the message in Trash only", support::DEADLINE, async || {
+        let in_trash = w.stack.flags_of(&w.me, "Trash", &crm).await.is_some();
+        let in_inbox = w.stack.flags_of(&w.me, "INBOX", &crm).await.is_some();
+        (in_trash && !in_inbox).then_some(())
+    })
+    .await;
+    // A later change is the next event: none came for the CRM's own.
+    w.stack
+        .store_flags(&w.me, "INBOX", &read, "-FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for("the later change", |r| {
+            r.kind() == "message.updated"
+                && r.data()["message_id"] == read.as_str()
+                && r.data()["flagged"] == false
+        })
+        .await;
+    assert_eq!(
+        w.receiver
+            .distinct(|r| matches!(r.kind(), "message.updated" | "message.deleted")),
+        4,
+        "one event per change, none for the CRM's"
+    );
+    w.daemon.stop().await;
+}
+
+/// Issue 9: a server with neither CONDSTORE nor QRESYNC nor MOVE still has
+/// its changes reported (the latest synced messages' flags are read again
+/// at each wake-up) and takes the CRM's DELETE (COPY, then UID EXPUNGE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_condstore_or_move_still_reports_and_takes_changes() {
+    reads_stars_archives_and_expunges_on_a_server_without(&["CONDSTORE", "QRESYNC", "MOVE"]).await;
+}
+
+/// Issue 9: CONDSTORE without QRESYNC, as Gmail offers: flag changes by
+/// HIGHESTMODSEQ, and messages gone from the folder found by asking whether
+/// the latest synced ones are still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_condstore_but_no_qresync_still_reports_moves_and_deletes() {
+    reads_stars_archives_and_expunges_on_a_server_without(&["QRESYNC"]).await;
+}

@@ -310,6 +310,32 @@ pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedE
     Ok(folders)
 }
 
+/// A UID set naming `uids` (ascending), runs written as ranges: `1:3,7,9:10`.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut set = String::new();
+    let mut index = 0;
+    while let Some(&first) = uids.get(index) {
+        let mut last = first;
+        index += 1;
+        while let Some(&next) = uids.get(index) {
+            if next != last.saturating_add(1) {
+                break;
+            }
+            last = next;
+            index += 1;
+        }
+        if !set.is_empty() {
+            set.push(',');
+        }
+        if first == last {
+            set.push_str(&first.to_string());
+        } else {
+            set.push_str(&format!("{first}:{last}"));
+        }
+    }
+    set
+}
+
 /// An IMAP date-time (`" 7-Jul-2026 02:44:25 -0700"`, RFC 3501 `date-time`).
 pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::parse_from_str(text.trim(), "%d-%b-%Y %H:%M:%S %z")
@@ -319,7 +345,15 @@ pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 
 #[cfg(test)]
 mod tests {
-    use super::internal_date;
+    use super::{internal_date, uid_set};
+
+    #[test]
+    fn uid_sets_write_runs_as_ranges() {
+        assert_eq!(uid_set(&[]), "");
+        assert_eq!(uid_set(&[4]), "4");
+        assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        assert_eq!(uid_set(&[u32::MAX - 1, u32::MAX]), "4294967294:4294967295");
+    }
 
     #[test]
     fn internal_dates_parse_with_a_padded_day() {

@@ -216,6 +216,11 @@ impl FolderWatcher {
         let condstore = capabilities.has_str("CONDSTORE");
         // QRESYNC (RFC 7162) also names what was expunged since (VANISHED).
         let qresync = condstore && capabilities.has_str("QRESYNC");
+        let tracking = match (condstore, qresync) {
+            (true, true) => ChangeTracking::Qresync,
+            (true, false) => ChangeTracking::Condstore,
+            (false, _) => ChangeTracking::Resync,
+        };
         if qresync {
             self.timed("enabling QRESYNC", checked::enable(&mut session, "QRESYNC"))
                 .await?;
@@ -306,10 +311,8 @@ impl FolderWatcher {
             while session.unsolicited_responses.try_recv().is_ok() {}
             // Changes first: a message moved out and straight back is then
             // known to be back before the catch-up meets it at its new UID.
-            if condstore {
-                self.sync_flags(&mut session, &folder, qresync, &mut cursor)
-                    .await?;
-            }
+            self.sync_flags(&mut session, &folder, tracking, &mut cursor)
+                .await?;
             let more = self.catch_up(&mut session, &folder, &mut cursor).await?;
             if more {
                 continue;
@@ -422,121 +425,166 @@ impl FolderWatcher {
         Ok((from - chrono::TimeDelta::days(1)).date_naive())
     }
 
-    /// Reports flag changes (\\Seen, \\Flagged, \\Answered) of synced messages
-    /// since the cursor's HIGHESTMODSEQ as `message.updated`, and moves it.
+    /// Reports what happened to synced messages since the last look: flag
+    /// changes (\\Seen, \\Flagged, \\Answered) as `message.updated`, and
+    /// messages gone from the folder as `message.updated` (moved) or
+    /// `message.deleted`. Read as the server allows (see [`ChangeTracking`]);
+    /// the folder's HIGHESTMODSEQ moves with them in one commit.
     async fn sync_flags(
         &self,
         session: &mut ImapSession,
         folder: &str,
-        qresync: bool,
+        tracking: ChangeTracking,
         cursor: &mut FolderCursor,
     ) -> Result<(), SessionError> {
-        let Some(since) = cursor.highest_modseq else {
-            return Ok(());
-        };
-        let (changed, vanished) = self
-            .timed(
-                "reading flag changes",
-                checked::changes_since(session, since, qresync),
-            )
-            .await?;
-        let mut highest = since;
-        let mut changes: Vec<LocatedChange> = Vec::new();
-        // Gone from the folder: moved elsewhere (a message.updated naming
-        // where), or to Trash/Junk or expunged (message.deleted).
-        for range in vanished {
-            // A server may name a range high end first (`9:3`).
-            let first = (*range.start()).min(*range.end());
-            let last = (*range.start())
-                .max(*range.end())
-                .min(cursor.next_uid.saturating_sub(1));
-            if first > last {
-                continue;
-            }
-            for (uid, located) in self.ctx.store.located_in(
-                &self.address,
-                self.role,
-                cursor.uid_validity,
-                first..=last,
-            )? {
-                // A lookup that fails is no verdict: the session ends and the
-                // VANISHED is read again (HIGHESTMODSEQ has not moved).
-                let (kind, now_in) = match self.now_in(folder, &located).await? {
-                    Whereabouts::Back => {
-                        // Moved out and straight back: the catch-up follows it
-                        // from its new UID.
-                        changes.push(LocatedChange {
-                            uid_validity: cursor.uid_validity,
-                            uid,
-                            flags_before: located.flags,
-                            flags_after: None,
-                            moved_to: None,
-                            events: Vec::new(),
-                        });
-                        continue;
-                    }
-                    Whereabouts::Watched { name, at } => {
-                        // Followed in its new folder from here on; that
-                        // folder's watcher knows it and does not report it again.
-                        let events = located.events(
-                            "message.updated",
-                            &self.address,
-                            serde_json::json!({
-                                "folder": name,
-                                "previous_folder": folder,
-                                "seen": located.flags.seen,
-                                "flagged": located.flags.flagged,
-                                "answered": located.flags.answered,
-                            }),
-                        );
-                        changes.push(LocatedChange {
-                            uid_validity: cursor.uid_validity,
-                            uid,
-                            flags_before: located.flags,
-                            flags_after: None,
-                            moved_to: Some(at),
-                            events,
-                        });
-                        continue;
-                    }
-                    Whereabouts::Elsewhere(name) => ("message.updated", Some(name)),
-                    Whereabouts::Binned(name) => ("message.deleted", Some(name)),
-                    Whereabouts::Nowhere => ("message.deleted", None),
+        let last_uid = cursor.next_uid.saturating_sub(1);
+        let mut highest = cursor.highest_modseq;
+        let mut changed: Vec<(u32, FlagState)> = Vec::new();
+        let mut vanished: Vec<(u32, LocatedMessage)> = Vec::new();
+        match tracking {
+            ChangeTracking::Qresync | ChangeTracking::Condstore => {
+                let Some(since) = cursor.highest_modseq else {
+                    return Ok(());
                 };
-                let events = located.events(
-                    kind,
+                let (answer, gone) = self
+                    .timed(
+                        "reading flag changes",
+                        checked::changes_since(session, since, tracking == ChangeTracking::Qresync),
+                    )
+                    .await?;
+                for fetched in answer.messages {
+                    highest = highest.max(fetched.modseq);
+                    // Newer ones are read, flags and all, by the next catch-up.
+                    if let (Some(flags), true) = (&fetched.flags, fetched.uid <= last_uid) {
+                        changed.push((fetched.uid, FlagState::from_flags(flags)));
+                    }
+                }
+                for range in gone {
+                    // A server may name a range high end first (`9:3`).
+                    let first = (*range.start()).min(*range.end());
+                    let last = (*range.start()).max(*range.end()).min(last_uid);
+                    if first <= last {
+                        vanished.extend(self.ctx.store.located_in(
+                            &self.address,
+                            self.role,
+                            cursor.uid_validity,
+                            first..=last,
+                            usize::MAX,
+                        )?);
+                    }
+                }
+                if tracking == ChangeTracking::Condstore && last_uid > 0 {
+                    // No VANISHED without QRESYNC (Gmail): whether the latest
+                    // synced messages are still here is asked instead.
+                    let latest = self.ctx.store.located_in(
+                        &self.address,
+                        self.role,
+                        cursor.uid_validity,
+                        1..=last_uid,
+                        RECHECKED_MESSAGES,
+                    )?;
+                    if !latest.is_empty() {
+                        let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
+                        let present = self
+                            .timed(
+                                "checking synced messages are still there",
+                                checked::uid_search(
+                                    session,
+                                    &format!("UID {}", checked::uid_set(&uids)),
+                                ),
+                            )
+                            .await?;
+                        vanished
+                            .extend(latest.into_iter().filter(|(uid, _)| !present.contains(uid)));
+                    }
+                }
+            }
+            ChangeTracking::Resync => {
+                if last_uid == 0 {
+                    return Ok(());
+                }
+                let latest = self.ctx.store.located_in(
                     &self.address,
-                    serde_json::json!({
-                        "folder": now_in,
-                        "previous_folder": folder,
-                        "seen": located.flags.seen,
-                        "flagged": located.flags.flagged,
-                        "answered": located.flags.answered,
-                    }),
-                );
-                changes.push(LocatedChange {
-                    uid_validity: cursor.uid_validity,
-                    uid,
-                    flags_before: located.flags,
-                    flags_after: None,
-                    moved_to: None,
-                    events,
-                });
+                    self.role,
+                    cursor.uid_validity,
+                    1..=last_uid,
+                    RECHECKED_MESSAGES,
+                )?;
+                if latest.is_empty() {
+                    return Ok(());
+                }
+                let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
+                // A refused FETCH is an error, never "all gone".
+                let answer = self
+                    .timed(
+                        "reading the flags of synced messages",
+                        checked::uid_fetch(session, &checked::uid_set(&uids), "(UID FLAGS)"),
+                    )
+                    .await?;
+                let returned: HashMap<u32, FlagState> = answer
+                    .messages
+                    .iter()
+                    .filter_map(|f| Some((f.uid, FlagState::from_flags(f.flags.as_ref()?))))
+                    .collect();
+                for (uid, located) in latest {
+                    match returned.get(&uid) {
+                        Some(flags) => changed.push((uid, *flags)),
+                        None => vanished.push((uid, located)),
+                    }
+                }
             }
         }
-        for fetched in &changed.messages {
-            highest = highest.max(fetched.modseq.unwrap_or(0));
-            // Newer ones are read, flags and all, by the next catch-up.
-            let (Some(flags), true) = (&fetched.flags, fetched.uid < cursor.next_uid) else {
-                continue;
+
+        let mut changes: Vec<LocatedChange> = Vec::new();
+        for (uid, located) in vanished {
+            // A lookup that fails is no verdict: the session ends and the
+            // change is read again (HIGHESTMODSEQ has not moved).
+            let (kind, now_in, moved_to) = match self.now_in(folder, &located).await? {
+                // Moved out and straight back: the catch-up follows it from
+                // its new UID.
+                Whereabouts::Back => {
+                    changes.push(LocatedChange {
+                        uid_validity: cursor.uid_validity,
+                        uid,
+                        flags_before: located.flags,
+                        flags_after: None,
+                        moved_to: None,
+                        events: Vec::new(),
+                    });
+                    continue;
+                }
+                // Followed in its new folder from here on; that folder's
+                // watcher knows it and does not report it again.
+                Whereabouts::Watched { name, at } => ("message.updated", Some(name), Some(at)),
+                Whereabouts::Elsewhere(name) => ("message.updated", Some(name), None),
+                Whereabouts::Binned(name) => ("message.deleted", Some(name), None),
+                Whereabouts::Nowhere => ("message.deleted", None, None),
             };
-            let now = FlagState::from_flags(flags);
-            let Some(located) = self.ctx.store.located(
+            let events = located.events(
+                kind,
                 &self.address,
-                self.role,
-                cursor.uid_validity,
-                fetched.uid,
-            )?
+                serde_json::json!({
+                    "folder": now_in,
+                    "previous_folder": folder,
+                    "seen": located.flags.seen,
+                    "flagged": located.flags.flagged,
+                    "answered": located.flags.answered,
+                }),
+            );
+            changes.push(LocatedChange {
+                uid_validity: cursor.uid_validity,
+                uid,
+                flags_before: located.flags,
+                flags_after: None,
+                moved_to,
+                events,
+            });
+        }
+        for (uid, now) in changed {
+            let Some(located) =
+                self.ctx
+                    .store
+                    .located(&self.address, self.role, cursor.uid_validity, uid)?
             else {
                 continue;
             };
@@ -555,14 +603,14 @@ impl FolderWatcher {
             );
             changes.push(LocatedChange {
                 uid_validity: cursor.uid_validity,
-                uid: fetched.uid,
+                uid,
                 flags_before: located.flags,
                 flags_after: Some(now),
                 moved_to: None,
                 events,
             });
         }
-        if highest == since && changes.is_empty() {
+        if highest == cursor.highest_modseq && changes.is_empty() {
             return Ok(());
         }
         let count: usize = changes.iter().map(|c| c.events.len()).sum();
@@ -571,10 +619,10 @@ impl FolderWatcher {
                 .store
                 .commit_flag_changes(&self.address, self.role, *cursor, highest, &changes)
         })?;
-        cursor.highest_modseq = Some(highest);
+        cursor.highest_modseq = highest;
         if count > 0 {
             self.ctx.signal.notify();
-            tracing::info!(mailbox = %self.address, folder, events = count, "flags changed");
+            tracing::info!(mailbox = %self.address, folder, events = count, "synced messages changed");
         }
         Ok(())
     }
@@ -829,6 +877,25 @@ impl FolderWatcher {
         Ok(new_mail)
     }
 }
+
+/// How a folder's changes are read, by what the server offers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChangeTracking {
+    /// QRESYNC (RFC 7162): flag changes and expunges since HIGHESTMODSEQ,
+    /// whatever their number; changes made while the bridge was away too.
+    Qresync,
+    /// CONDSTORE alone (Gmail): flag changes since HIGHESTMODSEQ; whether the
+    /// latest synced messages are still there is asked with UID SEARCH.
+    Condstore,
+    /// Neither: the flags of the latest synced messages are read again at
+    /// each look and compared with what was last reported.
+    Resync,
+}
+
+/// How many of a folder's latest synced messages are looked at again where
+/// the server cannot name its changes: bounds the cost of each look (older
+/// ones are followed only where the server has QRESYNC).
+const RECHECKED_MESSAGES: usize = 1000;
 
 /// Where a message that left its folder went.
 enum Whereabouts {

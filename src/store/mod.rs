@@ -351,13 +351,15 @@ pub trait Store: Send + Sync + 'static {
         identity: &str,
         integrations: &[(String, String)],
     ) -> StoreResult<Option<String>>;
-    /// The synced messages of a folder whose UIDs lie in `uids`.
+    /// The synced messages of a folder whose UIDs lie in `uids`, in UID
+    /// order; at most the `latest` highest of them.
     fn located_in(
         &self,
         mailbox: &str,
         folder: FolderRole,
         uid_validity: u32,
         uids: std::ops::RangeInclusive<u32>,
+        latest: usize,
     ) -> StoreResult<Vec<(u32, LocatedMessage)>>;
     /// Records the changes of synced messages (UIDVALIDITY, UID, new flags,
     /// or None: gone from the folder) with their `message.updated` /
@@ -370,7 +372,7 @@ pub trait Store: Send + Sync + 'static {
         mailbox: &str,
         folder: FolderRole,
         cursor_before: FolderCursor,
-        highest_modseq: u64,
+        highest_modseq: Option<u64>,
         changes: &[LocatedChange],
     ) -> StoreResult<()>;
 

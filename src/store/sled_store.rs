@@ -1352,11 +1352,12 @@ impl Store for SledStore {
         folder: FolderRole,
         uid_validity: u32,
         uids: std::ops::RangeInclusive<u32>,
+        latest: usize,
     ) -> StoreResult<Vec<(u32, LocatedMessage)>> {
         let first = located_key(mailbox, folder, uid_validity, *uids.start());
         let last = located_key(mailbox, folder, uid_validity, *uids.end());
         let mut found = Vec::new();
-        for item in self.located.range(first..=last) {
+        for item in self.located.range(first..=last).rev().take(latest) {
             let (k, v) = item.map_err(engine)?;
             let uid = k
                 .len()
@@ -1368,6 +1369,7 @@ impl Store for SledStore {
                 found.push((uid, decode(&v)?));
             }
         }
+        found.reverse();
         Ok(found)
     }
 
@@ -1376,7 +1378,7 @@ impl Store for SledStore {
         mailbox: &str,
         folder: FolderRole,
         cursor_before: FolderCursor,
-        highest_modseq: u64,
+        highest_modseq: Option<u64>,
         changes: &[LocatedChange],
     ) -> StoreResult<()> {
         let cursor_at = cursor_key(mailbox, folder);
@@ -1419,7 +1421,9 @@ impl Store for SledStore {
                 };
                 let mut cursor: FolderCursor =
                     decode(&stored).map_err(ConflictableTransactionError::Abort)?;
-                cursor.highest_modseq = Some(highest_modseq);
+                if highest_modseq.is_some() {
+                    cursor.highest_modseq = highest_modseq;
+                }
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
                 for (key, change, outbox_values, moved_to) in &change_keys {
                     let Some(flags) = change.flags_after else {

@@ -1307,7 +1307,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
                 "me@x.test",
                 FolderRole::Inbox,
                 FolderCursor::new(1, 1),
-                12,
+                Some(12),
                 &[change(FlagState::default(), seen, updated.clone())],
             ),
             Err(StoreError::CursorMoved)
@@ -1323,7 +1323,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
                 "me@x.test",
                 FolderRole::Inbox,
                 at,
-                11,
+                Some(11),
                 &[change(flagged, seen, updated.clone())],
             )
             .unwrap();
@@ -1341,7 +1341,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
                 "me@x.test",
                 FolderRole::Inbox,
                 at,
-                12,
+                Some(12),
                 &[change(FlagState::default(), seen, updated)],
             )
             .unwrap();
@@ -1466,7 +1466,7 @@ fn a_message_moved_to_a_watched_folder_is_followed_there() {
             )],
         };
         store
-            .commit_flag_changes("me@x.test", FolderRole::Inbox, at, 11, &[moved])
+            .commit_flag_changes("me@x.test", FolderRole::Inbox, at, Some(11), &[moved])
             .unwrap();
         assert_eq!(
             store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),

@@ -4,8 +4,11 @@
 //! refuse the next logins (RFC 5530's `[UNAVAILABLE]`, what Dovecot says when
 //! its passdb fails, or a one-off `[AUTHENTICATIONFAILED]`), or refuse the
 //! next body FETCHes as Gmail does (`NO [UNAVAILABLE] Some messages could not
-//! be FETCHed`). It reads the client's commands line by line (literals
-//! passed through whole) and copies the server's answers as they come.
+//! be FETCHed`), or act as a server without some extensions (MOVE, CONDSTORE,
+//! QRESYNC: hidden from every CAPABILITY list and their commands refused
+//! with `BAD`, as a server that lacks them answers). It reads the client's
+//! commands line by line (literals passed through whole) and copies the
+//! server's answers as they come (line by line while hiding extensions).
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +36,8 @@ struct Script {
     idle_refusals: usize,
     /// How many of the next APPENDs are refused.
     append_refusals: usize,
+    /// Capabilities the server is made to lack (upper case).
+    hidden: Vec<String>,
 }
 
 /// Gmail's words for a FETCH it cannot serve now.
@@ -81,6 +86,13 @@ impl ImapProxy {
             script,
             accept,
         }
+    }
+
+    /// From now on the server lacks these extensions (`"MOVE"`,
+    /// `"CONDSTORE"`, `"QRESYNC"`): not advertised, their commands refused.
+    pub fn hide_capabilities(&self, hidden: &[&str]) {
+        let mut script = self.script.lock().expect("proxy script");
+        script.hidden = hidden.iter().map(|c| c.to_ascii_uppercase()).collect();
     }
 
     /// `{"host", "port", "security": "plain"}` for a connect request.
@@ -155,8 +167,10 @@ async fn serve(
     // side, which only happens while the server has nothing to say (between
     // a command and its answer), so the two writers share the socket in turn.
     let (to_client, mut from_proxy) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let hiding = script.clone();
     let downstream = tokio::spawn(async move {
         let mut buffer = vec![0u8; 16 * 1024];
+        let mut partial: Vec<u8> = Vec::new();
         loop {
             tokio::select! {
                 read = tokio::io::AsyncReadExt::read(&mut server_read, &mut buffer) => {
@@ -164,7 +178,16 @@ async fn serve(
                     if n == 0 {
                         return Ok::<_, std::io::Error>(());
                     }
-                    client_write.write_all(&buffer[..n]).await?;
+                    let hidden = hiding.lock().expect("proxy script").hidden.clone();
+                    if hidden.is_empty() && partial.is_empty() {
+                        client_write.write_all(&buffer[..n]).await?;
+                        continue;
+                    }
+                    partial.extend_from_slice(&buffer[..n]);
+                    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=end).collect();
+                        client_write.write_all(&without_capabilities(&line, &hidden)).await?;
+                    }
                 }
                 Some(bytes) = from_proxy.recv() => client_write.write_all(&bytes).await?,
             }
@@ -202,6 +225,8 @@ async fn serve(
             } else if verb == "APPEND" && script.append_refusals > 0 {
                 script.append_refusals -= 1;
                 Some("NO [UNAVAILABLE] Temporary failure, try again later".to_string())
+            } else if refused_as_hidden(&upper, &script.hidden) {
+                Some("BAD Unknown command".to_string())
             } else if verb == "IDLE" && script.idle_refusals > 0 {
                 script.idle_refusals -= 1;
                 Some("BAD".to_string())
@@ -238,6 +263,47 @@ async fn serve(
     let _ = server_write.shutdown().await;
     let _ = downstream.await;
     Ok(())
+}
+
+/// A server line with the hidden capabilities taken out of any CAPABILITY
+/// list it carries (untagged, or a `[CAPABILITY …]` response code).
+fn without_capabilities(line: &[u8], hidden: &[String]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    let upper = text.to_ascii_uppercase();
+    if hidden.is_empty() || !(upper.starts_with("* CAPABILITY ") || upper.contains("[CAPABILITY "))
+    {
+        return line.to_vec();
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for word in text.trim_end().split(' ') {
+        let bare = word.trim_end_matches(']');
+        if !hidden.contains(&bare.to_ascii_uppercase()) {
+            kept.push(word.to_string());
+        } else if bare.len() < word.len()
+            && let Some(previous) = kept.last_mut()
+        {
+            // The response code's last capability: its bracket stays.
+            previous.push(']');
+        }
+    }
+    let mut out = kept.join(" ").into_bytes();
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether a client command uses a hidden extension.
+fn refused_as_hidden(upper: &str, hidden: &[String]) -> bool {
+    let words: Vec<&str> = upper.split_whitespace().collect();
+    let verb = match words.get(1) {
+        Some(&"UID") => words.get(2).copied().unwrap_or(""),
+        other => other.copied().unwrap_or(""),
+    };
+    let hidden_has = |name: &str| hidden.iter().any(|h| h == name);
+    (verb == "MOVE" && hidden_has("MOVE"))
+        || (verb == "ENABLE" && hidden.iter().any(|h| upper.contains(h.as_str())))
+        || (upper.contains("CHANGEDSINCE") && hidden_has("CONDSTORE"))
+        || (upper.contains("(CONDSTORE)") && hidden_has("CONDSTORE"))
+        || (upper.contains("QRESYNC") && hidden_has("QRESYNC"))
 }
 
 fn literal_length(line: &str) -> Option<usize> {
