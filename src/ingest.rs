@@ -10,7 +10,8 @@ use crate::{
     mime,
     model::{
         AttachmentEventInfo, Contact, Direction, Event, FlagState, FolderCursor, FolderRole,
-        Integration, LocatedMessage, Message, MessageEventData, Thread, new_id, normalize_email,
+        Integration, LocatedMessage, Message, MessageEventData, SendRecord, Thread, ThreadRoute,
+        new_id, normalize_email,
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
     smart_address::SmartAddresses,
@@ -102,6 +103,8 @@ struct Loaded {
     identity: String,
     already_synced: Vec<(String, String)>,
     sent_by_crm: bool,
+    /// The CRM send this message is (its copy in Sent), when it is one.
+    crm_send: Option<SendRecord>,
     smart_addresses: Vec<String>,
 }
 
@@ -194,14 +197,20 @@ impl Ingest {
     /// Whether the message carries the bridge's header naming a send from this
     /// mailbox. The server may have replaced the Message-ID (Exchange Online),
     /// and its copy in Sent can arrive before the bridge reads the new one.
-    fn names_a_crm_send(&self, mailbox: &str, message: &Message) -> StoreResult<bool> {
-        let Some(send_id) = &message.crm_send_id else {
-            return Ok(false);
+    /// The CRM send `message` is, by its Message-ID or (where the server
+    /// replaced that) by the send id header the bridge wrote.
+    fn crm_send_in(&self, mailbox: &str, message: &Message) -> StoreResult<Option<SendRecord>> {
+        let by_message_id = match &message.message_id {
+            Some(id) => self.store.crm_send_of(mailbox, id)?,
+            None => None,
+        };
+        let Some(send_id) = by_message_id.or_else(|| message.crm_send_id.clone()) else {
+            return Ok(None);
         };
         Ok(self
             .store
-            .send(send_id)?
-            .is_some_and(|send| send.mailbox == mailbox))
+            .send(&send_id)?
+            .filter(|send| send.mailbox == mailbox))
     }
 
     /// Handles the message at `found` and moves the folder's cursor past it.
@@ -280,10 +289,8 @@ impl Ingest {
         }
         // Door 2 files threads and CRM sends under the sender's mailbox, so
         // both doors see one conversation.
-        let sent_by_crm = match &message.message_id {
-            Some(id) => self.store.is_crm_message(&routing_mailbox, id)?,
-            None => false,
-        } || self.names_a_crm_send(&routing_mailbox, message)?;
+        let crm_send = self.crm_send_in(&routing_mailbox, message)?;
+        let sent_by_crm = crm_send.is_some();
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
@@ -314,6 +321,7 @@ impl Ingest {
             identity,
             already_synced,
             sent_by_crm,
+            crm_send,
         }))
     }
 
@@ -411,6 +419,7 @@ impl Ingest {
             thread_seen,
             identity,
             routing_mailbox,
+            crm_send,
             ..
         } = loaded;
         let thread = thread_seen.clone();
@@ -420,6 +429,18 @@ impl Ingest {
                     && self.relocate(found, &identity, &pairs)? =>
             {
                 return Ok(Outcome::Ignored(IgnoreReason::AlreadySynced));
+            }
+            // A CRM send's copy in Sent is not forwarded again (R5, and the
+            // synced set), but followed from here: its later changes, and the
+            // CRM's PATCH/DELETE on it, find it.
+            Routing::Ignore(reason)
+                if routing_mailbox == found.mailbox && found.folder == FolderRole::Sent =>
+            {
+                match crm_send {
+                    Some(send) => self.follow_crm_send(found, &send)?,
+                    None => self.skip(found)?,
+                }
+                return Ok(Outcome::Ignored(reason));
             }
             Routing::Ignore(reason) => {
                 tracing::debug!(
@@ -713,6 +734,46 @@ impl Ingest {
     }
 
     /// Moves the cursor past a message that cannot be handled (logged by the caller).
+    /// Moves the cursor past a CRM send's copy in Sent and follows it there
+    /// under the send's record id (the `data.id` of its `message.sent`).
+    fn follow_crm_send(&self, found: Found<'_>, send: &SendRecord) -> StoreResult<()> {
+        // Followed already (a second copy): the first place stays.
+        if self.store.locate_record(&send.data.id)?.is_some() {
+            return self.skip(found);
+        }
+        let commit = IngestCommit {
+            mailbox: found.mailbox.to_string(),
+            thread_mailbox: found.mailbox.to_string(),
+            folder: found.folder,
+            cursor_before: found.cursor,
+            cursor: found.cursor_after(Utc::now()),
+            thread_keys_seen: vec![],
+            thread_seen: None,
+            thread: None,
+            new_contacts: vec![],
+            located: Some((
+                found.uid_validity,
+                found.uid,
+                LocatedMessage {
+                    record_id: send.data.id.clone(),
+                    message_id: Some(send.message_id.clone()),
+                    thread_id: send.thread_id.clone(),
+                    routes: vec![ThreadRoute {
+                        location_id: send.location_id.clone(),
+                        user_id: send.user_id.clone(),
+                        contact_id: send.contact_id.clone(),
+                    }],
+                    flags: found.flags.unwrap_or_default(),
+                },
+            )),
+            message_ids: vec![],
+            events: vec![],
+            history: vec![],
+            synced: None,
+        };
+        self.store.commit_ingest(&commit, None)
+    }
+
     pub fn skip(&self, found: Found<'_>) -> StoreResult<()> {
         let commit = IngestCommit {
             mailbox: found.mailbox.to_string(),

@@ -602,3 +602,79 @@ async fn a_server_without_condstore_or_move_still_reports_and_takes_changes() {
 async fn a_server_with_condstore_but_no_qresync_still_reports_moves_and_deletes() {
     reads_stars_archives_and_expunges_on_a_server_without(&["QRESYNC"]).await;
 }
+
+/// Issue 9: a CRM send is followed in Sent once its copy is there: the CRM
+/// can PATCH and DELETE it by the `data.id` of its `message.sent`, and a
+/// change made in the mailbox is `message.updated` (never a message event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crm_send_is_followed_in_sent_both_ways() {
+    let w = World::connected(serde_json::json!({})).await;
+    let (status, accepted, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "sent by the crm", "text": "x"}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let record = accepted["id"].as_str().unwrap().to_string();
+    let message_id = accepted["message_id"].as_str().unwrap().to_string();
+    w.receiver
+        .wait_for("message.sent", |r| r.kind() == "message.sent")
+        .await;
+    w.stack.wait_count(&w.me, "Sent", 1).await;
+
+    // Followed once the Sent watcher has met its copy: until then the
+    // CRM's PATCH finds nothing to change (404).
+    let path = format!("/v1/messages/{record}");
+    support::eventually(
+        "the CRM send followed in Sent",
+        support::DEADLINE,
+        async || {
+            let (status, _) = w
+                .api
+                .send(
+                    reqwest::Method::PATCH,
+                    &path,
+                    Some(serde_json::json!({"seen": false})),
+                )
+                .await;
+            (status == 202).then_some(())
+        },
+    )
+    .await;
+    support::eventually("\\Seen cleared over IMAP", support::DEADLINE, async || {
+        let flags = w.stack.flags_of(&w.me, "Sent", &message_id).await?;
+        (!flags.iter().any(|f| f == "Seen")).then_some(())
+    })
+    .await;
+
+    // Another client stars it in Sent.
+    w.stack
+        .store_flags(&w.me, "Sent", &message_id, "+FLAGS (\\Flagged)")
+        .await;
+    let starred = w
+        .receiver
+        .wait_for("the star on the CRM send", |r| {
+            r.kind() == "message.updated" && r.data()["id"] == record.as_str()
+        })
+        .await;
+    assert_eq!(starred.data()["flagged"], true);
+    assert_eq!(starred.data()["seen"], false);
+    assert_eq!(starred.data()["folder"], "Sent");
+    assert_eq!(starred.data()["contact_id"], "c-ann");
+    assert_eq!(starred.data()["thread_id"], accepted["thread_id"]);
+
+    let (status, body) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 202, "{body}");
+    support::eventually("the send in Trash", support::DEADLINE, async || {
+        w.stack
+            .flags_of(&w.me, "Trash", &message_id)
+            .await
+            .map(|_| ())
+    })
+    .await;
+    assert!(w.stack.flags_of(&w.me, "Sent", &message_id).await.is_none());
+    assert_eq!(
+        w.receiver.distinct(|r| r.data()["id"] == record.as_str()),
+        2,
+        "message.sent and the one change made elsewhere; nothing for the CRM's own, no message.outbound"
+    );
+    w.daemon.stop().await;
+}

@@ -420,7 +420,11 @@ pub trait Store: Send + Sync + 'static {
     /// still to be filed in Sent), oldest first.
     fn unsettled_sends(&self) -> StoreResult<Vec<SendRecord>>;
     /// Whether the CRM sent this Message-ID from this mailbox.
-    fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool>;
+    fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool> {
+        Ok(self.crm_send_of(mailbox, message_id)?.is_some())
+    }
+    /// The id of the CRM send that has this Message-ID in this mailbox.
+    fn crm_send_of(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<String>>;
     /// Sends through the mailbox in the 24 hours before `now_ms`, and when the oldest of them ages out.
     fn quota_use(&self, mailbox: &str, now_ms: i64) -> StoreResult<(u32, Option<i64>)>;
     fn thread(&self, thread_id: &str) -> StoreResult<Option<Thread>>;

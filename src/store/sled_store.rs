@@ -1778,10 +1778,14 @@ impl Store for SledStore {
         Ok(found)
     }
 
-    fn is_crm_message(&self, mailbox: &str, message_id: &str) -> StoreResult<bool> {
+    fn crm_send_of(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<String>> {
         self.crm_message_ids
-            .contains_key(key(&[mailbox, message_id]))
-            .map_err(engine)
+            .get(key(&[mailbox, message_id]))
+            .map_err(engine)?
+            .map(|id| {
+                String::from_utf8(id.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
     }
 
     fn quota_use(&self, mailbox: &str, now_ms: i64) -> StoreResult<(u32, Option<i64>)> {
