@@ -227,8 +227,10 @@ pub struct Mailbox {
 impl Mailbox {
     /// Every folder role the mailbox's sync watches.
     pub fn roles(&self) -> Vec<FolderRole> {
+        let all_mail = (self.provider == Provider::Gmail).then_some(FolderRole::All);
         FolderRole::FIXED
             .into_iter()
+            .chain(all_mail)
             .chain(self.folders.iter().map(|name| FolderRole::listed(name)))
             .collect()
     }
@@ -281,6 +283,10 @@ impl LocatedMessage {
 pub enum FolderRole {
     Inbox,
     Sent,
+    /// Gmail's All Mail (SPECIAL-USE `\All`), for mail filters file past
+    /// the inbox: what carries the `\Inbox` or `\Sent` label is left to
+    /// those folders' watchers.
+    All,
     /// A folder the operator listed (`"folders"`), where server rules file
     /// mail; known by a hash of its name, so the list's order does not
     /// matter and the role stays a small copyable key.
@@ -306,6 +312,7 @@ impl FolderRole {
         match self {
             FolderRole::Inbox => "inbox".into(),
             FolderRole::Sent => "sent".into(),
+            FolderRole::All => "all".into(),
             FolderRole::Listed(hash) => format!("listed-{hash:08x}"),
         }
     }

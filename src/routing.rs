@@ -183,14 +183,14 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
             return Routing::Ignore(IgnoreReason::SentByCrm);
         }
         FolderRole::Sent => Direction::Outbound,
-        // A listed folder (server rules file mail there) is inbound mail too;
-        // the user's own mail there is synced from Sent.
-        FolderRole::Inbox | FolderRole::Listed(_)
+        // A listed folder or Gmail's All Mail (where server rules file mail)
+        // is inbound mail too; the user's own mail there is synced from Sent.
+        FolderRole::Inbox | FolderRole::All | FolderRole::Listed(_)
             if sender.as_deref() == Some(mailbox.as_str()) =>
         {
             return Routing::Ignore(IgnoreReason::OwnMessageInInbox);
         }
-        FolderRole::Inbox | FolderRole::Listed(_) => Direction::Inbound,
+        FolderRole::Inbox | FolderRole::All | FolderRole::Listed(_) => Direction::Inbound,
     };
 
     let routing = match thread {

@@ -506,6 +506,11 @@ async fn check_login(
         (FolderRole::Inbox, Some("INBOX".to_string())),
         (FolderRole::Sent, folders::sent_among(&all)),
     ];
+    if provider == Provider::Gmail
+        && let Some(all_mail) = all.iter().find(|f| f.is_all && !f.no_select)
+    {
+        watched.push((FolderRole::All, Some(all_mail.name.clone())));
+    }
     for (index, name) in listed.iter().enumerate() {
         if !all.iter().any(|f| &f.name == name && !f.no_select) {
             let _ = tokio::time::timeout(step, session.logout()).await;

@@ -38,6 +38,8 @@ pub struct Fetched {
     pub flags: Option<Vec<String>>,
     /// `MODSEQ` (RFC 7162), when the server sent it.
     pub modseq: Option<u64>,
+    /// Gmail's `X-GM-LABELS`, when asked for.
+    pub labels: Option<Vec<String>>,
 }
 
 /// Runs `command`; calls `each` for every untagged response until the tagged
@@ -159,6 +161,10 @@ pub async fn uid_fetch_partial(
                             message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
                         }
                         AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
+                        AttributeValue::GmailLabels(labels) => {
+                            message.labels =
+                                Some(labels.iter().map(|l| unescape_quoted(l)).collect());
+                        }
                         AttributeValue::BodySection {
                             section: None,
                             data: Some(data),
@@ -278,6 +284,8 @@ pub struct Folder {
     pub is_trash: bool,
     /// Carries `\Noselect`: it holds no messages.
     pub no_select: bool,
+    /// Carries `\All` (Gmail's All Mail).
+    pub is_all: bool,
 }
 
 /// `LIST "" *`: every folder.
@@ -303,11 +311,33 @@ pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedE
                     .name_attributes
                     .iter()
                     .any(|a| matches!(a, NameAttribute::NoSelect)),
+                is_all: data
+                    .name_attributes
+                    .iter()
+                    .any(|a| matches!(a, NameAttribute::All)),
             });
         }
     })
     .await?;
     Ok(folders)
+}
+
+/// A quoted string's content as imap-proto leaves it (escapes kept: Gmail
+/// sends system labels as `"\\Inbox"`), unescaped. Only `\\` and `\"` are
+/// escapes in IMAP, so an atom's flag (`\Inbox`, unquoted) stays as it is.
+pub fn unescape_quoted(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(&next)) if next == '\\' || next == '"' => {
+                out.push(next);
+                chars.next();
+            }
+            (other, _) => out.push(other),
+        }
+    }
+    out
 }
 
 /// A UID set naming `uids` (ascending), runs written as ranges: `1:3,7,9:10`.
@@ -345,7 +375,17 @@ pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{internal_date, uid_set};
+    use super::{internal_date, uid_set, unescape_quoted};
+
+    #[test]
+    fn gmail_labels_as_imap_proto_leaves_them_are_unescaped() {
+        assert_eq!(unescape_quoted("\\\\Inbox"), "\\Inbox");
+        assert_eq!(unescape_quoted("\\Inbox"), "\\Inbox");
+        assert_eq!(
+            unescape_quoted(r#"Muy \"Importante\""#),
+            r#"Muy "Importante""#
+        );
+    }
 
     #[test]
     fn uid_sets_write_runs_as_ranges() {

@@ -49,6 +49,11 @@ pub async fn name_of(
     match role {
         FolderRole::Inbox => Ok(Some("INBOX".to_string())),
         FolderRole::Sent => find_sent(session).await,
+        FolderRole::All => Ok(checked::list_all(session)
+            .await?
+            .into_iter()
+            .find(|f| f.is_all && !f.no_select)
+            .map(|f| f.name)),
         FolderRole::Listed(_) => Ok(listed
             .iter()
             .find(|name| FolderRole::listed(name) == role)

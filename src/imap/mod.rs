@@ -61,6 +61,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
             generation: mailbox.generation,
             role,
             listed: mailbox.folders.clone(),
+            all_mail: mailbox.roles().contains(&FolderRole::All),
             idle_period,
             not_returned: Default::default(),
         };

@@ -75,6 +75,8 @@ pub struct FolderWatcher {
     pub role: FolderRole,
     /// The mailbox's operator-listed folders (a `Listed` role's name is here).
     pub listed: Vec<String>,
+    /// Whether the mailbox's All Mail is watched too (Gmail).
+    pub all_mail: bool,
     pub idle_period: Duration,
     pub not_returned: std::sync::Mutex<NotReturned>,
 }
@@ -214,6 +216,8 @@ impl FolderWatcher {
             .timed("asking the server's capabilities", session.capabilities())
             .await?;
         let condstore = capabilities.has_str("CONDSTORE");
+        // Gmail's extensions (X-GM-LABELS).
+        let gmail = capabilities.has_str("X-GM-EXT-1");
         // QRESYNC (RFC 7162) also names what was expunged since (VANISHED).
         let qresync = condstore && capabilities.has_str("QRESYNC");
         let tracking = match (condstore, qresync) {
@@ -313,7 +317,9 @@ impl FolderWatcher {
             // known to be back before the catch-up meets it at its new UID.
             self.sync_flags(&mut session, &folder, tracking, &mut cursor)
                 .await?;
-            let more = self.catch_up(&mut session, &folder, &mut cursor).await?;
+            let more = self
+                .catch_up(&mut session, &folder, gmail, &mut cursor)
+                .await?;
             if more {
                 continue;
             }
@@ -653,8 +659,11 @@ impl FolderWatcher {
             // too); its own folder last (moved straight back).
             folders.sort_by_key(|f| (f.name == folder, !f.is_bin));
             let sent = folders::sent_among(&folders);
-            let watched_role = |name: &str| -> Option<FolderRole> {
-                if name.eq_ignore_ascii_case("INBOX") {
+            let watched_role = |candidate: &checked::Folder| -> Option<FolderRole> {
+                let name = candidate.name.as_str();
+                if candidate.is_all {
+                    self.all_mail.then_some(FolderRole::All)
+                } else if name.eq_ignore_ascii_case("INBOX") {
                     Some(FolderRole::Inbox)
                 } else if sent.as_deref() == Some(name) {
                     Some(FolderRole::Sent)
@@ -696,7 +705,7 @@ impl FolderWatcher {
                 if candidate.is_bin {
                     return Ok(Whereabouts::Binned(candidate.name.clone()));
                 }
-                return Ok(match (watched_role(&candidate.name), opened.uid_validity) {
+                return Ok(match (watched_role(candidate), opened.uid_validity) {
                     (Some(role), Some(uid_validity)) if role != self.role => Whereabouts::Watched {
                         name: candidate.name.clone(),
                         at: (role, uid_validity, new_uid),
@@ -717,21 +726,40 @@ impl FolderWatcher {
         &self,
         session: &mut ImapSession,
         folder: &str,
+        gmail: bool,
         cursor: &mut FolderCursor,
     ) -> Result<bool, SessionError> {
         let address = self.address.as_str();
         // Sizes first: cheap, and `n:*` always names at least the last message,
         // which must not be fetched again.
+        // In Gmail's All Mail, what is labelled \Inbox or \Sent is read by
+        // those folders' watchers, and a draft never syncs: their labels are
+        // asked for with the sizes, so their bodies are never downloaded here.
+        let by_labels = self.role == FolderRole::All && gmail;
         let listing = self
             .timed(
                 "listing new messages",
                 checked::uid_fetch(
                     session,
                     &format!("{}:*", cursor.next_uid),
-                    "(UID RFC822.SIZE INTERNALDATE)",
+                    if by_labels {
+                        "(UID RFC822.SIZE INTERNALDATE X-GM-LABELS)"
+                    } else {
+                        "(UID RFC822.SIZE INTERNALDATE)"
+                    },
                 ),
             )
             .await?;
+        let elsewhere: std::collections::HashSet<u32> = listing
+            .messages
+            .iter()
+            .filter(|f| {
+                f.labels
+                    .as_ref()
+                    .is_some_and(|labels| labels.iter().any(|l| read_elsewhere(l)))
+            })
+            .map(|f| f.uid)
+            .collect();
         let mut new_mail = listing.new_mail;
         let received: HashMap<u32, chrono::DateTime<chrono::Utc>> = listing
             .messages
@@ -760,14 +788,17 @@ impl FolderWatcher {
             }
             let batch = &pending[start..end];
             start = end;
+            let fetched_here = |uid: &u32, size: &u32| {
+                *size <= self.ctx.sync.max_message_bytes && !elsewhere.contains(uid)
+            };
             let wanted: Vec<u32> = batch
                 .iter()
-                .filter(|(_, size)| *size <= self.ctx.sync.max_message_bytes)
+                .filter(|(uid, size)| fetched_here(uid, size))
                 .map(|(uid, _)| *uid)
                 .collect();
             let wanted_bytes: u64 = batch
                 .iter()
-                .filter(|(_, size)| *size <= self.ctx.sync.max_message_bytes)
+                .filter(|(uid, size)| fetched_here(uid, size))
                 .map(|(_, size)| u64::from(*size))
                 .sum();
             // Held until the batch is handled: many mailboxes catching up
@@ -825,6 +856,11 @@ impl FolderWatcher {
                     flags: flags.get(uid).copied(),
                     received_at: received.get(uid).copied(),
                 };
+                if elsewhere.contains(uid) {
+                    self.ctx.ingest.skip(found)?;
+                    cursor.next_uid = uid.saturating_add(1);
+                    continue;
+                }
                 match bodies.remove(uid) {
                     Some(raw) => {
                         // Parsing and the commit's fsync hold a thread, but
@@ -912,6 +948,14 @@ enum Whereabouts {
     Binned(String),
     /// Expunged.
     Nowhere,
+}
+
+/// Whether a Gmail label puts a message in a folder watched on its own
+/// (`\Inbox`, `\Sent`) or out of sync altogether (`\Draft`).
+fn read_elsewhere(label: &str) -> bool {
+    ["\\Inbox", "\\Sent", "\\Draft"]
+        .iter()
+        .any(|system| label.eq_ignore_ascii_case(system))
 }
 
 /// Sleeps until `deadline`, or forever without one.

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod imap_proxy;
 pub mod oauth;
 pub mod receiver;
+pub mod scripted_gmail;
 pub mod scripted_smtp;
 pub mod stack;
 pub mod world;
