@@ -67,6 +67,8 @@ pub struct Found<'a> {
     pub cursor: FolderCursor,
     /// Its flags when it was fetched, if the server said.
     pub flags: Option<FlagState>,
+    /// Its Gmail labels when it was fetched, where the server has them.
+    pub labels: Option<&'a [String]>,
     /// The folder's name on the server (`INBOX`, the Sent folder's).
     pub folder_name: &'a str,
     /// When the server received it (INTERNALDATE), if it said.
@@ -565,6 +567,7 @@ impl Ingest {
                         thread_id: thread.id.clone(),
                         routes: deliveries.iter().map(|d| d.route.clone()).collect(),
                         flags: found.flags.unwrap_or_default(),
+                        labels: found.labels.map(<[String]>::to_vec),
                     },
                 )),
                 events,
@@ -616,7 +619,12 @@ impl Ingest {
         let Some(info) = self.store.record_info(&record_id)? else {
             return Ok(false);
         };
-        let flags = found.flags.unwrap_or(info.flags);
+        let info = LocatedMessage {
+            flags: found.flags.unwrap_or(info.flags),
+            labels: found.labels.map(<[String]>::to_vec).or(info.labels),
+            ..info
+        };
+        let flags = info.flags;
         let now = Utc::now();
         let events = info.events(
             "message.updated",
@@ -639,11 +647,7 @@ impl Ingest {
             thread_seen: None,
             thread: None,
             new_contacts: vec![],
-            located: Some((
-                found.uid_validity,
-                found.uid,
-                LocatedMessage { flags, ..info },
-            )),
+            located: Some((found.uid_validity, found.uid, info)),
             message_ids: vec![],
             events,
             history: vec![],
@@ -764,6 +768,7 @@ impl Ingest {
                         contact_id: send.contact_id.clone(),
                     }],
                     flags: found.flags.unwrap_or_default(),
+                    labels: found.labels.map(<[String]>::to_vec),
                 },
             )),
             message_ids: vec![],

@@ -264,6 +264,12 @@ impl LocatedMessage {
                     (data.as_object_mut(), state.clone())
                 {
                     data.extend(state);
+                    // Where the server has labels, the last known ones
+                    // unless the state names newer.
+                    if let Some(labels) = &self.labels {
+                        data.entry("labels")
+                            .or_insert_with(|| labels.clone().into());
+                    }
                 }
                 Event {
                     id: new_id("evt"),
@@ -406,6 +412,10 @@ pub struct LocatedMessage {
     /// Each conversation it was forwarded to.
     pub routes: Vec<ThreadRoute>,
     pub flags: FlagState,
+    /// Its Gmail labels (`X-GM-LABELS`) as last reported, where the server
+    /// has them; the folder's own label is not among them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
 }
 
 /// The integration that stands for the Auto BCC catch-all mailbox (R15,

@@ -13,7 +13,8 @@ use support::{
 /// Mail a Gmail filter files past the inbox (only in All Mail, under a
 /// label) is new mail of the mailbox (R3); mail labelled `\Inbox` is read from
 /// INBOX alone, its copy in All Mail never downloaded; a draft never syncs;
-/// and an archived message is followed into All Mail as `message.updated`.
+/// an archived message is followed into All Mail as `message.updated`, and
+/// its label changes there are `message.updated` with `labels`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
     let gmail = ScriptedGmail::start().await;
@@ -92,6 +93,27 @@ async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
         .await;
     assert_eq!(archived.data()["folder"], ALL_MAIL);
     assert_eq!(archived.data()["previous_folder"], "INBOX");
+    assert_eq!(
+        archived.data()["labels"],
+        serde_json::json!(["\\Important"])
+    );
+
+    // Followed in All Mail: a label change there is message.updated with
+    // the labels Gmail now names.
+    gmail.relabel(&in_inbox, &["\\Important", "Invoices"]);
+    let relabelled = w
+        .receiver
+        .wait_for("the label change", |r| {
+            r.kind() == "message.updated"
+                && r.data()["message_id"] == in_inbox.as_str()
+                && r.data()["labels"].as_array().is_some_and(|l| l.len() == 2)
+        })
+        .await;
+    assert_eq!(
+        relabelled.data()["labels"],
+        serde_json::json!(["\\Important", "Invoices"])
+    );
+    assert_eq!(relabelled.data()["folder"], ALL_MAIL);
 
     assert_eq!(
         w.receiver.distinct(|r| r.kind() == "message.inbound"),

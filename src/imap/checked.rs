@@ -43,17 +43,19 @@ pub struct Fetched {
 }
 
 /// Runs `command`; calls `each` for every untagged response until the tagged
-/// one, which must be OK. Returns whether the server announced new mail
-/// (EXISTS, RECENT) meanwhile: it says so once, and IDLE would not repeat it.
+/// one, which must be OK. Returns whether the server announced a change
+/// meanwhile (new mail: EXISTS, RECENT; an expunge: EXPUNGE, VANISHED; a
+/// flag change: a FETCH the command did not ask for): it says so once, and
+/// IDLE would not repeat it, so the caller must look again.
 async fn run(
     session: &mut ImapSession,
     command: &str,
     each: impl FnMut(&Response<'_>),
 ) -> Result<bool, CheckedError> {
-    let (new_mail, refused) = run_allowing_no(session, command, each).await?;
+    let (announced, refused) = run_allowing_no(session, command, each).await?;
     match refused {
         Some(refusal) => Err(refusal),
-        None => Ok(new_mail),
+        None => Ok(announced),
     }
 }
 
@@ -74,7 +76,8 @@ async fn run_allowing_no(
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
-    let mut new_mail = false;
+    let fetching = verb.eq_ignore_ascii_case("UID FETCH") || verb.eq_ignore_ascii_case("FETCH");
+    let mut announced = false;
     loop {
         let response = session
             .read_response()
@@ -100,8 +103,8 @@ async fn run_allowing_no(
                     ),
                 };
                 return match status {
-                    Status::Ok => Ok((new_mail, None)),
-                    Status::No => Ok((new_mail, Some(refusal))),
+                    Status::Ok => Ok((announced, None)),
+                    Status::No => Ok((announced, Some(refusal))),
                     _ => Err(refusal),
                 };
             }
@@ -109,9 +112,12 @@ async fn run_allowing_no(
                 status: Status::Bye,
                 ..
             } => return Err(CheckedError::Closed),
-            Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_)) => {
-                new_mail = true;
+            Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_))
+            | Response::Expunge(_)
+            | Response::Vanished { earlier: false, .. } => {
+                announced = true;
             }
+            Response::Fetch(..) if !fetching => announced = true,
             other => each(other),
         }
     }
@@ -121,8 +127,8 @@ async fn run_allowing_no(
 #[derive(Clone, Debug, Default)]
 pub struct FetchAnswer {
     pub messages: Vec<Fetched>,
-    /// The server announced new mail while answering.
-    pub new_mail: bool,
+    /// The server announced a change while answering (see `run`).
+    pub announced: bool,
 }
 
 /// `UID FETCH set query`, every message that came back; a NO is an error.
@@ -146,7 +152,7 @@ pub async fn uid_fetch_partial(
     query: &str,
 ) -> Result<(FetchAnswer, Option<CheckedError>), CheckedError> {
     let mut fetched = Vec::new();
-    let (new_mail, refused) =
+    let (announced, refused) =
         run_allowing_no(session, &format!("UID FETCH {set} {query}"), |response| {
             if let Response::Fetch(_, attributes) = response {
                 let mut message = Fetched::default();
@@ -192,7 +198,7 @@ pub async fn uid_fetch_partial(
     Ok((
         FetchAnswer {
             messages: fetched,
-            new_mail,
+            announced,
         },
         refused,
     ))
@@ -200,14 +206,22 @@ pub async fn uid_fetch_partial(
 
 /// `UID SEARCH query`, the UIDs found.
 pub async fn uid_search(session: &mut ImapSession, query: &str) -> Result<Vec<u32>, CheckedError> {
+    Ok(uid_search_announcing(session, query).await?.0)
+}
+
+/// As `uid_search`, and whether the server announced a change meanwhile (see `run`).
+pub async fn uid_search_announcing(
+    session: &mut ImapSession,
+    query: &str,
+) -> Result<(Vec<u32>, bool), CheckedError> {
     let mut found = Vec::new();
-    run(session, &format!("UID SEARCH {query}"), |response| {
+    let announced = run(session, &format!("UID SEARCH {query}"), |response| {
         if let Response::MailboxData(MailboxDatum::Search(uids)) = response {
             found.extend_from_slice(uids);
         }
     })
     .await?;
-    Ok(found)
+    Ok((found, announced))
 }
 
 /// A command whose answer is only OK or not (`UID STORE … +FLAGS.SILENT …`,
@@ -235,14 +249,16 @@ pub async fn changes_since(
     session: &mut ImapSession,
     modseq: u64,
     vanished: bool,
+    labels: bool,
 ) -> Result<(FetchAnswer, Vec<std::ops::RangeInclusive<u32>>), CheckedError> {
     let mut gone = Vec::new();
     let mut fetched = Vec::new();
     let command = format!(
-        "UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE {modseq}{})",
+        "UID FETCH 1:* (UID FLAGS{}) (CHANGEDSINCE {modseq}{})",
+        if labels { " X-GM-LABELS" } else { "" },
         if vanished { " VANISHED" } else { "" }
     );
-    let new_mail = run(session, &command, |response| match response {
+    let announced = run(session, &command, |response| match response {
         Response::Vanished { uids, .. } => gone.extend(uids.iter().cloned()),
         Response::Fetch(_, attributes) => {
             let mut message = Fetched::default();
@@ -253,6 +269,9 @@ pub async fn changes_since(
                         message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
                     }
                     AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
+                    AttributeValue::GmailLabels(labels) => {
+                        message.labels = Some(labels.iter().map(|l| unescape_quoted(l)).collect());
+                    }
                     _ => {}
                 }
             }
@@ -266,7 +285,7 @@ pub async fn changes_since(
     Ok((
         FetchAnswer {
             messages: fetched,
-            new_mail,
+            announced,
         },
         gone,
     ))

@@ -315,12 +315,15 @@ impl FolderWatcher {
             while session.unsolicited_responses.try_recv().is_ok() {}
             // Changes first: a message moved out and straight back is then
             // known to be back before the catch-up meets it at its new UID.
-            self.sync_flags(&mut session, &folder, tracking, &mut cursor)
+            let changed_meanwhile = self
+                .sync_flags(&mut session, &folder, tracking, gmail, &mut cursor)
                 .await?;
             let more = self
                 .catch_up(&mut session, &folder, gmail, &mut cursor)
                 .await?;
-            if more {
+            // A change announced in the answer to one of our commands is not
+            // repeated in IDLE: look again first.
+            if more || changed_meanwhile {
                 continue;
             }
 
@@ -435,34 +438,44 @@ impl FolderWatcher {
     /// changes (\\Seen, \\Flagged, \\Answered) as `message.updated`, and
     /// messages gone from the folder as `message.updated` (moved) or
     /// `message.deleted`. Read as the server allows (see [`ChangeTracking`]);
-    /// the folder's HIGHESTMODSEQ moves with them in one commit.
+    /// the folder's HIGHESTMODSEQ moves with them in one commit. Returns
+    /// whether the server announced another change meanwhile.
     async fn sync_flags(
         &self,
         session: &mut ImapSession,
         folder: &str,
         tracking: ChangeTracking,
+        gmail: bool,
         cursor: &mut FolderCursor,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
         let last_uid = cursor.next_uid.saturating_sub(1);
+        let mut announced = false;
         let mut highest = cursor.highest_modseq;
-        let mut changed: Vec<(u32, FlagState)> = Vec::new();
+        // UID, flags, and Gmail labels where the server has them.
+        let mut changed: Vec<(u32, FlagState, Option<Vec<String>>)> = Vec::new();
         let mut vanished: Vec<(u32, LocatedMessage)> = Vec::new();
         match tracking {
             ChangeTracking::Qresync | ChangeTracking::Condstore => {
                 let Some(since) = cursor.highest_modseq else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 let (answer, gone) = self
                     .timed(
                         "reading flag changes",
-                        checked::changes_since(session, since, tracking == ChangeTracking::Qresync),
+                        checked::changes_since(
+                            session,
+                            since,
+                            tracking == ChangeTracking::Qresync,
+                            gmail,
+                        ),
                     )
                     .await?;
+                announced |= answer.announced;
                 for fetched in answer.messages {
                     highest = highest.max(fetched.modseq);
                     // Newer ones are read, flags and all, by the next catch-up.
                     if let (Some(flags), true) = (&fetched.flags, fetched.uid <= last_uid) {
-                        changed.push((fetched.uid, FlagState::from_flags(flags)));
+                        changed.push((fetched.uid, FlagState::from_flags(flags), fetched.labels));
                     }
                 }
                 for range in gone {
@@ -491,15 +504,16 @@ impl FolderWatcher {
                     )?;
                     if !latest.is_empty() {
                         let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
-                        let present = self
+                        let (present, changed_meanwhile) = self
                             .timed(
                                 "checking synced messages are still there",
-                                checked::uid_search(
+                                checked::uid_search_announcing(
                                     session,
                                     &format!("UID {}", checked::uid_set(&uids)),
                                 ),
                             )
                             .await?;
+                        announced |= changed_meanwhile;
                         vanished
                             .extend(latest.into_iter().filter(|(uid, _)| !present.contains(uid)));
                     }
@@ -507,7 +521,7 @@ impl FolderWatcher {
             }
             ChangeTracking::Resync => {
                 if last_uid == 0 {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let latest = self.ctx.store.located_in(
                     &self.address,
@@ -517,7 +531,7 @@ impl FolderWatcher {
                     RECHECKED_MESSAGES,
                 )?;
                 if latest.is_empty() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
                 // A refused FETCH is an error, never "all gone".
@@ -527,6 +541,7 @@ impl FolderWatcher {
                         checked::uid_fetch(session, &checked::uid_set(&uids), "(UID FLAGS)"),
                     )
                     .await?;
+                announced |= answer.announced;
                 let returned: HashMap<u32, FlagState> = answer
                     .messages
                     .iter()
@@ -534,7 +549,7 @@ impl FolderWatcher {
                     .collect();
                 for (uid, located) in latest {
                     match returned.get(&uid) {
-                        Some(flags) => changed.push((uid, *flags)),
+                        Some(flags) => changed.push((uid, *flags, None)),
                         None => vanished.push((uid, located)),
                     }
                 }
@@ -554,6 +569,7 @@ impl FolderWatcher {
                         uid,
                         flags_before: located.flags,
                         flags_after: None,
+                        labels_after: None,
                         moved_to: None,
                         events: Vec::new(),
                     });
@@ -582,11 +598,12 @@ impl FolderWatcher {
                 uid,
                 flags_before: located.flags,
                 flags_after: None,
+                labels_after: None,
                 moved_to,
                 events,
             });
         }
-        for (uid, now) in changed {
+        for (uid, now, labels) in changed {
             let Some(located) =
                 self.ctx
                     .store
@@ -594,30 +611,32 @@ impl FolderWatcher {
             else {
                 continue;
             };
-            if located.flags == now {
+            let labels_changed = labels.is_some() && labels != located.labels;
+            if located.flags == now && !labels_changed {
                 continue;
             }
-            let events = located.events(
-                "message.updated",
-                &self.address,
-                serde_json::json!({
-                    "folder": folder,
-                    "seen": now.seen,
-                    "flagged": now.flagged,
-                    "answered": now.answered,
-                }),
-            );
+            let mut state = serde_json::json!({
+                "folder": folder,
+                "seen": now.seen,
+                "flagged": now.flagged,
+                "answered": now.answered,
+            });
+            if let (Some(labels), Some(state)) = (&labels, state.as_object_mut()) {
+                state.insert("labels".into(), labels.clone().into());
+            }
+            let events = located.events("message.updated", &self.address, state);
             changes.push(LocatedChange {
                 uid_validity: cursor.uid_validity,
                 uid,
                 flags_before: located.flags,
                 flags_after: Some(now),
+                labels_after: labels,
                 moved_to: None,
                 events,
             });
         }
         if highest == cursor.highest_modseq && changes.is_empty() {
-            return Ok(());
+            return Ok(announced);
         }
         let count: usize = changes.iter().map(|c| c.events.len()).sum();
         crate::offload::blocking(|| {
@@ -630,7 +649,7 @@ impl FolderWatcher {
             self.ctx.signal.notify();
             tracing::info!(mailbox = %self.address, folder, events = count, "synced messages changed");
         }
-        Ok(())
+        Ok(announced)
     }
 
     /// Where a message that left `folder` is now, by its Message-ID, looked
@@ -721,7 +740,7 @@ impl FolderWatcher {
     }
 
     /// Fetches and handles every message at or after the cursor, in UID order.
-    /// Returns whether the server announced more mail meanwhile.
+    /// Returns whether the server announced a change meanwhile.
     async fn catch_up(
         &self,
         session: &mut ImapSession,
@@ -760,7 +779,7 @@ impl FolderWatcher {
             })
             .map(|f| f.uid)
             .collect();
-        let mut new_mail = listing.new_mail;
+        let mut announced = listing.announced;
         let received: HashMap<u32, chrono::DateTime<chrono::Utc>> = listing
             .messages
             .iter()
@@ -809,6 +828,7 @@ impl FolderWatcher {
             };
             let mut bodies: HashMap<u32, Vec<u8>> = HashMap::new();
             let mut flags: HashMap<u32, FlagState> = HashMap::new();
+            let mut labels: HashMap<u32, Vec<String>> = HashMap::new();
             if !wanted.is_empty() {
                 let set = wanted
                     .iter()
@@ -820,7 +840,15 @@ impl FolderWatcher {
                     + Duration::from_secs(wanted_bytes / MIN_DOWNLOAD_BYTES_PER_SEC);
                 let (fetched, refused) = match tokio::time::timeout(
                     deadline,
-                    checked::uid_fetch_partial(session, &set, "(UID FLAGS BODY.PEEK[])"),
+                    checked::uid_fetch_partial(
+                        session,
+                        &set,
+                        if gmail {
+                            "(UID FLAGS X-GM-LABELS BODY.PEEK[])"
+                        } else {
+                            "(UID FLAGS BODY.PEEK[])"
+                        },
+                    ),
                 )
                 .await
                 {
@@ -835,10 +863,13 @@ impl FolderWatcher {
                         "the server did not return every message asked for: {refusal}"
                     );
                 }
-                new_mail |= fetched.new_mail;
+                announced |= fetched.announced;
                 for fetch in fetched.messages {
                     if let Some(found) = &fetch.flags {
                         flags.insert(fetch.uid, FlagState::from_flags(found));
+                    }
+                    if let Some(found) = fetch.labels {
+                        labels.insert(fetch.uid, found);
                     }
                     if let Some(body) = fetch.body {
                         bodies.insert(fetch.uid, body);
@@ -854,6 +885,7 @@ impl FolderWatcher {
                     folder_name: folder,
                     cursor: *cursor,
                     flags: flags.get(uid).copied(),
+                    labels: labels.get(uid).map(Vec::as_slice),
                     received_at: received.get(uid).copied(),
                 };
                 if elsewhere.contains(uid) {
@@ -910,7 +942,7 @@ impl FolderWatcher {
                 cursor.next_uid = uid.saturating_add(1);
             }
         }
-        Ok(new_mail)
+        Ok(announced)
     }
 }
 

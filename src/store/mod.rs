@@ -97,6 +97,8 @@ pub struct LocatedChange {
     pub flags_before: FlagState,
     /// The new flags, or None: gone from the folder.
     pub flags_after: Option<FlagState>,
+    /// The new Gmail labels, where the server has them.
+    pub labels_after: Option<Vec<String>>,
     /// Gone to another watched folder of the same mailbox (role,
     /// UIDVALIDITY, UID): followed there from now on.
     pub moved_to: Option<(FolderRole, u32, u32)>,

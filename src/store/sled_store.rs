@@ -1453,6 +1453,9 @@ impl Store for SledStore {
                         continue;
                     }
                     entry.flags = flags;
+                    if let Some(labels) = &change.labels_after {
+                        entry.labels = Some(labels.clone());
+                    }
                     let value = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
                     located.insert(key.as_slice(), value)?;
                     Self::put_outbox_tx(outbox, outbox_values)?;

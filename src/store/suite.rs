@@ -1270,6 +1270,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
             thread_id: "thr_c".into(),
             routes: l1_thread("L1", &[]).routes,
             flags: FlagState::default(),
+            labels: None,
         };
         let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
         commit.cursor.highest_modseq = Some(10);
@@ -1299,6 +1300,7 @@ fn flag_changes_of_a_located_message_commit_with_the_cursor() {
             uid: 1,
             flags_before: before,
             flags_after: Some(after),
+            labels_after: None,
             moved_to: None,
             events: vec![event],
         };
@@ -1388,6 +1390,7 @@ fn a_crm_change_is_queued_with_its_outcome_recorded() {
                 thread_id: "thr_c".into(),
                 routes: vec![],
                 flags: FlagState::default(),
+                labels: None,
             },
         ));
         store.commit_ingest(&commit, None).unwrap();
@@ -1443,6 +1446,7 @@ fn a_message_moved_to_a_watched_folder_is_followed_there() {
             thread_id: "thr_c".into(),
             routes: l1_thread("L1", &[]).routes,
             flags: FlagState::default(),
+            labels: None,
         };
         let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
         commit.cursor.highest_modseq = Some(10);
@@ -1458,6 +1462,7 @@ fn a_message_moved_to_a_watched_folder_is_followed_there() {
             uid: 1,
             flags_before: FlagState::default(),
             flags_after: None,
+            labels_after: None,
             moved_to: Some((clients, 77, 5)),
             events: vec![event(
                 "evt_m",

@@ -10,7 +10,8 @@
 //! It keeps its mail in memory and serves what the bridge asks: LOGIN,
 //! CAPABILITY, LIST, SELECT/EXAMINE (with CONDSTORE), STATUS, UID FETCH (UID,
 //! RFC822.SIZE, INTERNALDATE, FLAGS, X-GM-LABELS, BODY.PEEK[], CHANGEDSINCE),
-//! UID SEARCH (UID set, HEADER Message-ID), IDLE/DONE, NOOP, LOGOUT.
+//! UID SEARCH (UID set, HEADER Message-ID), IDLE/DONE, NOOP, LOGOUT; the
+//! test changes its mail (deliver, archive, relabel) and sessions in IDLE hear of it.
 //! Anything else is answered `BAD`, never a panic. Plain TCP: the daemon
 //! allows `"security": "plain"` towards loopback only, which this is.
 
@@ -209,6 +210,27 @@ impl ScriptedGmail {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Gives every copy of a message these labels, as a label change in
+    /// Gmail's web client does (each copy's own folder label kept out).
+    pub fn relabel(&self, message_id: &str, labels: &[&str]) {
+        {
+            let mut account = self.account.lock().expect("account");
+            account.highest_modseq += 1;
+            let modseq = account.highest_modseq;
+            for folder in &mut account.folders {
+                for message in folder
+                    .messages
+                    .iter_mut()
+                    .filter(|m| m.message_id == message_id)
+                {
+                    message.labels = labels.iter().map(|l| l.to_string()).collect();
+                    message.modseq = modseq;
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
     /// The Message-IDs whose bodies were served from `folder`.
     pub fn bodies_served_from(&self, folder: &str) -> Vec<String> {
         let account = self.account.lock().expect("account");
@@ -321,9 +343,20 @@ async fn serve(
             .get(1)
             .map(|v| v.to_ascii_uppercase())
             .unwrap_or_default();
-        // What changes the command sees were made before it.
-        changes.borrow_and_update();
         let mut out = String::new();
+        // A change since the last command is announced with this one's
+        // answer, as a real server does (untagged, before the tagged reply).
+        if changes.has_changed().unwrap_or(false) {
+            changes.borrow_and_update();
+            if let Some(name) = &selected {
+                let count = account
+                    .lock()
+                    .expect("account")
+                    .folder(name)
+                    .map_or(0, |f| f.messages.len());
+                out.push_str(&format!("* {count} EXISTS\r\n"));
+            }
+        }
         let mut body_literals: Vec<u8> = Vec::new();
         match verb.as_str() {
             "CAPABILITY" => {
@@ -494,6 +527,9 @@ async fn serve(
             }
             "IDLE" => {
                 write.write_all(b"+ idling\r\n").await?;
+                // A change announced at the command goes out now, not after it.
+                write.write_all(out.as_bytes()).await?;
+                out.clear();
                 loop {
                     line.clear();
                     tokio::select! {
