@@ -138,20 +138,26 @@ async fn main() {
 
     // The other client: one session, as a phone or webmail keeps open.
     let tls = mailbridge::tls::client_config(&[env["MAILSTACK_CA_CERT"].clone().into()]).unwrap();
-    let mut client = ImapConnector::new(tls, Duration::from_secs(20))
-        .open(
-            &Endpoint {
-                host: "127.0.0.1".into(),
-                port: imaps,
-                security: Security::Tls,
-            },
-            &Login::Password {
-                username: address.clone(),
-                password: "benchpw".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let mut client = ImapConnector::new(
+        tls,
+        Duration::from_secs(20),
+        mailbridge::egress::Egress {
+            allow_private: true,
+        },
+    )
+    .open(
+        &Endpoint {
+            host: "127.0.0.1".into(),
+            port: imaps,
+            security: Security::Tls,
+        },
+        &Login::Password {
+            username: address.clone(),
+            password: "benchpw".into(),
+        },
+    )
+    .await
+    .unwrap();
     client.select("INBOX").await.unwrap();
     let mut latencies = Vec::new();
     for id in &ids {

@@ -26,6 +26,35 @@ pub struct Config {
     pub sending: SendingConfig,
     pub log: LogConfig,
     pub auto_bcc: AutoBccConfig,
+    pub network: NetworkConfig,
+}
+
+/// Where the bridge may connect (see `egress`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Whether API callers may point mailboxes (and the operator webhooks
+    /// and OAuth endpoints) at loopback and private addresses. True keeps a
+    /// self-hoster's LAN mail server working; set false where API callers
+    /// are less trusted than the network the daemon runs in. Link-local and
+    /// cloud metadata addresses are refused either way.
+    pub allow_private: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            allow_private: true,
+        }
+    }
+}
+
+impl NetworkConfig {
+    pub fn egress(&self) -> crate::egress::Egress {
+        crate::egress::Egress {
+            allow_private: self.allow_private,
+        }
+    }
 }
 
 /// Auto BCC (R15).

@@ -101,6 +101,35 @@ async fn prune_message_sources(store: Arc<dyn Store>, days: u64, shutdown: Cance
 }
 
 /// The data folder holds credentials (encrypted) and their key: owner only.
+/// Webhook URLs and OAuth endpoints that name an IP address are checked
+/// against `[network]` at start: reqwest connects to those without asking
+/// the resolver that checks every name.
+fn check_configured_urls(config: &Config, egress: crate::egress::Egress) -> anyhow::Result<()> {
+    let oauth = [
+        crate::model::Provider::Gmail,
+        crate::model::Provider::Outlook,
+        crate::model::Provider::Imap,
+    ]
+    .into_iter()
+    .flat_map(|provider| {
+        let oauth = config.providers.settings(provider).oauth;
+        [oauth.token_url, oauth.userinfo_url]
+    })
+    .flatten();
+    for url in config.webhooks.iter().map(|w| w.url.clone()).chain(oauth) {
+        // Named by host only: a webhook URL may carry a token.
+        let parsed =
+            reqwest::Url::parse(&url).context("a configured webhook or OAuth URL is not an URL")?;
+        egress.check_url(&parsed).with_context(|| {
+            format!(
+                "the configured URL on {} is refused by [network]",
+                parsed.host_str().unwrap_or_default()
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     if !path.exists() {
@@ -132,9 +161,11 @@ pub async fn run(
     );
     let key_hashes = api_key_hashes(&config, store.as_ref())?;
     let signal = OutboxSignal::default();
+    let egress = config.network.egress();
     let connector = ImapConnector::new(
         tls.clone(),
         Duration::from_secs(config.sync.step_timeout_secs),
+        egress,
     );
     let auth = Arc::new(Auth::new(
         store.clone(),
@@ -142,6 +173,7 @@ pub async fn run(
         TokenHttp::new(
             (*tls).clone(),
             Duration::from_secs(config.sync.step_timeout_secs),
+            egress,
         )
         .context("building the OAuth HTTP client")?,
         signal.clone(),
@@ -178,6 +210,7 @@ pub async fn run(
         submitter: Submitter::new(
             &config.tls.extra_roots,
             Duration::from_secs(config.sending.timeout_secs),
+            egress,
         )?,
         connector: connector.clone(),
         auth: ctx.auth.clone(),
@@ -221,8 +254,11 @@ pub async fn run(
         sending_shutdown.clone(),
     ));
 
+    check_configured_urls(&config, egress)?;
     let http = reqwest::Client::builder()
         .use_preconfigured_tls((*tls).clone())
+        // Every name looked up is checked against [network] (see egress).
+        .dns_resolver(egress.resolver())
         // A followed 301/302/303 turns the POST into a body-less GET whose 2xx
         // would count as delivered: a redirect is a failed attempt instead.
         .redirect(reqwest::redirect::Policy::none())

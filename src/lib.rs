@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod compose;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod imap;
 pub mod ingest;
 pub mod mailbox_changes;

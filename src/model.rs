@@ -69,6 +69,17 @@ pub struct Endpoint {
     pub security: Security,
 }
 
+impl Endpoint {
+    /// Same host (any case, without a trailing dot), port and security.
+    pub fn same_server(&self, other: &Endpoint) -> bool {
+        self.host
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(other.host.trim_end_matches('.'))
+            && self.port == other.port
+            && self.security == other.security
+    }
+}
+
 /// How the bridge logs in to a mailbox. Kept encrypted at rest by the store.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -233,6 +244,19 @@ impl Mailbox {
             .chain(all_mail)
             .chain(self.folders.iter().map(|name| FolderRole::listed(name)))
             .collect()
+    }
+
+    /// Whether `other` logs in as the same user at the same IMAP and SMTP
+    /// servers. A mailbox several integrations share keeps its account: one
+    /// integration cannot point the others' mail at a server of its choosing,
+    /// nor at its own account on the same server (issue 10).
+    pub fn same_account(&self, other: &Mailbox) -> bool {
+        self.imap.same_server(&other.imap)
+            && self.smtp.same_server(&other.smtp)
+            && self
+                .credentials
+                .username()
+                .eq_ignore_ascii_case(other.credentials.username())
     }
 
     /// The name of a listed folder's role, while it is listed.

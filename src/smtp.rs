@@ -49,6 +49,7 @@ pub struct Submitter {
     extra_roots: Vec<Vec<u8>>,
     /// The deadline of each step of the conversation.
     timeout: Duration,
+    egress: crate::egress::Egress,
 }
 
 /// A message's end must arrive at least this fast (a slow link still finishes
@@ -56,7 +57,11 @@ pub struct Submitter {
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 64 * 1024;
 
 impl Submitter {
-    pub fn new(extra_roots: &[PathBuf], timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        extra_roots: &[PathBuf],
+        timeout: Duration,
+        egress: crate::egress::Egress,
+    ) -> anyhow::Result<Self> {
         let extra_roots = extra_roots
             .iter()
             .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display())))
@@ -64,6 +69,7 @@ impl Submitter {
         Ok(Self {
             extra_roots,
             timeout,
+            egress,
         })
     }
 
@@ -121,6 +127,26 @@ impl Submitter {
         )
         .map_err(|e| SubmitError::Permanent(format!("envelope: {e}")))?;
         let hello = ClientId::default();
+        // The addresses checked are the ones connected to: TLS still checks
+        // the certificate against the host name.
+        let addresses = match tokio::time::timeout(
+            self.timeout,
+            self.egress.resolve(&endpoint.host, endpoint.port),
+        )
+        .await
+        {
+            Ok(Ok(addresses)) => addresses,
+            Ok(Err(err @ crate::egress::EgressError::Forbidden(..))) => {
+                return Err(SubmitError::Permanent(err.to_string()));
+            }
+            Ok(Err(err)) => return Err(SubmitError::Transient(err.to_string())),
+            Err(_) => {
+                return Err(SubmitError::Transient(format!(
+                    "could not connect to {}:{}",
+                    endpoint.host, endpoint.port
+                )));
+            }
+        };
 
         // A fresh connection per send: credentials may have changed (a
         // renewed token), and a pool would keep connections logged in with old ones.
@@ -128,7 +154,7 @@ impl Submitter {
             .step(
                 "connecting, the greeting and EHLO",
                 AsyncSmtpConnection::connect_tokio1(
-                    (endpoint.host.as_str(), endpoint.port),
+                    addresses.as_slice(),
                     Some(self.timeout),
                     &hello,
                     wrapper,

@@ -264,6 +264,18 @@ pub fn connect_request(body: ConnectBody) -> Result<ConnectRequest, ApiError> {
     })
 }
 
+/// The answer when an integration would move a shared mailbox to another
+/// account or other servers.
+fn in_use(address: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "mailbox_in_use",
+        format!(
+            "{address} is connected by other integrations with another login or other IMAP/SMTP servers; connect it with the same username, imap and smtp, or have them disconnect first"
+        ),
+    )
+}
+
 /// Connects (or re-connects, or moves) an integration once the server has
 /// taken the credentials.
 pub async fn connect_mailbox(
@@ -285,6 +297,23 @@ pub async fn connect_mailbox(
         .ok_or_else(|| ApiError::invalid("smtp is required for provider \"imap\""))?;
     check_endpoint("imap", &imap)?;
     check_endpoint("smtp", &smtp)?;
+    // A mailbox other integrations use keeps its servers; asked before the
+    // new server is even contacted (the store checks again as it commits).
+    if let Some(stored) = state.store.mailbox(&address)?
+        && !(stored.imap.same_server(&imap)
+            && stored.smtp.same_server(&smtp)
+            && stored
+                .credentials
+                .username()
+                .eq_ignore_ascii_case(body.credentials.username()))
+        && state
+            .store
+            .integrations_of_mailbox(&address)?
+            .iter()
+            .any(|i| i.location_id != location_id || i.user_id != user_id)
+    {
+        return Err(in_use(&address));
+    }
 
     // The credentials are checked against the server before anything is stored,
     // and the folders' current ends become this integration's starting point (R2).
@@ -379,10 +408,13 @@ pub async fn connect_mailbox(
     } else {
         super::auto_bcc::register(state, &location_id, &user_id)?;
     }
-    let released =
-        state
-            .store
-            .connect(&mailbox, &integration, &baseline, &failed_sends, &events)?;
+    let released = state
+        .store
+        .connect(&mailbox, &integration, &baseline, &failed_sends, &events)
+        .map_err(|err| match err {
+            crate::store::StoreError::MailboxInUse => in_use(&address),
+            other => other.into(),
+        })?;
     if let Some(old) = released {
         state.scheduler.stop(&old);
     }

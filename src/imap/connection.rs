@@ -18,7 +18,10 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::model::{Endpoint, Login, Security};
+use crate::{
+    egress::{Egress, EgressError},
+    model::{Endpoint, Login, Security},
+};
 
 /// A connection to a mail server, encrypted or (loopback only) not.
 pub enum MailStream {
@@ -93,8 +96,14 @@ pub enum ConnectError {
     /// The mailbox was disconnected meanwhile.
     #[error("the mailbox is no longer connected")]
     Disconnected,
-    #[error("cannot reach {0}")]
+    /// Refused, reset, timed out or not resolved alike: an answer must not
+    /// tell an API caller which internal hosts and ports exist (the reason
+    /// is logged for the operator).
+    #[error("could not connect to {0}")]
     Unreachable(String),
+    /// An address the bridge does not connect to (see `egress`).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("TLS with {host} failed: {reason}")]
     Tls { host: String, reason: String },
     #[error(
@@ -112,6 +121,7 @@ pub enum ConnectError {
 pub struct ImapConnector {
     tls: Arc<ClientConfig>,
     step_timeout: Duration,
+    egress: Egress,
 }
 
 /// Words by which servers refuse a login for now rather than for good: RFC 5530
@@ -190,8 +200,12 @@ pub fn is_loopback(host: &str) -> bool {
 }
 
 impl ImapConnector {
-    pub fn new(tls: Arc<ClientConfig>, step_timeout: Duration) -> Self {
-        Self { tls, step_timeout }
+    pub fn new(tls: Arc<ClientConfig>, step_timeout: Duration, egress: Egress) -> Self {
+        Self {
+            tls,
+            step_timeout,
+            egress,
+        }
     }
 
     pub fn step_timeout(&self) -> Duration {
@@ -238,21 +252,46 @@ impl ImapConnector {
         Ok(MailStream::Tls(Box::new(tls)))
     }
 
+    /// A TCP connection to the first address of `host` that answers, among
+    /// those the egress policy allows: the addresses checked are the ones
+    /// connected to (no second lookup a DNS answer could change meanwhile).
+    async fn connect_checked(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        let shown = format!("{host}:{port}");
+        let addresses = match tokio::time::timeout(
+            self.step_timeout,
+            self.egress.resolve(host, port),
+        )
+        .await
+        {
+            Ok(Ok(addresses)) => addresses,
+            Ok(Err(err @ EgressError::Forbidden(..))) => {
+                return Err(ConnectError::Forbidden(err.to_string()));
+            }
+            Ok(Err(EgressError::Unreachable(_))) | Err(_) => {
+                tracing::debug!(%shown, "the IMAP server's name did not resolve in time or at all");
+                return Err(ConnectError::Unreachable(shown));
+            }
+        };
+        for address in addresses {
+            match tokio::time::timeout(self.step_timeout, TcpStream::connect(address)).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(err)) => tracing::debug!(%shown, %address, "connecting failed: {err}"),
+                Err(_) => tracing::debug!(%shown, %address, "connecting timed out"),
+            }
+        }
+        Err(ConnectError::Unreachable(shown))
+    }
+
     /// Connects and logs in.
     pub async fn open(
         &self,
         endpoint: &Endpoint,
         login: &Login,
     ) -> Result<ImapSession, ConnectError> {
-        let address = format!("{}:{}", endpoint.host, endpoint.port);
         if endpoint.security == Security::Plain && !is_loopback(&endpoint.host) {
             return Err(ConnectError::Insecure(endpoint.host.clone()));
         }
-        let tcp = self
-            .step("connecting", TcpStream::connect(&address), |e| {
-                ConnectError::Unreachable(format!("{address}: {e}"))
-            })
-            .await?;
+        let tcp = self.connect_checked(&endpoint.host, endpoint.port).await?;
         let _ = tcp.set_nodelay(true);
         // An IDLE session is silent for minutes: without keepalive probes a
         // connection that died on the way (NAT timeout, a dropped route) is

@@ -85,9 +85,14 @@ pub struct TokenHttp {
 }
 
 impl TokenHttp {
-    pub fn new(tls: rustls::ClientConfig, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        egress: crate::egress::Egress,
+    ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .dns_resolver(egress.resolver())
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))

@@ -48,6 +48,11 @@ pub enum StoreError {
     /// stored; the writer is stale and stops.
     #[error("the folder's cursor moved meanwhile (mailbox disconnected or synced elsewhere)")]
     CursorMoved,
+    /// `connect`: other integrations use this mailbox with another login or
+    /// at other servers; nothing was stored (one integration cannot move
+    /// the others' mail).
+    #[error("the mailbox is connected by other integrations with another login or servers")]
+    MailboxInUse,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -208,6 +208,21 @@ struct StoredEntry {
 }
 
 impl SledStore {
+    /// Whether integrations other than `integration` use the mailbox.
+    fn used_by_others(&self, address: &str, integration: &Integration) -> StoreResult<bool> {
+        let own = key(&[address, &integration.location_id, &integration.user_id]);
+        for k in self
+            .mailbox_integrations
+            .scan_prefix(prefix(&[address]))
+            .keys()
+        {
+            if k.map_err(engine)? != own {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn open(path: &Path, secrets: SecretBox) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)
             .map_err(|e| anyhow::anyhow!("creating data folder {}: {e}", path.display()))?;
@@ -613,10 +628,15 @@ impl Store for SledStore {
             .collect::<StoreResult<_>>()?;
         let integration_key = key(&[&integration.location_id, &integration.user_id]);
         let _one_at_a_time = self.one_at_a_time();
+        let stored = self.mailbox(&mailbox.address)?;
+        if let Some(stored) = &stored
+            && !stored.same_account(mailbox)
+            && self.used_by_others(&mailbox.address, integration)?
+        {
+            return Err(StoreError::MailboxInUse);
+        }
         let mut numbered = mailbox.clone();
-        numbered.generation = self
-            .mailbox(&mailbox.address)?
-            .map_or(1, |stored| stored.generation + 1);
+        numbered.generation = stored.map_or(1, |stored| stored.generation + 1);
         let mailbox_value = self.seal_mailbox(&numbered)?;
         // Only sends still queued fail: one claimed for submission is on its
         // way (claim_send takes the same lock).

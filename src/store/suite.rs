@@ -1528,3 +1528,49 @@ fn a_folder_no_longer_listed_forgets_its_cursor() {
         );
     }
 }
+
+/// Issue 10: a mailbox another integration uses keeps its servers and its
+/// login; its only integration may move it, and a second may join it as it is.
+#[test]
+fn a_shared_mailbox_keeps_its_servers_and_login() {
+    for (_dir, store) in engines() {
+        let first = integration("L1", "u1", "me@x.test");
+        store
+            .connect(&mailbox("me@x.test"), &first, &[], &[], &[])
+            .unwrap();
+        // Alone on it, an integration may move it to another server.
+        let mut moved = mailbox("me@x.test");
+        moved.imap.host = "imap.elsewhere.test".into();
+        store.connect(&moved, &first, &[], &[], &[]).unwrap();
+        // A second integration joins it only as it is.
+        let second = integration("L2", "u9", "me@x.test");
+        let mut hijack = moved.clone();
+        hijack.smtp.host = "smtp.attacker.test".into();
+        assert!(matches!(
+            store.connect(&hijack, &second, &[], &[], &[]),
+            Err(StoreError::MailboxInUse)
+        ));
+        let mut own_login = moved.clone();
+        own_login.credentials = Credentials::Password {
+            username: "attacker@x.test".into(),
+            password: "theirs".into(),
+        };
+        assert!(matches!(
+            store.connect(&own_login, &second, &[], &[], &[]),
+            Err(StoreError::MailboxInUse)
+        ));
+        assert_eq!(
+            store.mailbox("me@x.test").unwrap().unwrap().smtp,
+            moved.smtp,
+            "nothing was stored"
+        );
+        let mut same = moved.clone();
+        same.imap.host = "IMAP.elsewhere.test.".into();
+        store.connect(&same, &second, &[], &[], &[]).unwrap();
+        // Now shared, not even its first integration moves it alone.
+        assert!(matches!(
+            store.connect(&mailbox("me@x.test"), &first, &[], &[], &[]),
+            Err(StoreError::MailboxInUse)
+        ));
+    }
+}

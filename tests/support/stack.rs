@@ -106,7 +106,13 @@ impl Stack {
         };
         let tls = mailbridge::tls::client_config(std::slice::from_ref(&self.ca_cert))
             .expect("tls config");
-        let connector = ImapConnector::new(tls, Duration::from_secs(20));
+        let connector = ImapConnector::new(
+            tls,
+            Duration::from_secs(20),
+            mailbridge::egress::Egress {
+                allow_private: true,
+            },
+        );
         super::eventually(
             &format!("Dovecot to know {}", user.address),
             super::DEADLINE,
@@ -260,15 +266,21 @@ impl Stack {
     ) -> Result<ImapSession, mailbridge::imap::ConnectError> {
         let tls = mailbridge::tls::client_config(std::slice::from_ref(&self.ca_cert))
             .expect("tls config");
-        ImapConnector::new(tls, Duration::from_secs(20))
-            .open(
-                &self.imap_endpoint(),
-                &Login::Password {
-                    username: user.address.clone(),
-                    password: user.password.clone(),
-                },
-            )
-            .await
+        ImapConnector::new(
+            tls,
+            Duration::from_secs(20),
+            mailbridge::egress::Egress {
+                allow_private: true,
+            },
+        )
+        .open(
+            &self.imap_endpoint(),
+            &Login::Password {
+                username: user.address.clone(),
+                password: user.password.clone(),
+            },
+        )
+        .await
     }
 
     /// Files a copy in the user's Sent folder, marked \Seen, as a mail client does after sending.
