@@ -108,6 +108,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Domain of the integrations' Auto BCC addresses (R15).
     pub smart_bcc_domain: String,
+    /// Whether `/metrics` answers without the API key (a Prometheus on a
+    /// trusted network); false puts it behind the key like `/v1`.
+    pub metrics_public: bool,
 }
 
 impl Default for ServerConfig {
@@ -117,11 +120,12 @@ impl Default for ServerConfig {
             public_url: "http://127.0.0.1:8787".into(),
             shutdown_grace_secs: 10,
             smart_bcc_domain: "bcc.mailbridge.invalid".into(),
+            metrics_public: true,
         }
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub path: PathBuf,
@@ -129,8 +133,35 @@ pub struct StorageConfig {
     /// attachment downloads (0 keeps it forever).
     pub raw_retention_days: u64,
     /// 32 bytes, base64, that encrypt credentials at rest. When unset, a key is
-    /// generated on first start and kept in `<path>/secret.key` (mode 0600).
+    /// generated on first start and kept in `encryption_key_file`.
     pub encryption_key: Option<String>,
+    /// Where the generated key is kept (created mode 0600 on first start):
+    /// by default `<path>/secret.key`; elsewhere (another disk, a secrets
+    /// mount), a copy of the data folder alone does not open the credentials.
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("path", &self.path)
+            .field("raw_retention_days", &self.raw_retention_days)
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("encryption_key_file", &self.encryption_key_file)
+            .finish()
+    }
+}
+
+impl StorageConfig {
+    /// The file that holds (or will hold) the generated key.
+    pub fn key_file(&self) -> PathBuf {
+        self.encryption_key_file
+            .clone()
+            .unwrap_or_else(|| self.path.join("secret.key"))
+    }
 }
 
 impl Default for StorageConfig {
@@ -139,18 +170,39 @@ impl Default for StorageConfig {
             path: PathBuf::from("./mailbridge-data"),
             raw_retention_days: 30,
             encryption_key: None,
+            encryption_key_file: None,
         }
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Accepted as `Authorization: Bearer <key>`, besides the key generated on first start.
     pub keys: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Printed without secrets: `{:?}` of the configuration may reach a log.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("keys", &format_args!("<{} redacted>", self.keys.len()))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL without its query, which may carry a token.
+        let url = self.url.split(['?', '#']).next().unwrap_or_default();
+        f.debug_struct("WebhookConfig")
+            .field("url", &url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     pub url: String,
@@ -484,6 +536,10 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.storage.encryption_key.is_none() || self.storage.encryption_key_file.is_none(),
+            "storage.encryption_key and storage.encryption_key_file are both set: keep one"
+        );
         for webhook in &self.webhooks {
             anyhow::ensure!(
                 webhook.url.starts_with("http://") || webhook.url.starts_with("https://"),

@@ -154,7 +154,7 @@ pub async fn run(
     create_private_dir(&config.storage.path)?;
     let secrets = SecretBox::load(
         config.storage.encryption_key.as_deref(),
-        &config.storage.path.join("secret.key"),
+        &config.storage.key_file(),
     )?;
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&config.storage.path, secrets).context("opening the data folder")?,
@@ -300,6 +300,7 @@ pub async fn run(
         auth,
         oauth_state,
         health,
+        metrics_public: config.server.metrics_public,
     };
     let started = scheduler.start_all()?;
     tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");

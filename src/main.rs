@@ -124,6 +124,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(config_file: Option<PathBuf>, log_format: Option<LogFormatArg>) -> ExitCode {
+    // Everything the daemon creates (sled's files, message sources, the
+    // key) is its owner's alone, whatever the umask it was started with.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let config = match Config::load(config_file.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -380,7 +383,7 @@ fn verdicts_from_data_folder(
     anyhow::ensure!(path.exists(), "no data folder at {}", path.display());
     let secrets = SecretBox::load(
         config.storage.encryption_key.as_deref(),
-        &path.join("secret.key"),
+        &config.storage.key_file(),
     )?;
     let store = SledStore::open(path, secrets).with_context(|| {
         format!(

@@ -279,3 +279,40 @@ async fn connect_refuses_unencrypted_remote_servers_and_unreachable_ones() {
     assert_eq!(error["error"]["code"], "imap_connection_failed");
     daemon.stop().await;
 }
+
+/// Issue 10: with `[server] metrics_public = false`, `/metrics` takes the
+/// API key like `/v1`; health checks stay open.
+#[tokio::test]
+async fn metrics_can_be_put_behind_the_api_key() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path(), &stack, &receiver);
+    config.server.metrics_public = false;
+    let daemon = Daemon::start(config).await;
+    let http = reqwest::Client::new();
+    let metrics = format!("{}/metrics", daemon.base);
+    for auth in [None, Some("Bearer wrong-key")] {
+        let mut request = http.get(&metrics);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{auth:?}");
+        assert_error_shape(&response.json().await.unwrap());
+    }
+    let response = http
+        .get(&metrics)
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = http
+        .get(format!("{}/healthz", daemon.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    daemon.stop().await;
+}

@@ -62,10 +62,25 @@ pub struct AppState {
     pub oauth_state: crate::oauth::state::StateSigner,
     /// Which core workers are down (restarting).
     pub health: crate::supervise::Health,
+    /// `/metrics` without the API key (`[server] metrics_public`).
+    pub metrics_public: bool,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// Whether `key` is one of the accepted ones, compared in constant time
+/// (and against every one, so the time says nothing of which matched).
+fn key_accepted(hashes: &[[u8; 32]], key: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let presented = hash_key(key);
+    hashes
+        .iter()
+        .fold(subtle::Choice::from(0), |found, hash| {
+            found | hash.ct_eq(&presented)
+        })
+        .into()
 }
 
 pub fn router(state: AppState) -> Router {
@@ -129,10 +144,16 @@ pub fn router(state: AppState) -> Router {
         // The provider sends the person's browser here: the signed state
         // authenticates it, not an API key.
         .route("/oauth/{provider}/callback", get(oauth::callback));
+    let metrics_route = match state.metrics_public {
+        true => Router::new().route("/metrics", get(metrics)),
+        false => Router::new().route("/metrics", get(metrics)).route_layer(
+            middleware::from_fn_with_state(state.clone(), require_api_key),
+        ),
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -149,7 +170,7 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(key) if state.key_hashes.contains(&hash_key(key)) => next.run(request).await,
+        Some(key) if key_accepted(&state.key_hashes, key) => next.run(request).await,
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -190,10 +211,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Costs the same however big the store: gauges such as
+/// `mailbridge_outbox_pending` are set by the workers as they go.
 async fn metrics(State(state): State<AppState>) -> Response {
-    if let Ok(len) = state.store.outbox_len() {
-        metrics::gauge!("mailbridge_outbox_pending").set(len as f64);
-    }
     match &state.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

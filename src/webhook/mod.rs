@@ -125,7 +125,11 @@ impl Deliverer {
         let mut scanned = 0;
         'scan: loop {
             let page = self.store.outbox_page(after, PAGE)?;
-            let Some((last, _)) = page.last() else { break };
+            let Some((last, _)) = page.last() else {
+                // A whole pass: the outbox's size, for /metrics at no cost.
+                metrics::gauge!("mailbridge_outbox_pending").set(scanned as f64);
+                break;
+            };
             after = Some(*last);
             for (sequence, entry) in page {
                 scanned += 1;
