@@ -17,6 +17,8 @@ pub mod mailbox_changes;
 pub mod memory_budget;
 pub mod mime;
 pub mod model;
+#[cfg(test)]
+mod mutation;
 pub mod oauth;
 pub mod offload;
 pub mod routing;

@@ -321,6 +321,81 @@ mod tests {
             let _ = parse_inner(&raw);
         }
     }
+
+    /// CPython's email test corpus (see tests/fixtures/cpython-email).
+    static CORPUS: std::sync::LazyLock<Vec<Vec<u8>>> = std::sync::LazyLock::new(|| {
+        let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cpython-email");
+        let mut names: Vec<_> = std::fs::read_dir(folder)
+            .expect("the seed corpus")
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|path| std::fs::read(path).expect("a seed"))
+            .collect()
+    });
+
+    /// What MIME parsers trip on: boundaries, encodings, encoded words, charsets.
+    const MIME_TOKENS: [&[u8]; 16] = [
+        b"\r\n--",
+        b"\r\n\r\n",
+        b"Content-Type: multipart/mixed; boundary=\"b\"\r\n",
+        b"\r\n--b\r\n",
+        b"\r\n--b--\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+        b"=?utf-8?B?w6k=?=",
+        b"=?iso-8859-1?Q?=E9_x?=",
+        b"; charset=\"utf-16\"",
+        b"Content-Disposition: attachment; filename*=UTF-8''%E2%82%AC.pdf\r\n",
+        b"=\r\n",
+        b"\x00",
+        b"\xff\xfe",
+        b"Content-Type: message/rfc822\r\n\r\n",
+        b"From: \"a\\\"b\" <@@>,,\r\n",
+    ];
+
+    /// The message parsed from `raw` must not panic, and what it holds is
+    /// bounded by its size (no decoding blows a small message up).
+    fn parses_within_bounds(raw: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        let message = parse_inner(raw);
+        let held = message.text.as_ref().map_or(0, String::len)
+            + message.html.as_ref().map_or(0, String::len)
+            + message.subject.as_ref().map_or(0, String::len)
+            + message
+                .attachments
+                .iter()
+                .map(|a| a.size + a.filename.len())
+                .sum::<usize>();
+        proptest::prop_assert!(
+            held <= 4 * raw.len() + 4096,
+            "{held} bytes held from a {}-byte message",
+            raw.len()
+        );
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::mutation::bounded(512))]
+        /// Issue 10: real messages, broken the way senders and relays break them.
+        #[test]
+        fn edited_real_messages_parse_within_bounds(
+            (seed, edits) in crate::mutation::edited(CORPUS.len(), MIME_TOKENS.len(), 12)
+        ) {
+            let raw = crate::mutation::apply(&CORPUS[seed], &edits, &MIME_TOKENS);
+            parses_within_bounds(&raw)?;
+        }
+    }
+
+    /// The long run: `cargo test --release -- --ignored fuzz`.
+    #[test]
+    #[ignore]
+    fn fuzz_mime_long() {
+        let seeds: Vec<&[u8]> = CORPUS.iter().map(Vec::as_slice).collect();
+        crate::mutation::run_long(&seeds, &MIME_TOKENS, 24, parses_within_bounds);
+    }
 }
 
 /// The bytes of attachment `index` (numbered as in [`Message::attachments`]):

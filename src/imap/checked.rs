@@ -42,6 +42,41 @@ pub struct Fetched {
     pub labels: Option<Vec<String>>,
 }
 
+impl Fetched {
+    /// What one untagged FETCH response says of a message.
+    pub fn from_attributes(attributes: &[AttributeValue<'_>]) -> Fetched {
+        let mut message = Fetched::default();
+        for attribute in attributes {
+            match attribute {
+                AttributeValue::Uid(uid) => message.uid = *uid,
+                AttributeValue::Rfc822Size(size) => message.size = Some(*size),
+                AttributeValue::InternalDate(date) => message.received_at = internal_date(date),
+                AttributeValue::Flags(flags) => {
+                    message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
+                }
+                AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
+                AttributeValue::GmailLabels(labels) => {
+                    message.labels = Some(labels.iter().map(|l| unescape_quoted(l)).collect());
+                }
+                AttributeValue::BodySection {
+                    section: None,
+                    data: Some(data),
+                    ..
+                }
+                | AttributeValue::Rfc822(Some(data)) => message.body = Some(data.to_vec()),
+                AttributeValue::BodySection {
+                    section: Some(SectionPath::Full(MessageSection::Header)),
+                    data: Some(data),
+                    ..
+                }
+                | AttributeValue::Rfc822Header(Some(data)) => message.header = Some(data.to_vec()),
+                _ => {}
+            }
+        }
+        message
+    }
+}
+
 /// Runs `command`; calls `each` for every untagged response until the tagged
 /// one, which must be OK. Returns whether the server announced a change
 /// meanwhile (new mail: EXISTS, RECENT; an expunge: EXPUNGE, VANISHED; a
@@ -155,39 +190,7 @@ pub async fn uid_fetch_partial(
     let (announced, refused) =
         run_allowing_no(session, &format!("UID FETCH {set} {query}"), |response| {
             if let Response::Fetch(_, attributes) = response {
-                let mut message = Fetched::default();
-                for attribute in attributes {
-                    match attribute {
-                        AttributeValue::Uid(uid) => message.uid = *uid,
-                        AttributeValue::Rfc822Size(size) => message.size = Some(*size),
-                        AttributeValue::InternalDate(date) => {
-                            message.received_at = internal_date(date);
-                        }
-                        AttributeValue::Flags(flags) => {
-                            message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
-                        }
-                        AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
-                        AttributeValue::GmailLabels(labels) => {
-                            message.labels =
-                                Some(labels.iter().map(|l| unescape_quoted(l)).collect());
-                        }
-                        AttributeValue::BodySection {
-                            section: None,
-                            data: Some(data),
-                            ..
-                        }
-                        | AttributeValue::Rfc822(Some(data)) => message.body = Some(data.to_vec()),
-                        AttributeValue::BodySection {
-                            section: Some(SectionPath::Full(MessageSection::Header)),
-                            data: Some(data),
-                            ..
-                        }
-                        | AttributeValue::Rfc822Header(Some(data)) => {
-                            message.header = Some(data.to_vec())
-                        }
-                        _ => {}
-                    }
-                }
+                let message = Fetched::from_attributes(attributes);
                 // A FETCH without UID is an unsolicited flag change of another message.
                 if message.uid != 0 {
                     fetched.push(message);
@@ -261,20 +264,7 @@ pub async fn changes_since(
     let announced = run(session, &command, |response| match response {
         Response::Vanished { uids, .. } => gone.extend(uids.iter().cloned()),
         Response::Fetch(_, attributes) => {
-            let mut message = Fetched::default();
-            for attribute in attributes {
-                match attribute {
-                    AttributeValue::Uid(uid) => message.uid = *uid,
-                    AttributeValue::Flags(flags) => {
-                        message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
-                    }
-                    AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
-                    AttributeValue::GmailLabels(labels) => {
-                        message.labels = Some(labels.iter().map(|l| unescape_quoted(l)).collect());
-                    }
-                    _ => {}
-                }
-            }
+            let message = Fetched::from_attributes(attributes);
             if message.uid != 0 {
                 fetched.push(message);
             }
@@ -307,34 +297,33 @@ pub struct Folder {
     pub is_all: bool,
 }
 
+impl Folder {
+    /// The folder an untagged LIST response names, with its SPECIAL-USE
+    /// attributes (RFC 6154); None for any other response.
+    pub fn from_list(datum: &MailboxDatum<'_>) -> Option<Folder> {
+        let MailboxDatum::List(data) = datum else {
+            return None;
+        };
+        let has = |wanted: fn(&NameAttribute<'_>) -> bool| data.name_attributes.iter().any(wanted);
+        Some(Folder {
+            name: data.name.to_string(),
+            is_sent: has(|a| matches!(a, NameAttribute::Sent)),
+            is_bin: has(|a| matches!(a, NameAttribute::Trash | NameAttribute::Junk)),
+            is_trash: has(|a| matches!(a, NameAttribute::Trash)),
+            no_select: has(|a| matches!(a, NameAttribute::NoSelect)),
+            is_all: has(|a| matches!(a, NameAttribute::All)),
+        })
+    }
+}
+
 /// `LIST "" *`: every folder.
 pub async fn list_all(session: &mut ImapSession) -> Result<Vec<Folder>, CheckedError> {
     let mut folders = Vec::new();
     run(session, "LIST \"\" \"*\"", |response| {
-        if let Response::MailboxData(MailboxDatum::List(data)) = response {
-            folders.push(Folder {
-                name: data.name.to_string(),
-                is_sent: data
-                    .name_attributes
-                    .iter()
-                    .any(|a| matches!(a, NameAttribute::Sent)),
-                is_bin: data
-                    .name_attributes
-                    .iter()
-                    .any(|a| matches!(a, NameAttribute::Trash | NameAttribute::Junk)),
-                is_trash: data
-                    .name_attributes
-                    .iter()
-                    .any(|a| matches!(a, NameAttribute::Trash)),
-                no_select: data
-                    .name_attributes
-                    .iter()
-                    .any(|a| matches!(a, NameAttribute::NoSelect)),
-                is_all: data
-                    .name_attributes
-                    .iter()
-                    .any(|a| matches!(a, NameAttribute::All)),
-            });
+        if let Response::MailboxData(datum) = response
+            && let Some(folder) = Folder::from_list(datum)
+        {
+            folders.push(folder);
         }
     })
     .await?;
@@ -395,6 +384,105 @@ pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 #[cfg(test)]
 mod tests {
     use super::{internal_date, uid_set, unescape_quoted};
+
+    /// Server lines as Gmail and Dovecot send them (shared/notes/provider-wire-facts.md).
+    const RECORDED: [&[u8]; 18] = [
+        b"* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS LITERAL- SPECIAL-USE APPENDLIMIT=35651584\r\n",
+        b"* LIST (\\HasNoChildren \\Sent) \"/\" \"[Gmail]/Sent Mail\"\r\n",
+        b"* LIST (\\All \\HasNoChildren) \"/\" \"[Gmail]/All Mail\"\r\n",
+        b"* LIST (\\HasChildren \\Noselect) \"/\" \"[Gmail]\"\r\n",
+        b"* LIST (\\HasNoChildren \\UnMarked \\Trash) \".\" Trash\r\n",
+        b"* 9 FETCH (X-GM-THRID 1709166704339021881 X-GM-MSGID 1709167321102384438 X-GM-LABELS (\"\\\\Important\" Clients) UID 196 MODSEQ (27086) FLAGS (\\Seen))\r\n",
+        b"* 1 FETCH (UID 5 RFC822.SIZE 1234 INTERNALDATE \" 7-Jul-2026 02:44:25 -0700\")\r\n",
+        b"* 1 FETCH (UID 5 FLAGS (\\Seen \\Flagged) BODY[] {12}\r\nHello world!)\r\n",
+        b"* 2 FETCH (UID 7 BODY[HEADER] {20}\r\nSubject: hi\r\n\r\n12345)\r\n",
+        b"* VANISHED (EARLIER) 41,43:116,118,120:211,214:540\r\n",
+        b"* OK [HIGHESTMODSEQ 917752]\r\n",
+        b"* OK [UIDVALIDITY 636588758] UIDs valid.\r\n",
+        b"+ eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n",
+        b"a NO [ALERT] Application-specific password required: https://support.google.com/accounts/answer/185833 (Failure)\r\n",
+        b"* BYE [OVERQUOTA] Account exceeded command or bandwidth limits.\r\n",
+        b"* SEARCH 1 2 3 24821\r\n",
+        b"* 3 EXPUNGE\r\n",
+        b"A0005 OK [READ-WRITE] INBOX selected. (Success)\r\n",
+    ];
+
+    /// What IMAP parsers trip on: literals, quotes, escapes, nesting.
+    const IMAP_TOKENS: [&[u8]; 12] = [
+        b"{5}\r\n",
+        b"{4294967295}\r\n",
+        b"~{3}\r\n",
+        b"\"",
+        b"\\",
+        b"(",
+        b")",
+        b"X-GM-LABELS (",
+        b"\r\n",
+        b"NIL",
+        b"MODSEQ (18446744073709551615)",
+        b"\\Sent",
+    ];
+
+    /// A server line, whatever it holds, is parsed or refused, never a
+    /// panic; what the bridge reads of it is bounded by its size.
+    fn read_within_bounds(line: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        use async_imap::imap_proto::{MailboxDatum, Response};
+        crate::mutation::quiet_known_panics();
+        let parsed = match std::panic::catch_unwind(|| Response::parse(line)) {
+            Ok(parsed) => parsed,
+            Err(payload) => {
+                // imap-proto's own known panic, contained where the bridge
+                // logs in (see `ImapConnector::open`); anything else fails.
+                proptest::prop_assert!(
+                    crate::mutation::is_known_imap_proto_panic(payload.as_ref()),
+                    "imap-proto panicked in a new way"
+                );
+                return Ok(());
+            }
+        };
+        match parsed {
+            Ok((_, Response::Fetch(_, attributes))) => {
+                let fetched = super::Fetched::from_attributes(&attributes);
+                let held = fetched.body.map_or(0, |b| b.len())
+                    + fetched.header.map_or(0, |h| h.len())
+                    + fetched
+                        .labels
+                        .iter()
+                        .flatten()
+                        .chain(fetched.flags.iter().flatten())
+                        .map(String::len)
+                        .sum::<usize>();
+                proptest::prop_assert!(held <= line.len());
+            }
+            Ok((_, Response::MailboxData(datum @ MailboxDatum::List(_)))) => {
+                let folder = super::Folder::from_list(&datum);
+                proptest::prop_assert!(folder.is_some_and(|f| f.name.len() <= line.len()));
+            }
+            _ => {}
+        }
+        let text = String::from_utf8_lossy(line);
+        let _ = internal_date(&text);
+        proptest::prop_assert!(unescape_quoted(&text).len() <= text.len());
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::mutation::bounded(1024))]
+        /// Issue 10: recorded server lines, broken the way a cut or hostile server breaks them.
+        #[test]
+        fn edited_server_lines_are_read_within_bounds(
+            (seed, edits) in crate::mutation::edited(RECORDED.len(), IMAP_TOKENS.len(), 8)
+        ) {
+            read_within_bounds(&crate::mutation::apply(RECORDED[seed], &edits, &IMAP_TOKENS))?;
+        }
+    }
+
+    /// The long run: `cargo test --release -- --ignored fuzz`.
+    #[test]
+    #[ignore]
+    fn fuzz_imap_long() {
+        crate::mutation::run_long(&RECORDED, &IMAP_TOKENS, 16, read_within_bounds);
+    }
 
     #[test]
     fn gmail_labels_as_imap_proto_leaves_them_are_unescaped() {

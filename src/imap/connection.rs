@@ -288,6 +288,28 @@ impl ImapConnector {
         endpoint: &Endpoint,
         login: &Login,
     ) -> Result<ImapSession, ConnectError> {
+        use futures_util::FutureExt as _;
+        // imap-proto 0.17 panics on some malformed answers (a response code
+        // followed by non-ASCII text: it slices a `&str` at byte 1). A server
+        // that sends one must cost a failed login, never the task (or an
+        // API request) that asked.
+        match std::panic::AssertUnwindSafe(self.open_unguarded(endpoint, login))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Protocol(format!(
+                "{}:{} sent an answer the IMAP parser could not read",
+                endpoint.host, endpoint.port
+            ))),
+        }
+    }
+
+    async fn open_unguarded(
+        &self,
+        endpoint: &Endpoint,
+        login: &Login,
+    ) -> Result<ImapSession, ConnectError> {
         if endpoint.security == Security::Plain && !is_loopback(&endpoint.host) {
             return Err(ConnectError::Insecure(endpoint.host.clone()));
         }
@@ -438,5 +460,49 @@ mod tests {
         assert!(is_loopback("localhost"));
         assert!(!is_loopback("imap.gmail.com"));
         assert!(!is_loopback("10.0.0.1"));
+    }
+
+    /// Found by the fuzz test (`checked::tests`): imap-proto 0.17 panics on a
+    /// response code followed by non-ASCII text. A server answering a login so
+    /// gets a failed login, not a crashed task.
+    #[tokio::test]
+    async fn an_answer_the_imap_parser_panics_on_fails_the_login_without_a_panic() {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, mut write) = socket.into_split();
+            write.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            if let Ok(Some(line)) = lines.next_line().await {
+                let tag = line.split(' ').next().unwrap_or("a").to_string();
+                let answer = format!("{tag} NO [ALERT]\u{e9}chec de connexion\r\n");
+                let _ = write.write_all(answer.as_bytes()).await;
+            }
+            let _ = lines.next_line().await;
+        });
+        let connector = ImapConnector::new(
+            crate::tls::client_config(&[]).unwrap(),
+            Duration::from_secs(5),
+            Egress {
+                allow_private: true,
+            },
+        );
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            security: Security::Plain,
+        };
+        let login = Login::Password {
+            username: "me@x.test".into(),
+            password: "pw".into(),
+        };
+        let opened = connector.open(&endpoint, &login).await;
+        assert!(
+            matches!(opened, Err(ConnectError::Protocol(ref words)) if words.contains("could not read")),
+            "{:?}",
+            opened.err()
+        );
     }
 }
