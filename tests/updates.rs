@@ -678,3 +678,37 @@ async fn a_crm_send_is_followed_in_sent_both_ways() {
     );
     w.daemon.stop().await;
 }
+
+/// A flag change the server announces in its answer to another command (here
+/// the check that synced messages are still there, on a server without
+/// QRESYNC) is not lost: the watcher looks again before it goes back to IDLE,
+/// where the server would not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_announced_in_the_answer_to_another_command_is_reported_at_once() {
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    proxy.hide_capabilities(&["QRESYNC"]);
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let (read, _) = w.mail_synced("read while the bridge asks").await;
+    let release = proxy.hold_next_search();
+    // The next look (woken by this message) stops at its UID SEARCH…
+    mail(&w.stack, &w.ann, &w.me, "wakes the watcher", None).await;
+    support::eventually("the UID SEARCH to be held", support::DEADLINE, async || {
+        proxy.holding().then_some(())
+    })
+    .await;
+    // …while another client reads the first message: Dovecot announces it
+    // once, in its answer to that SEARCH.
+    w.stack
+        .store_flags(&w.me, "INBOX", &read, "+FLAGS (\\Seen)")
+        .await;
+    release.notify_one();
+    let updated = w
+        .receiver
+        .wait_for(
+            "the read reported without waiting for IDLE's renewal",
+            |r| r.kind() == "message.updated" && r.data()["message_id"] == read.as_str(),
+        )
+        .await;
+    assert_eq!(updated.data()["seen"], true);
+    w.daemon.stop().await;
+}

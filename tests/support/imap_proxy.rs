@@ -31,6 +31,8 @@ struct Script {
     fetches_refused: usize,
     /// The next body FETCH waits for this before it reaches Dovecot.
     hold_fetch: Option<Arc<tokio::sync::Notify>>,
+    /// The next `UID SEARCH UID …` waits for this before it reaches Dovecot.
+    hold_search: Option<Arc<tokio::sync::Notify>>,
     holding: bool,
     /// How many of the next IDLEs get a `BAD` without text.
     idle_refusals: usize,
@@ -126,7 +128,15 @@ impl ImapProxy {
         release
     }
 
-    /// Whether a body FETCH is being held back now.
+    /// The next `UID SEARCH UID …` (the check that synced messages are still
+    /// there) is held back until the returned `Notify` is notified.
+    pub fn hold_next_search(&self) -> Arc<tokio::sync::Notify> {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.script.lock().expect("proxy script").hold_search = Some(release.clone());
+        release
+    }
+
+    /// Whether a body FETCH (or a search) is being held back now.
     pub fn holding(&self) -> bool {
         self.script.lock().expect("proxy script").holding
     }
@@ -243,6 +253,11 @@ async fn serve(
         let hold = if verb == "UID" && upper.contains(" FETCH ") && upper.contains("BODY.PEEK[]") {
             let mut script = script.lock().expect("proxy script");
             let hold = script.hold_fetch.take();
+            script.holding = hold.is_some();
+            hold
+        } else if verb == "UID" && upper.contains(" SEARCH UID ") {
+            let mut script = script.lock().expect("proxy script");
+            let hold = script.hold_search.take();
             script.holding = hold.is_some();
             hold
         } else {
