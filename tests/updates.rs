@@ -712,3 +712,26 @@ async fn a_change_announced_in_the_answer_to_another_command_is_reported_at_once
     assert_eq!(updated.data()["seen"], true);
     w.daemon.stop().await;
 }
+
+/// Messages deleted together are looked for over one second session, not
+/// one login each (a provider throttles bursts of logins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_deleted_together_are_looked_for_over_one_session() {
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    for n in 0..5 {
+        w.mail_synced(&format!("deleted together #{n}")).await;
+    }
+    let (_, logins_before) = proxy.counts();
+    w.stack.delete_all(&w.me, "INBOX").await;
+    w.receiver
+        .wait_for_count("five message.deleted", 5, |r| r.kind() == "message.deleted")
+        .await;
+    let (_, logins_after) = proxy.counts();
+    assert!(
+        logins_after - logins_before <= 2,
+        "{} logins to look for 5 messages",
+        logins_after - logins_before
+    );
+    w.daemon.stop().await;
+}

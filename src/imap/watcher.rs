@@ -557,10 +557,15 @@ impl FolderWatcher {
         }
 
         let mut changes: Vec<LocatedChange> = Vec::new();
-        for (uid, located) in vanished {
-            // A lookup that fails is no verdict: the session ends and the
-            // change is read again (HIGHESTMODSEQ has not moved).
-            let (kind, now_in, moved_to) = match self.now_in(folder, &located).await? {
+        let mut lookup: Option<Lookup> = None;
+        let found = self.whereabouts_of(folder, vanished, &mut lookup).await;
+        if let Some(Lookup { mut session, .. }) = lookup {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+        }
+        // A lookup that fails is no verdict: the session ends and the change
+        // is read again (HIGHESTMODSEQ has not moved).
+        for (uid, located, whereabouts) in found? {
+            let (kind, now_in, moved_to) = match whereabouts {
                 // Moved out and straight back: the catch-up follows it from
                 // its new UID.
                 Whereabouts::Back => {
@@ -654,89 +659,110 @@ impl FolderWatcher {
 
     /// Where a message that left `folder` is now, by its Message-ID, looked
     /// up over a second session (this one stays on its folder), Trash and
-    /// Junk first. An error is no verdict: the caller tries again later.
+    /// Junk first, All Mail and the folder itself last. The session and its
+    /// folder list are opened at the first look of a pass and shared by the
+    /// rest (a mass delete is one login, not one per message). An error is
+    /// no verdict: the caller tries again later.
     async fn now_in(
         &self,
         folder: &str,
         located: &LocatedMessage,
+        lookup: &mut Option<Lookup>,
     ) -> Result<Whereabouts, SessionError> {
         // Without a Message-ID it cannot be looked for: taken as gone.
         let Some(message_id) = located.message_id.as_deref() else {
             return Ok(Whereabouts::Nowhere);
         };
         let quoted = checked::quoted(message_id);
-        let mut session = self
-            .ctx
-            .auth
-            .open_imap(&self.ctx.connector, &self.address)
-            .await?;
-        let result = async {
+        if lookup.is_none() {
+            let mut session = self
+                .ctx
+                .auth
+                .open_imap(&self.ctx.connector, &self.address)
+                .await?;
             let mut folders = self
                 .timed("listing folders", checked::list_all(&mut session))
                 .await?;
-            // Trash and Junk first (Gmail's All Mail holds everything else
-            // too); its own folder last (moved straight back).
-            folders.sort_by_key(|f| (f.name == folder, !f.is_bin));
-            let sent = folders::sent_among(&folders);
-            let watched_role = |candidate: &checked::Folder| -> Option<FolderRole> {
-                let name = candidate.name.as_str();
-                if candidate.is_all {
-                    self.all_mail.then_some(FolderRole::All)
-                } else if name.eq_ignore_ascii_case("INBOX") {
-                    Some(FolderRole::Inbox)
-                } else if sent.as_deref() == Some(name) {
-                    Some(FolderRole::Sent)
-                } else {
-                    self.listed
-                        .iter()
-                        .any(|listed| listed == name)
-                        .then(|| FolderRole::listed(name))
-                }
-            };
-            for candidate in folders.iter().filter(|f| !f.no_select) {
-                // A folder the server will not open is no answer about the
-                // message, and must not stop the watch: it is passed over.
-                let opened = match tokio::time::timeout(
-                    self.ctx.connector.step_timeout(),
-                    session.examine(&candidate.name),
-                )
-                .await
-                {
-                    Ok(Ok(opened)) => opened,
-                    Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
-                        continue;
-                    }
-                    Ok(Err(err)) => return Err(err.into()),
-                    Err(_) => return Err(SessionError::Timeout("opening a folder")),
-                };
-                let hits = self
-                    .timed(
-                        "looking for a moved message",
-                        checked::uid_search(&mut session, &format!("HEADER Message-ID {quoted}")),
-                    )
-                    .await?;
-                let Some(new_uid) = hits.iter().max().copied() else {
-                    continue;
-                };
-                if candidate.name == folder {
-                    return Ok(Whereabouts::Back);
-                }
-                if candidate.is_bin {
-                    return Ok(Whereabouts::Binned(candidate.name.clone()));
-                }
-                return Ok(match (watched_role(candidate), opened.uid_validity) {
-                    (Some(role), Some(uid_validity)) if role != self.role => Whereabouts::Watched {
-                        name: candidate.name.clone(),
-                        at: (role, uid_validity, new_uid),
-                    },
-                    _ => Whereabouts::Elsewhere(candidate.name.clone()),
-                });
-            }
-            Ok(Whereabouts::Nowhere)
+            // Trash and Junk first; Gmail's All Mail, which holds every
+            // other message too, after the rest; its own folder last (moved
+            // straight back).
+            folders.sort_by_key(|f| (f.name == folder, f.is_all, !f.is_bin));
+            *lookup = Some(Lookup { session, folders });
         }
-        .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-        result
+        let Some(Lookup { session, folders }) = lookup.as_mut() else {
+            return Ok(Whereabouts::Nowhere);
+        };
+        let sent = folders::sent_among(folders);
+        let watched_role = |candidate: &checked::Folder| -> Option<FolderRole> {
+            let name = candidate.name.as_str();
+            if candidate.is_all {
+                self.all_mail.then_some(FolderRole::All)
+            } else if name.eq_ignore_ascii_case("INBOX") {
+                Some(FolderRole::Inbox)
+            } else if sent.as_deref() == Some(name) {
+                Some(FolderRole::Sent)
+            } else {
+                self.listed
+                    .iter()
+                    .any(|listed| listed == name)
+                    .then(|| FolderRole::listed(name))
+            }
+        };
+        for candidate in folders.iter().filter(|f| !f.no_select) {
+            // A folder the server will not open is no answer about the
+            // message, and must not stop the watch: it is passed over.
+            let opened = match tokio::time::timeout(
+                self.ctx.connector.step_timeout(),
+                session.examine(&candidate.name),
+            )
+            .await
+            {
+                Ok(Ok(opened)) => opened,
+                Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
+                    continue;
+                }
+                Ok(Err(err)) => return Err(err.into()),
+                Err(_) => return Err(SessionError::Timeout("opening a folder")),
+            };
+            let hits = self
+                .timed(
+                    "looking for a moved message",
+                    checked::uid_search(session, &format!("HEADER Message-ID {quoted}")),
+                )
+                .await?;
+            let Some(new_uid) = hits.iter().max().copied() else {
+                continue;
+            };
+            if candidate.name == folder {
+                return Ok(Whereabouts::Back);
+            }
+            if candidate.is_bin {
+                return Ok(Whereabouts::Binned(candidate.name.clone()));
+            }
+            return Ok(match (watched_role(candidate), opened.uid_validity) {
+                (Some(role), Some(uid_validity)) if role != self.role => Whereabouts::Watched {
+                    name: candidate.name.clone(),
+                    at: (role, uid_validity, new_uid),
+                },
+                _ => Whereabouts::Elsewhere(candidate.name.clone()),
+            });
+        }
+        Ok(Whereabouts::Nowhere)
+    }
+
+    /// Where each of the `vanished` messages went, over one `lookup` session.
+    async fn whereabouts_of(
+        &self,
+        folder: &str,
+        vanished: Vec<(u32, LocatedMessage)>,
+        lookup: &mut Option<Lookup>,
+    ) -> Result<Vec<(u32, LocatedMessage, Whereabouts)>, SessionError> {
+        let mut found = Vec::with_capacity(vanished.len());
+        for (uid, located) in vanished {
+            let whereabouts = self.now_in(folder, &located, lookup).await?;
+            found.push((uid, located, whereabouts));
+        }
+        Ok(found)
     }
 
     /// Fetches and handles every message at or after the cursor, in UID order.
@@ -964,6 +990,13 @@ enum ChangeTracking {
 /// the server cannot name its changes: bounds the cost of each look (older
 /// ones are followed only where the server has QRESYNC).
 const RECHECKED_MESSAGES: usize = 1000;
+
+/// The second session of a pass that looks for messages gone from the
+/// folder, with the mailbox's folders in the order they are looked in.
+struct Lookup {
+    session: ImapSession,
+    folders: Vec<checked::Folder>,
+}
 
 /// Where a message that left its folder went.
 enum Whereabouts {

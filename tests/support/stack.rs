@@ -368,6 +368,29 @@ impl Stack {
         let _ = session.logout().await;
     }
 
+    /// As another mail client does: deletes every message of `folder` for
+    /// good in one EXPUNGE.
+    pub async fn delete_all(&self, user: &User, folder: &str) {
+        use futures_util::TryStreamExt as _;
+        let mut session = self.session(user).await;
+        session.select(folder).await.expect("SELECT");
+        let _: Vec<_> = session
+            .store("1:*", "+FLAGS.SILENT (\\Deleted)")
+            .await
+            .expect("STORE")
+            .try_collect()
+            .await
+            .expect("STORE responses");
+        let _: Vec<_> = session
+            .expunge()
+            .await
+            .expect("EXPUNGE")
+            .try_collect()
+            .await
+            .expect("EXPUNGE responses");
+        let _ = session.logout().await;
+    }
+
     /// The flags of the message with this Message-ID in a folder, or None if
     /// it is not there.
     pub async fn flags_of(
