@@ -193,8 +193,17 @@ impl std::fmt::Debug for ApiConfig {
 
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL without its query, which may carry a token.
-        let url = self.url.split(['?', '#']).next().unwrap_or_default();
+        // The URL without what may carry a secret: user info, query, fragment.
+        let url = match reqwest::Url::parse(&self.url) {
+            Ok(mut url) => {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
+            }
+            Err(_) => "<not an URL>".to_string(),
+        };
         f.debug_struct("WebhookConfig")
             .field("url", &url)
             .field("secret", &"<redacted>")

@@ -16,6 +16,37 @@ use std::{
     sync::Arc,
 };
 
+/// The IPv4 address an IPv6 one carries and reaches: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`,
+/// `64:ff9b:1::/48`) and 6to4 (`2002:AABB:CCDD::/48`).
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = ip.segments();
+    let low = Ipv4Addr::new(
+        (s[6] >> 8) as u8,
+        (s[6] & 0xff) as u8,
+        (s[7] >> 8) as u8,
+        (s[7] & 0xff) as u8,
+    );
+    if s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified() {
+        return Some(low);
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+        return Some(low);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            (s[1] & 0xff) as u8,
+            (s[2] >> 8) as u8,
+            (s[2] & 0xff) as u8,
+        ));
+    }
+    None
+}
+
 /// The policy: built once from `[network]` and shared.
 #[derive(Clone, Copy, Debug)]
 pub struct Egress {
@@ -38,7 +69,7 @@ impl Egress {
     /// Why the bridge does not connect to `ip`, or None when it may.
     pub fn refusal(&self, ip: IpAddr) -> Option<&'static str> {
         let ip = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            IpAddr::V6(v6) => match embedded_ipv4(v6) {
                 Some(v4) => IpAddr::V4(v4),
                 None => IpAddr::V6(v6),
             },
@@ -51,7 +82,8 @@ impl Egress {
     }
 
     fn refusal_v4(&self, ip: Ipv4Addr) -> Option<&'static str> {
-        if ip.is_link_local() {
+        // Alibaba Cloud's metadata service sits in the shared address space.
+        if ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200) {
             return Some("link-local, where cloud metadata services answer");
         }
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
@@ -176,6 +208,9 @@ mod tests {
             "febf::1",
             "fd00:ec2::254",
             "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "100.100.100.200",
             "0.0.0.0",
             "::",
             "255.255.255.255",
@@ -212,6 +247,10 @@ mod tests {
             "fc00::1",
             "fd12:3456::1",
             "::ffff:10.0.0.1",
+            "64:ff9b::a00:5",
+            "64:ff9b:1::a00:5",
+            "2002:c0a8:101::1",
+            "::10.0.0.1",
         ] {
             assert!(closed.refusal(ip(refused)).is_some(), "{refused}");
         }

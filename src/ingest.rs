@@ -439,7 +439,7 @@ impl Ingest {
                 if routing_mailbox == found.mailbox && found.folder == FolderRole::Sent =>
             {
                 match crm_send {
-                    Some(send) => self.follow_crm_send(found, &send)?,
+                    Some(send) => self.follow_crm_send(found, &send, message)?,
                     None => self.skip(found)?,
                 }
                 return Ok(Outcome::Ignored(reason));
@@ -740,7 +740,12 @@ impl Ingest {
     /// Moves the cursor past a message that cannot be handled (logged by the caller).
     /// Moves the cursor past a CRM send's copy in Sent and follows it there
     /// under the send's record id (the `data.id` of its `message.sent`).
-    fn follow_crm_send(&self, found: Found<'_>, send: &SendRecord) -> StoreResult<()> {
+    fn follow_crm_send(
+        &self,
+        found: Found<'_>,
+        send: &SendRecord,
+        message: &Message,
+    ) -> StoreResult<()> {
         // Followed already (a second copy): the first place stays.
         if self.store.locate_record(&send.data.id)?.is_some() {
             return self.skip(found);
@@ -760,7 +765,12 @@ impl Ingest {
                 found.uid,
                 LocatedMessage {
                     record_id: send.data.id.clone(),
-                    message_id: Some(send.message_id.clone()),
+                    // The copy's own: a server that replaced the one the
+                    // bridge wrote (Exchange) files it under its own.
+                    message_id: message
+                        .message_id
+                        .clone()
+                        .or_else(|| Some(send.message_id.clone())),
                     thread_id: send.thread_id.clone(),
                     routes: vec![ThreadRoute {
                         location_id: send.location_id.clone(),

@@ -69,7 +69,20 @@ impl MailboxChanges {
                 next = Some(next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)));
                 continue;
             }
-            let outcome = match self.apply(&change).await {
+            // imap-proto panics on some malformed answers: a server any
+            // tenant chooses must not stop this worker for every mailbox.
+            let applied = {
+                use futures_util::FutureExt as _;
+                std::panic::AssertUnwindSafe(self.apply(&change))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failure::Permanent(
+                            "the server sent an answer the IMAP parser could not read".into(),
+                        ))
+                    })
+            };
+            let outcome = match applied {
                 Ok(()) => None,
                 Err(Failure::Permanent(why)) => {
                     tracing::warn!(record = %change.record_id, mailbox = %change.location.mailbox, "the CRM's change cannot be made in the mailbox: {why}");

@@ -111,7 +111,8 @@ async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
         .await;
     assert_eq!(
         relabelled.data()["labels"],
-        serde_json::json!(["\\Important", "Invoices"])
+        serde_json::json!(["Invoices", "\\Important"]),
+        "as a sorted set"
     );
     assert_eq!(relabelled.data()["folder"], ALL_MAIL);
 

@@ -643,3 +643,40 @@ async fn no_token_or_client_secret_reaches_the_log_even_at_debug_and_trace_level
         assert!(!log.contains(secret), "{what} in the log");
     }
 }
+
+/// Issue 10: a location that claimed an address with a server of its own
+/// (one that takes any login) never receives the owner's access token: the
+/// owner's sign-in uses the provider's servers, not the ones stored with the
+/// address, and is refused (`mailbox_in_use`) rather than connected there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_never_sends_the_token_to_a_server_claimed_by_another_location() {
+    let (world, oauth) = world().await;
+    let squatter = support::scripted_gmail::ScriptedGmail::start().await;
+    let (status, body) = world
+        .api
+        .send(
+            reqwest::Method::PUT,
+            "/v1/locations/L2/users/squatter/mailbox",
+            Some(serde_json::json!({
+                "email": world.me.address,
+                "provider": "imap",
+                "auth": {"type": "password", "username": world.me.address, "password": "any"},
+                "imap": squatter.endpoint(),
+                "smtp": squatter.endpoint(),
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let url = start_url(&world, "imap", "https://crm.example/done").await;
+    let callback = oauth.authorize(&url, &world.me.address).await;
+    let (_, location) = follow_callback(&world, &callback).await;
+    let location = location.expect("redirect to return_to");
+    assert_eq!(query_of(&location)["status"], "error", "{location}");
+    assert_eq!(
+        squatter.authentications(),
+        0,
+        "no access token was offered to the other location's server"
+    );
+    world.daemon.stop().await;
+}

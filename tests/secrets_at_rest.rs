@@ -104,7 +104,7 @@ fn the_configuration_prints_no_secret() {
     let mut config = mailbridge::config::Config::default();
     config.api.keys = vec![API_KEY.into()];
     config.webhooks = vec![mailbridge::config::WebhookConfig {
-        url: "https://crm.example.com/hooks?token=url-token-123".into(),
+        url: "https://hook-user:url-password-456@crm.example.com/hooks?token=url-token-123".into(),
         secret: SECRET.into(),
     }];
     config.storage.encryption_key = Some("c2VjcmV0LWtleS0zMi1ieXRlcy1sb25nLW9rLW9rIQ==".into());
@@ -114,6 +114,7 @@ fn the_configuration_prints_no_secret() {
         API_KEY,
         SECRET,
         "url-token-123",
+        "url-password-456",
         "c2VjcmV0LWtleS0zMi1ieXRlcy1sb25nLW9rLW9rIQ==",
         "oauth-client-secret-xyz",
     ] {

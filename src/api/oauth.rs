@@ -283,8 +283,11 @@ async fn connect_from_code(
             expires_at: grant.expires_at,
             issued_at: Some(Utc::now()),
         },
-        imap: existing.as_ref().map(|m| m.imap.clone()),
-        smtp: existing.as_ref().map(|m| m.smtp.clone()),
+        // The provider's own servers (the operator's [providers] settings),
+        // never ones stored with the address: a mailbox claimed earlier with
+        // another server must not receive this person's access token.
+        imap: None,
+        smtp: None,
         daily_send_limit: existing.as_ref().and_then(|m| m.daily_send_limit),
         save_sent: existing.map(|m| m.save_sent).unwrap_or(SaveSent::Auto),
         folders: None,

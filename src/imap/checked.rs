@@ -56,7 +56,12 @@ impl Fetched {
                 }
                 AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
                 AttributeValue::GmailLabels(labels) => {
-                    message.labels = Some(labels.iter().map(|l| unescape_quoted(l)).collect());
+                    // A set: Gmail's order is no change.
+                    let mut labels: Vec<String> =
+                        labels.iter().map(|l| unescape_quoted(l)).collect();
+                    labels.sort();
+                    labels.dedup();
+                    message.labels = Some(labels);
                 }
                 AttributeValue::BodySection {
                     section: None,

@@ -116,6 +116,14 @@ pub enum ConnectError {
     Timeout(&'static str),
 }
 
+/// Whether `host` is an IP address rather than a name.
+fn is_ip_literal(host: &str) -> bool {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok()
+}
+
 /// Opens sessions with one TLS configuration and one per-step deadline.
 #[derive(Clone)]
 pub struct ImapConnector {
@@ -264,8 +272,15 @@ impl ImapConnector {
         .await
         {
             Ok(Ok(addresses)) => addresses,
-            Ok(Err(err @ EgressError::Forbidden(..))) => {
+            // An IP address given is judged openly; a name that resolves to
+            // refused addresses answers like one that does not resolve, so
+            // the answer does not tell which internal names exist.
+            Ok(Err(err @ EgressError::Forbidden(..))) if is_ip_literal(host) => {
                 return Err(ConnectError::Forbidden(err.to_string()));
+            }
+            Ok(Err(err @ EgressError::Forbidden(..))) => {
+                tracing::warn!(%shown, "not connecting: {err}");
+                return Err(ConnectError::Unreachable(shown));
             }
             Ok(Err(EgressError::Unreachable(_))) | Err(_) => {
                 tracing::debug!(%shown, "the IMAP server's name did not resolve in time or at all");

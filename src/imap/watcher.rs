@@ -504,16 +504,21 @@ impl FolderWatcher {
                     )?;
                     if !latest.is_empty() {
                         let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
-                        let (present, changed_meanwhile) = self
-                            .timed(
-                                "checking synced messages are still there",
-                                checked::uid_search_announcing(
-                                    session,
-                                    &format!("UID {}", checked::uid_set(&uids)),
-                                ),
-                            )
-                            .await?;
-                        announced |= changed_meanwhile;
+                        let mut present = Vec::new();
+                        // Short command lines: servers refuse long ones (RFC 7162 §4).
+                        for chunk in uids.chunks(UIDS_PER_COMMAND) {
+                            let (found, changed_meanwhile) = self
+                                .timed(
+                                    "checking synced messages are still there",
+                                    checked::uid_search_announcing(
+                                        session,
+                                        &format!("UID {}", checked::uid_set(chunk)),
+                                    ),
+                                )
+                                .await?;
+                            announced |= changed_meanwhile;
+                            present.extend(found);
+                        }
                         vanished
                             .extend(latest.into_iter().filter(|(uid, _)| !present.contains(uid)));
                     }
@@ -535,18 +540,21 @@ impl FolderWatcher {
                 }
                 let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
                 // A refused FETCH is an error, never "all gone".
-                let answer = self
-                    .timed(
-                        "reading the flags of synced messages",
-                        checked::uid_fetch(session, &checked::uid_set(&uids), "(UID FLAGS)"),
-                    )
-                    .await?;
-                announced |= answer.announced;
-                let returned: HashMap<u32, FlagState> = answer
-                    .messages
-                    .iter()
-                    .filter_map(|f| Some((f.uid, FlagState::from_flags(f.flags.as_ref()?))))
-                    .collect();
+                let mut returned: HashMap<u32, FlagState> = HashMap::new();
+                for chunk in uids.chunks(UIDS_PER_COMMAND) {
+                    let answer = self
+                        .timed(
+                            "reading the flags of synced messages",
+                            checked::uid_fetch(session, &checked::uid_set(chunk), "(UID FLAGS)"),
+                        )
+                        .await?;
+                    announced |= answer.announced;
+                    returned.extend(
+                        answer.messages.iter().filter_map(|f| {
+                            Some((f.uid, FlagState::from_flags(f.flags.as_ref()?)))
+                        }),
+                    );
+                }
                 for (uid, located) in latest {
                     match returned.get(&uid) {
                         Some(flags) => changed.push((uid, *flags, None)),
@@ -566,6 +574,7 @@ impl FolderWatcher {
         // is read again (HIGHESTMODSEQ has not moved).
         for (uid, located, whereabouts) in found? {
             let (kind, now_in, moved_to) = match whereabouts {
+                Whereabouts::Unchanged => continue,
                 // Moved out and straight back: the catch-up follows it from
                 // its new UID.
                 Whereabouts::Back => {
@@ -666,6 +675,7 @@ impl FolderWatcher {
     async fn now_in(
         &self,
         folder: &str,
+        located_uid: u32,
         located: &LocatedMessage,
         lookup: &mut Option<Lookup>,
     ) -> Result<Whereabouts, SessionError> {
@@ -683,10 +693,23 @@ impl FolderWatcher {
             let mut folders = self
                 .timed("listing folders", checked::list_all(&mut session))
                 .await?;
-            // Trash and Junk first; Gmail's All Mail, which holds every
-            // other message too, after the rest; its own folder last (moved
-            // straight back).
-            folders.sort_by_key(|f| (f.name == folder, f.is_all, !f.is_bin));
+            // Its own folder first (still there, or moved straight back),
+            // then Trash and Junk, the watched folders, Gmail's All Mail
+            // (which holds every message, and is where an archived one is),
+            // and the rest (Gmail's Important and Starred hold copies too).
+            let listed = &self.listed;
+            folders.sort_by_key(|f| {
+                let watched = f.name.eq_ignore_ascii_case("INBOX")
+                    || f.is_sent
+                    || listed.iter().any(|name| name == &f.name);
+                let rank = match (f.is_bin, watched, f.is_all) {
+                    (true, _, _) => 0,
+                    (_, true, _) => 1,
+                    (_, _, true) => 2,
+                    _ => 3,
+                };
+                (f.name != folder, rank)
+            });
             *lookup = Some(Lookup { session, folders });
         }
         let Some(Lookup { session, folders }) = lookup.as_mut() else {
@@ -734,6 +757,10 @@ impl FolderWatcher {
                 continue;
             };
             if candidate.name == folder {
+                // Still at its UID: the server's earlier answer missed it.
+                if hits.contains(&located_uid) {
+                    return Ok(Whereabouts::Unchanged);
+                }
                 return Ok(Whereabouts::Back);
             }
             if candidate.is_bin {
@@ -759,7 +786,7 @@ impl FolderWatcher {
     ) -> Result<Vec<(u32, LocatedMessage, Whereabouts)>, SessionError> {
         let mut found = Vec::with_capacity(vanished.len());
         for (uid, located) in vanished {
-            let whereabouts = self.now_in(folder, &located, lookup).await?;
+            let whereabouts = self.now_in(folder, uid, &located, lookup).await?;
             found.push((uid, located, whereabouts));
         }
         Ok(found)
@@ -991,6 +1018,10 @@ enum ChangeTracking {
 /// ones are followed only where the server has QRESYNC).
 const RECHECKED_MESSAGES: usize = 1000;
 
+/// UIDs named in one command: a set of scattered 7-digit UIDs stays near
+/// 2 KB, well within the 8,000-byte lines servers must take (RFC 7162 §4).
+const UIDS_PER_COMMAND: usize = 250;
+
 /// The second session of a pass that looks for messages gone from the
 /// folder, with the mailbox's folders in the order they are looked in.
 struct Lookup {
@@ -1000,6 +1031,8 @@ struct Lookup {
 
 /// Where a message that left its folder went.
 enum Whereabouts {
+    /// It had not left: found at its own UID.
+    Unchanged,
     /// Back in the same folder, under a new UID.
     Back,
     /// In another folder the mailbox's sync watches (role, UIDVALIDITY, UID).

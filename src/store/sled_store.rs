@@ -1447,18 +1447,21 @@ impl Store for SledStore {
                 let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
                 for (key, change, outbox_values, moved_to) in &change_keys {
                     let Some(flags) = change.flags_after else {
-                        if let Some(gone) = located.remove(key.as_slice())? {
-                            let entry: LocatedMessage =
-                                decode(&gone).map_err(ConflictableTransactionError::Abort)?;
-                            match moved_to {
-                                Some((new_key, location)) => {
-                                    located.insert(new_key.as_slice(), gone)?;
-                                    record_locations
-                                        .insert(entry.record_id.as_bytes(), location.as_slice())?;
-                                }
-                                None => {
-                                    record_locations.remove(entry.record_id.as_bytes())?;
-                                }
+                        // Gone meanwhile (the CRM's DELETE took it): its own
+                        // change, not reported back.
+                        let Some(gone) = located.remove(key.as_slice())? else {
+                            continue;
+                        };
+                        let entry: LocatedMessage =
+                            decode(&gone).map_err(ConflictableTransactionError::Abort)?;
+                        match moved_to {
+                            Some((new_key, location)) => {
+                                located.insert(new_key.as_slice(), gone)?;
+                                record_locations
+                                    .insert(entry.record_id.as_bytes(), location.as_slice())?;
+                            }
+                            None => {
+                                record_locations.remove(entry.record_id.as_bytes())?;
                             }
                         }
                         Self::put_outbox_tx(outbox, outbox_values)?;

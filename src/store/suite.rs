@@ -1574,3 +1574,43 @@ fn a_shared_mailbox_keeps_its_servers_and_login() {
         ));
     }
 }
+
+/// Issue 9: a message the watcher finds gone, whose location the CRM's own
+/// DELETE removed meanwhile, is not reported back as `message.deleted`.
+#[test]
+fn a_removal_of_a_message_no_longer_located_queues_nothing() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor {
+            highest_modseq: Some(10),
+            ..FolderCursor::new(1, 1)
+        };
+        connect_inbox_at(store.as_ref(), start);
+        let at = store
+            .cursor("me@x.test", FolderRole::Inbox)
+            .unwrap()
+            .unwrap();
+        let outbox = store.outbox_len().unwrap();
+        let gone = LocatedChange {
+            uid_validity: 1,
+            uid: 7,
+            flags_before: FlagState::default(),
+            flags_after: None,
+            labels_after: None,
+            moved_to: None,
+            events: vec![event("evt_d", "thr_c", serde_json::json!({"folder": null}))],
+        };
+        store
+            .commit_flag_changes("me@x.test", FolderRole::Inbox, at, Some(11), &[gone])
+            .unwrap();
+        assert_eq!(store.outbox_len().unwrap(), outbox, "nothing queued");
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .unwrap()
+                .highest_modseq,
+            Some(11),
+            "the cursor still moves"
+        );
+    }
+}

@@ -61,6 +61,8 @@ struct Folder {
 }
 
 struct Account {
+    /// AUTHENTICATE commands (XOAUTH2: an access token) begun.
+    authentications: usize,
     folders: Vec<Folder>,
     highest_modseq: u64,
     /// Bodies served, per folder: (folder, Message-ID).
@@ -112,6 +114,7 @@ impl ScriptedGmail {
             })
             .collect();
         let account = Arc::new(Mutex::new(Account {
+            authentications: 0,
             folders,
             highest_modseq: 917_752,
             bodies_served: Vec::new(),
@@ -229,6 +232,11 @@ impl ScriptedGmail {
             }
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// How many AUTHENTICATE commands (which carry an access token) began.
+    pub fn authentications(&self) -> usize {
+        self.account.lock().expect("account").authentications
     }
 
     /// The Message-IDs whose bodies were served from `folder`.
@@ -362,6 +370,12 @@ async fn serve(
             "CAPABILITY" => {
                 out.push_str(&format!(
                     "* CAPABILITY {CAPABILITIES}\r\n{tag} OK Thats all she wrote!\r\n"
+                ));
+            }
+            "AUTHENTICATE" => {
+                account.lock().expect("account").authentications += 1;
+                out.push_str(&format!(
+                    "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"
                 ));
             }
             "LOGIN" => {
