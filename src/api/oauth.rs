@@ -266,8 +266,8 @@ async fn connect_from_code(
     let refresh_token = grant.refresh_token.clone().ok_or_else(|| {
         "the provider granted no refresh token (offline access); remove the app's access in the account settings and sign in again".to_string()
     })?;
-    // Signing in again (after needs_reauth) keeps what the mailbox was
-    // connected with; only the credentials are new.
+    // Signing in again (after needs_reauth) keeps the mailbox's settings
+    // (limit, filing); its servers are always the provider's.
     let existing = state
         .store
         .mailbox(&email)
