@@ -735,3 +735,32 @@ async fn messages_deleted_together_are_looked_for_over_one_session() {
     );
     w.daemon.stop().await;
 }
+
+/// A flag change the server announces in its answer to the listing of new
+/// mail (a FETCH with FLAGS the listing did not ask for) is read before the
+/// session goes back to IDLE, where the server would not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_announced_in_the_listing_of_new_mail_is_reported_at_once() {
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let (read, _) = w.mail_synced("read while the bridge lists").await;
+    let release = proxy.hold_next_listing();
+    mail(&w.stack, &w.ann, &w.me, "wakes the watcher", None).await;
+    support::eventually("the listing to be held", support::DEADLINE, async || {
+        proxy.holding().then_some(())
+    })
+    .await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &read, "+FLAGS (\\Seen)")
+        .await;
+    release.notify_one();
+    let updated = w
+        .receiver
+        .wait_for(
+            "the read reported without waiting for IDLE's renewal",
+            |r| r.kind() == "message.updated" && r.data()["message_id"] == read.as_str(),
+        )
+        .await;
+    assert_eq!(updated.data()["seen"], true);
+    w.daemon.stop().await;
+}

@@ -310,6 +310,7 @@ impl FolderWatcher {
             .set_mailbox_state(address, self.generation, MailboxState::Active, None)?;
         tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
 
+        let mut looks_in_a_row = 0;
         loop {
             // What async-imap queued so far is covered by the catch-up below.
             while session.unsolicited_responses.try_recv().is_ok() {}
@@ -322,10 +323,13 @@ impl FolderWatcher {
                 .catch_up(&mut session, &folder, gmail, &mut cursor)
                 .await?;
             // A change announced in the answer to one of our commands is not
-            // repeated in IDLE: look again first.
-            if more || changed_meanwhile {
+            // repeated in IDLE: look again first. Bounded, so a server that
+            // always says something cannot keep the session from IDLE.
+            if (more || changed_meanwhile) && looks_in_a_row < MAX_LOOKS_IN_A_ROW {
+                looks_in_a_row += 1;
                 continue;
             }
+            looks_in_a_row = 0;
 
             // Cloned before IDLE takes the session: the server may announce new
             // mail between our last command and its IDLE continuation, which
@@ -832,7 +836,14 @@ impl FolderWatcher {
             })
             .map(|f| f.uid)
             .collect();
-        let mut announced = listing.announced;
+        // A flag change of another message comes as a FETCH with FLAGS or
+        // MODSEQ, which the listing does not ask for: announced, so the
+        // changes are read before IDLE (which would not repeat it).
+        let mut announced = listing.announced
+            || listing
+                .messages
+                .iter()
+                .any(|f| f.flags.is_some() || f.modseq.is_some());
         let received: HashMap<u32, chrono::DateTime<chrono::Utc>> = listing
             .messages
             .iter()
@@ -916,7 +927,8 @@ impl FolderWatcher {
                         "the server did not return every message asked for: {refusal}"
                     );
                 }
-                announced |= fetched.announced;
+                announced |=
+                    fetched.announced || fetched.messages.iter().any(|f| !wanted.contains(&f.uid));
                 for fetch in fetched.messages {
                     if let Some(found) = &fetch.flags {
                         flags.insert(fetch.uid, FlagState::from_flags(found));
@@ -1017,6 +1029,10 @@ enum ChangeTracking {
 /// the server cannot name its changes: bounds the cost of each look (older
 /// ones are followed only where the server has QRESYNC).
 const RECHECKED_MESSAGES: usize = 1000;
+
+/// Looks at a folder in a row, each because the last one heard of a change,
+/// before the session goes to IDLE anyway.
+const MAX_LOOKS_IN_A_ROW: u32 = 20;
 
 /// UIDs named in one command: a set of scattered 7-digit UIDs stays near
 /// 2 KB, well within the 8,000-byte lines servers must take (RFC 7162 §4).

@@ -33,6 +33,8 @@ struct Script {
     hold_fetch: Option<Arc<tokio::sync::Notify>>,
     /// The next `UID SEARCH UID …` waits for this before it reaches Dovecot.
     hold_search: Option<Arc<tokio::sync::Notify>>,
+    /// The next listing (`UID FETCH n:* (UID RFC822.SIZE …)`) waits for this.
+    hold_listing: Option<Arc<tokio::sync::Notify>>,
     holding: bool,
     /// How many of the next IDLEs get a `BAD` without text.
     idle_refusals: usize,
@@ -136,7 +138,15 @@ impl ImapProxy {
         release
     }
 
-    /// Whether a body FETCH (or a search) is being held back now.
+    /// The next listing of new messages (`UID FETCH n:* (UID RFC822.SIZE
+    /// …)`) is held back until the returned `Notify` is notified.
+    pub fn hold_next_listing(&self) -> Arc<tokio::sync::Notify> {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.script.lock().expect("proxy script").hold_listing = Some(release.clone());
+        release
+    }
+
+    /// Whether a body FETCH (or a search, or a listing) is being held back now.
     pub fn holding(&self) -> bool {
         self.script.lock().expect("proxy script").holding
     }
@@ -253,6 +263,11 @@ async fn serve(
         let hold = if verb == "UID" && upper.contains(" FETCH ") && upper.contains("BODY.PEEK[]") {
             let mut script = script.lock().expect("proxy script");
             let hold = script.hold_fetch.take();
+            script.holding = hold.is_some();
+            hold
+        } else if verb == "UID" && upper.contains(" FETCH ") && upper.contains("RFC822.SIZE") {
+            let mut script = script.lock().expect("proxy script");
+            let hold = script.hold_listing.take();
             script.holding = hold.is_some();
             hold
         } else if verb == "UID" && upper.contains(" SEARCH UID ") {
