@@ -129,3 +129,63 @@ async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
     );
     w.daemon.stop().await;
 }
+
+/// While INBOX's watcher is down (here: Gmail cannot open INBOX), mail
+/// labelled `\Inbox` is taken from All Mail, so a message archived before
+/// INBOX's watcher is back is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_gmail_inbox_mail_is_taken_from_all_mail_while_the_inbox_watcher_is_down() {
+    let gmail = ScriptedGmail::start().await;
+    let w = World::started().await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::PUT,
+            "/v1/locations/L1/users/u1/mailbox",
+            Some(serde_json::json!({
+                "email": w.me.address,
+                "provider": "gmail",
+                "auth": {"type": "password", "username": w.me.address, "password": "app-password"},
+                "imap": gmail.endpoint(),
+                "smtp": w.stack.smtp_endpoint(),
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    w.api.wait_active("L1", "u1").await;
+    gmail.take_offline(INBOX);
+    support::eventually("INBOX's watcher to fail", support::DEADLINE, async || {
+        let (_, status) = w
+            .api
+            .send(
+                reqwest::Method::GET,
+                "/v1/locations/L1/users/u1/mailbox",
+                None,
+            )
+            .await;
+        (status["state"] == "error").then_some(())
+    })
+    .await;
+
+    let id = new_message_id("gm");
+    let raw = message(
+        &w.ann.address,
+        &w.me.address,
+        "while INBOX is down",
+        &id,
+        None,
+    );
+    gmail.deliver(&raw, &[INBOX], &["\\Inbox"]);
+    let inbound = w
+        .receiver
+        .wait_for("the message, from All Mail", |r| {
+            r.data()["message_id"] == id.as_str()
+        })
+        .await;
+    assert_eq!(inbound.kind(), "message.inbound");
+    assert!(gmail.bodies_served_from(ALL_MAIL).contains(&id));
+    w.daemon.stop().await;
+}

@@ -54,6 +54,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
     let mut set = JoinSet::new();
     let mut roles = std::collections::HashMap::new();
     let mut crashes: u32 = 0;
+    let inbox_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let spawn = |set: &mut JoinSet<WatchEnd>, role: FolderRole| {
         let watcher = FolderWatcher {
             ctx: ctx.clone(),
@@ -62,6 +63,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
             role,
             listed: mailbox.folders.clone(),
             all_mail: mailbox.roles().contains(&FolderRole::All),
+            inbox_live: inbox_live.clone(),
             idle_period,
             not_returned: Default::default(),
         };

@@ -77,6 +77,10 @@ pub struct FolderWatcher {
     pub listed: Vec<String>,
     /// Whether the mailbox's All Mail is watched too (Gmail).
     pub all_mail: bool,
+    /// Whether the mailbox's INBOX watcher is up and caught up: while it is
+    /// not, All Mail takes what is labelled `\Inbox` too (a message archived
+    /// before INBOX's watcher is back would otherwise never sync).
+    pub inbox_live: Arc<std::sync::atomic::AtomicBool>,
     pub idle_period: Duration,
     pub not_returned: std::sync::Mutex<NotReturned>,
 }
@@ -89,6 +93,10 @@ impl FolderWatcher {
                 result = self.session(&cancel, &mut failures) => result,
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
             };
+            if self.role == FolderRole::Inbox {
+                self.inbox_live
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
                 Err(SessionError::NotReturned(uid_validity, uid)) => {
@@ -330,6 +338,10 @@ impl FolderWatcher {
                 continue;
             }
             looks_in_a_row = 0;
+            if self.role == FolderRole::Inbox {
+                self.inbox_live
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
 
             // Cloned before IDLE takes the session: the server may announce new
             // mail between our last command and its IDLE continuation, which
@@ -826,13 +838,14 @@ impl FolderWatcher {
                 ),
             )
             .await?;
+        let inbox_live = self.inbox_live.load(std::sync::atomic::Ordering::Acquire);
         let elsewhere: std::collections::HashSet<u32> = listing
             .messages
             .iter()
             .filter(|f| {
                 f.labels
                     .as_ref()
-                    .is_some_and(|labels| labels.iter().any(|l| read_elsewhere(l)))
+                    .is_some_and(|labels| labels.iter().any(|l| read_elsewhere(l, inbox_live)))
             })
             .map(|f| f.uid)
             .collect();
@@ -1065,11 +1078,11 @@ enum Whereabouts {
 }
 
 /// Whether a Gmail label puts a message in a folder watched on its own
-/// (`\Inbox`, `\Sent`) or out of sync altogether (`\Draft`).
-fn read_elsewhere(label: &str) -> bool {
-    ["\\Inbox", "\\Sent", "\\Draft"]
-        .iter()
-        .any(|system| label.eq_ignore_ascii_case(system))
+/// (`\Sent`; `\Inbox` while INBOX's watcher is live) or out of sync
+/// altogether (`\Draft`).
+fn read_elsewhere(label: &str, inbox_live: bool) -> bool {
+    let is = |system: &str| label.eq_ignore_ascii_case(system);
+    is("\\Sent") || is("\\Draft") || (inbox_live && is("\\Inbox"))
 }
 
 /// Sleeps until `deadline`, or forever without one.

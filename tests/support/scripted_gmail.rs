@@ -63,6 +63,8 @@ struct Folder {
 struct Account {
     /// AUTHENTICATE commands (XOAUTH2: an access token) begun.
     authentications: usize,
+    /// A folder that cannot be opened now; sessions on it are ended.
+    offline: Option<String>,
     folders: Vec<Folder>,
     highest_modseq: u64,
     /// Bodies served, per folder: (folder, Message-ID).
@@ -115,6 +117,7 @@ impl ScriptedGmail {
             .collect();
         let account = Arc::new(Mutex::new(Account {
             authentications: 0,
+            offline: None,
             folders,
             highest_modseq: 917_752,
             bodies_served: Vec::new(),
@@ -231,6 +234,13 @@ impl ScriptedGmail {
                 }
             }
         }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Takes a folder offline: sessions on it end with `* BYE`, and it
+    /// cannot be opened until `bring_online`.
+    pub fn take_offline(&self, folder: &str) {
+        self.account.lock().expect("account").offline = Some(folder.to_string());
         self.changed.send_modify(|n| *n += 1);
     }
 
@@ -351,6 +361,12 @@ async fn serve(
             .get(1)
             .map(|v| v.to_ascii_uppercase())
             .unwrap_or_default();
+        // A session on a folder taken offline ends at its next command.
+        let offline = account.lock().expect("account").offline.clone();
+        if offline.is_some() && offline == selected {
+            write.write_all(b"* BYE System Error\r\n").await?;
+            return Ok(());
+        }
         let mut out = String::new();
         // A change since the last command is announced with this one's
         // answer, as a real server does (untagged, before the tagged reply).
@@ -403,6 +419,11 @@ async fn serve(
                 let name = words.get(2).cloned().unwrap_or_default();
                 let account = account.lock().expect("account");
                 match account.folder(&name) {
+                    Some(_) if account.offline.as_deref() == Some(name.as_str()) => {
+                        out.push_str(&format!(
+                            "{tag} NO [UNAVAILABLE] Temporary System Error (Failure)\r\n"
+                        ));
+                    }
                     Some(folder) => {
                         out.push_str(&format!(
                             "* FLAGS (\\Answered \\Flagged \\Draft \\Deleted \\Seen)\r\n* {} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY {}] UIDs valid.\r\n* OK [UIDNEXT {}] Predicted next UID.\r\n* OK [HIGHESTMODSEQ {}]\r\n{tag} OK [READ-{}] {} selected. (Success)\r\n",
@@ -560,6 +581,11 @@ async fn serve(
                                 return Ok(());
                             }
                             changes.borrow_and_update();
+                            let offline = account.lock().expect("account").offline.clone();
+                            if offline.is_some() && offline == selected {
+                                write.write_all(b"* BYE System Error\r\n").await?;
+                                return Ok(());
+                            }
                             let count = selected
                                 .as_deref()
                                 .and_then(|name| account.lock().expect("account").folder(name).map(|f| f.messages.len()))
