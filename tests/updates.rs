@@ -411,6 +411,23 @@ async fn r03_mail_filed_in_a_listed_folder_syncs_and_a_move_between_watched_fold
             .is_some_and(|m| m.contains("folders[1]")),
         "the error names the field: {refused}"
     );
+    // Trash is where a message is deleted, not filed: listing it would
+    // report one delete twice.
+    let (status, refused) = w
+        .api
+        .send(
+            reqwest::Method::PUT,
+            path,
+            Some(connect(serde_json::json!(["Trash"]))),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("folders[0]") && m.contains("Trash")),
+        "{refused}"
+    );
     let (status, connected) = w
         .api
         .send(

@@ -544,10 +544,31 @@ async fn check_login(
         watched.push((FolderRole::All, Some(all_mail.name.clone())));
     }
     for (index, name) in listed.iter().enumerate() {
-        if !all.iter().any(|f| &f.name == name && !f.no_select) {
+        let refusal = match all.iter().find(|f| &f.name == name && !f.no_select) {
+            None => Some("the mailbox has no folder by that name that holds mail"),
+            // Already watched, or where a message is deleted, not filed:
+            // listing it would report one move twice.
+            Some(f) if Some(&f.name) == folders::sent_among(&all).as_ref() => {
+                Some("the Sent folder is always watched")
+            }
+            Some(f) if f.is_bin => Some("Trash and Junk are not watched for new mail"),
+            Some(f) if f.is_all && provider == Provider::Gmail => {
+                Some("All Mail is always watched on Gmail")
+            }
+            // Two names with one hash would share a cursor (FNV-1a, 32 bits).
+            Some(_)
+                if watched
+                    .iter()
+                    .any(|(role, _)| *role == FolderRole::listed(name)) =>
+            {
+                Some("it shares its key with another listed folder; list one of them")
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
             let _ = tokio::time::timeout(step, session.logout()).await;
             return Err(ApiError::invalid(format!(
-                "folders[{index}]: the mailbox has no folder named \"{name}\" that holds mail"
+                "folders[{index}]: \"{name}\": {why}"
             )));
         }
         watched.push((FolderRole::listed(name), Some(name.clone())));
