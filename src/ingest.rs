@@ -625,7 +625,6 @@ impl Ingest {
             ..info
         };
         let flags = info.flags;
-        let now = Utc::now();
         let events = info.events(
             "message.updated",
             found.mailbox,
@@ -637,22 +636,7 @@ impl Ingest {
                 "answered": flags.answered,
             }),
         );
-        let commit = IngestCommit {
-            mailbox: found.mailbox.to_string(),
-            thread_mailbox: found.mailbox.to_string(),
-            folder: found.folder,
-            cursor_before: found.cursor,
-            cursor: found.cursor_after(now),
-            thread_keys_seen: vec![],
-            thread_seen: None,
-            thread: None,
-            new_contacts: vec![],
-            located: Some((found.uid_validity, found.uid, info)),
-            message_ids: vec![],
-            events,
-            history: vec![],
-            synced: None,
-        };
+        let commit = cursor_step(found, Some(info), events);
         self.store.commit_ingest(&commit, None)?;
         self.signal.notify();
         tracing::info!(mailbox = found.mailbox, folder = found.folder_name, uid = found.uid, record = %record_id, "a synced message came back; following it again");
@@ -750,63 +734,30 @@ impl Ingest {
         if self.store.locate_record(&send.data.id)?.is_some() {
             return self.skip(found);
         }
-        let commit = IngestCommit {
-            mailbox: found.mailbox.to_string(),
-            thread_mailbox: found.mailbox.to_string(),
-            folder: found.folder,
-            cursor_before: found.cursor,
-            cursor: found.cursor_after(Utc::now()),
-            thread_keys_seen: vec![],
-            thread_seen: None,
-            thread: None,
-            new_contacts: vec![],
-            located: Some((
-                found.uid_validity,
-                found.uid,
-                LocatedMessage {
-                    record_id: send.data.id.clone(),
-                    // The copy's own: a server that replaced the one the
-                    // bridge wrote (Exchange) files it under its own.
-                    message_id: message
-                        .message_id
-                        .clone()
-                        .or_else(|| Some(send.message_id.clone())),
-                    thread_id: send.thread_id.clone(),
-                    routes: vec![ThreadRoute {
-                        location_id: send.location_id.clone(),
-                        user_id: send.user_id.clone(),
-                        contact_id: send.contact_id.clone(),
-                    }],
-                    flags: found.flags.unwrap_or_default(),
-                    labels: found.labels.map(<[String]>::to_vec),
-                },
-            )),
-            message_ids: vec![],
-            events: vec![],
-            history: vec![],
-            synced: None,
+        let located = LocatedMessage {
+            record_id: send.data.id.clone(),
+            // The copy's own: a server that replaced the one the
+            // bridge wrote (Exchange) files it under its own.
+            message_id: message
+                .message_id
+                .clone()
+                .or_else(|| Some(send.message_id.clone())),
+            thread_id: send.thread_id.clone(),
+            routes: vec![ThreadRoute {
+                location_id: send.location_id.clone(),
+                user_id: send.user_id.clone(),
+                contact_id: send.contact_id.clone(),
+            }],
+            flags: found.flags.unwrap_or_default(),
+            labels: found.labels.map(<[String]>::to_vec),
         };
-        self.store.commit_ingest(&commit, None)
+        self.store
+            .commit_ingest(&cursor_step(found, Some(located), Vec::new()), None)
     }
 
     pub fn skip(&self, found: Found<'_>) -> StoreResult<()> {
-        let commit = IngestCommit {
-            mailbox: found.mailbox.to_string(),
-            thread_mailbox: found.mailbox.to_string(),
-            folder: found.folder,
-            cursor_before: found.cursor,
-            cursor: found.cursor_after(Utc::now()),
-            thread_keys_seen: vec![],
-            thread_seen: None,
-            thread: None,
-            new_contacts: vec![],
-            located: None,
-            message_ids: vec![],
-            events: vec![],
-            history: vec![],
-            synced: None,
-        };
-        self.store.commit_ingest(&commit, None)
+        self.store
+            .commit_ingest(&cursor_step(found, None, Vec::new()), None)
     }
 
     /// Every contact, in the given locations, that has one of the message's addresses.
@@ -854,5 +805,30 @@ impl Ingest {
                 ),
             })
             .collect()
+    }
+}
+
+/// A commit that moves `found`'s folder cursor past it, and follows it at
+/// its place (`located`) with `events`, touching no thread.
+fn cursor_step(
+    found: Found<'_>,
+    located: Option<LocatedMessage>,
+    events: Vec<Event>,
+) -> IngestCommit {
+    IngestCommit {
+        mailbox: found.mailbox.to_string(),
+        thread_mailbox: found.mailbox.to_string(),
+        folder: found.folder,
+        cursor_before: found.cursor,
+        cursor: found.cursor_after(Utc::now()),
+        thread_keys_seen: vec![],
+        thread_seen: None,
+        thread: None,
+        new_contacts: vec![],
+        located: located.map(|entry| (found.uid_validity, found.uid, entry)),
+        message_ids: vec![],
+        events,
+        history: vec![],
+        synced: None,
     }
 }

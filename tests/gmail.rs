@@ -10,14 +10,8 @@ use support::{
     world::World,
 };
 
-/// Mail a Gmail filter files past the inbox (only in All Mail, under a
-/// label) is new mail of the mailbox (R3); mail labelled `\Inbox` is read from
-/// INBOX alone, its copy in All Mail never downloaded; a draft never syncs;
-/// an archived message is followed into All Mail as `message.updated`, and
-/// its label changes there are `message.updated` with `labels`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
-    let gmail = ScriptedGmail::start().await;
+/// ann a contact of L1, and me connected as u1's Gmail mailbox at `gmail`.
+async fn connected_to(gmail: &ScriptedGmail) -> World {
     let w = World::started().await;
     w.api
         .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
@@ -38,6 +32,18 @@ async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
         .await;
     assert_eq!(status, 200, "{body}");
     w.api.wait_active("L1", "u1").await;
+    w
+}
+
+/// Mail a Gmail filter files past the inbox (only in All Mail, under a
+/// label) is new mail of the mailbox (R3); mail labelled `\Inbox` is read from
+/// INBOX alone, its copy in All Mail never downloaded; a draft never syncs;
+/// an archived message is followed into All Mail as `message.updated`, and
+/// its label changes there are `message.updated` with `labels`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
+    let gmail = ScriptedGmail::start().await;
+    let w = connected_to(&gmail).await;
     let mail = |subject: &str| {
         let id = new_message_id("gm");
         let raw = message(&w.ann.address, &w.me.address, subject, &id, None);
@@ -136,26 +142,7 @@ async fn r03_gmail_mail_filtered_past_the_inbox_syncs_from_all_mail_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_gmail_inbox_mail_is_taken_from_all_mail_while_the_inbox_watcher_is_down() {
     let gmail = ScriptedGmail::start().await;
-    let w = World::started().await;
-    w.api
-        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
-        .await;
-    let (status, body) = w
-        .api
-        .send(
-            reqwest::Method::PUT,
-            "/v1/locations/L1/users/u1/mailbox",
-            Some(serde_json::json!({
-                "email": w.me.address,
-                "provider": "gmail",
-                "auth": {"type": "password", "username": w.me.address, "password": "app-password"},
-                "imap": gmail.endpoint(),
-                "smtp": w.stack.smtp_endpoint(),
-            })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    w.api.wait_active("L1", "u1").await;
+    let w = connected_to(&gmail).await;
     gmail.take_offline(INBOX);
     support::eventually("INBOX's watcher to fail", support::DEADLINE, async || {
         let (_, status) = w

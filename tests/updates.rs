@@ -704,17 +704,25 @@ async fn a_crm_send_is_followed_in_sent_both_ways() {
 async fn a_change_announced_in_the_answer_to_another_command_is_reported_at_once() {
     let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
     proxy.hide_capabilities(&["QRESYNC"]);
+    read_while_held(&proxy, support::imap_proxy::ImapProxy::hold_next_search).await;
+}
+
+/// Another client reads a synced message while the watcher's next command
+/// (the one `hold` names, in the look woken by new mail) is held: Dovecot
+/// announces the change once, in its answer to that command, and the read
+/// must be reported without waiting for IDLE's renewal.
+async fn read_while_held(
+    proxy: &support::imap_proxy::ImapProxy,
+    hold: fn(&support::imap_proxy::ImapProxy) -> std::sync::Arc<tokio::sync::Notify>,
+) {
     let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
-    let (read, _) = w.mail_synced("read while the bridge asks").await;
-    let release = proxy.hold_next_search();
-    // The next look (woken by this message) stops at its UID SEARCH…
+    let (read, _) = w.mail_synced("read while the bridge is busy").await;
+    let release = hold(proxy);
     mail(&w.stack, &w.ann, &w.me, "wakes the watcher", None).await;
-    support::eventually("the UID SEARCH to be held", support::DEADLINE, async || {
+    support::eventually("the command to be held", support::DEADLINE, async || {
         proxy.holding().then_some(())
     })
     .await;
-    // …while another client reads the first message: Dovecot announces it
-    // once, in its answer to that SEARCH.
     w.stack
         .store_flags(&w.me, "INBOX", &read, "+FLAGS (\\Seen)")
         .await;
@@ -759,25 +767,5 @@ async fn messages_deleted_together_are_looked_for_over_one_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_announced_in_the_listing_of_new_mail_is_reported_at_once() {
     let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
-    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
-    let (read, _) = w.mail_synced("read while the bridge lists").await;
-    let release = proxy.hold_next_listing();
-    mail(&w.stack, &w.ann, &w.me, "wakes the watcher", None).await;
-    support::eventually("the listing to be held", support::DEADLINE, async || {
-        proxy.holding().then_some(())
-    })
-    .await;
-    w.stack
-        .store_flags(&w.me, "INBOX", &read, "+FLAGS (\\Seen)")
-        .await;
-    release.notify_one();
-    let updated = w
-        .receiver
-        .wait_for(
-            "the read reported without waiting for IDLE's renewal",
-            |r| r.kind() == "message.updated" && r.data()["message_id"] == read.as_str(),
-        )
-        .await;
-    assert_eq!(updated.data()["seen"], true);
-    w.daemon.stop().await;
+    read_while_held(&proxy, support::imap_proxy::ImapProxy::hold_next_listing).await;
 }
