@@ -2,8 +2,9 @@
 # Runs every test against a real mail stack: installs and starts Dovecot +
 # Postfix on loopback (scripts/mailstack/start.sh, needs root) and the OAuth2
 # provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh),
-# runs the test suite, then the tests that restart the stack (one at a time,
-# after the rest), and stops both again, pass or fail.
+# runs the test suite, schemathesis against the live daemon's OpenAPI
+# document (scripts/api-check.sh), then the tests that restart the stack (one
+# at a time, after the rest), and stops both again, pass or fail.
 #
 #   scripts/test.sh          every test (what CI runs)
 #   scripts/test.sh --soak   only the soak: 10 mailboxes, connections cut every
@@ -30,5 +31,7 @@ if [ "${1:-}" = "--soak" ]; then
 fi
 
 cargo test --all-targets "$@"
+# Schemathesis against the live daemon, from its own /openapi.json.
+scripts/api-check.sh
 # These restart the shared mail stack, so they run alone.
 cargo test --test disruptive -- --ignored --test-threads=1 "$@"

@@ -21,6 +21,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::{
     config::ProvidersConfig,
+    event_data::MailboxLifecycle,
     imap::{ConnectError, ImapConnector, connection::ImapSession},
     model::{Credentials, Event, Login, Mailbox, MailboxState, Provider},
     oauth::{ProviderClient, TokenError, TokenHttp},
@@ -351,13 +352,11 @@ impl Auth {
                 // The operator's Auto BCC catch-all is no CRM integration.
                 .filter(|i| !i.is_catch_all())
                 .map(|i| {
-                    Event::lifecycle(
-                        "mailbox.needs_reauth",
-                        &i.location_id,
-                        &i.user_id,
-                        address,
-                        serde_json::json!({ "error": reason }),
-                    )
+                    MailboxLifecycle {
+                        error: Some(reason.to_string()),
+                        ..MailboxLifecycle::new(&i.location_id, &i.user_id, address)
+                    }
+                    .event("mailbox.needs_reauth")
                 })
                 .collect();
             self.store.mark_needs_reauth(address, used, reason, &events)

@@ -7,7 +7,9 @@ use std::{collections::BTreeSet, sync::Arc};
 use chrono::Utc;
 
 use crate::{
+    event_data::{self, ContactCreated},
     mime,
+    model::Origin,
     model::{
         AttachmentEventInfo, Contact, Direction, Event, FlagState, FolderCursor, FolderRole,
         Integration, LocatedMessage, Message, MessageEventData, SendRecord, Thread, ThreadRoute,
@@ -502,16 +504,12 @@ impl Ingest {
             .collect();
         let events: Vec<Event> = history
             .iter()
-            .map(|data| Event {
-                id: new_id("evt"),
-                kind: match data.direction {
+            .map(|data| {
+                let kind = match data.direction {
                     Direction::Inbound => "message.inbound",
                     Direction::Outbound => "message.outbound",
-                }
-                .to_string(),
-                timestamp: now,
-                ordering_key: thread.id.clone(),
-                data: serde_json::to_value(data).unwrap_or_default(),
+                };
+                event_data::event(kind, &thread.id, now, data)
             })
             .collect();
         // R15: the contacts come first, so the CRM knows them when the
@@ -530,17 +528,11 @@ impl Ingest {
         let events: Vec<Event> = new_contacts
             .iter()
             .map(|contact| {
-                let mut data = serde_json::to_value(contact).unwrap_or_default();
-                if let Some(map) = data.as_object_mut() {
-                    map.insert("origin".into(), "auto_bcc".into());
-                }
-                Event {
-                    id: new_id("evt"),
-                    kind: "contact.created".into(),
-                    timestamp: now,
-                    ordering_key: thread.id.clone(),
-                    data,
-                }
+                let data = ContactCreated {
+                    contact: contact.clone(),
+                    origin: Origin::AutoBcc,
+                };
+                event_data::event("contact.created", &thread.id, now, &data)
             })
             .chain(events)
             .collect();
@@ -624,17 +616,16 @@ impl Ingest {
             labels: found.labels.map(<[String]>::to_vec).or(info.labels),
             ..info
         };
-        let flags = info.flags;
-        let events = info.events(
+        let events = crate::event_data::message_changed(
+            &info,
             "message.updated",
             found.mailbox,
-            serde_json::json!({
-                "folder": found.folder_name,
-                "previous_folder": null,
-                "seen": flags.seen,
-                "flagged": flags.flagged,
-                "answered": flags.answered,
-            }),
+            crate::event_data::MessagePlace {
+                folder: Some(found.folder_name),
+                previous_folder: None,
+                flags: info.flags,
+                labels: None,
+            },
         );
         let commit = cursor_step(found, Some(info), events);
         self.store.commit_ingest(&commit, None)?;

@@ -11,6 +11,7 @@ pub mod compose;
 pub mod config;
 pub mod daemon;
 pub mod egress;
+pub mod event_data;
 pub mod imap;
 pub mod ingest;
 pub mod mailbox_changes;

@@ -405,12 +405,8 @@ fn verdicts_from_data_folder(
     );
     let address = mailbridge::model::normalize_email(mailbox);
     let verdicts = ingest.explain(&address, folder, raw)?;
-    Ok(mailbridge::api::inspect::describe(
-        &address,
-        folder,
-        &mime::parse(raw),
-        &verdicts,
-    ))
+    let report = mailbridge::api::inspect::describe(&address, folder, &mime::parse(raw), &verdicts);
+    Ok(serde_json::to_value(report)?)
 }
 
 /// One line per integration: what happens to the message there, and why.

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A contact of one location, as the CRM pushed it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Contact {
     pub location_id: String,
     pub id: String,
@@ -33,7 +33,7 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_ascii_lowercase()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     Gmail,
@@ -51,7 +51,7 @@ impl Provider {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Security {
     /// Implicit TLS from the first byte (993, 465).
@@ -62,7 +62,7 @@ pub enum Security {
     Plain,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
@@ -179,7 +179,7 @@ impl std::fmt::Debug for Login {
 }
 
 /// Who puts a CRM send into the Sent folder (R5: exactly once).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SaveSent {
     /// Gmail and Outlook file SMTP submissions themselves: never; others: append.
@@ -199,7 +199,7 @@ impl SaveSent {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MailboxState {
     Connecting,
@@ -265,45 +265,6 @@ impl Mailbox {
             .iter()
             .find(|name| FolderRole::listed(name) == role)
             .map(String::as_str)
-    }
-}
-
-impl LocatedMessage {
-    /// A `kind` event (`message.updated`, `message.deleted`) for each
-    /// conversation that received the message: its ids, then `state`.
-    pub fn events(&self, kind: &str, mailbox: &str, state: serde_json::Value) -> Vec<Event> {
-        self.routes
-            .iter()
-            .map(|route| {
-                let mut data = serde_json::json!({
-                    "id": self.record_id,
-                    "message_id": self.message_id,
-                    "thread_id": self.thread_id,
-                    "location_id": route.location_id,
-                    "user_id": route.user_id,
-                    "contact_id": route.contact_id,
-                    "mailbox": mailbox,
-                });
-                if let (Some(data), serde_json::Value::Object(state)) =
-                    (data.as_object_mut(), state.clone())
-                {
-                    data.extend(state);
-                    // Where the server has labels, the last known ones
-                    // unless the state names newer.
-                    if let Some(labels) = &self.labels {
-                        data.entry("labels")
-                            .or_insert_with(|| labels.clone().into());
-                    }
-                }
-                Event {
-                    id: new_id("evt"),
-                    kind: kind.into(),
-                    timestamp: Utc::now(),
-                    ordering_key: self.thread_id.clone(),
-                    data,
-                }
-            })
-            .collect()
     }
 }
 
@@ -490,7 +451,7 @@ impl Integration {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EmailAddress {
     pub email: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -554,14 +515,14 @@ impl Message {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
     Outbound,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     Mailbox,
@@ -614,7 +575,7 @@ impl Thread {
 }
 
 /// What the CRM receives for one synced message (the webhook `data`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageEventData {
     pub id: String,
     pub location_id: String,
@@ -643,7 +604,7 @@ pub struct MessageEventData {
     pub attachments: Vec<AttachmentEventInfo>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttachmentEventInfo {
     pub index: usize,
     pub filename: String,
@@ -672,32 +633,6 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 impl Event {
-    /// An integration lifecycle event (`mailbox.*`): `location_id`, `user_id`,
-    /// `mailbox` plus `extra`, in order with the mailbox's other lifecycle events.
-    pub fn lifecycle(
-        kind: &str,
-        location_id: &str,
-        user_id: &str,
-        mailbox: &str,
-        extra: serde_json::Value,
-    ) -> Event {
-        let mut data = serde_json::json!({
-            "location_id": location_id,
-            "user_id": user_id,
-            "mailbox": mailbox,
-        });
-        if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
-            data.extend(extra);
-        }
-        Event {
-            id: new_id("evt"),
-            kind: kind.to_string(),
-            timestamp: Utc::now(),
-            ordering_key: mailbox.to_string(),
-            data,
-        }
-    }
-
     /// The webhook body: `{"type", "timestamp", "data"}`.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({
@@ -708,7 +643,7 @@ impl Event {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SendStatus {
     Queued,

@@ -27,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::{Auth, AuthError, SignIn},
     backoff,
+    event_data::{self, MessageFailed, MessageSent, SentStatus},
     imap::ConnectError,
     imap::{ImapConnector, checked, connection::ImapSession, folders},
-    model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus, new_id},
+    model::{Event, Login, Mailbox, MailboxState, SendRecord, SendStatus},
     smtp::{SubmitError, Submitter},
     store::{SourceCopy, Store, StoreResult},
     webhook::OutboxSignal,
@@ -174,18 +175,12 @@ impl SendQueue {
     }
 
     fn sent_event(send: &SendRecord) -> Event {
-        let mut data = serde_json::to_value(&send.data).unwrap_or_default();
-        if let Some(map) = data.as_object_mut() {
-            map.insert("status".into(), "sent".into());
-            map.insert("smtp_response".into(), send.smtp_response.clone().into());
-        }
-        Event {
-            id: new_id("evt"),
-            kind: "message.sent".into(),
-            timestamp: Utc::now(),
-            ordering_key: send.thread_id.clone(),
-            data,
-        }
+        let data = MessageSent {
+            message: send.data.clone(),
+            status: SentStatus::Sent,
+            smtp_response: send.smtp_response.clone(),
+        };
+        event_data::event("message.sent", &send.thread_id, Utc::now(), &data)
     }
 
     async fn attempt(&self, mut send: SendRecord) {
@@ -642,22 +637,17 @@ impl SendQueue {
 pub fn failed(send: &mut SendRecord, error: String) -> Event {
     send.status = SendStatus::Failed;
     send.error = Some(error.clone());
-    Event {
-        id: new_id("evt"),
-        kind: "message.failed".into(),
-        timestamp: Utc::now(),
-        ordering_key: send.thread_id.clone(),
-        data: serde_json::json!({
-            "id": send.id,
-            "location_id": send.location_id,
-            "user_id": send.user_id,
-            "contact_id": send.contact_id,
-            "thread_id": send.thread_id,
-            "mailbox": send.mailbox,
-            "message_id": send.message_id,
-            "error": error,
-        }),
-    }
+    let data = MessageFailed {
+        id: send.id.clone(),
+        location_id: send.location_id.clone(),
+        user_id: send.user_id.clone(),
+        contact_id: send.contact_id.clone(),
+        thread_id: send.thread_id.clone(),
+        mailbox: send.mailbox.clone(),
+        message_id: send.message_id.clone(),
+        error,
+    };
+    event_data::event("message.failed", &send.thread_id, Utc::now(), &data)
 }
 
 /// Exchange Online may replace the Message-ID of a submitted message with its

@@ -316,3 +316,95 @@ async fn metrics_can_be_put_behind_the_api_key() {
     assert_eq!(response.status(), 200);
     daemon.stop().await;
 }
+
+/// Issue 10: the document the daemon serves names only routes it has, and
+/// each route it names answers from its handler, not from the fallback;
+/// `/docs` renders it from the daemon's own assets.
+#[tokio::test]
+async fn the_api_describes_itself_at_openapi_json_and_docs() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path(), &stack, &receiver);
+    config.server.metrics_public = false;
+    let daemon = Daemon::start(config).await;
+    let http = reqwest::Client::new();
+
+    let response = http
+        .get(format!("{}/openapi.json", daemon.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the document needs no key");
+    let document: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    assert!(
+        document["paths"]["/metrics"]["get"]["security"].is_array(),
+        "metrics_public = false shows in the document"
+    );
+    let paths = document["paths"].as_object().unwrap();
+    let mut checked = 0;
+    for (path, item) in paths {
+        let url = path
+            .replace("{index}", "0")
+            .replace("{provider}", "gmail")
+            .split('/')
+            .map(|part| match part.starts_with('{') {
+                true => "x",
+                false => part,
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in item.as_object().unwrap().keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = http
+                .request(method.clone(), format!("{}{url}", daemon.base))
+                .bearer_auth(API_KEY)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert_ne!(status, 405, "{method} {path}: {body}");
+            assert!(
+                !body.contains("no such route"),
+                "{method} {path} is documented but not routed: {body}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "only {checked} operations documented");
+
+    let page = http
+        .get(format!("{}/docs/", daemon.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("swagger-ui"), "{html}");
+    for attribute in ["src=\"http", "href=\"http", "src='http", "href='http"] {
+        assert!(
+            !html.contains(attribute),
+            "the page fetches from elsewhere: {html}"
+        );
+    }
+    let initializer = http
+        .get(format!("{}/docs/swagger-initializer.js", daemon.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(initializer.contains("/openapi.json"), "{initializer}");
+    assert!(
+        initializer
+            .replace([' ', '\n'], "")
+            .contains("\"validatorUrl\":\"none\""),
+        "the page would ask validator.swagger.io: {initializer}"
+    );
+    daemon.stop().await;
+}

@@ -1,27 +1,38 @@
 //! The CRM's directory: contacts per location, one at a time or in bulk.
 
-use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
+    error::ErrorBody,
     error::{ApiError, ApiJson, ApiPath, check_email, check_id},
 };
 use crate::{model::Contact, store::ContactUpsert};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactBody {
+    /// Required in a bulk upload; in a PUT, the path's id (if given, equal to it).
     #[serde(default)]
     id: Option<String>,
+    /// The first is the contact's main address.
+    #[schema(min_items = 1, example = json!(["ann@example.com"]))]
     emails: Vec<String>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
     assigned_user_ids: Vec<String>,
+    /// Defaults to now; decides R10.
     #[serde(default)]
     created_at: Option<DateTime<Utc>>,
+}
+
+/// How many contacts a bulk upload stored.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Upserted {
+    upserted: usize,
 }
 
 fn contact_from(
@@ -59,6 +70,14 @@ fn contact_from(
     })
 }
 
+#[utoipa::path(
+    put,
+    path = "/locations/{location_id}/contacts/{contact_id}",
+    tag = "contacts",
+    params(("location_id" = String, Path), ("contact_id" = String, Path)),
+    request_body = ContactBody,
+    responses((status = 200, description = "The stored contact", body = Contact)),
+)]
 pub async fn put(
     State(state): State<AppState>,
     ApiPath((location_id, contact_id)): ApiPath<(String, String)>,
@@ -79,6 +98,16 @@ pub async fn put(
     Ok(Json(stored))
 }
 
+#[utoipa::path(
+    get,
+    path = "/locations/{location_id}/contacts/{contact_id}",
+    tag = "contacts",
+    params(("location_id" = String, Path), ("contact_id" = String, Path)),
+    responses(
+        (status = 200, description = "The contact", body = Contact),
+        (status = 404, description = "No such contact", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     ApiPath((location_id, contact_id)): ApiPath<(String, String)>,
@@ -96,6 +125,16 @@ pub async fn get(
         })
 }
 
+#[utoipa::path(
+    delete,
+    path = "/locations/{location_id}/contacts/{contact_id}",
+    tag = "contacts",
+    params(("location_id" = String, Path), ("contact_id" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such contact", body = ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath((location_id, contact_id)): ApiPath<(String, String)>,
@@ -111,12 +150,20 @@ pub async fn delete(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/locations/{location_id}/contacts/bulk",
+    tag = "contacts",
+    params(("location_id" = String, Path)),
+    request_body = Vec<ContactBody>,
+    responses((status = 200, description = "All were stored", body = Upserted)),
+)]
 /// Upserts many contacts; all are checked before any is stored.
 pub async fn bulk(
     State(state): State<AppState>,
     ApiPath(location_id): ApiPath<String>,
     ApiJson(bodies): ApiJson<Vec<ContactBody>>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Upserted>, ApiError> {
     check_id("location_id", &location_id)?;
     let mut contacts = Vec::with_capacity(bodies.len());
     for (i, mut body) in bodies.into_iter().enumerate() {
@@ -141,5 +188,5 @@ pub async fn bulk(
             e.to_string(),
         )
     })??;
-    Ok(Json(serde_json::json!({ "upserted": count })))
+    Ok(Json(Upserted { upserted: count }))
 }

@@ -7,22 +7,63 @@ use axum::{
     extract::{Query, State},
     http::StatusCode,
 };
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
-    error::{ApiError, ApiPath},
+    error::{ApiError, ApiPath, ErrorBody},
 };
 use crate::store::{DeadLetter, Replay};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// At most this many (1 to 1000, default 100).
     limit: Option<usize>,
     /// The last `id` of the previous page.
-    after: Option<u64>,
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
+    after: Option<i64>,
 }
 
-fn view(letter: &DeadLetter) -> serde_json::Value {
+/// One page of dead letters, oldest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeadLetterPage {
+    dead_letters: Vec<DeadLetterView>,
+}
+
+/// An event the bridge gave up delivering.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeadLetterView {
+    /// Pass it to `POST /v1/dead-letters/{id}/retry`, or as `after`.
+    id: String,
+    /// The webhook body with its `webhook-id` as `id`; null if the stored
+    /// entry could not be read.
+    #[schema(value_type = Option<Object>)]
+    event: Option<serde_json::Value>,
+    attempts: Option<u32>,
+    last_error: Option<String>,
+    /// The webhook URLs that did acknowledge it.
+    delivered_to: Option<Vec<String>>,
+    /// Why it was given up.
+    reason: String,
+    buried_at: Option<DateTime<Utc>>,
+}
+
+/// A dead letter back in the outbox.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Requeued {
+    id: String,
+    status: RequeuedStatus,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum RequeuedStatus {
+    Requeued,
+}
+
+fn view(letter: &DeadLetter) -> DeadLetterView {
     let event = letter.entry.as_ref().map(|entry| {
         let mut body = entry.event.body();
         if let Some(map) = body.as_object_mut() {
@@ -30,34 +71,58 @@ fn view(letter: &DeadLetter) -> serde_json::Value {
         }
         body
     });
-    serde_json::json!({
-        "id": letter.id.to_string(),
-        "event": event,
-        "attempts": letter.entry.as_ref().map(|e| e.attempts),
-        "last_error": letter.entry.as_ref().and_then(|e| e.last_error.clone()),
-        "delivered_to": letter.entry.as_ref().map(|e| e.delivered_to.clone()),
-        "reason": letter.reason,
-        "buried_at": letter.buried_at,
-    })
+    DeadLetterView {
+        id: letter.id.to_string(),
+        event,
+        attempts: letter.entry.as_ref().map(|e| e.attempts),
+        last_error: letter.entry.as_ref().and_then(|e| e.last_error.clone()),
+        delivered_to: letter.entry.as_ref().map(|e| e.delivered_to.clone()),
+        reason: letter.reason.clone(),
+        buried_at: letter.buried_at,
+    }
 }
 
+#[utoipa::path(
+    get,
+    path = "/dead-letters",
+    tag = "dead-letters",
+    params(ListQuery),
+    responses((status = 200, description = "A page of dead letters", body = DeadLetterPage)),
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeadLetterPage>, ApiError> {
     let Query(query) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let letters = state.store.dead_letters(query.after, limit)?;
-    Ok(Json(serde_json::json!({
-        "dead_letters": letters.iter().map(view).collect::<Vec<_>>(),
-    })))
+    let after = query
+        .after
+        .map(u64::try_from)
+        .transpose()
+        .map_err(|_| ApiError::invalid("after must be a dead letter's id (0 or more)"))?;
+    let letters = state.store.dead_letters(after, limit)?;
+    Ok(Json(DeadLetterPage {
+        dead_letters: letters.iter().map(view).collect(),
+    }))
 }
 
+/// Puts a dead letter back in the outbox, with its original `webhook-id`.
+#[utoipa::path(
+    post,
+    path = "/dead-letters/{id}/retry",
+    tag = "dead-letters",
+    params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "Back in the outbox", body = Requeued),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+        (status = 409, description = "Its stored entry is unreadable: nothing to send", body = ErrorBody),
+    ),
+)]
 pub async fn retry(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<Requeued>), ApiError> {
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
     let number: u64 = id.parse().map_err(|_| not_found())?;
     match state.store.replay_dead_letter(number)? {
@@ -65,7 +130,10 @@ pub async fn retry(
             state.signal.notify();
             Ok((
                 StatusCode::ACCEPTED,
-                Json(serde_json::json!({"id": id, "status": "requeued"})),
+                Json(Requeued {
+                    id,
+                    status: RequeuedStatus::Requeued,
+                }),
             ))
         }
         Replay::Unreadable => Err(ApiError::new(

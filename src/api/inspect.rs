@@ -5,9 +5,11 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
+    http::StatusCode,
 };
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
@@ -15,27 +17,128 @@ use super::{
 };
 use crate::{
     ingest::Verdict,
-    model::{FolderRole, Message},
+    model::{Direction, EmailAddress, FolderRole, Message, Origin},
     routing::Routing,
 };
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InspectQuery {
+    /// The connected mailbox the message would arrive in.
     mailbox: String,
-    #[serde(default = "inbox")]
-    folder: FolderRole,
+    /// The folder it would arrive in (default `inbox`).
+    #[serde(default)]
+    #[param(inline)]
+    folder: InspectFolder,
 }
 
-fn inbox() -> FolderRole {
-    FolderRole::Inbox
+#[derive(Clone, Copy, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InspectFolder {
+    #[default]
+    Inbox,
+    Sent,
+    /// Gmail's All Mail.
+    All,
 }
 
+impl From<InspectFolder> for FolderRole {
+    fn from(folder: InspectFolder) -> Self {
+        match folder {
+            InspectFolder::Inbox => FolderRole::Inbox,
+            InspectFolder::Sent => FolderRole::Sent,
+            InspectFolder::All => FolderRole::All,
+        }
+    }
+}
+
+/// What the rules would decide for a message, and why.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct InspectReport {
+    mailbox: String,
+    /// `inbox`, `sent` or `all`.
+    folder: String,
+    message: ParsedMessage,
+    /// One per integration using the mailbox.
+    verdicts: Vec<VerdictView>,
+}
+
+/// The headers the rules read, as the bridge parsed them.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ParsedMessage {
+    message_id: Option<String>,
+    in_reply_to: Option<String>,
+    references: Vec<String>,
+    from: Option<EmailAddress>,
+    to: Vec<EmailAddress>,
+    cc: Vec<EmailAddress>,
+    bcc: Vec<EmailAddress>,
+    subject: Option<String>,
+    date: Option<DateTime<Utc>>,
+    /// What threads it: its own and the referenced Message-IDs, normalized.
+    thread_keys: Vec<String>,
+    /// What the parser had to repair or skip.
+    parse_warnings: Vec<String>,
+}
+
+/// What happens to the message for one integration.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VerdictView {
+    /// Null when the message is not looked at for any integration.
+    location_id: Option<String>,
+    user_id: Option<String>,
+    synced: bool,
+    /// Why it is not synced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// The thread it joins, or `new`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thread: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deliveries: Option<Vec<DeliveryView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    contacts_created: Option<Vec<NewContactView>>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeliveryView {
+    location_id: String,
+    user_id: String,
+    contact_id: String,
+    contact_ids: Vec<String>,
+    direction: Direction,
+    origin: Origin,
+    /// The rule that decided it.
+    rule: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct NewContactView {
+    id: String,
+    email: String,
+    name: Option<String>,
+}
+
+/// Explains, for a message's source, what the rules would decide in each
+/// integration using the mailbox. Changes nothing.
+#[utoipa::path(
+    post,
+    path = "/inspect",
+    tag = "inspect",
+    params(InspectQuery),
+    request_body(content = Vec<u8>, content_type = "message/rfc822", description = "The message's source"),
+    responses(
+        (status = 200, description = "The verdicts", body = InspectReport),
+    ),
+)]
 pub async fn inspect(
     State(state): State<AppState>,
-    Query(query): Query<InspectQuery>,
+    query: Result<Query<InspectQuery>, QueryRejection>,
     raw: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<InspectReport>, ApiError> {
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let mailbox = check_email("mailbox", &query.mailbox)?;
     if raw.is_empty() {
         return Err(ApiError::invalid(
@@ -43,7 +146,7 @@ pub async fn inspect(
         ));
     }
     let ingest = state.ingest.clone();
-    let folder = query.folder;
+    let folder = FolderRole::from(query.folder);
     let (message, verdicts) = tokio::task::spawn_blocking(move || {
         let message = crate::mime::parse(&raw);
         ingest
@@ -55,68 +158,79 @@ pub async fn inspect(
     Ok(Json(describe(&query.mailbox, folder, &message, &verdicts)))
 }
 
-/// The verdicts as JSON: the same for the API and `mailbridge inspect`.
+/// The verdicts: the same for the API and `mailbridge inspect`.
 pub fn describe(
     mailbox: &str,
     folder: FolderRole,
     message: &Message,
     verdicts: &[Verdict],
-) -> serde_json::Value {
-    let verdicts: Vec<serde_json::Value> = verdicts
+) -> InspectReport {
+    let verdicts = verdicts
         .iter()
         .map(|verdict| {
-            let mut out = serde_json::json!({
-                "location_id": verdict.location_id,
-                "user_id": verdict.user_id,
-            });
-            let fields = match &verdict.routing {
-                Routing::Ignore(reason) => serde_json::json!({
-                    "synced": false,
-                    "reason": reason.to_string(),
-                }),
+            let mut view = VerdictView {
+                location_id: verdict.location_id.clone(),
+                user_id: verdict.user_id.clone(),
+                synced: false,
+                reason: None,
+                thread: None,
+                deliveries: None,
+                contacts_created: None,
+            };
+            match &verdict.routing {
+                Routing::Ignore(reason) => view.reason = Some(reason.to_string()),
                 Routing::Deliver {
                     deliveries,
                     new_contacts,
                     ..
-                } => serde_json::json!({
-                    "synced": true,
-                    "thread": verdict.thread_id.clone().unwrap_or_else(|| "new".into()),
-                    "deliveries": deliveries.iter().map(|d| serde_json::json!({
-                        "location_id": d.route.location_id,
-                        "user_id": d.route.user_id,
-                        "contact_id": d.route.contact_id,
-                        "contact_ids": d.contact_ids,
-                        "direction": d.direction,
-                        "origin": d.origin,
-                        "rule": d.rule,
-                    })).collect::<Vec<_>>(),
-                    "contacts_created": new_contacts.iter().map(|c| serde_json::json!({
-                        "id": c.id, "email": c.email, "name": c.name,
-                    })).collect::<Vec<_>>(),
-                }),
-            };
-            if let (Some(out), serde_json::Value::Object(fields)) = (out.as_object_mut(), fields) {
-                out.extend(fields);
+                } => {
+                    view.synced = true;
+                    view.thread = Some(verdict.thread_id.clone().unwrap_or_else(|| "new".into()));
+                    view.deliveries = Some(
+                        deliveries
+                            .iter()
+                            .map(|d| DeliveryView {
+                                location_id: d.route.location_id.clone(),
+                                user_id: d.route.user_id.clone(),
+                                contact_id: d.route.contact_id.clone(),
+                                contact_ids: d.contact_ids.clone(),
+                                direction: d.direction,
+                                origin: d.origin,
+                                rule: d.rule.to_string(),
+                            })
+                            .collect(),
+                    );
+                    view.contacts_created = Some(
+                        new_contacts
+                            .iter()
+                            .map(|c| NewContactView {
+                                id: c.id.clone(),
+                                email: c.email.clone(),
+                                name: c.name.clone(),
+                            })
+                            .collect(),
+                    );
+                }
             }
-            out
+            view
         })
         .collect();
-    serde_json::json!({
-        "mailbox": mailbox,
-        "folder": folder,
-        "message": {
-            "message_id": message.message_id,
-            "in_reply_to": message.in_reply_to,
-            "references": message.references,
-            "from": message.from,
-            "to": message.to,
-            "cc": message.cc,
-            "bcc": message.bcc,
-            "subject": message.subject,
-            "date": message.date,
-            "thread_keys": message.thread_keys(),
-            "parse_warnings": message.parse_warnings,
+    InspectReport {
+        mailbox: mailbox.to_string(),
+        folder: folder.to_string(),
+        message: ParsedMessage {
+            message_id: message.message_id.clone(),
+            in_reply_to: message.in_reply_to.clone(),
+            references: message.references.clone(),
+            from: message.from.clone(),
+            to: message.to.clone(),
+            cc: message.cc.clone(),
+            bcc: message.bcc.clone(),
+            subject: message.subject.clone(),
+            date: message.date,
+            thread_keys: message.thread_keys(),
+            parse_warnings: message.parse_warnings.clone(),
         },
-        "verdicts": verdicts,
-    })
+        verdicts,
+    }
 }

@@ -6,41 +6,49 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
+    error::ErrorBody,
     error::{ApiError, ApiJson, ApiPath, check_email, check_id},
 };
 use crate::{
+    event_data::{self, DetachReason, MailboxLifecycle, ThreadDetached},
     imap::{ConnectError, checked, connection::is_loopback, folders},
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Login, Mailbox,
-        MailboxState, Provider, SaveSent, Security, SendStatus, new_id,
+        MailboxState, Provider, SaveSent, Security, SendStatus,
     },
     oauth::TokenError,
     send_queue,
 };
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectBody {
+    #[schema(example = "me@example.com")]
     email: String,
     provider: Provider,
     auth: AuthBody,
+    /// Optional with the gmail and outlook presets.
     #[serde(default)]
     imap: Option<Endpoint>,
     #[serde(default)]
     smtp: Option<Endpoint>,
+    /// Sends allowed per rolling 24 hours (R14).
     #[serde(default)]
     daily_send_limit: Option<u32>,
     #[serde(default)]
     save_sent: SaveSent,
     /// Folders to watch beside INBOX and Sent; omitted keeps the mailbox's list.
     #[serde(default)]
+    #[schema(max_items = 20)]
     folders: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum AuthBody {
+    /// LOGIN/PLAIN; `username` defaults to the address.
     Password {
+        #[serde(default)]
         username: Option<String>,
         password: String,
     },
@@ -52,6 +60,7 @@ enum AuthBody {
         refresh_token: String,
         #[serde(default)]
         access_token: Option<String>,
+        /// RFC 3339.
         #[serde(default)]
         expires_at: Option<String>,
     },
@@ -167,7 +176,7 @@ fn credentials_of(address: &str, auth: AuthBody) -> Result<Credentials, ApiError
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MailboxStatus {
     email: String,
     provider: Provider,
@@ -229,6 +238,22 @@ fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Connects the user's mailbox, or points the integration at another address.
+/// Answers once the credentials logged in to the server; nothing is stored
+/// when they did not.
+#[utoipa::path(
+    put,
+    path = "/locations/{location_id}/users/{user_id}/mailbox",
+    tag = "mailboxes",
+    params(("location_id" = String, Path), ("user_id" = String, Path)),
+    request_body = ConnectBody,
+    responses(
+        (status = 200, description = "Connected; sync starts", body = MailboxStatus),
+        (status = 409, description = "Another location connected this address with other servers or login (`mailbox_in_use`)", body = ErrorBody),
+        (status = 422, description = "A field is invalid, or the server refused the login (`invalid_credentials`) or cannot be reached (`imap_connection_failed`)", body = ErrorBody),
+        (status = 503, description = "The server or the provider's token endpoint cannot take the login now; retry", body = ErrorBody),
+    ),
+)]
 pub async fn put(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
@@ -340,13 +365,13 @@ pub async fn connect_mailbox(
             if let Some(previous) = other {
                 // "Update email" (R18): the old mailbox's threads stop syncing
                 // here, and nothing queued leaves from the old address.
-                events.push(Event::lifecycle(
-                    "mailbox.updated",
-                    &location_id,
-                    &user_id,
-                    &address,
-                    serde_json::json!({"previous_mailbox": previous.mailbox}),
-                ));
+                events.push(
+                    MailboxLifecycle {
+                        previous_mailbox: Some(previous.mailbox.clone()),
+                        ..MailboxLifecycle::new(&location_id, &user_id, &address)
+                    }
+                    .event("mailbox.updated"),
+                );
                 events.extend(detached_threads(state, &previous, &address)?);
                 for mut send in state.store.unsettled_sends()? {
                     if send.location_id == location_id
@@ -365,13 +390,10 @@ pub async fn connect_mailbox(
                     }
                 }
             } else {
-                events.push(Event::lifecycle(
-                    "mailbox.connected",
-                    &location_id,
-                    &user_id,
-                    &address,
-                    serde_json::json!({}),
-                ));
+                events.push(
+                    MailboxLifecycle::new(&location_id, &user_id, &address)
+                        .event("mailbox.connected"),
+                );
             }
             Integration {
                 location_id: location_id.clone(),
@@ -442,21 +464,17 @@ fn detached_threads(
             .iter()
             .filter(|r| r.location_id == previous.location_id && r.user_id == previous.user_id)
         {
-            events.push(Event {
-                id: new_id("evt"),
-                kind: "thread.detached".into(),
-                timestamp: now,
-                ordering_key: thread.id.clone(),
-                data: serde_json::json!({
-                    "thread_id": thread.id,
-                    "location_id": route.location_id,
-                    "user_id": route.user_id,
-                    "contact_id": route.contact_id,
-                    "mailbox": previous.mailbox,
-                    "reason": "mailbox_updated",
-                    "new_mailbox": new_address,
-                }),
-            });
+            let data = ThreadDetached {
+                thread_id: thread.id.clone(),
+                location_id: route.location_id.clone(),
+                user_id: route.user_id.clone(),
+                contact_id: route.contact_id.clone(),
+                mailbox: previous.mailbox.clone(),
+                reason: DetachReason::MailboxUpdated,
+                new_mailbox: Some(new_address.to_string()),
+                pinned_to_location_id: None,
+            };
+            events.push(event_data::event("thread.detached", &thread.id, now, &data));
         }
     }
     Ok(events)
@@ -588,6 +606,16 @@ async fn check_login(
     Ok((credentials, baseline))
 }
 
+#[utoipa::path(
+    get,
+    path = "/locations/{location_id}/users/{user_id}/mailbox",
+    tag = "mailboxes",
+    params(("location_id" = String, Path), ("user_id" = String, Path)),
+    responses(
+        (status = 200, description = "How the mailbox stands", body = MailboxStatus),
+        (status = 404, description = "The user has no mailbox", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
@@ -620,6 +648,17 @@ pub fn status(
     Ok(Some(status_of(state, &mailbox, &integration)?))
 }
 
+/// Disconnects (R19): sync stops at once; nothing synced is deleted.
+#[utoipa::path(
+    delete,
+    path = "/locations/{location_id}/users/{user_id}/mailbox",
+    tag = "mailboxes",
+    params(("location_id" = String, Path), ("user_id" = String, Path)),
+    responses(
+        (status = 204, description = "Disconnected"),
+        (status = 404, description = "The user has no mailbox", body = ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
@@ -642,13 +681,10 @@ pub fn disconnect(state: &AppState, location_id: &str, user_id: &str) -> Result<
     };
     let events = match integration.is_catch_all() {
         true => Vec::new(),
-        false => vec![Event::lifecycle(
-            "mailbox.disconnected",
-            location_id,
-            user_id,
-            &integration.mailbox,
-            serde_json::json!({}),
-        )],
+        false => vec![
+            MailboxLifecycle::new(location_id, user_id, &integration.mailbox)
+                .event("mailbox.disconnected"),
+        ],
     };
     if let Some(gone) = state.store.disconnect(location_id, user_id, &events)?
         && gone.mailbox_released

@@ -10,14 +10,16 @@ use axum::{
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
+    error::ErrorBody,
     error::{ApiError, ApiJson, ApiPath, check_email, check_id},
 };
 use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
+    event_data::{self, DetachReason, ThreadDetached},
     model::{
         Contact, Direction, EmailAddress, Event, Mailbox, MailboxState, MessageEventData, Origin,
         SendRecord, SendStatus, Thread, ThreadRoute, new_id,
@@ -29,9 +31,10 @@ use crate::{
 /// R17: attachments of one send, decoded, in total.
 pub const MAX_ATTACHMENT_BYTES: usize = 25 * 1024 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendBody {
+    /// The contact the mail is for; To defaults to its first address.
     contact_id: String,
     #[serde(default)]
     to: Vec<String>,
@@ -47,16 +50,19 @@ pub struct SendBody {
     html: Option<String>,
     #[serde(default)]
     attachments: Vec<AttachmentBody>,
+    /// A thread id or a Message-ID: sends as a reply in that thread.
     #[serde(default)]
     reply_to: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AttachmentBody {
     filename: String,
     #[serde(default)]
     content_type: Option<String>,
+    /// The bytes, base64; all attachments of a send total at most 25 MB (R17).
+    #[schema(content_encoding = "base64")]
     content_base64: String,
 }
 
@@ -77,22 +83,45 @@ fn addresses(field: &str, values: &[String]) -> Result<Vec<String>, ApiError> {
         .collect()
 }
 
-fn send_view(send: &SendRecord) -> serde_json::Value {
-    serde_json::json!({
-        "id": send.id,
-        "status": send.status,
-        "error": send.error,
-        "message_id": send.message_id,
-        "thread_id": send.thread_id,
-        "location_id": send.location_id,
-        "user_id": send.user_id,
-        "contact_id": send.contact_id,
-        "mailbox": send.mailbox,
-        "created_at": send.created_at,
-        "sent_at": send.sent_at,
-        "smtp_response": send.smtp_response,
-        "attempts": send.attempts,
-    })
+/// A CRM send as `POST …/messages` and `GET /v1/messages/{id}` show it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SendView {
+    #[schema(example = "msg_0190f3c2a1b27c3d8e4f5a6b7c8d9e0f")]
+    id: String,
+    status: SendStatus,
+    /// Why a failed send failed.
+    error: Option<String>,
+    /// The Message-ID the mail carries (the server's, where it replaced ours).
+    message_id: String,
+    thread_id: String,
+    location_id: String,
+    user_id: String,
+    contact_id: String,
+    /// The sending mailbox's address.
+    mailbox: String,
+    created_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+    /// The SMTP server's reply to the end of DATA, once accepted.
+    smtp_response: Option<String>,
+    attempts: u32,
+}
+
+fn send_view(send: &SendRecord) -> SendView {
+    SendView {
+        id: send.id.clone(),
+        status: send.status,
+        error: send.error.clone(),
+        message_id: send.message_id.clone(),
+        thread_id: send.thread_id.clone(),
+        location_id: send.location_id.clone(),
+        user_id: send.user_id.clone(),
+        contact_id: send.contact_id.clone(),
+        mailbox: send.mailbox.clone(),
+        created_at: send.created_at,
+        sent_at: send.sent_at,
+        smtp_response: send.smtp_response.clone(),
+        attempts: send.attempts,
+    }
 }
 
 /// A send request that passed every check. Nothing is stored or sent for a
@@ -119,6 +148,26 @@ struct ValidSend {
 /// the same moment.
 const MAX_THREAD_RETRIES: u32 = 5;
 
+#[utoipa::path(
+    post,
+    path = "/locations/{location_id}/users/{user_id}/messages",
+    tag = "messages",
+    params(
+        ("location_id" = String, Path),
+        ("user_id" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "A retry with the same key answers with the first send instead of sending again"),
+    ),
+    request_body = SendBody,
+    responses(
+        (status = 202, description = "Accepted and queued for SMTP", body = SendView),
+        (status = 404, description = "Unknown contact, or the user has no mailbox", body = ErrorBody),
+        (status = 409, description = "The mailbox needs new credentials (`needs_reauth`) or the key was used for another send", body = ErrorBody),
+        (status = 413, description = "Attachments over 25 MB (R17)", body = ErrorBody),
+        (status = 429, description = "The daily send limit is reached (R14)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a send fits in the limit again"))),
+    ),
+)]
 pub async fn send(
     State(state): State<AppState>,
     ApiPath((location_id, user_id)): ApiPath<(String, String)>,
@@ -418,19 +467,18 @@ fn accept(
     let detached: Vec<Event> = plan
         .detached
         .iter()
-        .map(|r| Event {
-            id: new_id("evt"),
-            kind: "thread.detached".into(),
-            timestamp: now,
-            ordering_key: thread.id.clone(),
-            data: serde_json::json!({
-                "thread_id": thread.id,
-                "location_id": r.location_id,
-                "user_id": r.user_id,
-                "contact_id": r.contact_id,
-                "mailbox": request.mailbox.address,
-                "pinned_to_location_id": request.location_id,
-            }),
+        .map(|r| {
+            let data = ThreadDetached {
+                thread_id: thread.id.clone(),
+                location_id: r.location_id.clone(),
+                user_id: r.user_id.clone(),
+                contact_id: r.contact_id.clone(),
+                mailbox: request.mailbox.address.clone(),
+                reason: DetachReason::Pinned,
+                new_mailbox: None,
+                pinned_to_location_id: Some(request.location_id.clone()),
+            };
+            event_data::event("thread.detached", &thread.id, now, &data)
         })
         .collect();
     let acceptance = state.store.accept_send(
@@ -627,7 +675,7 @@ fn too_large() -> ApiError {
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
     #[serde(default)]
@@ -636,8 +684,33 @@ pub struct PatchBody {
     flagged: Option<bool>,
 }
 
+/// A change to a synced message, waiting to be made in the mailbox.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct QueuedChange {
+    id: String,
+    status: QueuedStatus,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum QueuedStatus {
+    Queued,
+}
+
 /// `PATCH /v1/messages/{id}` `{"seen", "flagged"}`: sets or clears the flags
 /// in the mailbox (issue 9). Answered at once; made from a durable queue.
+#[utoipa::path(
+    patch,
+    path = "/messages/{id}",
+    tag = "messages",
+    params(("id" = String, Path, description = "The `data.id` of a message event")),
+    request_body = PatchBody,
+    responses(
+        (status = 202, description = "Queued; made in the mailbox shortly", body = QueuedChange),
+        (status = 404, description = "No synced message with this id", body = ErrorBody),
+        (status = 409, description = "The mailbox is disconnected or needs new credentials", body = ErrorBody),
+    ),
+)]
 pub async fn patch(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -650,6 +723,17 @@ pub async fn patch(
 }
 
 /// `DELETE /v1/messages/{id}`: moves the message to the mailbox's Trash.
+#[utoipa::path(
+    delete,
+    path = "/messages/{id}",
+    tag = "messages",
+    params(("id" = String, Path, description = "The `data.id` of a message event")),
+    responses(
+        (status = 202, description = "Queued; moved to the mailbox's Trash shortly", body = QueuedChange),
+        (status = 404, description = "No synced message with this id", body = ErrorBody),
+        (status = 409, description = "The mailbox is disconnected or needs new credentials", body = ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -707,15 +791,28 @@ fn queue_change(
     state.changes_signal.notify();
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"id": id, "status": "queued"})),
+        Json(QueuedChange {
+            id: id.to_string(),
+            status: QueuedStatus::Queued,
+        }),
     )
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/messages/{id}",
+    tag = "messages",
+    params(("id" = String, Path, description = "The `id` a send was accepted with")),
+    responses(
+        (status = 200, description = "The send and where it is", body = SendView),
+        (status = 404, description = "No send with this id", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<SendView>, ApiError> {
     check_id("id", &id)?;
     let send = state
         .store
@@ -738,6 +835,16 @@ async fn read_raw(state: &AppState, id: &str) -> Result<Vec<u8>, ApiError> {
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/messages/{id}/raw",
+    tag = "messages",
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The RFC 5322 source", content_type = "message/rfc822", body = Vec<u8>),
+        (status = 404, description = "No stored source (unknown, or removed by retention)", body = ErrorBody),
+    ),
+)]
 pub async fn raw(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -746,6 +853,17 @@ pub async fn raw(
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], Body::from(raw)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/messages/{id}/attachments/{index}",
+    tag = "messages",
+    params(("id" = String, Path), ("index" = usize, Path, description = "`attachments[].index` of the message event")),
+    responses(
+        (status = 200, description = "The attachment's bytes, with its own content type", content_type = "application/octet-stream", body = Vec<u8>,
+            headers(("Content-Disposition" = String))),
+        (status = 404, description = "No such message or attachment", body = ErrorBody),
+    ),
+)]
 pub async fn attachment(
     State(state): State<AppState>,
     ApiPath((id, index)): ApiPath<(String, usize)>,
@@ -781,17 +899,35 @@ pub async fn attachment(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// At most this many messages (1 to 500, default 50).
     limit: Option<usize>,
+    /// Only messages older than this time, for the next page.
     before: Option<DateTime<Utc>>,
 }
 
+/// A contact's synced messages, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct History {
+    messages: Vec<MessageEventData>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/locations/{location_id}/contacts/{contact_id}/messages",
+    tag = "messages",
+    params(("location_id" = String, Path), ("contact_id" = String, Path), HistoryQuery),
+    responses(
+        (status = 200, description = "The messages synced for the contact, newest first", body = History),
+    ),
+)]
 pub async fn history(
     State(state): State<AppState>,
     ApiPath((location_id, contact_id)): ApiPath<(String, String)>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<History>, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("contact_id", &contact_id)?;
     let Query(query) = query
@@ -803,5 +939,5 @@ pub async fn history(
         query.before.map(|b| b.timestamp_millis()),
         limit,
     )?;
-    Ok(Json(serde_json::json!({ "messages": messages })))
+    Ok(Json(History { messages }))
 }

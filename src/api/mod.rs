@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod mailboxes;
 pub mod messages;
 pub mod oauth;
+pub mod openapi;
 
 use std::sync::{
     Arc,
@@ -22,15 +23,15 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
 };
 use sha2::{Digest as _, Sha256};
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{
     config::ProvidersConfig, imap::ImapConnector, scheduler::Scheduler, store::Store,
     webhook::OutboxSignal,
 };
-use error::ApiError;
+use error::{ApiError, ErrorBody};
 
 /// Requests up to this size are read; a bulk contact upload may be larger.
 const BODY_LIMIT: usize = 48 * 1024 * 1024;
@@ -84,77 +85,26 @@ fn key_accepted(hashes: &[[u8; 32]], key: &str) -> bool {
 }
 
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/locations/{location_id}/contacts/bulk",
-            post(contacts::bulk).layer(DefaultBodyLimit::max(BULK_BODY_LIMIT)),
-        )
-        .route(
-            "/locations/{location_id}/contacts/{contact_id}",
-            put(contacts::put)
-                .get(contacts::get)
-                .delete(contacts::delete),
-        )
-        .route(
-            "/locations/{location_id}/users/{user_id}/mailbox",
-            put(mailboxes::put)
-                .get(mailboxes::get)
-                .delete(mailboxes::delete),
-        )
-        .route(
-            "/locations/{location_id}/users/{user_id}/messages",
-            post(messages::send),
-        )
-        .route(
-            "/locations/{location_id}/contacts/{contact_id}/messages",
-            get(messages::history),
-        )
-        .route(
-            "/messages/{id}",
-            get(messages::get)
-                .patch(messages::patch)
-                .delete(messages::delete),
-        )
-        .route("/messages/{id}/raw", get(messages::raw))
-        .route(
-            "/messages/{id}/attachments/{index}",
-            get(messages::attachment),
-        )
-        .route("/oauth/{provider}/start", get(oauth::start))
-        .route(
-            "/locations/{location_id}/users/{user_id}/auto-bcc",
-            get(auto_bcc::address).put(auto_bcc::put_senders),
-        )
-        .route(
-            "/auto-bcc/mailbox",
-            put(auto_bcc::put)
-                .get(auto_bcc::get)
-                .delete(auto_bcc::delete),
-        )
-        .route(
-            "/inspect",
-            post(inspect::inspect).layer(DefaultBodyLimit::max(INSPECT_BODY_LIMIT)),
-        )
-        .route("/dead-letters", get(dead_letters::list))
-        .route("/dead-letters/{id}/retry", post(dead_letters::retry))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ))
-        // The provider sends the person's browser here: the signed state
-        // authenticates it, not an API key.
-        .route("/oauth/{provider}/callback", get(oauth::callback));
-    let metrics_route = match state.metrics_public {
-        true => Router::new().route("/metrics", get(metrics)),
-        false => Router::new().route("/metrics", get(metrics)).route_layer(
-            middleware::from_fn_with_state(state.clone(), require_api_key),
-        ),
-    };
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(metrics_route)
-        .nest("/v1", v1)
+    let mut described = openapi::Described::new(state.metrics_public);
+    described.keyed = described.keyed.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_api_key,
+    ));
+    if !state.metrics_public {
+        described.metrics = described
+            .metrics
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_api_key,
+            ));
+    }
+    let (routes, document) = described.assemble().split_for_parts();
+    let docs = SwaggerUi::new("/docs")
+        .url("/openapi.json", openapi::complete(document))
+        // The page must not call validator.swagger.io: nothing leaves the host.
+        .config(utoipa_swagger_ui::Config::default().validator_url("none"));
+    routes
+        .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -186,10 +136,28 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// Liveness and readiness answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok` (live) or `ready`.
+    status: String,
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: started, and no core worker is restarting.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Starting, stopping, or a worker is restarting (`not_ready`)", body = ErrorBody),
+    ))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let down = state.health.down();
     if !down.is_empty() {
@@ -200,7 +168,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
         .into_response()
     } else if state.ready.load(Ordering::Relaxed) {
-        Json(serde_json::json!({"status": "ready"})).into_response()
+        Json(Health {
+            status: "ready".into(),
+        })
+        .into_response()
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -211,6 +182,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "`[server] metrics_public = false` and the API key is missing or not valid", body = ErrorBody),
+        (status = 503, description = "No metrics recorder is installed", body = ErrorBody),
+    ))]
 /// Costs the same however big the store: gauges such as
 /// `mailbridge_outbox_pending` are set by the workers as they go.
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{
     AppState,
-    error::{ApiError, ApiPath, check_id},
+    error::{ApiError, ApiPath, ErrorBody, check_id},
     mailboxes::{ConnectRequest, connect_mailbox},
 };
 use crate::{
@@ -56,10 +56,13 @@ fn redirect_url(state: &AppState, provider: Provider) -> String {
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StartQuery {
     location_id: String,
     user_id: String,
+    /// Where the person's browser goes afterwards, with
+    /// `?status=connected&email=…` or `?status=error&reason=…`.
     #[serde(default)]
     return_to: Option<String>,
     /// Passed on to the provider to preselect the account.
@@ -67,6 +70,26 @@ pub struct StartQuery {
     login_hint: Option<String>,
 }
 
+/// The provider's consent page, for an `Accept: application/json` caller.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ConsentUrl {
+    url: String,
+}
+
+/// Starts "Sign in with Google/Microsoft" (authorization code with PKCE and
+/// offline access).
+#[utoipa::path(
+    get,
+    path = "/oauth/{provider}/start",
+    tag = "oauth",
+    params(("provider" = String, Path, description = "`gmail` or `outlook`"), StartQuery),
+    responses(
+        (status = 200, description = "With `Accept: application/json`: the consent page's URL", body = ConsentUrl),
+        (status = 302, description = "To the provider's consent page", headers(("Location" = String))),
+        (status = 404, description = "No such provider", body = ErrorBody),
+        (status = 422, description = "The provider has no OAuth client configured (`oauth_not_configured`), or `return_to` is not an http(s) URL", body = ErrorBody),
+    ),
+)]
 pub async fn start(
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
@@ -115,7 +138,7 @@ pub async fn start(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/json"));
     if wants_json {
-        Ok(axum::Json(serde_json::json!({ "url": url })).into_response())
+        Ok(axum::Json(ConsentUrl { url }).into_response())
     } else {
         Ok(found(&url))
     }
@@ -136,7 +159,9 @@ fn forget_abandoned_flows(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+/// What the provider sends back (RFC 6749 §4.1.2).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
     #[serde(default)]
     code: Option<String>,
@@ -179,6 +204,22 @@ fn back_to(return_to: &str, outcome: &[(&str, &str)]) -> Response {
     }
 }
 
+/// Where the provider sends the person's browser back; the signed `state`
+/// authenticates it, not an API key.
+#[utoipa::path(
+    get,
+    path = "/oauth/{provider}/callback",
+    tag = "oauth",
+    params(("provider" = String, Path), CallbackQuery),
+    responses(
+        (status = 302, description = "To `return_to`, with the outcome in its query", headers(("Location" = String))),
+        (status = 200, description = "Connected, and no `return_to` was given", content_type = "text/html", body = String),
+        (status = 400, description = "The sign-in failed, and no `return_to` was given (or the state is not valid)", content(
+            (String = "text/html"),
+            (ErrorBody = "application/json"),
+        )),
+    ),
+)]
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
 use crate::{
     backoff,
+    event_data::{self, MessagePlace},
     ingest::Found,
     model::{FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState},
     store::LocatedChange,
@@ -612,16 +613,16 @@ impl FolderWatcher {
                 Whereabouts::Binned(name) => ("message.deleted", Some(name), None),
                 Whereabouts::Nowhere => ("message.deleted", None, None),
             };
-            let events = located.events(
+            let events = event_data::message_changed(
+                &located,
                 kind,
                 &self.address,
-                serde_json::json!({
-                    "folder": now_in,
-                    "previous_folder": folder,
-                    "seen": located.flags.seen,
-                    "flagged": located.flags.flagged,
-                    "answered": located.flags.answered,
-                }),
+                MessagePlace {
+                    folder: now_in.as_deref(),
+                    previous_folder: Some(folder),
+                    flags: located.flags,
+                    labels: None,
+                },
             );
             changes.push(LocatedChange {
                 uid_validity: cursor.uid_validity,
@@ -645,16 +646,17 @@ impl FolderWatcher {
             if located.flags == now && !labels_changed {
                 continue;
             }
-            let mut state = serde_json::json!({
-                "folder": folder,
-                "seen": now.seen,
-                "flagged": now.flagged,
-                "answered": now.answered,
-            });
-            if let (Some(labels), Some(state)) = (&labels, state.as_object_mut()) {
-                state.insert("labels".into(), labels.clone().into());
-            }
-            let events = located.events("message.updated", &self.address, state);
+            let events = event_data::message_changed(
+                &located,
+                "message.updated",
+                &self.address,
+                MessagePlace {
+                    folder: Some(folder),
+                    previous_folder: None,
+                    flags: now,
+                    labels: labels.as_deref(),
+                },
+            );
             changes.push(LocatedChange {
                 uid_validity: cursor.uid_validity,
                 uid,

@@ -598,13 +598,8 @@ fn needs_reauth_is_recorded_once_kept_against_later_states_and_ended_only_by_con
                 &[],
             )
             .unwrap();
-        let event = Event::lifecycle(
-            "mailbox.needs_reauth",
-            "L1",
-            "u1",
-            "me@x.test",
-            serde_json::json!({}),
-        );
+        let event = crate::event_data::MailboxLifecycle::new("L1", "u1", "me@x.test")
+            .event("mailbox.needs_reauth");
         let events = std::slice::from_ref(&event);
         let refused = mailbox("me@x.test").credentials;
         let newer = Credentials::Password {
