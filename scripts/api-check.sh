@@ -68,18 +68,22 @@ while True:
         time.sleep(0.2)
 PY
 
+REPORT_DIR=$(realpath -m "${API_CHECK_REPORT_DIR:-target/schemathesis-report}")
+VENV=$(realpath "$VENV")
 set +e
-SCHEMATHESIS_HOOKS=scripts.api_check.hooks PYTHONPATH=. \
+# Run from the scratch folder: schemathesis keeps a replay cache where it runs,
+# and a run must not replay another's.
+(cd "$WORK" && SCHEMATHESIS_HOOKS=scripts.api_check.hooks PYTHONPATH="$OLDPWD" \
 "$VENV/bin/schemathesis" --no-color run "http://127.0.0.1:$PORT/openapi.json" \
     --header "Authorization: Bearer $KEY" \
     --checks all \
     --exclude-checks positive_data_acceptance \
     --max-examples "$EXAMPLES" \
     --seed 20261201 \
-    --workers 2 \
+    --workers 1 \
     --request-timeout 30 \
     --suppress-health-check all \
-    --report junit --report-dir "${API_CHECK_REPORT_DIR:-target/schemathesis-report}"
+    --report junit --report-dir "$REPORT_DIR")
 STATUS=$?
 set -e
 if grep -q "panicked" "$WORK/daemon.log"; then
