@@ -37,6 +37,19 @@ trap cleanup EXIT
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+# With the test mail stack up (scripts/mailstack/start.sh), the run starts
+# from a connected mailbox, a contact and a send, so generated requests reach
+# the handlers' real work and not only their 404s.
+STACK_ENV=${MAILSTACK_RUNTIME:-/tmp/mailbridge-mailstack}/stack.env
+SEEDED=""
+EXTRA_ROOTS=""
+if [ -f "$STACK_ENV" ]; then
+    # shellcheck disable=SC1090
+    . "$STACK_ENV"
+    SEEDED=1
+    EXTRA_ROOTS="[tls]
+extra_roots = [\"$MAILSTACK_CA_CERT\"]"
+fi
 cat > "$WORK/config.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PORT"
@@ -51,6 +64,8 @@ keys = ["$KEY"]
 [sync]
 # Generated mailboxes name servers that do not exist: give up on them fast.
 step_timeout_secs = 3
+
+$EXTRA_ROOTS
 TOML
 
 "$BIN" serve --config "$WORK/config.toml" > "$WORK/daemon.log" 2>&1 &
@@ -70,11 +85,41 @@ PY
 
 REPORT_DIR=$(realpath -m "${API_CHECK_REPORT_DIR:-target/schemathesis-report}")
 VENV=$(realpath "$VENV")
+touch "$WORK/schemathesis.toml"
+if [ -n "$SEEDED" ]; then
+    python3 - "$PORT" "$KEY" "$MAILSTACK_DOMAIN" "$MAILSTACK_IMAPS_PORT" "$MAILSTACK_SUBMISSIONS_PORT" \
+        > "$WORK/schemathesis.toml" <<'PY'
+import json, sys, urllib.request
+port, key, domain, imaps, submissions = sys.argv[1:]
+base = f"http://127.0.0.1:{port}/v1"
+
+def call(method, path, body):
+    request = urllib.request.Request(
+        base + path, method=method, data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+call("PUT", "/locations/L1/contacts/c1",
+     {"emails": [f"alice@{domain}"], "name": "Alice", "assigned_user_ids": ["u1"]})
+call("PUT", "/locations/L1/users/u1/mailbox", {
+    "email": f"carol@{domain}", "provider": "imap",
+    "auth": {"type": "password", "password": "carolpw"},
+    "imap": {"host": "127.0.0.1", "port": int(imaps), "security": "tls"},
+    "smtp": {"host": "127.0.0.1", "port": int(submissions), "security": "tls"}})
+sent = call("POST", "/locations/L1/users/u1/messages",
+            {"contact_id": "c1", "subject": "seed", "text": "hello"})
+print("[parameters]")
+for name, value in {"location_id": "L1", "user_id": "u1", "contact_id": "c1",
+                    "id": sent["id"], "mailbox": f"carol@{domain}"}.items():
+    print(f"{name} = {json.dumps(value)}")
+PY
+fi
 set +e
 # Run from the scratch folder: schemathesis keeps a replay cache where it runs,
 # and a run must not replay another's.
 (cd "$WORK" && SCHEMATHESIS_HOOKS=scripts.api_check.hooks PYTHONPATH="$OLDPWD" \
-"$VENV/bin/schemathesis" --no-color run "http://127.0.0.1:$PORT/openapi.json" \
+"$VENV/bin/schemathesis" --no-color --config-file "$WORK/schemathesis.toml" run "http://127.0.0.1:$PORT/openapi.json" \
     --header "Authorization: Bearer $KEY" \
     --checks all \
     --exclude-checks positive_data_acceptance \

@@ -127,7 +127,7 @@ pub struct NewContactView {
     path = "/inspect",
     tag = "inspect",
     params(InspectQuery),
-    request_body(content = Vec<u8>, content_type = "message/rfc822", description = "The message's source"),
+    request_body(content = super::openapi::RawBytes, content_type = "message/rfc822", description = "The message's source"),
     responses(
         (status = 200, description = "The verdicts", body = InspectReport),
     ),

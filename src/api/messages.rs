@@ -841,7 +841,7 @@ async fn read_raw(state: &AppState, id: &str) -> Result<Vec<u8>, ApiError> {
     tag = "messages",
     params(("id" = String, Path)),
     responses(
-        (status = 200, description = "The RFC 5322 source", content_type = "message/rfc822", body = Vec<u8>),
+        (status = 200, description = "The RFC 5322 source", content_type = "message/rfc822", body = super::openapi::RawBytes),
         (status = 404, description = "No stored source (unknown, or removed by retention)", body = ErrorBody),
     ),
 )]
@@ -859,7 +859,7 @@ pub async fn raw(
     tag = "messages",
     params(("id" = String, Path), ("index" = usize, Path, description = "`attachments[].index` of the message event")),
     responses(
-        (status = 200, description = "The attachment's bytes, with its own content type", content_type = "application/octet-stream", body = Vec<u8>,
+        (status = 200, description = "The attachment's bytes, with its own content type", content_type = "application/octet-stream", body = super::openapi::RawBytes,
             headers(("Content-Disposition" = String))),
         (status = 404, description = "No such message or attachment", body = ErrorBody),
     ),

@@ -26,6 +26,11 @@ use crate::{
     model::MessageEventData,
 };
 
+/// Bytes as they are: a message's source, an attachment.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct RawBytes(#[allow(dead_code)] Vec<u8>);
+
 /// The name of the API key scheme in the document.
 const API_KEY: &str = "api_key";
 
