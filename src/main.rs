@@ -55,6 +55,9 @@ enum Command {
         #[arg(long)]
         api: Option<String>,
     },
+    /// Print the HTTP API's OpenAPI 3.1 document (what `GET /openapi.json`
+    /// serves), for generating a client without a running daemon.
+    Openapi,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -120,6 +123,20 @@ fn main() -> ExitCode {
             config,
             api,
         } => inspect_routing(&file, json, &mailbox, folder.into(), config, api),
+        Command::Openapi => print_openapi(),
+    }
+}
+
+fn print_openapi() -> ExitCode {
+    match serde_json::to_string_pretty(&mailbridge::api::openapi::document()) {
+        Ok(document) => {
+            println!("{document}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("mailbridge: the OpenAPI document could not be written: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

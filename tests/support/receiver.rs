@@ -1,5 +1,9 @@
 //! A webhook receiver on port 0 that verifies Standard Webhooks signatures and
-//! records every request, like Svix's TestReceiver.
+//! records every request, like Svix's TestReceiver. It also checks every event
+//! against the daemon's own OpenAPI document (`webhooks`), so each test that
+//! receives events shows the document tells the truth about them; a receiver
+//! that saw an event the document does not describe fails its test when it is
+//! dropped.
 
 use std::sync::{
     Arc, Mutex,
@@ -39,6 +43,39 @@ pub struct Receiver {
     failing: Arc<AtomicBool>,
     redirecting: Arc<AtomicBool>,
     redirected_gets: Arc<std::sync::atomic::AtomicUsize>,
+    /// Events that differ from the OpenAPI document's `webhooks`.
+    undocumented: Arc<Mutex<Vec<String>>>,
+}
+
+/// Why `body` is not what the document says its event type carries, if it is not.
+fn undocumented(body: &serde_json::Value) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static VALIDATORS: OnceLock<Mutex<HashMap<String, Option<jsonschema::Validator>>>> =
+        OnceLock::new();
+    let kind = body["type"].as_str()?.to_string();
+    let validators = VALIDATORS.get_or_init(Default::default);
+    let mut validators = validators.lock().unwrap();
+    let validator = validators.entry(kind.clone()).or_insert_with(|| {
+        let mut schema = serde_json::to_value(mailbridge::api::openapi::document()).unwrap();
+        // The whole document is the root, so its `#/components/...`
+        // references resolve; validation starts at the event's body schema.
+        let pointer = format!(
+            "#/webhooks/{}/post/requestBody/content/application~1json/schema",
+            kind.replace('~', "~0").replace('/', "~1")
+        );
+        schema["$ref"] = pointer.into();
+        schema.as_object_mut().unwrap().remove("$schema");
+        jsonschema::validator_for(&schema).ok()
+    });
+    let Some(validator) = validator else {
+        return Some(format!("the document has no webhook {kind:?}"));
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    (!errors.is_empty()).then(|| format!("{kind}: {}", errors.join("; ")))
 }
 
 #[derive(Clone)]
@@ -48,6 +85,7 @@ struct ReceiverState {
     redirecting: Arc<AtomicBool>,
     redirected_gets: Arc<std::sync::atomic::AtomicUsize>,
     key: SigningKey,
+    undocumented: Arc<Mutex<Vec<String>>>,
 }
 
 /// Where a redirecting receiver sends requests: a client that follows the
@@ -79,6 +117,13 @@ async fn hook(
     let redirecting = state.redirecting.load(Ordering::SeqCst);
     let accepted = !state.failing.load(Ordering::SeqCst) && !redirecting;
     let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if let Some(why) = undocumented(&body) {
+        state
+            .undocumented
+            .lock()
+            .unwrap()
+            .push(format!("{why}\n  in {body}"));
+    }
     state.log.lock().unwrap().push(Received {
         webhook_id,
         signature_valid,
@@ -100,12 +145,14 @@ impl Receiver {
         let failing = Arc::new(AtomicBool::new(false));
         let redirecting = Arc::new(AtomicBool::new(false));
         let redirected_gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let undocumented = Arc::new(Mutex::new(Vec::new()));
         let state = ReceiverState {
             log: log.clone(),
             failing: failing.clone(),
             redirecting: redirecting.clone(),
             redirected_gets: redirected_gets.clone(),
             key: SigningKey::from_secret(SECRET).unwrap(),
+            undocumented: undocumented.clone(),
         };
         let app = Router::new()
             .route("/hook", post(hook))
@@ -120,6 +167,7 @@ impl Receiver {
             failing,
             redirecting,
             redirected_gets,
+            undocumented,
         }
     }
 
@@ -178,5 +226,17 @@ impl Receiver {
             (found.len() >= n).then_some(found)
         })
         .await
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let undocumented = self.undocumented.lock().unwrap();
+        if !undocumented.is_empty() && !std::thread::panicking() {
+            panic!(
+                "events the OpenAPI document does not describe:\n{}",
+                undocumented.join("\n")
+            );
+        }
     }
 }
