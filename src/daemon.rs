@@ -11,6 +11,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::sync_status::SyncStatus;
 use crate::{
     api::{self, AppState},
     auth::Auth,
@@ -200,6 +201,7 @@ pub async fn run(
         providers: config.providers.clone(),
         sync: config.sync.clone(),
         signal: signal.clone(),
+        status: SyncStatus::default(),
     });
     let sync_shutdown = CancellationToken::new();
     let scheduler = Arc::new(Scheduler::new(ctx.clone(), sync_shutdown.clone()));
@@ -301,6 +303,7 @@ pub async fn run(
         oauth_state,
         health,
         metrics_public: config.server.metrics_public,
+        sync_status: ctx.status.clone(),
     };
     let started = scheduler.start_all()?;
     tracing::info!(mailboxes = started, listen = %listener.local_addr()?, "mailbridge running");

@@ -29,6 +29,7 @@ pub mod smart_address;
 pub mod smtp;
 pub mod store;
 pub mod supervise;
+pub mod sync_status;
 pub mod tls;
 pub mod wakeup;
 pub mod webhook;

@@ -140,6 +140,37 @@ fn print_openapi() -> ExitCode {
     }
 }
 
+/// Every mailbox holds an IMAP connection per watched folder (two or more
+/// sockets each): the soft limit on open files (often 1,024) would stop the
+/// daemon near 500 mailboxes. It is raised to the hard limit, which only the
+/// administrator sets.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        tracing::info!(
+            open_files = ?limit.current,
+            "open-file limit already at the hard limit"
+        );
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            from = ?limit.current,
+            to = ?limit.maximum,
+            "open-file limit raised to the hard limit"
+        ),
+        Err(err) => tracing::warn!(
+            open_files = ?limit.current,
+            "could not raise the open-file limit ({err}); about one mailbox per 2 open files"
+        ),
+    }
+}
+
 fn serve(config_file: Option<PathBuf>, log_format: Option<LogFormatArg>) -> ExitCode {
     // Everything the daemon creates (sled's files, message sources, the
     // key) is its owner's alone, whatever the umask it was started with.
@@ -157,6 +188,7 @@ fn serve(config_file: Option<PathBuf>, log_format: Option<LogFormatArg>) -> Exit
         None => config.log.format,
     };
     init_logging(format, &config.log.level);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

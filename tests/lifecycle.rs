@@ -375,3 +375,80 @@ async fn r21_a_uidvalidity_change_while_down_loses_nothing_and_forwards_nothing_
     );
     daemon.stop().await;
 }
+
+/// Issue 11: the state a mailbox shows is its sessions' now. After a
+/// restart it is `connecting` until every watched folder logged in and
+/// caught up (it used to show the `active` stored before the restart while
+/// no session was up), and operators can list mailboxes by state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_mailbox_is_not_active_until_its_sessions_are() {
+    use support::{
+        daemon::Daemon,
+        imap_proxy::{ImapProxy, UNAVAILABLE},
+    };
+
+    let mut world = World::started().await;
+    let proxy = ImapProxy::start(&world.stack).await;
+    world
+        .api
+        .connect_with(
+            "L1",
+            "u1",
+            &world.stack,
+            &world.me,
+            serde_json::json!({"imap": proxy.endpoint()}),
+        )
+        .await;
+    world.api.wait_active("L1", "u1").await;
+    let (_, status) = world
+        .api
+        .send(Method::GET, "/v1/locations/L1/users/u1/mailbox", None)
+        .await;
+    let watched = status["watched"].as_array().cloned().unwrap_or_default();
+    assert_eq!(watched.len(), 2, "INBOX and Sent: {status}");
+    for folder in &watched {
+        assert_eq!(folder["state"], "active", "{status}");
+        assert!(folder["last_synced_at"].is_string(), "{status}");
+    }
+    let (_, page) = world
+        .api
+        .send(Method::GET, "/v1/mailboxes?state=active", None)
+        .await;
+    assert_eq!(page["mailboxes"][0]["email"], world.me.address, "{page}");
+
+    // Restarted while the server refuses logins: nothing is up.
+    proxy.refuse_next(10_000, UNAVAILABLE);
+    let config = world.daemon.config();
+    world.daemon.stop().await;
+    world.daemon = Daemon::start(config).await;
+    world.api = support::daemon::Api::new(&world.daemon.base);
+    let (_, status) = world
+        .api
+        .send(Method::GET, "/v1/locations/L1/users/u1/mailbox", None)
+        .await;
+    assert_ne!(status["state"], "active", "{status}");
+    let (_, page) = world
+        .api
+        .send(Method::GET, "/v1/mailboxes?state=active", None)
+        .await;
+    assert_eq!(page["mailboxes"], serde_json::json!([]), "{page}");
+    support::eventually(
+        "the refused logins to show as an error",
+        support::DEADLINE,
+        async || {
+            let (_, page) = world
+                .api
+                .send(Method::GET, "/v1/mailboxes?state=error", None)
+                .await;
+            let error = page["mailboxes"][0]["last_error"].as_str()?.to_string();
+            error
+                .contains("Temporary authentication failure")
+                .then_some(())
+        },
+    )
+    .await;
+
+    proxy.stop_refusing();
+    world.api.wait_active("L1", "u1").await;
+    world.daemon.stop().await;
+}

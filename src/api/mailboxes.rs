@@ -1,6 +1,10 @@
 //! Connecting, inspecting and disconnecting a user's mailbox (an integration).
 
-use axum::{Json, extract::State, http::StatusCode};
+use axum::{
+    Json,
+    extract::{Query, State, rejection::QueryRejection},
+    http::StatusCode,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +22,7 @@ use crate::{
     },
     oauth::TokenError,
     send_queue,
+    sync_status::{FolderStatus, SyncStatus},
 };
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -180,6 +185,9 @@ fn credentials_of(address: &str, auth: AuthBody) -> Result<Credentials, ApiError
 pub struct MailboxStatus {
     email: String,
     provider: Provider,
+    /// `connecting` until every watched folder's session is logged in and
+    /// caught up (after a restart too), `active` then, `error` while one
+    /// fails, `needs_reauth` once the credentials were refused for good.
     state: MailboxState,
     last_error: Option<String>,
     connected_at: DateTime<Utc>,
@@ -187,7 +195,19 @@ pub struct MailboxStatus {
     daily_send_limit: Option<u32>,
     smart_bcc_address: String,
     save_sent: SaveSent,
+    /// The folders listed to watch beside INBOX and Sent.
     folders: Vec<String>,
+    /// Each watched folder's session.
+    watched: Vec<FolderStatus>,
+}
+
+/// How a mailbox's sync stands: `needs_reauth` is stored (it outlives a
+/// restart); the rest is what this process's sessions report.
+fn live_state(sync_status: &SyncStatus, mailbox: &Mailbox) -> (MailboxState, Option<String>) {
+    match mailbox.state {
+        MailboxState::NeedsReauth => (MailboxState::NeedsReauth, mailbox.last_error.clone()),
+        _ => sync_status.mailbox_state(&mailbox.address),
+    }
 }
 
 fn status_of(
@@ -198,11 +218,12 @@ fn status_of(
     let (sent_last_24h, _) = state
         .store
         .quota_use(&mailbox.address, Utc::now().timestamp_millis())?;
+    let (live, last_error) = live_state(&state.sync_status, mailbox);
     Ok(MailboxStatus {
         email: mailbox.address.clone(),
         provider: mailbox.provider,
-        state: mailbox.state,
-        last_error: mailbox.last_error.clone(),
+        state: live,
+        last_error,
         connected_at: integration.connected_at,
         sent_last_24h,
         daily_send_limit: mailbox.daily_send_limit,
@@ -212,7 +233,91 @@ fn status_of(
             .address(&integration.location_id, &integration.user_id),
         save_sent: mailbox.save_sent,
         folders: mailbox.folders.clone(),
+        watched: state.sync_status.folders(&mailbox.address),
     })
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only mailboxes in this state.
+    #[param(inline)]
+    state: Option<MailboxState>,
+    /// At most this many (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// One mailbox in an operator's listing.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MailboxSummary {
+    email: String,
+    provider: Provider,
+    state: MailboxState,
+    last_error: Option<String>,
+    watched: Vec<FolderStatus>,
+}
+
+/// A page of mailboxes, in address order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MailboxPage {
+    mailboxes: Vec<MailboxSummary>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<String>,
+}
+
+/// Every connected mailbox (the Auto BCC catch-all too), for operators.
+#[utoipa::path(
+    get,
+    path = "/mailboxes",
+    tag = "mailboxes",
+    params(ListQuery),
+    responses((status = 200, description = "A page of mailboxes", body = MailboxPage)),
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<MailboxPage>, ApiError> {
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 1000"));
+    }
+    let wanted = query.state;
+    let store = state.store.clone();
+    let sync_status = state.sync_status.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let mut summaries = Vec::new();
+        let mailboxes = store.mailboxes_after(query.cursor.as_deref(), limit, &mut |mailbox| {
+            let (live, last_error) = live_state(&sync_status, mailbox);
+            if wanted.is_some_and(|wanted| wanted != live) {
+                return false;
+            }
+            summaries.push(MailboxSummary {
+                email: mailbox.address.clone(),
+                provider: mailbox.provider,
+                state: live,
+                last_error,
+                watched: sync_status.folders(&mailbox.address),
+            });
+            true
+        })?;
+        let next_cursor = match mailboxes.len() == limit {
+            true => mailboxes.last().map(|m| m.address.clone()),
+            false => None,
+        };
+        Ok::<_, crate::store::StoreError>(MailboxPage {
+            mailboxes: summaries,
+            next_cursor,
+        })
+    })
+    .await
+    .map_err(|e| crate::store::StoreError::Engine(format!("listing mailboxes stopped: {e}")))??;
+    Ok(Json(page))
 }
 
 fn check_endpoint(field: &str, endpoint: &Endpoint) -> Result<(), ApiError> {

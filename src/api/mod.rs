@@ -65,6 +65,8 @@ pub struct AppState {
     pub health: crate::supervise::Health,
     /// `/metrics` without the API key (`[server] metrics_public`).
     pub metrics_public: bool,
+    /// Where each mailbox's sessions stand.
+    pub sync_status: crate::sync_status::SyncStatus,
 }
 
 pub fn hash_key(key: &str) -> [u8; 32] {

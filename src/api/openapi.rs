@@ -100,7 +100,8 @@ impl Described {
                 routes!(inspect::inspect).layer(DefaultBodyLimit::max(super::INSPECT_BODY_LIMIT)),
             )
             .routes(routes!(dead_letters::list))
-            .routes(routes!(dead_letters::retry));
+            .routes(routes!(dead_letters::retry))
+            .routes(routes!(mailboxes::list));
         require_key(keyed.get_openapi_mut());
         // The provider sends the person's browser here: the signed state
         // authenticates it, not an API key.

@@ -33,6 +33,8 @@ pub struct SyncContext {
     pub providers: ProvidersConfig,
     pub sync: SyncConfig,
     pub signal: OutboxSignal,
+    /// Where each mailbox's sessions stand, for the API.
+    pub status: crate::sync_status::SyncStatus,
 }
 
 /// Keeps one mailbox in sync until cancelled or its credentials are dead.
@@ -69,6 +71,20 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
         };
         set.spawn(watcher.run(watchers.clone())).id()
     };
+    let watched: Vec<_> = mailbox
+        .roles()
+        .into_iter()
+        .map(|role| {
+            let name = match role {
+                FolderRole::Inbox => Some("INBOX".to_string()),
+                FolderRole::Listed(_) => mailbox.listed_name(role).map(str::to_string),
+                // Found by the session (SPECIAL-USE or a known name).
+                FolderRole::Sent | FolderRole::All => None,
+            };
+            (role, name)
+        })
+        .collect();
+    ctx.status.starting(&address, &watched);
     for role in mailbox.roles() {
         roles.insert(spawn(&mut set, role), role);
     }
@@ -103,4 +119,5 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
             Err(_) => {}
         }
     }
+    ctx.status.stopped(&address);
 }

@@ -17,7 +17,7 @@ use crate::{
     backoff,
     event_data::{self, MessagePlace},
     ingest::Found,
-    model::{FlagState, FolderCursor, FolderRole, LocatedMessage, MailboxState},
+    model::{FlagState, FolderCursor, FolderRole, LocatedMessage},
     store::LocatedChange,
 };
 
@@ -148,14 +148,9 @@ impl FolderWatcher {
             }
             tracing::warn!(mailbox = %self.address, folder = %self.role, "sync interrupted, reconnecting in {wait:?}: {err:#}");
             metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
-            if let Err(e) = self.ctx.store.set_mailbox_state(
-                &self.address,
-                self.generation,
-                MailboxState::Error,
-                Some(err.to_string()),
-            ) {
-                tracing::error!("recording the mailbox state failed: {e:#}");
-            }
+            self.ctx
+                .status
+                .failed(&self.address, self.role, err.to_string());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
@@ -215,6 +210,14 @@ impl FolderWatcher {
                 mailbox = address,
                 folder = %self.role,
                 "no such folder: mail in it cannot sync"
+            );
+            self.ctx.status.failed(
+                address,
+                self.role,
+                format!(
+                    "the server has no {} folder: mail in it cannot sync",
+                    self.role
+                ),
             );
             cancel.cancelled().await;
             return Ok(());
@@ -314,9 +317,6 @@ impl FolderWatcher {
                 .set_cursor(address, self.role, Some(cursor), from_now)?;
             cursor = from_now;
         }
-        self.ctx
-            .store
-            .set_mailbox_state(address, self.generation, MailboxState::Active, None)?;
         tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
 
         let mut looks_in_a_row = 0;
@@ -339,6 +339,7 @@ impl FolderWatcher {
                 continue;
             }
             looks_in_a_row = 0;
+            self.ctx.status.caught_up(address, self.role, &folder);
             if self.role == FolderRole::Inbox {
                 self.inbox_live
                     .store(true, std::sync::atomic::Ordering::Release);

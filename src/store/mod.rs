@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
-    Mailbox, MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord, Thread,
+    Mailbox, MailboxChange, MessageEventData, MessageLocation, SendRecord, Thread,
 };
 
 pub mod message_files;
@@ -258,17 +258,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Disconnected>>;
     fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>>;
     fn mailboxes(&self) -> StoreResult<Vec<Mailbox>>;
-    /// Records how sync stands, as seen by sync started under the connect
-    /// numbered `generation`; a stale report (the mailbox was connected
-    /// again since) changes nothing. Never moves a mailbox out of
-    /// `needs_reauth`: only `connect` with new credentials does.
-    fn set_mailbox_state(
+    /// Up to `limit` mailboxes that `keep` accepts, in address order, after
+    /// the address `after`: a page of an operator's listing.
+    fn mailboxes_after(
         &self,
-        address: &str,
-        generation: u64,
-        state: MailboxState,
-        last_error: Option<String>,
-    ) -> StoreResult<()>;
+        after: Option<&str>,
+        limit: usize,
+        keep: &mut dyn FnMut(&Mailbox) -> bool,
+    ) -> StoreResult<Vec<Mailbox>>;
     /// R20: turns the mailbox `needs_reauth` with `reason` and queues `events`,
     /// at once, if its credentials are still the `refused` ones. Returns false,
     /// queueing nothing, when it already was or has newer credentials.

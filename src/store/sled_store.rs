@@ -870,33 +870,32 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn set_mailbox_state(
+    fn mailboxes_after(
         &self,
-        address: &str,
-        generation: u64,
-        state: MailboxState,
-        last_error: Option<String>,
-    ) -> StoreResult<()> {
-        let _one_at_a_time = self.one_at_a_time();
-        let Some(mut mailbox) = self.mailbox(address)? else {
-            return Ok(());
+        after: Option<&str>,
+        limit: usize,
+        keep: &mut dyn FnMut(&Mailbox) -> bool,
+    ) -> StoreResult<Vec<Mailbox>> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
+            None => Bound::Unbounded,
         };
-        if mailbox.generation != generation {
-            return Ok(());
-        }
-        // Only new credentials (`connect`) end needs_reauth: a session that was
-        // already under way must not flip it back (R20).
-        if mailbox.state == MailboxState::NeedsReauth
-            || (mailbox.state == state && mailbox.last_error == last_error)
+        let mut page = Vec::new();
+        for value in self
+            .mailboxes
+            .range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .values()
         {
-            return Ok(());
+            if page.len() >= limit {
+                break;
+            }
+            let mailbox = self.open_mailbox(&value.map_err(engine)?)?;
+            if keep(&mailbox) {
+                page.push(mailbox);
+            }
         }
-        mailbox.state = state;
-        mailbox.last_error = last_error;
-        self.mailboxes
-            .insert(address.as_bytes(), self.seal_mailbox(&mailbox)?)
-            .map_err(engine)?;
-        self.flush()
+        Ok(page)
     }
 
     fn mark_needs_reauth(

@@ -40,6 +40,7 @@ pub struct Daemon {
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    config: Config,
 }
 
 impl Daemon {
@@ -54,15 +55,21 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(mailbridge::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(mailbridge::run(config.clone(), listener, shutdown.clone()));
         let daemon = Daemon {
             base,
             http: reqwest::Client::new(),
             shutdown,
             task,
+            config,
         };
         daemon.wait_ready().await;
         daemon
+    }
+
+    /// What it was started with, to start it again on the same data.
+    pub fn config(&self) -> Config {
+        self.config.clone()
     }
 
     pub async fn wait_ready(&self) {

@@ -1,0 +1,253 @@
+//! Ingest throughput on one core: parse + route + index + durable enqueue
+//! (`Ingest::handle`, the path every fetched message takes), over messages
+//! of real shapes, into a sled store on disk with its fsyncs.
+//!
+//!     cargo bench --bench ingest
+//!
+//! The same messages are written to `target/bench-ingest/*.eml`, so
+//! `scripts/bench-python-email.py` can parse them with Python's `email`
+//! package for comparison.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use chrono::Utc;
+use mailbridge::{
+    ingest::{Found, Ingest, Outcome},
+    model::{
+        Contact, Credentials, Endpoint, FolderCursor, FolderRole, Integration, Mailbox,
+        MailboxState, Provider, Security,
+    },
+    smart_address::SmartAddresses,
+    store::{SledStore, Store, secret_box::SecretBox},
+    webhook::OutboxSignal,
+};
+
+fn main() {
+    divan::main();
+}
+
+const ME: &str = "me@bench.test";
+const ANN: &str = "ann@customer.test";
+
+/// A message from the contact to the user; `{id}` is made unique per message.
+fn headers(content_type: &str) -> String {
+    format!(
+        "From: Ann Customer <{ANN}>\r\nTo: Me <{ME}>\r\nSubject: Quarterly figures\r\n\
+         Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{{id}}@customer.test>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n"
+    )
+}
+
+/// Lines of text as mail clients wrap them (under 76 characters).
+fn paragraph(words: usize) -> String {
+    let line = "The figures for the quarter are attached, with the notes from Monday.\r\n";
+    line.repeat(words / 12 + 1)
+}
+
+fn base64_lines(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+    encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|line| format!("{}\r\n", String::from_utf8_lossy(line)))
+        .collect()
+}
+
+/// Plain text, about 1 KB.
+fn plain() -> String {
+    format!(
+        "{}{}\r\n",
+        headers("text/plain; charset=utf-8"),
+        paragraph(150)
+    )
+}
+
+/// multipart/mixed: multipart/alternative (text + HTML) and a small PDF-like
+/// attachment, about 21 KB, the shape of an ordinary business mail.
+fn alternative_with_attachment() -> String {
+    let text = paragraph(700);
+    let html = format!("<html><body><p>{}</p></body></html>", paragraph(700));
+    let attachment: Vec<u8> = (0..9_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    format!(
+        "{}--outer\r\nContent-Type: multipart/alternative; boundary=\"inner\"\r\n\r\n\
+         --inner\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{text}\r\n\
+         --inner\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{html}\r\n\
+         --inner--\r\n\
+         --outer\r\nContent-Type: application/pdf; name=\"figures.pdf\"\r\nContent-Disposition: attachment; filename=\"figures.pdf\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}--outer--\r\n",
+        headers("multipart/mixed; boundary=\"outer\""),
+        base64_lines(&attachment),
+    )
+}
+
+/// A short text and a 2 MB attachment.
+fn large_attachment() -> String {
+    let attachment: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    format!(
+        "{}--outer\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThe scans, as promised.\r\n\
+         --outer\r\nContent-Type: application/zip; name=\"scans.zip\"\r\nContent-Disposition: attachment; filename=\"scans.zip\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}--outer--\r\n",
+        headers("multipart/mixed; boundary=\"outer\""),
+        base64_lines(&attachment),
+    )
+}
+
+/// A store with the user's mailbox connected and the contact assigned.
+struct Bench {
+    _dir: tempfile::TempDir,
+    ingest: Ingest,
+    next_uid: AtomicU32,
+}
+
+const UID_VALIDITY: u32 = 7;
+
+impl Bench {
+    fn new() -> Bench {
+        let dir = tempfile::tempdir().expect("a scratch folder");
+        let store: Arc<dyn Store> = Arc::new(
+            SledStore::open(dir.path(), SecretBox::from_key(&[7; 32])).expect("the store"),
+        );
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 993,
+            security: Security::Tls,
+        };
+        let mailbox = Mailbox {
+            address: ME.into(),
+            provider: Provider::Imap,
+            credentials: Credentials::Password {
+                username: ME.into(),
+                password: "bench".into(),
+            },
+            imap: endpoint.clone(),
+            smtp: endpoint,
+            daily_send_limit: None,
+            save_sent: Default::default(),
+            state: MailboxState::Connecting,
+            last_error: None,
+            connected_at: Utc::now(),
+            generation: 0,
+            folders: Vec::new(),
+        };
+        let cursor = FolderCursor::new(UID_VALIDITY, 1);
+        let integration = Integration {
+            location_id: "L1".into(),
+            user_id: "u1".into(),
+            mailbox: ME.into(),
+            connected_at: Utc::now(),
+            baseline: vec![(FolderRole::Inbox, cursor)],
+            smart_bcc_address: "bcc@bench.test".into(),
+        };
+        store
+            .connect(
+                &mailbox,
+                &integration,
+                &[(FolderRole::Inbox, cursor)],
+                &[],
+                &[],
+            )
+            .expect("connect");
+        store
+            .put_contacts(&[mailbridge::store::ContactUpsert {
+                created_at_given: true,
+                contact: Contact {
+                    location_id: "L1".into(),
+                    id: "c-ann".into(),
+                    emails: vec![ANN.into()],
+                    name: Some("Ann".into()),
+                    assigned_user_ids: vec!["u1".into()],
+                    created_at: Utc::now() - chrono::Duration::days(30),
+                },
+            }])
+            .expect("contact");
+        let smart =
+            SmartAddresses::new("bcc-{token}@bench.test", [3; 32]).expect("smart addresses");
+        let ingest = Ingest::new(
+            store,
+            OutboxSignal::default(),
+            "http://127.0.0.1:8787",
+            smart,
+        );
+        Bench {
+            _dir: dir,
+            ingest,
+            next_uid: AtomicU32::new(1),
+        }
+    }
+
+    /// Handles one new message, as the INBOX watcher does after a FETCH.
+    fn handle(&self, template: &str) {
+        let uid = self.next_uid.fetch_add(1, Ordering::Relaxed);
+        let raw = template.replace("{id}", &format!("m{uid}"));
+        let found = Found {
+            mailbox: ME,
+            folder: FolderRole::Inbox,
+            uid_validity: UID_VALIDITY,
+            uid,
+            cursor: FolderCursor::new(UID_VALIDITY, uid),
+            flags: None,
+            labels: None,
+            folder_name: "INBOX",
+            received_at: None,
+        };
+        match self.ingest.handle(found, raw.as_bytes()) {
+            Ok(Outcome::Queued { .. }) => {}
+            other => panic!("the message was not queued: {other:?}"),
+        }
+    }
+}
+
+fn write_fixtures() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-ingest");
+    let _ = std::fs::create_dir_all(&folder);
+    for (name, message) in [
+        ("plain", plain()),
+        ("alternative-21k", alternative_with_attachment()),
+        ("attachment-2m", large_attachment()),
+    ] {
+        let _ = std::fs::write(
+            folder.join(format!("{name}.eml")),
+            message.replace("{id}", "m1"),
+        );
+    }
+}
+
+#[divan::bench(name = "plain (1 KB)")]
+fn plain_message(bencher: divan::Bencher) {
+    write_fixtures();
+    let bench = Bench::new();
+    let message = plain();
+    bencher
+        .counter(divan::counter::ItemsCount::new(1usize))
+        .bench_local(|| bench.handle(&message));
+}
+
+#[divan::bench(name = "multipart/alternative + attachment (21 KB)")]
+fn alternative_message(bencher: divan::Bencher) {
+    let bench = Bench::new();
+    let message = alternative_with_attachment();
+    assert!(
+        (19_000..23_000).contains(&message.len()),
+        "{} bytes",
+        message.len()
+    );
+    bencher
+        .counter(divan::counter::ItemsCount::new(1usize))
+        .bench_local(|| bench.handle(&message));
+}
+
+#[divan::bench(name = "2 MB attachment", sample_count = 20, sample_size = 1)]
+fn large_message(bencher: divan::Bencher) {
+    let bench = Bench::new();
+    let message = large_attachment();
+    bencher
+        .counter(divan::counter::ItemsCount::new(1usize))
+        .bench_local(|| bench.handle(&message));
+}
