@@ -251,3 +251,32 @@ fn large_message(bencher: divan::Bencher) {
         .counter(divan::counter::ItemsCount::new(1usize))
         .bench_local(|| bench.handle(&message));
 }
+
+/// The CPU part alone: `mime::parse` of the same messages, no store.
+mod parse_only {
+    use super::*;
+
+    #[divan::bench(name = "parse only: plain (1 KB)")]
+    fn plain_message(bencher: divan::Bencher) {
+        let message = plain().replace("{id}", "m1");
+        bencher
+            .counter(divan::counter::ItemsCount::new(1usize))
+            .bench_local(|| mailbridge::mime::parse(message.as_bytes()));
+    }
+
+    #[divan::bench(name = "parse only: multipart/alternative + attachment (21 KB)")]
+    fn alternative_message(bencher: divan::Bencher) {
+        let message = alternative_with_attachment().replace("{id}", "m1");
+        bencher
+            .counter(divan::counter::ItemsCount::new(1usize))
+            .bench_local(|| mailbridge::mime::parse(message.as_bytes()));
+    }
+
+    #[divan::bench(name = "parse only: 2 MB attachment", sample_count = 20)]
+    fn large_message(bencher: divan::Bencher) {
+        let message = large_attachment().replace("{id}", "m1");
+        bencher
+            .counter(divan::counter::ItemsCount::new(1usize))
+            .bench_local(|| mailbridge::mime::parse(message.as_bytes()));
+    }
+}

@@ -203,10 +203,15 @@ pub struct MailboxStatus {
 
 /// How a mailbox's sync stands: `needs_reauth` is stored (it outlives a
 /// restart); the rest is what this process's sessions report.
-fn live_state(sync_status: &SyncStatus, mailbox: &Mailbox) -> (MailboxState, Option<String>) {
-    match mailbox.state {
-        MailboxState::NeedsReauth => (MailboxState::NeedsReauth, mailbox.last_error.clone()),
-        _ => sync_status.mailbox_state(&mailbox.address),
+fn live_state(
+    sync_status: &SyncStatus,
+    address: &str,
+    stored: MailboxState,
+    stored_error: &Option<String>,
+) -> (MailboxState, Option<String>) {
+    match stored {
+        MailboxState::NeedsReauth => (MailboxState::NeedsReauth, stored_error.clone()),
+        _ => sync_status.mailbox_state(address),
     }
 }
 
@@ -218,7 +223,12 @@ fn status_of(
     let (sent_last_24h, _) = state
         .store
         .quota_use(&mailbox.address, Utc::now().timestamp_millis())?;
-    let (live, last_error) = live_state(&state.sync_status, mailbox);
+    let (live, last_error) = live_state(
+        &state.sync_status,
+        &mailbox.address,
+        mailbox.state,
+        &mailbox.last_error,
+    );
     Ok(MailboxStatus {
         email: mailbox.address.clone(),
         provider: mailbox.provider,
@@ -292,20 +302,26 @@ pub async fn list(
     let sync_status = state.sync_status.clone();
     let page = tokio::task::spawn_blocking(move || {
         let mut summaries = Vec::new();
-        let mailboxes = store.mailboxes_after(query.cursor.as_deref(), limit, &mut |mailbox| {
-            let (live, last_error) = live_state(&sync_status, mailbox);
-            if wanted.is_some_and(|wanted| wanted != live) {
-                return false;
-            }
-            summaries.push(MailboxSummary {
-                email: mailbox.address.clone(),
-                provider: mailbox.provider,
-                state: live,
-                last_error,
-                watched: sync_status.folders(&mailbox.address),
-            });
-            true
-        })?;
+        let mailboxes =
+            store.mailbox_summaries_after(query.cursor.as_deref(), limit, &mut |mailbox| {
+                let (live, last_error) = live_state(
+                    &sync_status,
+                    &mailbox.address,
+                    mailbox.state,
+                    &mailbox.last_error,
+                );
+                if wanted.is_some_and(|wanted| wanted != live) {
+                    return false;
+                }
+                summaries.push(MailboxSummary {
+                    email: mailbox.address.clone(),
+                    provider: mailbox.provider,
+                    state: live,
+                    last_error,
+                    watched: sync_status.folders(&mailbox.address),
+                });
+                true
+            })?;
         let next_cursor = match mailboxes.len() == limit {
             true => mailboxes.last().map(|m| m.address.clone()),
             false => None,

@@ -12,6 +12,7 @@ use crate::model::{
 };
 
 pub mod message_files;
+mod outbox_index;
 pub mod secret_box;
 pub mod sled_store;
 #[cfg(test)]
@@ -201,6 +202,27 @@ pub struct DeadLetter {
     pub buried_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// What an operator's listing shows of a mailbox.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct MailboxSummary {
+    pub address: String,
+    pub provider: crate::model::Provider,
+    pub state: crate::model::MailboxState,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// What the deliverer can start now.
+#[derive(Debug, Default)]
+pub struct OutboxDue {
+    /// (sequence, entry), soonest due first.
+    pub entries: Vec<(u64, OutboxEntry)>,
+    /// When the next entry not returned falls due, if any is waiting.
+    pub next_due_ms: Option<i64>,
+    /// Entries pending in all.
+    pub pending: usize,
+}
+
 /// What became of a request to replay a dead letter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replay {
@@ -259,13 +281,14 @@ pub trait Store: Send + Sync + 'static {
     fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>>;
     fn mailboxes(&self) -> StoreResult<Vec<Mailbox>>;
     /// Up to `limit` mailboxes that `keep` accepts, in address order, after
-    /// the address `after`: a page of an operator's listing.
-    fn mailboxes_after(
+    /// the address `after`: a page of an operator's listing. No credentials
+    /// are opened for it.
+    fn mailbox_summaries_after(
         &self,
         after: Option<&str>,
         limit: usize,
-        keep: &mut dyn FnMut(&Mailbox) -> bool,
-    ) -> StoreResult<Vec<Mailbox>>;
+        keep: &mut dyn FnMut(&MailboxSummary) -> bool,
+    ) -> StoreResult<Vec<MailboxSummary>>;
     /// R20: turns the mailbox `needs_reauth` with `reason` and queues `events`,
     /// at once, if its credentials are still the `refused` ones. Returns false,
     /// queueing nothing, when it already was or has newer credentials.
@@ -392,7 +415,18 @@ pub trait Store: Send + Sync + 'static {
     fn complete_outbox(&self, sequence: u64) -> StoreResult<()>;
     /// Moves an entry that will not be retried any more aside, for an operator to inspect.
     fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()>;
+    /// Entries pending delivery (O(1)).
     fn outbox_len(&self) -> StoreResult<usize>;
+    /// Up to `limit` entries deliverable by `now_ms`: the oldest pending
+    /// entry of each ordering key, if its next attempt is due and
+    /// `in_flight` does not name it; and when the next one falls due. Costs
+    /// what it returns, however long the outbox.
+    fn outbox_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        in_flight: &dyn Fn(u64) -> bool,
+    ) -> StoreResult<OutboxDue>;
     /// Dead letters after id `after`, oldest first.
     fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
     /// Puts a dead letter back at the end of the outbox.

@@ -12,8 +12,9 @@ use sled::{
 
 use super::{
     ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, LocatedChange,
-    NewSend, OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance, SourceCopy, Store, StoreError,
-    StoreResult, message_files::MessageFiles, secret_box::SecretBox,
+    MailboxSummary, NewSend, OutboxDue, OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance,
+    SourceCopy, Store, StoreError, StoreResult, message_files::MessageFiles,
+    outbox_index::OutboxIndex, secret_box::SecretBox,
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, LocatedMessage, Mailbox,
@@ -91,6 +92,8 @@ pub struct SledStore {
     lifecycle: std::sync::Arc<std::sync::Mutex<()>>,
     /// Contact upserts, one at a time (see `put_contacts`).
     directory: std::sync::Arc<std::sync::Mutex<()>>,
+    /// What is deliverable when (see `outbox_index`).
+    outbox_index: std::sync::Arc<std::sync::Mutex<OutboxIndex>>,
 }
 
 /// A located change ready to commit: its key, the change, its events' outbox
@@ -98,9 +101,19 @@ pub struct SledStore {
 type PreparedChange<'c> = (
     Vec<u8>,
     &'c LocatedChange,
-    Vec<Vec<u8>>,
+    Vec<PreparedEntry>,
     Option<(Vec<u8>, Vec<u8>)>,
 );
+
+/// An outbox entry ready to insert: its sequence (taken before the
+/// transaction, so the index learns it after the commit), its value, and
+/// what the index keeps of it.
+struct PreparedEntry {
+    sequence: u64,
+    value: Vec<u8>,
+    ordering_key: String,
+    due_ms: i64,
+}
 
 /// A contact ready to insert: its key, its value, its address index keys.
 type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
@@ -237,7 +250,7 @@ impl SledStore {
         std::fs::create_dir_all(&bodies)?;
         let sources = MessageFiles::open(path.join("messages"))?;
         let tree = |name: &str| db.open_tree(name);
-        Ok(Self {
+        let store = Self {
             contacts: tree("contacts")?,
             contact_emails: tree("contact_emails")?,
             mailboxes: tree("mailboxes")?,
@@ -266,7 +279,10 @@ impl SledStore {
             bodies,
             lifecycle: Default::default(),
             directory: Default::default(),
-        })
+            outbox_index: Default::default(),
+        };
+        store.rebuild_outbox_index()?;
+        Ok(store)
     }
 
     /// Serializes the writes that read before they write (mailbox records,
@@ -332,27 +348,124 @@ impl SledStore {
 
     /// Prepares outbox values, writing large event data to files first (fsynced),
     /// so the transaction that references them stays small and side-effect free.
-    fn stored_entries(&self, events: &[Event]) -> StoreResult<Vec<Vec<u8>>> {
+    fn stored_entries(&self, events: &[Event]) -> StoreResult<Vec<PreparedEntry>> {
         events
             .iter()
             .map(|event| {
                 let data = encode(&event.data)?;
-                if data.len() <= INLINE_EVENT_LIMIT {
-                    return encode(&StoredEntry {
+                let value = if data.len() <= INLINE_EVENT_LIMIT {
+                    encode(&StoredEntry {
                         entry: OutboxEntry::new(event.clone()),
                         data_file: None,
-                    });
-                }
-                let path = self.body_path(&event.id);
-                super::write_durably(&path, &data)?;
-                let mut light = event.clone();
-                light.data = serde_json::Value::Null;
-                encode(&StoredEntry {
-                    entry: OutboxEntry::new(light),
-                    data_file: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    })?
+                } else {
+                    let path = self.body_path(&event.id);
+                    super::write_durably(&path, &data)?;
+                    let mut light = event.clone();
+                    light.data = serde_json::Value::Null;
+                    encode(&StoredEntry {
+                        entry: OutboxEntry::new(light),
+                        data_file: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    })?
+                };
+                Ok(PreparedEntry {
+                    sequence: self.db.generate_id().map_err(engine)?,
+                    value,
+                    ordering_key: event.ordering_key.clone(),
+                    due_ms: 0,
                 })
             })
             .collect()
+    }
+
+    /// Tells the index about entries a transaction may have inserted: those
+    /// the outbox now holds (a transaction can decide not to insert them).
+    fn index_committed(&self, prepared: &[PreparedEntry]) -> StoreResult<()> {
+        let mut index = self.index();
+        for entry in prepared {
+            if self
+                .outbox
+                .contains_key(entry.sequence.to_be_bytes())
+                .map_err(engine)?
+            {
+                index.add(entry.sequence, &entry.ordering_key, entry.due_ms);
+            }
+        }
+        Ok(())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, OutboxIndex> {
+        self.outbox_index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Builds the index from the outbox as committed; entries that cannot be
+    /// read are set aside as dead letters.
+    fn rebuild_outbox_index(&self) -> StoreResult<()> {
+        let mut unreadable = Vec::new();
+        let mut index = OutboxIndex::default();
+        for item in self.outbox.iter() {
+            let (k, v) = item.map_err(engine)?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
+                continue;
+            };
+            match decode::<StoredEntry>(&v) {
+                Ok(stored) => index.add(
+                    u64::from_be_bytes(bytes),
+                    &stored.entry.event.ordering_key,
+                    stored.entry.next_attempt_ms,
+                ),
+                Err(err) => unreadable.push((k, v, err.to_string())),
+            }
+        }
+        *self.index() = index;
+        for (k, v, reason) in unreadable {
+            self.set_aside_unreadable(k, v, &reason)?;
+        }
+        Ok(())
+    }
+
+    /// Moves an outbox entry that cannot be read to the dead letters, with the reason.
+    fn set_aside_unreadable(&self, k: sled::IVec, v: sled::IVec, reason: &str) -> StoreResult<()> {
+        tracing::error!("an outbox entry cannot be read; set aside as a dead letter: {reason}");
+        let value = encode(&StoredDeadLetter {
+            v: 2,
+            entry: None,
+            raw: Some(String::from_utf8_lossy(&v).into_owned()),
+            reason: format!("unreadable: {reason}"),
+            buried_at: chrono::Utc::now(),
+        })?;
+        (&self.outbox, &self.dead_letters)
+            .transaction(|(outbox, dead)| {
+                // Only the value that was read, and never over a dead
+                // letter buried meanwhile (whose body file this read missed).
+                if outbox.get(&k)?.as_deref() != Some(v.as_ref()) || dead.get(&k)?.is_some() {
+                    return Ok(());
+                }
+                outbox.remove(&k)?;
+                dead.insert(&k, value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    /// An entry left the outbox: the next of its key becomes deliverable.
+    fn unindex(&self, sequence: u64, previous: &[u8]) {
+        let Ok(stored) = decode::<StoredEntry>(previous) else {
+            return;
+        };
+        self.index()
+            .remove(sequence, &stored.entry.event.ordering_key, |next| {
+                self.outbox
+                    .get(next.to_be_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|v| decode::<StoredEntry>(&v).ok())
+                    .map_or(0, |s| s.entry.next_attempt_ms)
+            });
     }
 
     fn load_entry(&self, bytes: &[u8]) -> StoreResult<OutboxEntry> {
@@ -466,16 +579,16 @@ impl SledStore {
             )
             .map_err(tx_error)?;
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         Ok(SendAcceptance::Accepted)
     }
 
     fn put_outbox_tx(
         outbox: &TransactionalTree,
-        values: &[Vec<u8>],
+        entries: &[PreparedEntry],
     ) -> Result<(), ConflictableTransactionError<StoreError>> {
-        for value in values {
-            let sequence = outbox.generate_id()?;
-            outbox.insert(&sequence.to_be_bytes(), value.as_slice())?;
+        for entry in entries {
+            outbox.insert(&entry.sequence.to_be_bytes(), entry.value.as_slice())?;
         }
         Ok(())
     }
@@ -764,6 +877,7 @@ impl Store for SledStore {
             )
             .map_err(tx_error)?;
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         for (id, _, _) in &failed_values {
             self.sources.remove(id, SourceCopy::Submission);
         }
@@ -851,6 +965,7 @@ impl Store for SledStore {
             mailbox_released: !others,
         });
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         Ok(result)
     }
 
@@ -870,12 +985,12 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn mailboxes_after(
+    fn mailbox_summaries_after(
         &self,
         after: Option<&str>,
         limit: usize,
-        keep: &mut dyn FnMut(&Mailbox) -> bool,
-    ) -> StoreResult<Vec<Mailbox>> {
+        keep: &mut dyn FnMut(&MailboxSummary) -> bool,
+    ) -> StoreResult<Vec<MailboxSummary>> {
         use std::ops::Bound;
         let from = match after {
             Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
@@ -890,7 +1005,8 @@ impl Store for SledStore {
             if page.len() >= limit {
                 break;
             }
-            let mailbox = self.open_mailbox(&value.map_err(engine)?)?;
+            // The public fields only: the sealed credentials stay shut.
+            let mailbox: MailboxSummary = decode(&value.map_err(engine)?)?;
             if keep(&mailbox) {
                 page.push(mailbox);
             }
@@ -924,6 +1040,7 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         Ok(true)
     }
 
@@ -1211,7 +1328,8 @@ impl Store for SledStore {
             self.sources.remove(&record_id, SourceCopy::Filed);
         }
         committed?;
-        self.flush()
+        self.flush()?;
+        self.index_committed(&outbox_values)
     }
 
     fn located(
@@ -1486,7 +1604,11 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        self.flush()
+        self.flush()?;
+        for (_, _, outbox_values, _) in &change_keys {
+            self.index_committed(outbox_values)?;
+        }
+        Ok(())
     }
 
     fn synced_to(
@@ -1512,7 +1634,8 @@ impl Store for SledStore {
         self.outbox
             .transaction(|outbox| Self::put_outbox_tx(outbox, &values))
             .map_err(tx_error)?;
-        self.flush()
+        self.flush()?;
+        self.index_committed(&values)
     }
 
     fn outbox_page(
@@ -1542,27 +1665,7 @@ impl Store for SledStore {
             }
         }
         for (k, v, reason) in unreadable {
-            tracing::error!("an outbox entry cannot be read; set aside as a dead letter: {reason}");
-            let value = encode(&StoredDeadLetter {
-                v: 2,
-                entry: None,
-                raw: Some(String::from_utf8_lossy(&v).into_owned()),
-                reason: format!("unreadable: {reason}"),
-                buried_at: chrono::Utc::now(),
-            })?;
-            (&self.outbox, &self.dead_letters)
-                .transaction(|(outbox, dead)| {
-                    // Only the value that was read, and never over a dead
-                    // letter buried meanwhile (whose body file this read missed).
-                    if outbox.get(&k)?.as_deref() != Some(v.as_ref()) || dead.get(&k)?.is_some() {
-                        return Ok(());
-                    }
-                    outbox.remove(&k)?;
-                    dead.insert(&k, value.as_slice())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(tx_error)?;
-            self.flush()?;
+            self.set_aside_unreadable(k, v, &reason)?;
         }
         Ok(page)
     }
@@ -1575,12 +1678,15 @@ impl Store for SledStore {
         self.outbox
             .insert(k, self.save_entry(entry, &previous)?)
             .map_err(engine)?;
-        self.flush()
+        self.flush()?;
+        self.index().reschedule(sequence, entry.next_attempt_ms);
+        Ok(())
     }
 
     fn complete_outbox(&self, sequence: u64) -> StoreResult<()> {
         if let Some(previous) = self.outbox.remove(sequence.to_be_bytes()).map_err(engine)? {
             self.flush()?;
+            self.unindex(sequence, &previous);
             self.remove_body_file(&previous);
         }
         Ok(())
@@ -1609,6 +1715,7 @@ impl Store for SledStore {
         self.flush()?;
         // The dead letter carries the data inline now.
         if let Some(previous) = previous {
+            self.unindex(sequence, &previous);
             self.remove_body_file(&previous);
         }
         Ok(())
@@ -1650,6 +1757,7 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         Ok(if requeued {
             Replay::Requeued
         } else {
@@ -1658,7 +1766,50 @@ impl Store for SledStore {
     }
 
     fn outbox_len(&self) -> StoreResult<usize> {
-        Ok(self.outbox.len())
+        Ok(self.index().pending())
+    }
+
+    fn outbox_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        in_flight: &dyn Fn(u64) -> bool,
+    ) -> StoreResult<OutboxDue> {
+        let (ready, next_due_ms, pending) = {
+            let index = self.index();
+            let (ready, next_due_ms) = index.due(now_ms, limit, in_flight);
+            (ready, next_due_ms, index.pending())
+        };
+        let mut entries = Vec::with_capacity(ready.len());
+        for sequence in ready {
+            let k = sequence.to_be_bytes();
+            let Some(value) = self.outbox.get(k).map_err(engine)? else {
+                continue;
+            };
+            match self.load_entry(&value) {
+                Ok(entry) => entries.push((sequence, entry)),
+                // An I/O error may pass (too many open files): not a verdict
+                // on the entry. Skipped this time, read again on the next pass.
+                Err(StoreError::Io(err)) if err.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        "an outbox entry cannot be read now, skipping it this pass: {err}"
+                    );
+                }
+                Err(err) => {
+                    self.set_aside_unreadable(
+                        k.as_slice().into(),
+                        value.clone(),
+                        &err.to_string(),
+                    )?;
+                    self.unindex(sequence, &value);
+                }
+            }
+        }
+        Ok(OutboxDue {
+            entries,
+            next_due_ms,
+            pending,
+        })
     }
 
     fn accept_send(
@@ -1763,6 +1914,7 @@ impl Store for SledStore {
             )
             .map_err(tx_error)?;
         self.flush()?;
+        self.index_committed(&outbox_values)?;
         if matches!(send.status, SendStatus::Sent | SendStatus::Failed) {
             self.sources.remove(&send.id, SourceCopy::Submission);
         }

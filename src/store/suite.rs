@@ -1557,3 +1557,61 @@ fn a_removal_of_a_message_no_longer_located_queues_nothing() {
         );
     }
 }
+
+/// Issue 11 item 6: the outbox answers what is due from its index — the
+/// oldest entry of each thread, in order, a retry holding its thread — and
+/// the index is rebuilt from what was committed when the store opens again.
+#[test]
+fn the_outbox_hands_out_each_threads_oldest_entry_when_due_and_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+    let ids = |due: &OutboxDue| -> Vec<String> {
+        due.entries
+            .iter()
+            .map(|(_, e)| e.event.id.clone())
+            .collect()
+    };
+    let none = |_: u64| false;
+    {
+        let store = open();
+        store
+            .enqueue(&[
+                event("a1", "thread-a", serde_json::json!({})),
+                event("a2", "thread-a", serde_json::json!({})),
+                event("b1", "thread-b", serde_json::json!({})),
+            ])
+            .unwrap();
+        let due = store.outbox_due(0, 10, &none).unwrap();
+        assert_eq!(ids(&due), ["a1", "b1"]);
+        assert_eq!(due.pending, 3);
+        assert_eq!(due.next_due_ms, None);
+
+        // a1 fails and is retried at 5,000: a2 waits behind it.
+        let (a1, mut entry) = due.entries[0].clone();
+        entry.next_attempt_ms = 5_000;
+        store.update_outbox(a1, &entry).unwrap();
+        let b1 = due.entries[1].0;
+        store.complete_outbox(b1).unwrap();
+        let due = store.outbox_due(1_000, 10, &none).unwrap();
+        assert!(due.entries.is_empty());
+        assert_eq!(due.next_due_ms, Some(5_000));
+        assert_eq!(store.outbox_len().unwrap(), 2);
+    }
+    let store = open();
+    assert_eq!(store.outbox_len().unwrap(), 2, "rebuilt from the outbox");
+    let due = store.outbox_due(1_000, 10, &none).unwrap();
+    assert_eq!(due.next_due_ms, Some(5_000), "the retry time was kept");
+    let due = store.outbox_due(5_000, 10, &none).unwrap();
+    assert_eq!(ids(&due), ["a1"]);
+    assert!(
+        store
+            .outbox_due(5_000, 10, &|s| s == due.entries[0].0)
+            .unwrap()
+            .entries
+            .is_empty(),
+        "an entry in flight is not handed out again, nor the next of its thread"
+    );
+    store.complete_outbox(due.entries[0].0).unwrap();
+    let due = store.outbox_due(5_000, 10, &none).unwrap();
+    assert_eq!(ids(&due), ["a2"]);
+}

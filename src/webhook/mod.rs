@@ -21,11 +21,6 @@ use crate::{
 };
 use signing::SigningKey;
 
-/// Entries looked at per pass; keeps one pass cheap when the CRM is down and
-/// the backlog is long.
-const SCAN_LIMIT: usize = 20_000;
-const PAGE: usize = 500;
-
 #[derive(Clone, Debug)]
 struct Endpoint {
     url: String,
@@ -77,10 +72,9 @@ impl Deliverer {
             return;
         }
         let mut in_flight: JoinSet<()> = JoinSet::new();
-        let mut task_keys: HashMap<tokio::task::Id, String> = HashMap::new();
-        let mut busy_keys: HashSet<String> = HashSet::new();
+        let mut tasks = InFlight::default();
         loop {
-            let next_due = match self.start_due(&mut in_flight, &mut task_keys, &mut busy_keys) {
+            let next_due = match self.start_due(&mut in_flight, &mut tasks) {
                 Ok(next_due) => next_due,
                 Err(err) => {
                     tracing::error!("reading the outbox failed: {err:#}");
@@ -99,9 +93,7 @@ impl Deliverer {
                             err.id()
                         }
                     };
-                    if let Some(key) = task_keys.remove(&id) {
-                        busy_keys.remove(&key);
-                    }
+                    tasks.finished(id);
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
@@ -111,61 +103,62 @@ impl Deliverer {
         while in_flight.join_next().await.is_some() {}
     }
 
-    /// Starts every deliverable entry and returns when the next retry falls due.
+    /// Starts what is deliverable (up to the concurrency) and returns when
+    /// the next entry falls due. The store's due index answers in what it
+    /// returns, however long the backlog.
     fn start_due(
         &self,
         in_flight: &mut JoinSet<()>,
-        task_keys: &mut HashMap<tokio::task::Id, String>,
-        busy_keys: &mut HashSet<String>,
+        tasks: &mut InFlight,
     ) -> anyhow::Result<Option<Duration>> {
         let now = Utc::now().timestamp_millis();
-        let mut waiting: HashSet<String> = HashSet::new();
-        let mut next_due: Option<i64> = None;
-        let mut after = None;
-        let mut scanned = 0;
-        'scan: loop {
-            let page = self.store.outbox_page(after, PAGE)?;
-            let Some((last, _)) = page.last() else {
-                // A whole pass: the outbox's size, for /metrics at no cost.
-                metrics::gauge!("mailbridge_outbox_pending").set(scanned as f64);
-                break;
-            };
-            after = Some(*last);
-            for (sequence, entry) in page {
-                scanned += 1;
-                if scanned > SCAN_LIMIT {
-                    // The rest waits for the next pass, which must come soon.
-                    next_due = Some(next_due.map_or(now + 1_000, |d| d.min(now + 1_000)));
-                    break 'scan;
-                }
-                let key = entry.event.ordering_key.clone();
-                // An earlier event of the same thread is pending or in flight:
-                // this one waits its turn.
-                if busy_keys.contains(&key) || waiting.contains(&key) {
-                    continue;
-                }
-                if entry.next_attempt_ms > now {
-                    next_due = Some(
-                        next_due.map_or(entry.next_attempt_ms, |d| d.min(entry.next_attempt_ms)),
-                    );
-                    waiting.insert(key);
-                    continue;
-                }
-                if in_flight.len() >= self.config.concurrency {
-                    break 'scan;
-                }
-                busy_keys.insert(key.clone());
-                let attempt = Attempt {
-                    store: self.store.clone(),
-                    endpoints: self.endpoints.clone(),
-                    http: self.http.clone(),
-                    config: self.config.clone(),
-                };
-                let handle = in_flight.spawn(attempt.deliver(sequence, entry));
-                task_keys.insert(handle.id(), key);
+        let free = self.config.concurrency.saturating_sub(in_flight.len());
+        let due = self
+            .store
+            .outbox_due(now, free, &|sequence| tasks.sequences.contains(&sequence))?;
+        metrics::gauge!("mailbridge_outbox_pending").set(due.pending as f64);
+        let mut next_due = due.next_due_ms;
+        for (sequence, entry) in due.entries {
+            let key = entry.event.ordering_key.clone();
+            // An entry that overtook an in-flight one of its thread (two
+            // commits at once) waits for it: one attempt per thread at a time.
+            if tasks.keys.contains(&key) {
+                next_due = Some(next_due.map_or(now + 1_000, |d| d.min(now + 1_000)));
+                continue;
             }
+            let attempt = Attempt {
+                store: self.store.clone(),
+                endpoints: self.endpoints.clone(),
+                http: self.http.clone(),
+                config: self.config.clone(),
+            };
+            let handle = in_flight.spawn(attempt.deliver(sequence, entry));
+            tasks.started(handle.id(), key, sequence);
         }
         Ok(next_due.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
+    }
+}
+
+/// The attempts under way: their thread (one at a time each) and sequence.
+#[derive(Default)]
+struct InFlight {
+    by_task: HashMap<tokio::task::Id, (String, u64)>,
+    keys: HashSet<String>,
+    sequences: HashSet<u64>,
+}
+
+impl InFlight {
+    fn started(&mut self, id: tokio::task::Id, key: String, sequence: u64) {
+        self.keys.insert(key.clone());
+        self.sequences.insert(sequence);
+        self.by_task.insert(id, (key, sequence));
+    }
+
+    fn finished(&mut self, id: tokio::task::Id) {
+        if let Some((key, sequence)) = self.by_task.remove(&id) {
+            self.keys.remove(&key);
+            self.sequences.remove(&sequence);
+        }
     }
 }
 
