@@ -99,17 +99,25 @@ fn large_attachment() -> String {
     )
 }
 
-/// A store with the user's mailbox connected and the contact assigned.
+/// A store with users' mailboxes connected and the contact assigned to each.
 struct Bench {
     _dir: tempfile::TempDir,
     ingest: Ingest,
-    next_uid: AtomicU32,
+    /// Per mailbox, the next UID.
+    next_uids: Vec<AtomicU32>,
+    addresses: Vec<String>,
 }
 
 const UID_VALIDITY: u32 = 7;
 
 impl Bench {
     fn new() -> Bench {
+        Bench::with_mailboxes(1)
+    }
+
+    /// `count` mailboxes, each its own user of location L1: writers on
+    /// different mailboxes commit at once, as many IDLE sessions do.
+    fn with_mailboxes(count: usize) -> Bench {
         let dir = tempfile::tempdir().expect("a scratch folder");
         let store: Arc<dyn Store> = Arc::new(
             SledStore::open(dir.path(), SecretBox::from_key(&[7; 32])).expect("the store"),
@@ -119,41 +127,49 @@ impl Bench {
             port: 993,
             security: Security::Tls,
         };
-        let mailbox = Mailbox {
-            address: ME.into(),
-            provider: Provider::Imap,
-            credentials: Credentials::Password {
-                username: ME.into(),
-                password: "bench".into(),
-            },
-            imap: endpoint.clone(),
-            smtp: endpoint,
-            daily_send_limit: None,
-            save_sent: Default::default(),
-            state: MailboxState::Connecting,
-            last_error: None,
-            connected_at: Utc::now(),
-            generation: 0,
-            folders: Vec::new(),
-        };
+        let addresses: Vec<String> = (0..count)
+            .map(|n| match n {
+                0 => ME.to_string(),
+                n => format!("me{n}@bench.test"),
+            })
+            .collect();
         let cursor = FolderCursor::new(UID_VALIDITY, 1);
-        let integration = Integration {
-            location_id: "L1".into(),
-            user_id: "u1".into(),
-            mailbox: ME.into(),
-            connected_at: Utc::now(),
-            baseline: vec![(FolderRole::Inbox, cursor)],
-            smart_bcc_address: "bcc@bench.test".into(),
-        };
-        store
-            .connect(
-                &mailbox,
-                &integration,
-                &[(FolderRole::Inbox, cursor)],
-                &[],
-                &[],
-            )
-            .expect("connect");
+        for (n, address) in addresses.iter().enumerate() {
+            let mailbox = Mailbox {
+                address: address.clone(),
+                provider: Provider::Imap,
+                credentials: Credentials::Password {
+                    username: address.clone(),
+                    password: "bench".into(),
+                },
+                imap: endpoint.clone(),
+                smtp: endpoint.clone(),
+                daily_send_limit: None,
+                save_sent: Default::default(),
+                state: MailboxState::Connecting,
+                last_error: None,
+                connected_at: Utc::now(),
+                generation: 0,
+                folders: Vec::new(),
+            };
+            let integration = Integration {
+                location_id: "L1".into(),
+                user_id: format!("u{n}"),
+                mailbox: address.clone(),
+                connected_at: Utc::now(),
+                baseline: vec![(FolderRole::Inbox, cursor)],
+                smart_bcc_address: "bcc@bench.test".into(),
+            };
+            store
+                .connect(
+                    &mailbox,
+                    &integration,
+                    &[(FolderRole::Inbox, cursor)],
+                    &[],
+                    &[],
+                )
+                .expect("connect");
+        }
         store
             .put_contacts(&[mailbridge::store::ContactUpsert {
                 created_at_given: true,
@@ -162,7 +178,7 @@ impl Bench {
                     id: "c-ann".into(),
                     emails: vec![ANN.into()],
                     name: Some("Ann".into()),
-                    assigned_user_ids: vec!["u1".into()],
+                    assigned_user_ids: (0..count).map(|n| format!("u{n}")).collect(),
                     created_at: Utc::now() - chrono::Duration::days(30),
                 },
             }])
@@ -178,16 +194,25 @@ impl Bench {
         Bench {
             _dir: dir,
             ingest,
-            next_uid: AtomicU32::new(1),
+            next_uids: (0..count).map(|_| AtomicU32::new(1)).collect(),
+            addresses,
         }
     }
 
     /// Handles one new message, as the INBOX watcher does after a FETCH.
     fn handle(&self, template: &str) {
-        let uid = self.next_uid.fetch_add(1, Ordering::Relaxed);
-        let raw = template.replace("{id}", &format!("m{uid}"));
+        self.handle_in(0, template);
+    }
+
+    /// The same in mailbox `n`; one writer per mailbox at a time.
+    fn handle_in(&self, n: usize, template: &str) {
+        let uid = self.next_uids[n].fetch_add(1, Ordering::Relaxed);
+        let raw = template.replace("{id}", &format!("m{n}-{uid}")).replace(
+            &format!("To: Me <{ME}>"),
+            &format!("To: Me <{}>", self.addresses[n]),
+        );
         let found = Found {
-            mailbox: ME,
+            mailbox: &self.addresses[n],
             folder: FolderRole::Inbox,
             uid_validity: UID_VALIDITY,
             uid,
@@ -279,4 +304,27 @@ mod parse_only {
             .counter(divan::counter::ItemsCount::new(1usize))
             .bench_local(|| mailbridge::mime::parse(message.as_bytes()));
     }
+}
+
+/// Group commit: the 21 KB message, with that many mailboxes committing at
+/// once (one thread each); messages per second counts all of them.
+#[divan::bench(name = "21 KB, mailboxes committing at once", threads = [1, 4, 16], sample_count = 30)]
+fn alternative_concurrently(bencher: divan::Bencher) {
+    use std::{collections::HashMap, sync::Mutex, thread::ThreadId};
+    let bench = Bench::with_mailboxes(16);
+    let message = alternative_with_attachment();
+    // Each benchmark thread writes to a mailbox of its own.
+    let writers: Mutex<HashMap<ThreadId, usize>> = Mutex::default();
+    bencher
+        .counter(divan::counter::ItemsCount::new(1usize))
+        .bench(|| {
+            let writer = {
+                let mut writers = writers.lock().expect("writers");
+                let next = writers.len();
+                *writers
+                    .entry(std::thread::current().id())
+                    .or_insert(next % 16)
+            };
+            bench.handle_in(writer, &message)
+        });
 }

@@ -243,6 +243,8 @@ pub struct ProviderOverrides {
     pub daily_send_limit: Option<u32>,
     /// How long one IDLE may last before the bridge re-issues it.
     pub idle_secs: Option<u64>,
+    /// Logins per second the provider's IMAP server receives from the bridge.
+    pub logins_per_second: Option<u32>,
     /// The OAuth2 client the bridge signs in with ("Sign in with Google/Microsoft").
     pub oauth: OAuthOverrides,
 }
@@ -376,6 +378,8 @@ pub struct ProviderSettings {
     pub smtp: Option<Endpoint>,
     pub daily_send_limit: Option<u32>,
     pub idle: Duration,
+    /// The pace of logins to the provider's IMAP server, if it has its own.
+    pub logins_per_second: Option<u32>,
     pub oauth: OAuthSettings,
 }
 
@@ -390,6 +394,11 @@ impl ProvidersConfig {
                     smtp: Some(endpoint("smtp.gmail.com", 465)),
                     daily_send_limit: Some(500),
                     idle: Duration::from_secs(9 * 60),
+                    // Google documents no figure and throttles bursts of
+                    // logins ([THROTTLED], "Too many simultaneous
+                    // connections"): an even pace well under what 10,000
+                    // mailboxes would send at once.
+                    logins_per_second: Some(100),
                     oauth: OAuthSettings::preset(provider),
                 },
                 &self.gmail,
@@ -404,6 +413,9 @@ impl ProvidersConfig {
                     }),
                     daily_send_limit: Some(300),
                     idle: Duration::from_secs(9 * 60),
+                    // Exchange Online answers bursts with "Request is
+                    // throttled. Suggested Backoff Time".
+                    logins_per_second: Some(50),
                     oauth: OAuthSettings::preset(provider),
                 },
                 &self.outlook,
@@ -415,6 +427,7 @@ impl ProvidersConfig {
                     smtp: None,
                     daily_send_limit: None,
                     idle: Duration::from_secs(25 * 60),
+                    logins_per_second: None,
                     oauth: OAuthSettings::preset(provider),
                 },
                 &self.imap,
@@ -428,6 +441,7 @@ impl ProvidersConfig {
                 .idle_secs
                 .map(|s| Duration::from_secs(s.clamp(1, 29 * 60)))
                 .unwrap_or(preset.idle),
+            logins_per_second: overrides.logins_per_second.or(preset.logins_per_second),
             oauth: preset.oauth.with(&overrides.oauth),
         }
     }
@@ -460,6 +474,12 @@ pub struct SyncConfig {
     /// Message sources held in memory at once, across every mailbox: catch-up
     /// batches and sends being submitted or filed. Past it, they wait their turn.
     pub memory_budget_bytes: u64,
+    /// IMAP logins under way at once, across every server (connect, TLS,
+    /// login); more wait their turn, as after a restart.
+    pub max_concurrent_logins: usize,
+    /// Logins per second to any one server without a provider pace of its
+    /// own (`[providers.NAME] logins_per_second`); 0 for no pace.
+    pub logins_per_second: u32,
 }
 
 impl Default for SyncConfig {
@@ -472,6 +492,8 @@ impl Default for SyncConfig {
             reauth_confirm_secs: 30,
             token_refresh_margin_secs: 300,
             memory_budget_bytes: 512 * 1024 * 1024,
+            max_concurrent_logins: 64,
+            logins_per_second: 500,
         }
     }
 }

@@ -167,7 +167,8 @@ pub async fn run(
         tls.clone(),
         Duration::from_secs(config.sync.step_timeout_secs),
         egress,
-    );
+    )
+    .with_login_gate(login_gate(&config));
     let auth = Arc::new(Auth::new(
         store.clone(),
         config.providers.clone(),
@@ -338,4 +339,26 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// The login gate: the configured concurrency, each provider's IMAP server
+/// at its pace, any other at `[sync] logins_per_second`.
+fn login_gate(config: &Config) -> crate::imap::login_gate::LoginGate {
+    use crate::model::Provider;
+    let paces = [Provider::Gmail, Provider::Outlook, Provider::Imap]
+        .into_iter()
+        .filter_map(|provider| {
+            let settings = config.providers.settings(provider);
+            let imap = settings.imap?;
+            Some((
+                format!("{}:{}", imap.host, imap.port),
+                settings.logins_per_second?,
+            ))
+        })
+        .collect();
+    crate::imap::login_gate::LoginGate::new(
+        config.sync.max_concurrent_logins,
+        paces,
+        config.sync.logins_per_second,
+    )
 }

@@ -130,6 +130,7 @@ pub struct ImapConnector {
     tls: Arc<ClientConfig>,
     step_timeout: Duration,
     egress: Egress,
+    gate: super::login_gate::LoginGate,
 }
 
 /// Words by which servers refuse a login for now rather than for good: RFC 5530
@@ -213,7 +214,13 @@ impl ImapConnector {
             tls,
             step_timeout,
             egress,
+            gate: super::login_gate::LoginGate::unlimited(),
         }
+    }
+
+    /// Every login waits at `gate` for its turn (see `login_gate`).
+    pub fn with_login_gate(self, gate: super::login_gate::LoginGate) -> Self {
+        Self { gate, ..self }
     }
 
     pub fn step_timeout(&self) -> Duration {
@@ -304,6 +311,7 @@ impl ImapConnector {
         login: &Login,
     ) -> Result<ImapSession, ConnectError> {
         use futures_util::FutureExt as _;
+        let _turn = self.gate.admit(&endpoint.host, endpoint.port).await;
         // imap-proto 0.17 panics on some malformed answers (a response code
         // followed by non-ASCII text: it slices a `&str` at byte 1). A server
         // that sends one must cost a failed login, never the task (or an

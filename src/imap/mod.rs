@@ -4,6 +4,7 @@
 pub mod checked;
 pub mod connection;
 pub mod folders;
+pub mod login_gate;
 pub mod watcher;
 
 use std::sync::Arc;

@@ -11,6 +11,7 @@ use crate::model::{
     Mailbox, MailboxChange, MessageEventData, MessageLocation, SendRecord, Thread,
 };
 
+pub mod group_flush;
 pub mod message_files;
 mod outbox_index;
 pub mod secret_box;
