@@ -17,6 +17,9 @@ use tokio::{
     time::Instant,
 };
 
+/// Past this many servers remembered, those whose turns passed are dropped.
+const FORGET_PAST_TURNS_AT: usize = 1_024;
+
 /// Keeps one login's place until it is done (dropped).
 pub struct Admitted {
     _slot: Option<OwnedSemaphorePermit>,
@@ -54,10 +57,10 @@ impl LoginGate {
         Self::new(Semaphore::MAX_PERMITS, HashMap::new(), 0)
     }
 
-    /// Waits for a slot, then for the server's turn.
+    /// Waits for the server's turn, then for a slot. The turn comes first,
+    /// so logins waiting for a paced server hold no slot that another
+    /// server's logins could use.
     pub async fn admit(&self, host: &str, port: u16) -> Admitted {
-        // The semaphore is never closed; were it, the login goes ahead unbounded.
-        let slot = self.slots.clone().acquire_owned().await.ok();
         let server = format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase());
         let pace = self
             .paces
@@ -72,12 +75,19 @@ impl LoginGate {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 let now = Instant::now();
+                // Servers whose turns all passed need no memory: the map
+                // stays as small as the set of servers logged in to lately.
+                if next_start.len() >= FORGET_PAST_TURNS_AT {
+                    next_start.retain(|_, next| *next > now);
+                }
                 let start = next_start.get(&server).map_or(now, |&next| next.max(now));
                 next_start.insert(server, start + spacing);
                 start
             };
             tokio::time::sleep_until(start).await;
         }
+        // The semaphore is never closed; were it, the login goes ahead unbounded.
+        let slot = self.slots.clone().acquire_owned().await.ok();
         Admitted { _slot: slot }
     }
 }

@@ -46,7 +46,10 @@ impl GroupFlush {
             let covers = state.requested;
             state.flushing = true;
             drop(state);
+            // Should `flush` panic, the others must not wait for it forever.
+            let running = Running(self);
             let result = flush();
+            std::mem::forget(running);
             state = self.lock();
             state.flushing = false;
             state.flushes += 1;
@@ -67,6 +70,17 @@ impl GroupFlush {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Ends a flush that unwound: the next writer flushes instead.
+struct Running<'a>(&'a GroupFlush);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.flushing = false;
+        self.0.done.notify_all();
     }
 }
 
@@ -130,5 +144,15 @@ mod tests {
         assert_eq!(group.flush(|| Err::<(), _>("disk full")), Err("disk full"));
         assert_eq!(group.flush(|| Ok::<_, &str>(())), Ok(()));
         assert_eq!(group.flushes(), 2);
+    }
+
+    #[test]
+    fn a_flush_that_panics_does_not_hold_the_others() {
+        let group = GroupFlush::default();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group.flush(|| -> Result<(), ()> { panic!("the disk went away") })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(group.flush(|| Ok::<_, ()>(())), Ok(()));
     }
 }

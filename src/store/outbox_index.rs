@@ -86,8 +86,24 @@ impl OutboxIndex {
         }
     }
 
+    /// An entry the outbox does not hold (any more): out of the index,
+    /// wherever it stands. Rare, so it looks through the queues.
+    pub fn forget(&mut self, sequence: u64) {
+        let key = self
+            .queues
+            .iter()
+            .find(|(_, queue)| queue.contains(&sequence))
+            .map(|(key, _)| key.clone());
+        if let Some(key) = key {
+            // A queue's entries behind its head were never tried: due now.
+            self.remove(sequence, &key, |_| 0);
+        }
+    }
+
     /// Heads due by `now_ms`, soonest first, skipping those `skip` names
-    /// (in flight), at most `limit`; and when the first later head falls due.
+    /// (in flight), at most `limit`; and when the first later head falls
+    /// due. When `limit` is reached with more due, there is no time to
+    /// wait for: the caller comes back when one of its attempts ends.
     pub fn due(
         &self,
         now_ms: i64,
@@ -99,13 +115,13 @@ impl OutboxIndex {
             if due > now_ms {
                 return (ready, Some(due));
             }
+            if skip(sequence) {
+                continue;
+            }
             if ready.len() >= limit {
-                // More are due already: the caller comes back when a slot frees.
-                return (ready, Some(now_ms));
+                return (ready, None);
             }
-            if !skip(sequence) {
-                ready.push(sequence);
-            }
+            ready.push(sequence);
         }
         (ready, None)
     }
@@ -152,7 +168,10 @@ mod tests {
             index.add(sequence, &format!("t{sequence}"), 0);
         }
         assert_eq!(index.due(10, 100, |s| s == 2), (vec![1, 3, 4, 5], None));
-        assert_eq!(index.due(10, 2, |_| false), (vec![1, 2], Some(10)));
+        assert_eq!(index.due(10, 2, |_| false), (vec![1, 2], None));
+        // All slots busy: nothing to start, and no reason to come back
+        // before an attempt ends (it used to answer "now", a busy loop).
+        assert_eq!(index.due(10, 0, |s| s <= 2), (vec![], None));
     }
 
     #[test]
@@ -174,6 +193,17 @@ mod tests {
         index.add(2, "t1", 0);
         index.remove(2, "t1", |_| 0);
         assert_eq!(index.due(10, 100, |_| false), (vec![1], None));
+        assert_eq!(index.pending(), 1);
+    }
+
+    #[test]
+    fn an_entry_the_outbox_lost_is_forgotten_and_its_queue_moves_on() {
+        let mut index = OutboxIndex::default();
+        index.add(1, "t1", 0);
+        index.add(2, "t1", 0);
+        index.forget(1);
+        assert_eq!(index.due(10, 100, |_| false), (vec![2], None));
+        index.forget(99);
         assert_eq!(index.pending(), 1);
     }
 }

@@ -516,10 +516,12 @@ impl SledStore {
     ) -> StoreResult<SendAcceptance> {
         let send = new.record;
         let thread = new.thread;
-        let outbox_values = self.stored_entries(new.events)?;
         // Checks and writes happen under one lock so two concurrent requests
-        // cannot both take the last unit of quota or both claim one key.
+        // cannot both take the last unit of quota or both claim one key. The
+        // events' sequence numbers are taken under it too, so they follow
+        // the order in which the commits happen.
         let _one_at_a_time = self.one_at_a_time();
+        let outbox_values = self.stored_entries(new.events)?;
         let idempotency_key = send
             .idempotency_key
             .as_ref()
@@ -584,8 +586,11 @@ impl SledStore {
                 },
             )
             .map_err(tx_error)?;
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         Ok(SendAcceptance::Accepted)
     }
 
@@ -882,8 +887,11 @@ impl Store for SledStore {
                 },
             )
             .map_err(tx_error)?;
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         for (id, _, _) in &failed_values {
             self.sources.remove(id, SourceCopy::Submission);
         }
@@ -908,9 +916,11 @@ impl Store for SledStore {
         user_id: &str,
         events: &[Event],
     ) -> StoreResult<Option<Disconnected>> {
-        let outbox_values = self.stored_entries(events)?;
         let integration_key = key(&[location_id, user_id]);
         let _one_at_a_time = self.one_at_a_time();
+        // Numbered under the lock: a connect and a disconnect of one mailbox
+        // reach the CRM in the order they happened.
+        let outbox_values = self.stored_entries(events)?;
         let Some(integration) = self.integration(location_id, user_id)? else {
             return Ok(None);
         };
@@ -970,8 +980,11 @@ impl Store for SledStore {
             integration,
             mailbox_released: !others,
         });
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         Ok(result)
     }
 
@@ -1027,8 +1040,8 @@ impl Store for SledStore {
         reason: &str,
         events: &[Event],
     ) -> StoreResult<bool> {
-        let outbox_values = self.stored_entries(events)?;
         let _one_at_a_time = self.one_at_a_time();
+        let outbox_values = self.stored_entries(events)?;
         let Some(mut mailbox) = self.mailbox(address)? else {
             return Ok(false);
         };
@@ -1045,8 +1058,11 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         Ok(true)
     }
 
@@ -1344,10 +1360,9 @@ impl Store for SledStore {
             && commit.located.is_none()
             && commit.new_contacts.is_empty()
             && source.is_none();
-        if !cursor_only {
-            self.flush()?;
-        }
-        self.index_committed(&outbox_values)
+        let flushed = if cursor_only { Ok(()) } else { self.flush() };
+        self.index_committed(&outbox_values)?;
+        flushed
     }
 
     fn located(
@@ -1622,11 +1637,11 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        self.flush()?;
+        let flushed = self.flush();
         for (_, _, outbox_values, _) in &change_keys {
             self.index_committed(outbox_values)?;
         }
-        Ok(())
+        flushed
     }
 
     fn synced_to(
@@ -1652,8 +1667,9 @@ impl Store for SledStore {
         self.outbox
             .transaction(|outbox| Self::put_outbox_tx(outbox, &values))
             .map_err(tx_error)?;
-        self.flush()?;
-        self.index_committed(&values)
+        let flushed = self.flush();
+        self.index_committed(&values)?;
+        flushed
     }
 
     fn outbox_page(
@@ -1696,15 +1712,17 @@ impl Store for SledStore {
         self.outbox
             .insert(k, self.save_entry(entry, &previous)?)
             .map_err(engine)?;
-        self.flush()?;
+        let flushed = self.flush();
         self.index().reschedule(sequence, entry.next_attempt_ms);
-        Ok(())
+        flushed
     }
 
     fn complete_outbox(&self, sequence: u64) -> StoreResult<()> {
         if let Some(previous) = self.outbox.remove(sequence.to_be_bytes()).map_err(engine)? {
-            self.flush()?;
+            // Out of the index whatever the flush says: the row is gone.
+            let flushed = self.flush();
             self.unindex(sequence, &previous);
+            flushed?;
             self.remove_body_file(&previous);
         }
         Ok(())
@@ -1730,10 +1748,13 @@ impl Store for SledStore {
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(tx_error)?;
-        self.flush()?;
+        let flushed = self.flush();
+        if let Some(previous) = &previous {
+            self.unindex(sequence, previous);
+        }
+        flushed?;
         // The dead letter carries the data inline now.
         if let Some(previous) = previous {
-            self.unindex(sequence, &previous);
             self.remove_body_file(&previous);
         }
         Ok(())
@@ -1774,8 +1795,11 @@ impl Store for SledStore {
                 Ok(true)
             })
             .map_err(tx_error)?;
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         Ok(if requeued {
             Replay::Requeued
         } else {
@@ -1798,20 +1822,25 @@ impl Store for SledStore {
             let (ready, next_due_ms) = index.due(now_ms, limit, in_flight);
             (ready, next_due_ms, index.pending())
         };
+        let mut next_due_ms = next_due_ms;
         let mut entries = Vec::with_capacity(ready.len());
         for sequence in ready {
             let k = sequence.to_be_bytes();
             let Some(value) = self.outbox.get(k).map_err(engine)? else {
+                // Not in the outbox (it never was, or left it): forgotten.
+                self.index().forget(sequence);
                 continue;
             };
             match self.load_entry(&value) {
                 Ok(entry) => entries.push((sequence, entry)),
                 // An I/O error may pass (too many open files): not a verdict
-                // on the entry. Skipped this time, read again on the next pass.
+                // on the entry. Skipped this time, read again in a second.
                 Err(StoreError::Io(err)) if err.kind() != std::io::ErrorKind::NotFound => {
                     tracing::warn!(
                         "an outbox entry cannot be read now, skipping it this pass: {err}"
                     );
+                    let soon = now_ms.saturating_add(1_000);
+                    next_due_ms = Some(next_due_ms.map_or(soon, |due| due.min(soon)));
                 }
                 Err(err) => {
                     self.set_aside_unreadable(
@@ -1931,8 +1960,11 @@ impl Store for SledStore {
                 },
             )
             .map_err(tx_error)?;
-        self.flush()?;
+        // Indexed whatever the flush says: the entries are committed, and a
+        // failed fsync is retried by the next one (sled's or ours).
+        let flushed = self.flush();
         self.index_committed(&outbox_values)?;
+        flushed?;
         if matches!(send.status, SendStatus::Sent | SendStatus::Failed) {
             self.sources.remove(&send.id, SourceCopy::Submission);
         }
