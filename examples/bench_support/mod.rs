@@ -59,6 +59,7 @@ pub struct BenchDaemon {
     pub base: String,
     pub pid: u32,
     child: tokio::process::Child,
+    config_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -73,40 +74,57 @@ impl BenchDaemon {
         );
         let config_file = dir.path().join("bench.toml");
         std::fs::write(&config_file, config).unwrap();
-        let binary = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("mailbridge");
-        let mut child = tokio::process::Command::new(&binary)
-            .args(["serve", "--config"])
-            .arg(&config_file)
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
-        let pid = child.id().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next_line().await.unwrap().expect("daemon exited");
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break format!("http://{}", rest.split_whitespace().next().unwrap());
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, pid, base) = spawn(&config_file).await;
         BenchDaemon {
             base,
             pid,
             child,
+            config_file,
             _dir: dir,
         }
+    }
+
+    /// Stops the daemon (SIGTERM, as a service manager does) and starts it
+    /// again on the same data folder and config; returns when it listens.
+    pub async fn restart(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let _ = self.child.wait().await;
+        let (child, pid, base) = spawn(&self.config_file).await;
+        (self.child, self.pid, self.base) = (child, pid, base);
     }
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+async fn spawn(config_file: &std::path::Path) -> (tokio::process::Child, u32, String) {
+    let binary = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("mailbridge");
+    let mut child = tokio::process::Command::new(&binary)
+        .args(["serve", "--config"])
+        .arg(config_file)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release first)", binary.display()));
+    let pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next_line().await.unwrap().expect("daemon exited");
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, pid, base)
 }
