@@ -29,6 +29,7 @@ use mailbridge::{
 };
 
 fn main() {
+    write_fixtures();
     divan::main();
 }
 
@@ -231,22 +232,22 @@ impl Bench {
 
 fn write_fixtures() {
     let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-ingest");
-    let _ = std::fs::create_dir_all(&folder);
+    std::fs::create_dir_all(&folder).expect("target/bench-ingest can be created");
     for (name, message) in [
         ("plain", plain()),
         ("alternative-21k", alternative_with_attachment()),
         ("attachment-2m", large_attachment()),
     ] {
-        let _ = std::fs::write(
+        std::fs::write(
             folder.join(format!("{name}.eml")),
             message.replace("{id}", "m1"),
-        );
+        )
+        .expect("a fixture for scripts/bench-python-email.py can be written");
     }
 }
 
 #[divan::bench(name = "plain (1 KB)")]
 fn plain_message(bencher: divan::Bencher) {
-    write_fixtures();
     let bench = Bench::new();
     let message = plain();
     bencher

@@ -344,16 +344,12 @@ pub async fn run(
 /// The login gate: the configured concurrency, each provider's IMAP server
 /// at its pace, any other at `[sync] logins_per_second`.
 fn login_gate(config: &Config) -> crate::imap::login_gate::LoginGate {
-    use crate::model::Provider;
-    let paces = [Provider::Gmail, Provider::Outlook, Provider::Imap]
+    let paces = crate::model::Provider::ALL
         .into_iter()
         .filter_map(|provider| {
             let settings = config.providers.settings(provider);
             let imap = settings.imap?;
-            Some((
-                format!("{}:{}", imap.host, imap.port),
-                settings.logins_per_second?,
-            ))
+            Some(((imap.host, imap.port), settings.logins_per_second?))
         })
         .collect();
     crate::imap::login_gate::LoginGate::new(

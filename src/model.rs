@@ -42,6 +42,8 @@ pub enum Provider {
 }
 
 impl Provider {
+    pub const ALL: [Provider; 3] = [Provider::Gmail, Provider::Outlook, Provider::Imap];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Gmail => "gmail",

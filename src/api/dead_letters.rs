@@ -2,17 +2,13 @@
 //! request (with their original `webhook-id`, so the CRM can still drop a
 //! repeat).
 
-use axum::{
-    Json,
-    extract::{Query, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
-    error::{ApiError, ApiPath, ErrorBody},
+    error::{ApiError, ApiPath, ApiQuery, ErrorBody},
 };
 use crate::store::{DeadLetter, Replay};
 
@@ -91,10 +87,8 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
 )]
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let after = query
         .after

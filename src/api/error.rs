@@ -5,7 +5,7 @@ use axum::{
     Json,
     extract::{
         FromRequest, FromRequestParts,
-        rejection::{JsonRejection, PathRejection},
+        rejection::{JsonRejection, PathRejection, QueryRejection},
     },
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -110,10 +110,25 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_query",
+            rejection.body_text(),
+        )
+    }
+}
+
 /// `Json` whose rejections are [`ApiError`]s.
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
+
+/// `Query` whose rejections are [`ApiError`]s.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
 
 /// `Path` whose rejections are [`ApiError`]s.
 #[derive(FromRequestParts)]

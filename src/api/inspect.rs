@@ -2,18 +2,13 @@
 //! the body: what the rules would decide for it, integration by integration,
 //! and why. Changes nothing. `mailbridge inspect --mailbox` prints it.
 
-use axum::{
-    Json,
-    body::Bytes,
-    extract::{Query, State, rejection::QueryRejection},
-    http::StatusCode,
-};
+use axum::{Json, body::Bytes, extract::State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
-    error::{ApiError, check_email},
+    error::{ApiError, ApiQuery, check_email},
 };
 use crate::{
     ingest::Verdict,
@@ -134,11 +129,9 @@ pub struct NewContactView {
 )]
 pub async fn inspect(
     State(state): State<AppState>,
-    query: Result<Query<InspectQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<InspectQuery>,
     raw: Bytes,
 ) -> Result<Json<InspectReport>, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let mailbox = check_email("mailbox", &query.mailbox)?;
     if raw.is_empty() {
         return Err(ApiError::invalid(

@@ -1,17 +1,13 @@
 //! Connecting, inspecting and disconnecting a user's mailbox (an integration).
 
-use axum::{
-    Json,
-    extract::{Query, State, rejection::QueryRejection},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
     error::ErrorBody,
-    error::{ApiError, ApiJson, ApiPath, check_email, check_id},
+    error::{ApiError, ApiJson, ApiPath, ApiQuery, check_email, check_id},
 };
 use crate::{
     event_data::{self, DetachReason, MailboxLifecycle, ThreadDetached},
@@ -289,10 +285,8 @@ pub struct MailboxPage {
 )]
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<MailboxPage>, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit must be 1 to 1000"));

@@ -4,7 +4,7 @@
 use axum::{
     Json,
     body::Body,
-    extract::{Query, State},
+    extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     error::ErrorBody,
-    error::{ApiError, ApiJson, ApiPath, check_email, check_id},
+    error::{ApiError, ApiJson, ApiPath, ApiQuery, check_email, check_id},
 };
 use crate::{
     compose::{Draft, DraftAttachment, new_message_id, reply_subject},
@@ -926,12 +926,10 @@ pub struct History {
 pub async fn history(
     State(state): State<AppState>,
     ApiPath((location_id, contact_id)): ApiPath<(String, String)>,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Json<History>, ApiError> {
     check_id("location_id", &location_id)?;
     check_id("contact_id", &contact_id)?;
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(50).clamp(1, 500);
     let messages = state.store.history(
         &location_id,

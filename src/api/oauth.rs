@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{
     AppState,
-    error::{ApiError, ApiPath, ErrorBody, check_id},
+    error::{ApiError, ApiPath, ApiQuery, ErrorBody, check_id},
     mailboxes::{ConnectRequest, connect_mailbox},
 };
 use crate::{
@@ -94,11 +94,9 @@ pub async fn start(
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
     headers: HeaderMap,
-    query: Result<Query<StartQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<StartQuery>,
 ) -> Result<Response, ApiError> {
     let provider = provider_of(&provider)?;
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_query", e.body_text()))?;
     check_id("location_id", &query.location_id)?;
     check_id("user_id", &query.user_id)?;
     if let Some(return_to) = &query.return_to {

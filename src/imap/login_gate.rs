@@ -17,6 +17,11 @@ use tokio::{
     time::Instant,
 };
 
+/// One server however its name is written (any case, a trailing dot).
+fn server_key(host: &str, port: u16) -> String {
+    format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase())
+}
+
 /// Past this many servers remembered, those whose turns passed are dropped.
 const FORGET_PAST_TURNS_AT: usize = 1_024;
 
@@ -38,14 +43,14 @@ pub struct LoginGate {
 impl LoginGate {
     /// `concurrent` logins at most under way; `paces` for named servers,
     /// `default_pace` logins per second for any other server.
-    pub fn new(concurrent: usize, paces: HashMap<String, u32>, default_pace: u32) -> Self {
+    pub fn new(concurrent: usize, paces: HashMap<(String, u16), u32>, default_pace: u32) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(concurrent.max(1))),
             next_start: Arc::default(),
             paces: Arc::new(
                 paces
                     .into_iter()
-                    .map(|(server, pace)| (server.to_ascii_lowercase(), pace))
+                    .map(|((host, port), pace)| (server_key(&host, port), pace))
                     .collect(),
             ),
             default_pace,
@@ -61,7 +66,7 @@ impl LoginGate {
     /// so logins waiting for a paced server hold no slot that another
     /// server's logins could use.
     pub async fn admit(&self, host: &str, port: u16) -> Admitted {
-        let server = format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase());
+        let server = server_key(host, port);
         let pace = self
             .paces
             .get(&server)
@@ -100,7 +105,7 @@ mod tests {
     async fn logins_to_one_server_are_spaced_by_its_pace_and_others_are_not_held() {
         let gate = LoginGate::new(
             100,
-            HashMap::from([("imap.gmail.com:993".into(), 10)]),
+            HashMap::from([(("imap.gmail.com".into(), 993), 10)]),
             1_000,
         );
         let started = Instant::now();

@@ -212,6 +212,18 @@ struct StoredDeadLetter {
     buried_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// The part of a stored outbox entry the due index reads at open.
+#[derive(serde::Deserialize)]
+struct IndexedEntry {
+    event: IndexedEvent,
+    next_attempt_ms: i64,
+}
+
+#[derive(serde::Deserialize)]
+struct IndexedEvent {
+    ordering_key: String,
+}
+
 /// An outbox entry on disk: the event's data inline or in a file.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredEntry {
@@ -417,11 +429,12 @@ impl SledStore {
                 unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
                 continue;
             };
-            match decode::<StoredEntry>(&v) {
-                Ok(stored) => index.add(
+            // What the index needs only: the event's data stays unparsed.
+            match decode::<IndexedEntry>(&v) {
+                Ok(entry) => index.add(
                     u64::from_be_bytes(bytes),
-                    &stored.entry.event.ordering_key,
-                    stored.entry.next_attempt_ms,
+                    &entry.event.ordering_key,
+                    entry.next_attempt_ms,
                 ),
                 Err(err) => unreadable.push((k, v, err.to_string())),
             }
@@ -1672,6 +1685,7 @@ impl Store for SledStore {
         flushed
     }
 
+    #[cfg(test)]
     fn outbox_page(
         &self,
         after: Option<u64>,

@@ -51,7 +51,7 @@ pub struct Receiver {
 fn undocumented(body: &serde_json::Value) -> Option<String> {
     use std::collections::HashMap;
     use std::sync::OnceLock;
-    static VALIDATORS: OnceLock<Mutex<HashMap<String, Option<jsonschema::Validator>>>> =
+    static VALIDATORS: OnceLock<Mutex<HashMap<String, Result<jsonschema::Validator, String>>>> =
         OnceLock::new();
     let kind = body["type"].as_str()?.to_string();
     let validators = VALIDATORS.get_or_init(Default::default);
@@ -66,10 +66,12 @@ fn undocumented(body: &serde_json::Value) -> Option<String> {
         );
         schema["$ref"] = pointer.into();
         schema.as_object_mut().unwrap().remove("$schema");
-        jsonschema::validator_for(&schema).ok()
+        jsonschema::validator_for(&schema)
+            .map_err(|e| format!("no usable schema for webhook {kind:?} in the document: {e}"))
     });
-    let Some(validator) = validator else {
-        return Some(format!("the document has no webhook {kind:?}"));
+    let validator = match validator {
+        Ok(validator) => validator,
+        Err(why) => return Some(why.clone()),
     };
     let errors: Vec<String> = validator
         .iter_errors(body)
