@@ -2,7 +2,7 @@
 # Runs every test against a real mail stack: installs and starts Dovecot +
 # Postfix on loopback (scripts/mailstack/start.sh, needs root) and the OAuth2
 # provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh),
-# runs the test suite, schemathesis against the live daemon's OpenAPI
+# runs the test suite, the 100-mailbox scale smoke, schemathesis against the live daemon's OpenAPI
 # document (scripts/api-check.sh), then the tests that restart the stack (one
 # at a time, after the rest), and stops both again, pass or fail.
 #
@@ -31,6 +31,9 @@ if [ "${1:-}" = "--soak" ]; then
 fi
 
 cargo test --all-targets "$@"
+# The scale run in small (issue 11): 100 mailboxes, one message to all of
+# them, a restart; it checks that everything arrived once, never how fast.
+cargo run --quiet --example bench_scale -- 100 --smoke
 # Schemathesis against the live daemon, from its own /openapi.json.
 scripts/api-check.sh
 # These restart the shared mail stack, so they run alone.
