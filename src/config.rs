@@ -480,6 +480,9 @@ pub struct SyncConfig {
     /// Logins per second to any one server without a provider pace of its
     /// own (`[providers.NAME] logins_per_second`); 0 for no pace.
     pub logins_per_second: u32,
+    /// Where the server has NOTIFY (RFC 5465), one session watches all of a
+    /// mailbox's folders; `false` keeps one session per folder everywhere.
+    pub one_session_per_mailbox: bool,
 }
 
 impl Default for SyncConfig {
@@ -494,6 +497,7 @@ impl Default for SyncConfig {
             memory_budget_bytes: 512 * 1024 * 1024,
             max_concurrent_logins: 64,
             logins_per_second: 500,
+            one_session_per_mailbox: true,
         }
     }
 }

@@ -177,7 +177,8 @@ impl MailboxChanges {
             let capabilities = self
                 .within("asking the server's capabilities", session.capabilities())
                 .await?;
-            let trash = checked::quoted(&trash);
+            let trash =
+                checked::quoted(&trash).map_err(|err| Failure::Permanent(err.to_string()))?;
             if capabilities.has_str("MOVE") {
                 return self
                     .within(

@@ -480,3 +480,48 @@ async fn r01_a_folder_sync_that_crashes_is_started_again() {
         .await;
     w.daemon.stop().await;
 }
+
+/// Issue 11: where the server has NOTIFY (Dovecot does), one session watches
+/// INBOX and Sent: new mail in either and a flag change in Sent arrive while
+/// it IDLEs on INBOX. A server without NOTIFY gets one session per folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify() {
+    for (notify, sessions) in [(true, 1), (false, 2)] {
+        let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+        if !notify {
+            proxy.hide_capabilities(&["NOTIFY"]);
+        }
+        let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+        support::eventually("the mailbox's sessions", support::DEADLINE, async || {
+            (proxy.open_sessions() == sessions).then_some(())
+        })
+        .await;
+
+        let sent_id = new_message_id("me");
+        let raw = message(&w.me.address, &w.ann.address, "offer", &sent_id, None);
+        w.stack.append_sent(&w.me, &raw).await;
+        w.receiver
+            .wait_for("the message filed in Sent", |r| {
+                r.subject() == "offer" && r.kind() == "message.outbound"
+            })
+            .await;
+        mail(&w.stack, &w.ann, &w.me, "question", None).await;
+        w.receiver
+            .wait_for("the message in INBOX", |r| r.subject() == "question")
+            .await;
+        w.stack
+            .store_flags(&w.me, "Sent", &sent_id, "+FLAGS (\\Flagged)")
+            .await;
+        w.receiver
+            .wait_for("the flag change in Sent", |r| {
+                r.kind() == "message.updated" && r.data()["flagged"] == true
+            })
+            .await;
+        assert_eq!(
+            proxy.open_sessions(),
+            sessions,
+            "IMAP sessions with NOTIFY {notify}"
+        );
+        w.daemon.stop().await;
+    }
+}

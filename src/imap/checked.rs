@@ -8,6 +8,7 @@
 
 use async_imap::imap_proto::{
     AttributeValue, MailboxDatum, MessageSection, NameAttribute, Response, SectionPath, Status,
+    StatusAttribute,
 };
 
 use super::connection::ImapSession;
@@ -21,6 +22,10 @@ pub enum CheckedError {
     Io(String),
     #[error("the server closed the connection")]
     Closed,
+    /// A folder name that cannot go in a quoted string (CR, LF or NUL would
+    /// end or break the command line).
+    #[error("folder name {0:?} cannot be sent in a command")]
+    Unsendable(String),
 }
 
 /// One message of a FETCH answer.
@@ -239,9 +244,79 @@ pub async fn command(session: &mut ImapSession, command: &str) -> Result<(), Che
     Ok(())
 }
 
-/// A folder name as an IMAP quoted string.
-pub fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+/// What `STATUS` says of a folder that is not selected: the figures that move
+/// when mail arrives or leaves, and with CONDSTORE when flags change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FolderFigures {
+    pub messages: Option<u32>,
+    pub uid_next: Option<u32>,
+    pub uid_validity: Option<u32>,
+    pub highest_modseq: Option<u64>,
+}
+
+/// `STATUS name (MESSAGES UIDNEXT UIDVALIDITY [HIGHESTMODSEQ])` for a folder
+/// other than the selected one. Also returns whether the server announced a
+/// change of the selected folder meanwhile, and the other folders it named
+/// in `STATUS` responses of its own (NOTIFY, RFC 5465).
+pub async fn status(
+    session: &mut ImapSession,
+    name: &str,
+    condstore: bool,
+) -> Result<(FolderFigures, bool, Vec<String>), CheckedError> {
+    let mut figures = FolderFigures::default();
+    let mut named = Vec::new();
+    let command = format!(
+        "STATUS {} (MESSAGES UIDNEXT UIDVALIDITY{})",
+        quoted(name)?,
+        if condstore { " HIGHESTMODSEQ" } else { "" }
+    );
+    let announced = run(session, &command, |response| {
+        if let Response::MailboxData(MailboxDatum::Status { mailbox, status }) = response {
+            if mailbox != name {
+                named.push(mailbox.to_string());
+                return;
+            }
+            for attribute in status {
+                match attribute {
+                    StatusAttribute::Messages(n) => figures.messages = Some(*n),
+                    StatusAttribute::UidNext(n) => figures.uid_next = Some(*n),
+                    StatusAttribute::UidValidity(n) => figures.uid_validity = Some(*n),
+                    StatusAttribute::HighestModSeq(n) => figures.highest_modseq = Some(*n),
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await?;
+    Ok((figures, announced, named))
+}
+
+/// `NOTIFY SET` (RFC 5465): new mail, expunges and flag changes in the
+/// selected folder as usual, and in `folders` (when not selected) as
+/// `STATUS` responses, inside IDLE or between commands.
+pub async fn notify_set(session: &mut ImapSession, folders: &[String]) -> Result<(), CheckedError> {
+    let names = folders
+        .iter()
+        .map(|name| quoted(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let command = format!(
+        "NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) (mailboxes ({}) (MessageNew MessageExpunge FlagChange))",
+        names.join(" ")
+    );
+    run(session, &command, |_| {}).await?;
+    Ok(())
+}
+
+/// A folder name as an IMAP quoted string; refused where it holds a
+/// character a quoted string cannot carry.
+pub fn quoted(name: &str) -> Result<String, CheckedError> {
+    if name.contains(['\r', '\n', '\0']) {
+        return Err(CheckedError::Unsendable(name.to_string()));
+    }
+    Ok(format!(
+        "\"{}\"",
+        name.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
 }
 
 /// `ENABLE capability` (RFC 5161), e.g. QRESYNC before SELECT.

@@ -1,10 +1,12 @@
-//! The IMAP side: one task per mailbox, however many integrations use it, with a
-//! watcher per folder (INBOX, Sent and the folders the operator listed). Fetched messages go to [`Ingest`].
+//! The IMAP side: one task per mailbox, however many integrations use it,
+//! watching INBOX, Sent and the folders the operator listed: over one session
+//! where the server has NOTIFY, else one session per folder. Fetched messages go to [`Ingest`].
 
 pub mod checked;
 pub mod connection;
 pub mod folders;
 pub mod login_gate;
+pub mod session_group;
 pub mod watcher;
 
 use std::sync::Arc;
@@ -16,11 +18,12 @@ use crate::{
     auth::Auth,
     config::{ProvidersConfig, SyncConfig},
     ingest::Ingest,
-    model::{FolderRole, MailboxState},
+    model::{FolderRole, MailboxState, Provider},
     store::Store,
     webhook::OutboxSignal,
 };
 pub use connection::{ConnectError, ImapConnector};
+use session_group::SessionGroup;
 pub use watcher::UNFETCHABLE_AFTER_SESSIONS;
 use watcher::{FolderWatcher, WatchEnd};
 
@@ -55,22 +58,26 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
     let idle_period = ctx.providers.settings(mailbox.provider).idle;
     let watchers = cancel.child_token();
     let mut set = JoinSet::new();
-    let mut roles = std::collections::HashMap::new();
+    let mut groups = std::collections::HashMap::new();
     let mut crashes: u32 = 0;
     let inbox_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let spawn = |set: &mut JoinSet<WatchEnd>, role: FolderRole| {
-        let watcher = FolderWatcher {
-            ctx: ctx.clone(),
-            address: address.clone(),
-            generation: mailbox.generation,
-            role,
-            listed: mailbox.folders.clone(),
-            all_mail: mailbox.roles().contains(&FolderRole::All),
-            inbox_live: inbox_live.clone(),
-            idle_period,
-            not_returned: Default::default(),
-        };
-        set.spawn(watcher.run(watchers.clone())).id()
+    let spawn = |set: &mut JoinSet<WatchEnd>, roles: &[FolderRole]| {
+        let folders = roles
+            .iter()
+            .map(|&role| FolderWatcher {
+                ctx: ctx.clone(),
+                address: address.clone(),
+                generation: mailbox.generation,
+                role,
+                listed: mailbox.folders.clone(),
+                all_mail: mailbox.roles().contains(&FolderRole::All),
+                inbox_live: inbox_live.clone(),
+                idle_period,
+                not_returned: Default::default(),
+            })
+            .collect();
+        set.spawn(SessionGroup { folders }.run(watchers.clone()))
+            .id()
     };
     let watched: Vec<_> = mailbox
         .roles()
@@ -86,8 +93,16 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
         })
         .collect();
     ctx.status.starting(&address, &watched);
-    for role in mailbox.roles() {
-        roles.insert(spawn(&mut set, role), role);
+    // One session for every folder where the server may have NOTIFY (a
+    // server without it says so at login, and each folder gets its own);
+    // Gmail and Microsoft 365 have none.
+    let roles = mailbox.roles();
+    if ctx.sync.one_session_per_mailbox && mailbox.provider == Provider::Imap && roles.len() > 1 {
+        groups.insert(spawn(&mut set, &roles), roles);
+    } else {
+        for role in roles {
+            groups.insert(spawn(&mut set, &[role]), vec![role]);
+        }
     }
     while let Some(ended) = set.join_next_with_id().await {
         match ended {
@@ -95,11 +110,17 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
                 // No watcher logs in again until new credentials arrive.
                 watchers.cancel();
             }
+            Ok((id, WatchEnd::NoNotify)) => {
+                tracing::info!(mailbox = %address, "the server has no NOTIFY: one session per folder");
+                for role in groups.remove(&id).unwrap_or_default() {
+                    groups.insert(spawn(&mut set, &[role]), vec![role]);
+                }
+            }
             Ok((_, WatchEnd::Cancelled)) => {}
             // A bug (or a library's: async-imap unwraps on a BAD without
             // text) must not silently stop a folder's sync: it starts again.
             Err(err) if !watchers.is_cancelled() => {
-                let Some(role) = roles.remove(&err.id()) else {
+                let Some(roles) = groups.remove(&err.id()) else {
                     continue;
                 };
                 let wait = crate::backoff::delay(
@@ -108,14 +129,15 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
                     std::time::Duration::from_millis(ctx.sync.reconnect_max_ms),
                 );
                 crashes = crashes.saturating_add(1);
-                tracing::error!(mailbox = %address, folder = %role, "the folder's sync crashed, restarting it in {wait:?}: {err}");
+                let names: Vec<String> = roles.iter().map(ToString::to_string).collect();
+                tracing::error!(mailbox = %address, folders = %names.join(", "), "the folders' sync crashed, restarting it in {wait:?}: {err}");
                 metrics::counter!("mailbridge_worker_restarts_total", "worker" => "folder_sync")
                     .increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = watchers.cancelled() => continue,
                 }
-                roles.insert(spawn(&mut set, role), role);
+                groups.insert(spawn(&mut set, &roles), roles);
             }
             Err(_) => {}
         }

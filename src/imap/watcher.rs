@@ -1,20 +1,13 @@
-//! One folder of one mailbox, kept in sync: select, catch up from the stored
-//! cursor, IDLE until something changes (or the provider's IDLE period ends),
-//! repeat. Any failure ends the session; the watcher reconnects with backoff and
-//! catches up from the cursor, so nothing that arrived meanwhile is lost.
+//! One folder of one mailbox, kept in sync on a session it is given: select,
+//! settle the cursor, read changes and new mail from the stored cursor. The
+//! session itself, IDLE and reconnecting are [`super::session_group`]'s.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_imap::{
-    extensions::idle::IdleResponse,
-    imap_proto::{Response, Status},
-    types::UnsolicitedResponse,
-};
-use tokio_util::sync::CancellationToken;
+use async_imap::types::UnsolicitedResponse;
 
 use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
 use crate::{
-    backoff,
     event_data::{self, MessagePlace},
     ingest::Found,
     model::{FlagState, FolderCursor, FolderRole, LocatedMessage},
@@ -31,10 +24,29 @@ pub enum WatchEnd {
     Cancelled,
     /// The credentials are dead (R20): retrying would only hammer the server.
     NeedsReauth,
+    /// The folders were to share one session, but the server has no NOTIFY:
+    /// they go on with one session each.
+    NoNotify,
+}
+
+/// What a session learnt of its server at login.
+#[derive(Clone, Copy)]
+pub(super) struct ServerFeatures {
+    pub condstore: bool,
+    pub gmail: bool,
+    pub tracking: ChangeTracking,
+    /// RFC 5465: one session can hear of changes in several folders.
+    pub notify: bool,
+}
+
+/// A folder selected on a session, and how far its sync has read.
+pub(super) struct Selected {
+    pub folder: String,
+    pub cursor: FolderCursor,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(super) enum SessionError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("IMAP: {0}")]
@@ -45,8 +57,11 @@ enum SessionError {
     Closed,
     #[error("IMAP: {0}")]
     Checked(#[from] checked::CheckedError),
-    #[error("the server did not return message {1}, which is still there; retrying")]
-    NotReturned(u32, u32),
+    #[error("the server did not return message {2} of {0}, which is still there; retrying")]
+    NotReturned(FolderRole, u32, u32),
+    /// Several folders were to share a session, but the server has no NOTIFY.
+    #[error("the server has no NOTIFY: one session per folder")]
+    NoNotify,
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
@@ -87,78 +102,25 @@ pub struct FolderWatcher {
 }
 
 impl FolderWatcher {
-    pub async fn run(self, cancel: CancellationToken) -> WatchEnd {
-        let mut failures: u32 = 0;
-        loop {
-            let result = tokio::select! {
-                result = self.session(&cancel, &mut failures) => result,
-                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+    /// Counts one more session in a row in which the server did not return
+    /// this message (see [`UNFETCHABLE_AFTER_SESSIONS`]).
+    pub(super) fn not_returned_again(&self, uid_validity: u32, uid: u32) {
+        let mut last = self
+            .not_returned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if (last.uid_validity, last.uid) == (uid_validity, uid) {
+            last.sessions += 1;
+        } else {
+            *last = NotReturned {
+                uid_validity,
+                uid,
+                sessions: 1,
             };
-            if self.role == FolderRole::Inbox {
-                self.inbox_live
-                    .store(false, std::sync::atomic::Ordering::Release);
-            }
-            let err = match result {
-                Ok(()) => return WatchEnd::Cancelled,
-                Err(SessionError::NotReturned(uid_validity, uid)) => {
-                    let mut last = self
-                        .not_returned
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    if (last.uid_validity, last.uid) == (uid_validity, uid) {
-                        last.sessions += 1;
-                    } else {
-                        *last = NotReturned {
-                            uid_validity,
-                            uid,
-                            sessions: 1,
-                        };
-                    }
-                    SessionError::NotReturned(uid_validity, uid)
-                }
-                Err(SessionError::TokenExpiring) => {
-                    tracing::debug!(mailbox = %self.address, folder = %self.role, "logging in again before the access token expires");
-                    continue;
-                }
-                Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
-                    return WatchEnd::NeedsReauth;
-                }
-                Err(SessionError::Connect(ConnectError::Disconnected)) => {
-                    return WatchEnd::Cancelled;
-                }
-                Err(SessionError::Store(crate::store::StoreError::CursorMoved)) => {
-                    // This watcher's view is stale: the mailbox was disconnected
-                    // (and perhaps connected again with a new baseline).
-                    if !matches!(self.ctx.store.mailbox(&self.address), Ok(Some(_))) {
-                        return WatchEnd::Cancelled;
-                    }
-                    tracing::info!(mailbox = %self.address, folder = %self.role, "the folder's cursor was moved by a reconnect; starting again from it");
-                    continue;
-                }
-                Err(err) => err,
-            };
-            let mut wait = backoff::delay(
-                failures,
-                Duration::from_millis(self.ctx.sync.reconnect_min_ms),
-                Duration::from_millis(self.ctx.sync.reconnect_max_ms),
-            );
-            // A refused password is tried again once the refusal can be confirmed.
-            if let SessionError::Connect(ConnectError::Rejected(_)) = &err {
-                wait = wait.max(self.ctx.auth.confirm_after());
-            }
-            tracing::warn!(mailbox = %self.address, folder = %self.role, "sync interrupted, reconnecting in {wait:?}: {err:#}");
-            metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
-            self.ctx
-                .status
-                .failed(&self.address, self.role, err.to_string());
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => return WatchEnd::Cancelled,
-            }
         }
     }
 
-    async fn timed<T, E>(
+    pub(super) async fn timed<T, E>(
         &self,
         what: &'static str,
         future: impl Future<Output = Result<T, E>>,
@@ -182,46 +144,12 @@ impl FolderWatcher {
             && last.sessions >= UNFETCHABLE_AFTER_SESSIONS
     }
 
-    /// One session: returns `Ok` only when cancelled.
-    async fn session(
+    /// What the server offers, asked once per session; QRESYNC is enabled
+    /// where it is there.
+    pub(super) async fn features(
         &self,
-        cancel: &CancellationToken,
-        failures: &mut u32,
-    ) -> Result<(), SessionError> {
-        let address = self.address.as_str();
-        let mut session = self
-            .ctx
-            .auth
-            .open_imap(&self.ctx.connector, address)
-            .await?;
-        let relogin_at = self
-            .ctx
-            .auth
-            .relogin_in(address)
-            .map(|left| tokio::time::Instant::now() + left);
-        let Some(folder) = self
-            .timed(
-                "listing folders",
-                folders::name_of(&mut session, self.role, &self.listed),
-            )
-            .await?
-        else {
-            tracing::warn!(
-                mailbox = address,
-                folder = %self.role,
-                "no such folder: mail in it cannot sync"
-            );
-            self.ctx.status.failed(
-                address,
-                self.role,
-                format!(
-                    "the server has no {} folder: mail in it cannot sync",
-                    self.role
-                ),
-            );
-            cancel.cancelled().await;
-            return Ok(());
-        };
+        session: &mut ImapSession,
+    ) -> Result<ServerFeatures, SessionError> {
         // CONDSTORE (RFC 7162): flag changes are read by HIGHESTMODSEQ, so
         // a change made while the bridge was away arrives too, once.
         let capabilities = self
@@ -238,10 +166,58 @@ impl FolderWatcher {
             (false, _) => ChangeTracking::Resync,
         };
         if qresync {
-            self.timed("enabling QRESYNC", checked::enable(&mut session, "QRESYNC"))
+            self.timed("enabling QRESYNC", checked::enable(session, "QRESYNC"))
                 .await?;
         }
-        let selected = match condstore {
+        Ok(ServerFeatures {
+            condstore,
+            gmail,
+            tracking,
+            notify: capabilities.has_str("NOTIFY"),
+        })
+    }
+
+    /// The folder's name on this server; `None`, reported as the folder's
+    /// error, where the server has no such folder.
+    pub(super) async fn resolve(
+        &self,
+        session: &mut ImapSession,
+    ) -> Result<Option<String>, SessionError> {
+        let found = self
+            .timed(
+                "listing folders",
+                folders::name_of(session, self.role, &self.listed),
+            )
+            .await?;
+        if found.is_none() {
+            tracing::warn!(
+                mailbox = %self.address,
+                folder = %self.role,
+                "no such folder: mail in it cannot sync"
+            );
+            self.ctx.status.failed(
+                &self.address,
+                self.role,
+                format!(
+                    "the server has no {} folder: mail in it cannot sync",
+                    self.role
+                ),
+            );
+        }
+        Ok(found)
+    }
+
+    /// Selects the folder and settles its cursor: where the last session
+    /// left it, or the present for a first session (R2), or found again
+    /// after the server renumbered the folder (UIDVALIDITY).
+    pub(super) async fn select(
+        &self,
+        session: &mut ImapSession,
+        folder: String,
+        features: ServerFeatures,
+    ) -> Result<Selected, SessionError> {
+        let address = self.address.as_str();
+        let selected = match features.condstore {
             true => {
                 self.timed("selecting the folder", session.select_condstore(&folder))
                     .await?
@@ -258,7 +234,7 @@ impl FolderWatcher {
                 // A cursor from before the bridge kept the time it moved: with
                 // no window to look in, re-reading from the connect would
                 // forward again what was forwarded then. Resume at the end.
-                let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
+                let next_uid = self.next_uid(session, selected.uid_next).await?;
                 tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: resuming at the folder's end (no record of when the cursor last moved)", old.uid_validity);
                 let fresh = FolderCursor::new(uid_validity, next_uid);
                 self.ctx
@@ -278,14 +254,14 @@ impl FolderWatcher {
                     .timed(
                         "finding the mail since the last handled message",
                         checked::uid_search(
-                            &mut session,
+                            session,
                             &format!("SINCE {}", since.format("%d-%b-%Y")),
                         ),
                     )
                     .await?;
                 let start = match found.iter().min() {
                     Some(first) => *first,
-                    None => self.next_uid(&mut session, selected.uid_next).await?,
+                    None => self.next_uid(session, selected.uid_next).await?,
                 };
                 tracing::warn!(mailbox = address, folder = %folder, "UIDVALIDITY changed from {} to {uid_validity}: reading again the {} messages received since {since}", old.uid_validity, found.len());
                 let fresh = FolderCursor::new(uid_validity, start);
@@ -296,7 +272,7 @@ impl FolderWatcher {
             }
             None => {
                 // The first session: start at the present, never backfill (R2).
-                let next_uid = self.next_uid(&mut session, selected.uid_next).await?;
+                let next_uid = self.next_uid(session, selected.uid_next).await?;
                 let fresh = FolderCursor::new(uid_validity, next_uid);
                 self.ctx.store.set_cursor(address, self.role, None, fresh)?;
                 fresh
@@ -305,7 +281,7 @@ impl FolderWatcher {
         // The first session with CONDSTORE starts reading changes from now;
         // so does one whose server went back (an index rebuilt under the same
         // UIDVALIDITY), which would otherwise report nothing until it caught up.
-        if let (true, Some(now)) = (condstore, selected.highest_modseq)
+        if let (true, Some(now)) = (features.condstore, selected.highest_modseq)
             && cursor.highest_modseq.is_none_or(|kept| kept > now)
         {
             let from_now = FolderCursor {
@@ -317,19 +293,36 @@ impl FolderWatcher {
                 .set_cursor(address, self.role, Some(cursor), from_now)?;
             cursor = from_now;
         }
-        tracing::info!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "watching");
+        tracing::debug!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "selected");
+        Ok(Selected { folder, cursor })
+    }
 
+    /// Reads the selected folder's changes and new mail until nothing more
+    /// was announced (bounded), then reports it caught up. Other folders the
+    /// server named meanwhile (NOTIFY's `STATUS`) are added to `named`.
+    pub(super) async fn sync(
+        &self,
+        session: &mut ImapSession,
+        selected: &mut Selected,
+        features: ServerFeatures,
+        named: &mut Vec<String>,
+    ) -> Result<(), SessionError> {
+        let Selected { folder, cursor } = selected;
         let mut looks_in_a_row = 0;
         loop {
             // What async-imap queued so far is covered by the catch-up below.
-            while session.unsolicited_responses.try_recv().is_ok() {}
+            while let Ok(queued) = session.unsolicited_responses.try_recv() {
+                if let UnsolicitedResponse::Status { mailbox, .. } = queued {
+                    named.push(mailbox);
+                }
+            }
             // Changes first: a message moved out and straight back is then
             // known to be back before the catch-up meets it at its new UID.
             let changed_meanwhile = self
-                .sync_flags(&mut session, &folder, tracking, gmail, &mut cursor)
+                .sync_flags(session, folder, features.tracking, features.gmail, cursor)
                 .await?;
             let more = self
-                .catch_up(&mut session, &folder, gmail, &mut cursor)
+                .catch_up(session, folder, features.gmail, cursor)
                 .await?;
             // A change announced in the answer to one of our commands is not
             // repeated in IDLE: look again first. Bounded, so a server that
@@ -338,75 +331,12 @@ impl FolderWatcher {
                 looks_in_a_row += 1;
                 continue;
             }
-            looks_in_a_row = 0;
-            self.ctx.status.caught_up(address, self.role, &folder);
+            self.ctx.status.caught_up(&self.address, self.role, folder);
             if self.role == FolderRole::Inbox {
                 self.inbox_live
                     .store(true, std::sync::atomic::Ordering::Release);
             }
-
-            // Cloned before IDLE takes the session: the server may announce new
-            // mail between our last command and its IDLE continuation, which
-            // async-imap queues here and which would otherwise wait for the next renewal.
-            let unsolicited = session.unsolicited_responses.clone();
-            let mut idle = session.idle();
-            self.timed("starting IDLE", idle.init()).await?;
-            enum Woke {
-                Server(Result<IdleResponse, async_imap::error::Error>),
-                Arrived,
-                Renew,
-                TokenExpiring,
-                Cancel,
-            }
-            // New mail, or a flag change (an untagged FETCH), or an expunge.
-            let arrived_meanwhile = std::iter::from_fn(|| unsolicited.try_recv().ok())
-                .any(|r| !matches!(r, UnsolicitedResponse::Status { .. }));
-            let woke = if arrived_meanwhile {
-                Woke::Arrived
-            } else {
-                // async-imap's own timeout only counts silence (keepalives reset
-                // it); the select's sleep is the hard re-IDLE deadline.
-                let (wait, _stop) =
-                    idle.wait_with_timeout(self.idle_period + Duration::from_secs(60));
-                tokio::select! {
-                    response = wait => Woke::Server(response),
-                    _ = tokio::time::sleep(self.idle_period) => Woke::Renew,
-                    _ = until(relogin_at) => Woke::TokenExpiring,
-                    _ = cancel.cancelled() => Woke::Cancel,
-                }
-            };
-            match woke {
-                Woke::Server(Err(err)) => return Err(err.into()),
-                Woke::Server(Ok(IdleResponse::ManualInterrupt)) => {
-                    // Nobody interrupted us: the stream ended.
-                    return Err(SessionError::Closed);
-                }
-                Woke::Server(Ok(IdleResponse::NewData(ref data))) => {
-                    if let Response::Data {
-                        status: Status::Bye,
-                        ..
-                    } = data.parsed()
-                    {
-                        return Err(SessionError::Closed);
-                    }
-                }
-                Woke::Server(Ok(IdleResponse::Timeout))
-                | Woke::Arrived
-                | Woke::Renew
-                | Woke::TokenExpiring
-                | Woke::Cancel => {}
-            }
-            session = self.timed("ending IDLE", idle.done()).await?;
-            // Only a session that caught up and went through IDLE counts as
-            // working: a failure that repeats every session backs off to the cap.
-            *failures = 0;
-            if matches!(woke, Woke::Cancel | Woke::TokenExpiring) {
-                let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-                return match woke {
-                    Woke::TokenExpiring => Err(SessionError::TokenExpiring),
-                    _ => Ok(()),
-                };
-            }
+            return Ok(());
         }
     }
 
@@ -702,7 +632,7 @@ impl FolderWatcher {
         let Some(message_id) = located.message_id.as_deref() else {
             return Ok(Whereabouts::Nowhere);
         };
-        let quoted = checked::quoted(message_id);
+        let quoted = checked::quoted(message_id)?;
         if lookup.is_none() {
             let mut session = self
                 .ctx
@@ -1008,7 +938,11 @@ impl FolderWatcher {
                                     "the server did not return it in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row"
                                 )
                             } else {
-                                return Err(SessionError::NotReturned(cursor.uid_validity, *uid));
+                                return Err(SessionError::NotReturned(
+                                    self.role,
+                                    cursor.uid_validity,
+                                    *uid,
+                                ));
                             }
                         };
                         tracing::warn!(
@@ -1029,7 +963,7 @@ impl FolderWatcher {
 
 /// How a folder's changes are read, by what the server offers.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum ChangeTracking {
+pub(super) enum ChangeTracking {
     /// QRESYNC (RFC 7162): flag changes and expunges since HIGHESTMODSEQ,
     /// whatever their number; changes made while the bridge was away too.
     Qresync,
@@ -1048,7 +982,7 @@ const RECHECKED_MESSAGES: usize = 1000;
 
 /// Looks at a folder in a row, each because the last one heard of a change,
 /// before the session goes to IDLE anyway.
-const MAX_LOOKS_IN_A_ROW: u32 = 20;
+pub(super) const MAX_LOOKS_IN_A_ROW: u32 = 20;
 
 /// UIDs named in one command: a set of scattered 7-digit UIDs stays near
 /// 2 KB, well within the 8,000-byte lines servers must take (RFC 7162 §4).
@@ -1086,12 +1020,4 @@ enum Whereabouts {
 fn read_elsewhere(label: &str, inbox_live: bool) -> bool {
     let is = |system: &str| label.eq_ignore_ascii_case(system);
     is("\\Sent") || is("\\Draft") || (inbox_live && is("\\Inbox"))
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }

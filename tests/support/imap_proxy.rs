@@ -26,6 +26,8 @@ struct Script {
     refusals: Vec<String>,
     refused: usize,
     logins_passed: usize,
+    /// Client connections open now.
+    open: usize,
     /// How many of the next `UID FETCH … BODY.PEEK[]` get `FETCH_REFUSED`.
     fetch_refusals: usize,
     fetches_refused: usize,
@@ -78,9 +80,11 @@ impl ImapProxy {
                 while let Ok((client, _)) = listener.accept().await {
                     let (upstream, script) = (upstream.clone(), script.clone());
                     tokio::spawn(async move {
-                        if let Err(err) = serve(client, &upstream, script).await {
+                        script.lock().expect("proxy script").open += 1;
+                        if let Err(err) = serve(client, &upstream, script.clone()).await {
                             eprintln!("IMAP proxy: connection ended: {err}");
                         }
+                        script.lock().expect("proxy script").open -= 1;
                     });
                 }
             })
@@ -165,6 +169,11 @@ impl ImapProxy {
     /// Body FETCHes refused so far.
     pub fn fetches_refused(&self) -> usize {
         self.script.lock().expect("proxy script").fetches_refused
+    }
+
+    /// Client connections open now (the daemon's IMAP sessions through here).
+    pub fn open_sessions(&self) -> usize {
+        self.script.lock().expect("proxy script").open
     }
 
     /// Logins refused so far, and logins passed on to Dovecot.

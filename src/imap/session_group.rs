@@ -1,0 +1,292 @@
+//! One IMAP session serving one or several folders of a mailbox, and its
+//! reconnects. Alone, a folder's session selects it and IDLEs on it. Where
+//! the server has NOTIFY (RFC 5465; Dovecot does), one session serves all of
+//! a mailbox's folders: the first (INBOX) stays selected and IDLEs, the
+//! server announces the others' new mail, expunges and flag changes as
+//! `* STATUS`, and the session visits each changed folder in turn. One login
+//! and one connection per mailbox instead of one per folder: half the
+//! sessions to warm up after a restart, half the memory on both sides.
+//!
+//! NOTIFY only wakes the session. Whether another folder changed is decided by
+//! asking its `STATUS` before each IDLE, so an announcement that came inside
+//! the answer to another command cannot be missed.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_imap::{
+    extensions::idle::IdleResponse,
+    imap_proto::{MailboxDatum, Response, Status},
+    types::UnsolicitedResponse,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    checked,
+    connection::{ConnectError, ImapSession},
+    watcher::{FolderWatcher, MAX_LOOKS_IN_A_ROW, SessionError, WatchEnd},
+};
+use crate::{backoff, model::FolderRole};
+
+/// Folders that share one session; the first is the one kept selected.
+pub struct SessionGroup {
+    pub folders: Vec<FolderWatcher>,
+}
+
+/// Why an IDLE ended.
+enum Woke {
+    /// The server said something (or had said it before IDLE began).
+    Server,
+    /// The provider's IDLE period is over: IDLE again.
+    Renew,
+    TokenExpiring,
+    Cancel,
+}
+
+impl SessionGroup {
+    fn lead(&self) -> Option<&FolderWatcher> {
+        self.folders.first()
+    }
+
+    fn roles(&self) -> String {
+        let roles: Vec<String> = self.folders.iter().map(|f| f.role.to_string()).collect();
+        roles.join(", ")
+    }
+
+    pub async fn run(self, cancel: CancellationToken) -> WatchEnd {
+        let Some(lead) = self.lead() else {
+            return WatchEnd::Cancelled;
+        };
+        let (ctx, address) = (&lead.ctx, lead.address.as_str());
+        let mut failures: u32 = 0;
+        loop {
+            let result = tokio::select! {
+                result = self.session(&cancel, &mut failures) => result,
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            };
+            for folder in &self.folders {
+                if folder.role == FolderRole::Inbox {
+                    folder
+                        .inbox_live
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
+            }
+            let err = match result {
+                Ok(()) => return WatchEnd::Cancelled,
+                Err(SessionError::NoNotify) => return WatchEnd::NoNotify,
+                Err(SessionError::NotReturned(role, uid_validity, uid)) => {
+                    if let Some(folder) = self.folders.iter().find(|f| f.role == role) {
+                        folder.not_returned_again(uid_validity, uid);
+                    }
+                    SessionError::NotReturned(role, uid_validity, uid)
+                }
+                Err(SessionError::TokenExpiring) => {
+                    tracing::debug!(mailbox = address, folders = %self.roles(), "logging in again before the access token expires");
+                    continue;
+                }
+                Err(SessionError::Connect(ConnectError::NeedsReauth(_))) => {
+                    return WatchEnd::NeedsReauth;
+                }
+                Err(SessionError::Connect(ConnectError::Disconnected)) => {
+                    return WatchEnd::Cancelled;
+                }
+                Err(SessionError::Store(crate::store::StoreError::CursorMoved)) => {
+                    // This session's view is stale: the mailbox was disconnected
+                    // (and perhaps connected again with a new baseline).
+                    if !matches!(ctx.store.mailbox(address), Ok(Some(_))) {
+                        return WatchEnd::Cancelled;
+                    }
+                    tracing::info!(mailbox = address, folders = %self.roles(), "a folder's cursor was moved by a reconnect; starting again from it");
+                    continue;
+                }
+                Err(err) => err,
+            };
+            let mut wait = backoff::delay(
+                failures,
+                Duration::from_millis(ctx.sync.reconnect_min_ms),
+                Duration::from_millis(ctx.sync.reconnect_max_ms),
+            );
+            // A refused password is tried again once the refusal can be confirmed.
+            if let SessionError::Connect(ConnectError::Rejected(_)) = &err {
+                wait = wait.max(ctx.auth.confirm_after());
+            }
+            tracing::warn!(mailbox = address, folders = %self.roles(), "sync interrupted, reconnecting in {wait:?}: {err:#}");
+            metrics::counter!("mailbridge_imap_reconnects_total").increment(1);
+            for folder in &self.folders {
+                ctx.status.failed(address, folder.role, err.to_string());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return WatchEnd::Cancelled,
+            }
+        }
+    }
+
+    /// One session: returns `Ok` only when cancelled.
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        failures: &mut u32,
+    ) -> Result<(), SessionError> {
+        let Some(lead) = self.lead() else {
+            return Ok(());
+        };
+        let (ctx, address) = (&lead.ctx, lead.address.as_str());
+        let mut session = ctx.auth.open_imap(&ctx.connector, address).await?;
+        let relogin_at = ctx
+            .auth
+            .relogin_in(address)
+            .map(|left| tokio::time::Instant::now() + left);
+        let features = lead.features(&mut session).await?;
+        if self.folders.len() > 1 && !features.notify {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+            return Err(SessionError::NoNotify);
+        }
+        let mut present: Vec<(&FolderWatcher, String)> = Vec::new();
+        for folder in &self.folders {
+            if let Some(name) = folder.resolve(&mut session).await? {
+                present.push((folder, name));
+            }
+        }
+        let Some(((kept, kept_name), others)) = present.split_first() else {
+            cancel.cancelled().await;
+            return Ok(());
+        };
+        if !others.is_empty() {
+            let names: Vec<String> = present.iter().map(|(_, name)| name.clone()).collect();
+            lead.timed(
+                "asking for notifications",
+                checked::notify_set(&mut session, &names),
+            )
+            .await?;
+        }
+        // What each other folder's STATUS said when it was last visited.
+        let mut seen: HashMap<&str, checked::FolderFigures> = HashMap::new();
+        // Other folders the server named in a STATUS of its own.
+        let mut named: Vec<String> = Vec::new();
+        let mut selected = kept
+            .select(&mut session, kept_name.clone(), features)
+            .await?;
+        let mut rounds_in_a_row = 0;
+        loop {
+            kept.sync(&mut session, &mut selected, features, &mut named)
+                .await?;
+            // Asked last, right before IDLE: a change announced inside the
+            // answer to an earlier command shows in the figures here.
+            let mut changed = Vec::new();
+            let mut kept_announced = false;
+            for (folder, name) in others {
+                let (figures, announced, also_named) = lead
+                    .timed(
+                        "asking a folder's status",
+                        checked::status(&mut session, name, features.condstore),
+                    )
+                    .await?;
+                kept_announced |= announced;
+                named.extend(also_named);
+                // Without CONDSTORE a flag change moves no figure: the
+                // server's own word that the folder changed counts then.
+                if seen.get(name.as_str()) != Some(&figures) || named.contains(name) {
+                    changed.push((folder, name, figures));
+                }
+            }
+            // Bounded, as a folder's own looks are: a server that always
+            // says something cannot keep the session from IDLE.
+            if (!changed.is_empty() || kept_announced) && rounds_in_a_row < MAX_LOOKS_IN_A_ROW {
+                rounds_in_a_row += 1;
+                let visited = !changed.is_empty();
+                for (folder, name, figures) in changed {
+                    named.retain(|n| n != name);
+                    let mut visit = folder.select(&mut session, name.clone(), features).await?;
+                    folder
+                        .sync(&mut session, &mut visit, features, &mut named)
+                        .await?;
+                    seen.insert(name, figures);
+                }
+                if visited {
+                    selected = kept
+                        .select(&mut session, kept_name.clone(), features)
+                        .await?;
+                }
+                continue;
+            }
+            rounds_in_a_row = 0;
+            named.clear();
+            let (back, woke) = idle(kept, session, cancel, relogin_at, &mut named).await?;
+            session = back;
+            // Only a session that caught up and went through IDLE counts as
+            // working: a failure that repeats every session backs off to the cap.
+            *failures = 0;
+            if matches!(woke, Woke::Cancel | Woke::TokenExpiring) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+                return match woke {
+                    Woke::TokenExpiring => Err(SessionError::TokenExpiring),
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+}
+
+/// IDLE on the selected folder until the server says something, the IDLE
+/// period ends, the token needs renewing or the sync is cancelled. Folders
+/// the server names in a `STATUS` meanwhile are added to `named`.
+async fn idle(
+    kept: &FolderWatcher,
+    session: ImapSession,
+    cancel: &CancellationToken,
+    relogin_at: Option<tokio::time::Instant>,
+    named: &mut Vec<String>,
+) -> Result<(ImapSession, Woke), SessionError> {
+    // Cloned before IDLE takes the session: the server may announce new
+    // mail between our last command and its IDLE continuation, which
+    // async-imap queues here and which would otherwise wait for the next renewal.
+    let unsolicited = session.unsolicited_responses.clone();
+    let mut idle = session.idle();
+    kept.timed("starting IDLE", idle.init()).await?;
+    // New mail, or a flag change (an untagged FETCH), or an expunge; or
+    // another folder's STATUS under NOTIFY.
+    let mut arrived_meanwhile = false;
+    while let Ok(queued) = unsolicited.try_recv() {
+        arrived_meanwhile = true;
+        if let UnsolicitedResponse::Status { mailbox, .. } = queued {
+            named.push(mailbox);
+        }
+    }
+    let woke = if arrived_meanwhile {
+        Woke::Server
+    } else {
+        // async-imap's own timeout only counts silence (keepalives reset
+        // it); the select's sleep is the hard re-IDLE deadline.
+        let (wait, _stop) = idle.wait_with_timeout(kept.idle_period + Duration::from_secs(60));
+        tokio::select! {
+            response = wait => match response? {
+                // Nobody interrupted us: the stream ended.
+                IdleResponse::ManualInterrupt => return Err(SessionError::Closed),
+                IdleResponse::NewData(data) => match data.parsed() {
+                    Response::Data { status: Status::Bye, .. } => {
+                        return Err(SessionError::Closed);
+                    }
+                    Response::MailboxData(MailboxDatum::Status { mailbox, .. }) => {
+                        named.push(mailbox.to_string());
+                        Woke::Server
+                    }
+                    _ => Woke::Server,
+                },
+                IdleResponse::Timeout => Woke::Renew,
+            },
+            _ = tokio::time::sleep(kept.idle_period) => Woke::Renew,
+            _ = until(relogin_at) => Woke::TokenExpiring,
+            _ = cancel.cancelled() => Woke::Cancel,
+        }
+    };
+    let session = kept.timed("ending IDLE", idle.done()).await?;
+    Ok((session, woke))
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
