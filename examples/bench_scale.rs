@@ -38,7 +38,7 @@ use mailbridge::{
 
 mod bench_support;
 
-use bench_support::{BenchDaemon, memory_mib, stack_env, wait_until};
+use bench_support::{BenchDaemon, connections_to, memory_mib, stack_env, wait_until};
 
 /// Every `message.*` webhook with a subject: who it was for, and when it came.
 #[derive(Default)]
@@ -365,6 +365,7 @@ async fn main() {
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_all = memory_mib(daemon.pid).0;
+    let sessions = connections_to(daemon.pid, imaps);
 
     let (all_total, all_added) = latency("loaded", &watcher).await;
 
@@ -409,8 +410,7 @@ async fn main() {
     daemon.stop().await;
 
     println!(
-        "scale run: {mailboxes} mailboxes ({} IMAP sessions), {} samples per latency figure{}",
-        mailboxes * 2,
+        "scale run: {mailboxes} mailboxes ({sessions} IMAP sessions), {} samples per latency figure{}",
         samples,
         if smoke { ", smoke" } else { "" }
     );

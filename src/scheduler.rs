@@ -9,7 +9,7 @@ use std::{
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::imap::{SyncContext, sync_mailbox};
+use crate::imap::{SyncContext, connection::ImapSession, sync_mailbox};
 
 struct Running {
     cancel: CancellationToken,
@@ -50,6 +50,16 @@ impl Scheduler {
     /// restart waits for the old task to end first, so two sessions never
     /// handle the same folder at once.
     pub fn start(&self, address: &str) {
+        self.start_with(address, None);
+    }
+
+    /// As `start`, with a session already logged in to the mailbox (the
+    /// connect check's), which the sync uses instead of logging in again.
+    pub fn start_warm(&self, address: &str, session: ImapSession) {
+        self.start_with(address, Some(session));
+    }
+
+    fn start_with(&self, address: &str, warm: Option<ImapSession>) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let previous = running.remove(address).map(|previous| {
             previous.cancel.cancel();
@@ -68,7 +78,7 @@ impl Scheduler {
             for earlier in previous.into_iter().chain(stopped) {
                 let _ = earlier.await;
             }
-            sync_mailbox(ctx, owned, token).await;
+            sync_mailbox(ctx, owned, token, warm).await;
         }));
         running.insert(address.to_string(), Running { cancel, handle });
         metrics::gauge!("mailbridge_mailboxes_syncing").set(running.len() as f64);

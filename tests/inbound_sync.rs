@@ -484,9 +484,12 @@ async fn r01_a_folder_sync_that_crashes_is_started_again() {
 /// Issue 11: where the server has NOTIFY (Dovecot does), one session watches
 /// INBOX and Sent: new mail in either and a flag change in Sent arrive while
 /// it IDLEs on INBOX. A server without NOTIFY gets one session per folder.
+/// The connect check's session goes on as the sync's first: with NOTIFY, the
+/// connect costs one login in all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify() {
-    for (notify, sessions) in [(true, 1), (false, 2)] {
+    // (NOTIFY, sessions, logins: the check's, then without NOTIFY one per folder)
+    for (notify, sessions, logins) in [(true, 1, 1), (false, 2, 3)] {
         let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
         if !notify {
             proxy.hide_capabilities(&["NOTIFY"]);
@@ -522,6 +525,7 @@ async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify(
             sessions,
             "IMAP sessions with NOTIFY {notify}"
         );
+        assert_eq!(proxy.counts().1, logins, "logins with NOTIFY {notify}");
         w.daemon.stop().await;
     }
 }

@@ -128,3 +128,35 @@ async fn spawn(config_file: &std::path::Path) -> (tokio::process::Child, u32, St
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, pid, base)
 }
+
+/// Established TCP connections from process `pid` to `port` (its IMAP
+/// sessions, with the server's port), read from /proc.
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if remote_port == Some(port) && *state == "01" {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+                .filter(|link| inodes.contains(&link.display().to_string()))
+                .count()
+        })
+        .unwrap_or(0)
+}

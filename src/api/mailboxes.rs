@@ -11,7 +11,11 @@ use super::{
 };
 use crate::{
     event_data::{self, DetachReason, MailboxLifecycle, ThreadDetached},
-    imap::{ConnectError, checked, connection::is_loopback, folders},
+    imap::{
+        ConnectError, checked,
+        connection::{ImapSession, is_loopback},
+        folders,
+    },
     model::{
         Credentials, Endpoint, Event, FolderCursor, FolderRole, Integration, Login, Mailbox,
         MailboxState, Provider, SaveSent, Security, SendStatus,
@@ -465,7 +469,7 @@ pub async fn connect_mailbox(
             .map(|m| m.folders)
             .unwrap_or_default(),
     };
-    let (credentials, baseline) =
+    let (credentials, baseline, warm) =
         check_login(state, body.provider, &imap, body.credentials, &folders).await?;
 
     let existing = state.store.integration(&location_id, &user_id)?;
@@ -558,7 +562,9 @@ pub async fn connect_mailbox(
     // A refusal of the old credentials says nothing about these.
     state.auth.clear_refusals(&address);
     state.signal.notify();
-    state.scheduler.start(&address);
+    // The check's logged-in session goes on as the sync's first: one login
+    // fewer per connect.
+    state.scheduler.start_warm(&address, warm);
     status_of(state, &mailbox, &integration)
 }
 
@@ -601,7 +607,7 @@ async fn check_login(
     imap: &Endpoint,
     credentials: Credentials,
     listed: &[String],
-) -> Result<(Credentials, Vec<(FolderRole, FolderCursor)>), ApiError> {
+) -> Result<(Credentials, Vec<(FolderRole, FolderCursor)>, ImapSession), ApiError> {
     let token_failure = |err: TokenError| match err {
         TokenError::Revoked(words) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -717,8 +723,7 @@ async fn check_login(
             baseline.push((role, FolderCursor::new(uid_validity, next_uid)));
         }
     }
-    let _ = tokio::time::timeout(step, session.logout()).await;
-    Ok((credentials, baseline))
+    Ok((credentials, baseline, session))
 }
 
 #[utoipa::path(

@@ -42,7 +42,14 @@ pub struct SyncContext {
 }
 
 /// Keeps one mailbox in sync until cancelled or its credentials are dead.
-pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: CancellationToken) {
+/// `warm`, a session already logged in to it, serves the first folders'
+/// session instead of a login of its own.
+pub async fn sync_mailbox(
+    ctx: Arc<SyncContext>,
+    address: String,
+    cancel: CancellationToken,
+    warm: Option<connection::ImapSession>,
+) {
     let mailbox = match ctx.store.mailbox(&address) {
         Ok(Some(mailbox)) => mailbox,
         Ok(None) => return,
@@ -61,6 +68,7 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
     let mut groups = std::collections::HashMap::new();
     let mut crashes: u32 = 0;
     let inbox_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let warm = std::sync::Mutex::new(warm);
     let spawn = |set: &mut JoinSet<WatchEnd>, roles: &[FolderRole]| {
         let folders = roles
             .iter()
@@ -76,7 +84,11 @@ pub async fn sync_mailbox(ctx: Arc<SyncContext>, address: String, cancel: Cancel
                 not_returned: Default::default(),
             })
             .collect();
-        set.spawn(SessionGroup { folders }.run(watchers.clone()))
+        let warm = warm
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        set.spawn(SessionGroup { folders, warm }.run(watchers.clone()))
             .id()
     };
     let watched: Vec<_> = mailbox

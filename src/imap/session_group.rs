@@ -30,6 +30,9 @@ use crate::{backoff, model::FolderRole};
 /// Folders that share one session; the first is the one kept selected.
 pub struct SessionGroup {
     pub folders: Vec<FolderWatcher>,
+    /// A session already logged in (the connect check's): the first
+    /// session is this one instead of a new login.
+    pub warm: Option<ImapSession>,
 }
 
 /// Why an IDLE ended.
@@ -52,7 +55,8 @@ impl SessionGroup {
         roles.join(", ")
     }
 
-    pub async fn run(self, cancel: CancellationToken) -> WatchEnd {
+    pub async fn run(mut self, cancel: CancellationToken) -> WatchEnd {
+        let mut warm = self.warm.take();
         let Some(lead) = self.lead() else {
             return WatchEnd::Cancelled;
         };
@@ -60,7 +64,7 @@ impl SessionGroup {
         let mut failures: u32 = 0;
         loop {
             let result = tokio::select! {
-                result = self.session(&cancel, &mut failures) => result,
+                result = self.session(&cancel, &mut failures, warm.take()) => result,
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
             };
             for folder in &self.folders {
@@ -126,12 +130,16 @@ impl SessionGroup {
         &self,
         cancel: &CancellationToken,
         failures: &mut u32,
+        warm: Option<ImapSession>,
     ) -> Result<(), SessionError> {
         let Some(lead) = self.lead() else {
             return Ok(());
         };
         let (ctx, address) = (&lead.ctx, lead.address.as_str());
-        let mut session = ctx.auth.open_imap(&ctx.connector, address).await?;
+        let mut session = match warm {
+            Some(session) => session,
+            None => ctx.auth.open_imap(&ctx.connector, address).await?,
+        };
         let relogin_at = ctx
             .auth
             .relogin_in(address)
