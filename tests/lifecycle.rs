@@ -452,3 +452,38 @@ async fn after_a_restart_a_mailbox_is_not_active_until_its_sessions_are() {
     world.api.wait_active("L1", "u1").await;
     world.daemon.stop().await;
 }
+
+/// A session that keeps failing is tried again ever less often (jittered,
+/// doubling from `reconnect_min_ms`, 100 ms in the tests, up to
+/// `reconnect_max_ms`), not every `reconnect_min_ms` forever; mail flows
+/// again once logins pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_a_login_refused_again_and_again_is_retried_ever_less_often() {
+    let (world, proxy) = behind_proxy().await;
+    proxy.refuse_next(4, support::imap_proxy::UNAVAILABLE);
+    world.stack.kick(&world.me);
+    mail(
+        &world.stack,
+        &world.ann,
+        &world.me,
+        "after the backoff",
+        None,
+    )
+    .await;
+    world
+        .receiver
+        .wait_for("the message after the refusals", |r| {
+            r.subject() == "after the backoff"
+        })
+        .await;
+    let refused = proxy.refusal_times();
+    assert_eq!(refused.len(), 4, "every refusal was met");
+    // After the cut and three refusals in a row, the wait before the fourth
+    // try is 400 to 800 ms; without growth it would be 50 to 100 ms.
+    let last_wait = refused[3].duration_since(refused[2]);
+    assert!(
+        last_wait >= std::time::Duration::from_millis(400),
+        "the fourth try came {last_wait:?} after the third"
+    );
+    world.daemon.stop().await;
+}

@@ -254,15 +254,23 @@ pub struct FolderFigures {
     pub highest_modseq: Option<u64>,
 }
 
+/// The answer to `STATUS` of a folder that is not selected.
+pub struct StatusAnswer {
+    pub figures: FolderFigures,
+    /// The server announced a change of the selected folder meanwhile.
+    pub announced: bool,
+    /// Other folders the server named in `STATUS` responses of its own
+    /// (NOTIFY, RFC 5465).
+    pub named: Vec<String>,
+}
+
 /// `STATUS name (MESSAGES UIDNEXT UIDVALIDITY [HIGHESTMODSEQ])` for a folder
-/// other than the selected one. Also returns whether the server announced a
-/// change of the selected folder meanwhile, and the other folders it named
-/// in `STATUS` responses of its own (NOTIFY, RFC 5465).
+/// other than the selected one.
 pub async fn status(
     session: &mut ImapSession,
     name: &str,
     condstore: bool,
-) -> Result<(FolderFigures, bool, Vec<String>), CheckedError> {
+) -> Result<StatusAnswer, CheckedError> {
     let mut figures = FolderFigures::default();
     let mut named = Vec::new();
     let command = format!(
@@ -288,7 +296,11 @@ pub async fn status(
         }
     })
     .await?;
-    Ok((figures, announced, named))
+    Ok(StatusAnswer {
+        figures,
+        announced,
+        named,
+    })
 }
 
 /// `NOTIFY SET` (RFC 5465): new mail, expunges and flag changes in the

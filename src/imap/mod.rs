@@ -122,8 +122,10 @@ pub async fn sync_mailbox(
                 // No watcher logs in again until new credentials arrive.
                 watchers.cancel();
             }
-            Ok((id, WatchEnd::NoNotify)) => {
-                tracing::info!(mailbox = %address, "the server has no NOTIFY: one session per folder");
+            Ok((id, WatchEnd::NoNotify(session))) => {
+                tracing::info!(mailbox = %address, "the server has no NOTIFY with CONDSTORE: one session per folder");
+                // The session it logged in with goes on as the first folder's.
+                *warm.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = session;
                 for role in groups.remove(&id).unwrap_or_default() {
                     groups.insert(spawn(&mut set, &[role]), vec![role]);
                 }

@@ -35,6 +35,10 @@ pub struct SessionGroup {
     pub warm: Option<ImapSession>,
 }
 
+/// How long an IDLE lasts when changes were left for later (the bound on
+/// looks in a row was reached).
+const PENDING_IDLE: Duration = Duration::from_secs(1);
+
 /// Why an IDLE ended.
 enum Woke {
     /// The server said something (or had said it before IDLE began).
@@ -62,9 +66,10 @@ impl SessionGroup {
         };
         let (ctx, address) = (&lead.ctx, lead.address.as_str());
         let mut failures: u32 = 0;
+        let mut handed_back = None;
         loop {
             let result = tokio::select! {
-                result = self.session(&cancel, &mut failures, warm.take()) => result,
+                result = self.session(&cancel, &mut failures, warm.take(), &mut handed_back) => result,
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
             };
             for folder in &self.folders {
@@ -76,7 +81,7 @@ impl SessionGroup {
             }
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
-                Err(SessionError::NoNotify) => return WatchEnd::NoNotify,
+                Err(SessionError::NoNotify) => return WatchEnd::NoNotify(handed_back.take()),
                 Err(SessionError::NotReturned(role, uid_validity, uid)) => {
                     if let Some(folder) = self.folders.iter().find(|f| f.role == role) {
                         folder.not_returned_again(uid_validity, uid);
@@ -109,6 +114,9 @@ impl SessionGroup {
                 Duration::from_millis(ctx.sync.reconnect_min_ms),
                 Duration::from_millis(ctx.sync.reconnect_max_ms),
             );
+            // Reset once a session reaches IDLE: a failure that repeats
+            // every session backs off to the cap.
+            failures = failures.saturating_add(1);
             // A refused password is tried again once the refusal can be confirmed.
             if let SessionError::Connect(ConnectError::Rejected(_)) = &err {
                 wait = wait.max(ctx.auth.confirm_after());
@@ -131,6 +139,7 @@ impl SessionGroup {
         cancel: &CancellationToken,
         failures: &mut u32,
         warm: Option<ImapSession>,
+        handed_back: &mut Option<ImapSession>,
     ) -> Result<(), SessionError> {
         let Some(lead) = self.lead() else {
             return Ok(());
@@ -145,8 +154,11 @@ impl SessionGroup {
             .relogin_in(address)
             .map(|left| tokio::time::Instant::now() + left);
         let features = lead.features(&mut session).await?;
-        if self.folders.len() > 1 && !features.notify {
-            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+        // CONDSTORE too: a flag change in another folder must show in its
+        // STATUS figures, since the server's own word of it can come inside
+        // another command's answer, where it is not seen.
+        if self.folders.len() > 1 && !(features.notify && features.condstore) {
+            *handed_back = Some(session);
             return Err(SessionError::NoNotify);
         }
         let mut present: Vec<(&FolderWatcher, String)> = Vec::new();
@@ -156,12 +168,13 @@ impl SessionGroup {
             }
         }
         let Some(((kept, kept_name), others)) = present.split_first() else {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
             cancel.cancelled().await;
             return Ok(());
         };
         if !others.is_empty() {
             let names: Vec<String> = present.iter().map(|(_, name)| name.clone()).collect();
-            lead.timed(
+            kept.timed(
                 "asking for notifications",
                 checked::notify_set(&mut session, &names),
             )
@@ -180,26 +193,31 @@ impl SessionGroup {
                 .await?;
             // Asked last, right before IDLE: a change announced inside the
             // answer to an earlier command shows in the figures here.
-            let mut changed = Vec::new();
+            let mut round = Vec::new();
             let mut kept_announced = false;
             for (folder, name) in others {
-                let (figures, announced, also_named) = lead
+                let status = kept
                     .timed(
                         "asking a folder's status",
                         checked::status(&mut session, name, features.condstore),
                     )
                     .await?;
-                kept_announced |= announced;
-                named.extend(also_named);
-                // Without CONDSTORE a flag change moves no figure: the
-                // server's own word that the folder changed counts then.
-                if seen.get(name.as_str()) != Some(&figures) || named.contains(name) {
-                    changed.push((folder, name, figures));
-                }
+                kept_announced |= status.announced;
+                named.extend(status.named);
+                round.push((folder, name, status.figures));
             }
+            // Decided after the whole round: the server may name a folder
+            // in its answer to a later folder's STATUS.
+            let changed: Vec<_> = round
+                .into_iter()
+                .filter(|(_, name, figures)| {
+                    seen.get(name.as_str()) != Some(figures) || named.contains(name)
+                })
+                .collect();
+            let pending = !changed.is_empty() || kept_announced;
             // Bounded, as a folder's own looks are: a server that always
             // says something cannot keep the session from IDLE.
-            if (!changed.is_empty() || kept_announced) && rounds_in_a_row < MAX_LOOKS_IN_A_ROW {
+            if pending && rounds_in_a_row < MAX_LOOKS_IN_A_ROW {
                 rounds_in_a_row += 1;
                 let visited = !changed.is_empty();
                 for (folder, name, figures) in changed {
@@ -219,7 +237,14 @@ impl SessionGroup {
             }
             rounds_in_a_row = 0;
             named.clear();
-            let (back, woke) = idle(kept, session, cancel, relogin_at, &mut named).await?;
+            // What is still pending after the bound is looked at again soon,
+            // not at the end of the IDLE period.
+            let period = if pending {
+                PENDING_IDLE
+            } else {
+                kept.idle_period
+            };
+            let (back, woke) = idle(kept, session, period, cancel, relogin_at, &mut named).await?;
             session = back;
             // Only a session that caught up and went through IDLE counts as
             // working: a failure that repeats every session backs off to the cap.
@@ -241,6 +266,7 @@ impl SessionGroup {
 async fn idle(
     kept: &FolderWatcher,
     session: ImapSession,
+    period: Duration,
     cancel: &CancellationToken,
     relogin_at: Option<tokio::time::Instant>,
     named: &mut Vec<String>,
@@ -265,7 +291,7 @@ async fn idle(
     } else {
         // async-imap's own timeout only counts silence (keepalives reset
         // it); the select's sleep is the hard re-IDLE deadline.
-        let (wait, _stop) = idle.wait_with_timeout(kept.idle_period + Duration::from_secs(60));
+        let (wait, _stop) = idle.wait_with_timeout(period + Duration::from_secs(60));
         tokio::select! {
             response = wait => match response? {
                 // Nobody interrupted us: the stream ended.
@@ -282,7 +308,7 @@ async fn idle(
                 },
                 IdleResponse::Timeout => Woke::Renew,
             },
-            _ = tokio::time::sleep(kept.idle_period) => Woke::Renew,
+            _ = tokio::time::sleep(period) => Woke::Renew,
             _ = until(relogin_at) => Woke::TokenExpiring,
             _ = cancel.cancelled() => Woke::Cancel,
         }

@@ -24,9 +24,10 @@ pub enum WatchEnd {
     Cancelled,
     /// The credentials are dead (R20): retrying would only hammer the server.
     NeedsReauth,
-    /// The folders were to share one session, but the server has no NOTIFY:
-    /// they go on with one session each.
-    NoNotify,
+    /// The folders were to share one session, but the server has no NOTIFY
+    /// (or no CONDSTORE): they go on with one session each, the first with
+    /// this one.
+    NoNotify(Option<ImapSession>),
 }
 
 /// What a session learnt of its server at login.
@@ -59,7 +60,8 @@ pub(super) enum SessionError {
     Checked(#[from] checked::CheckedError),
     #[error("the server did not return message {2} of {0}, which is still there; retrying")]
     NotReturned(FolderRole, u32, u32),
-    /// Several folders were to share a session, but the server has no NOTIFY.
+    /// Several folders were to share a session, but the server has no
+    /// NOTIFY (or no CONDSTORE).
     #[error("the server has no NOTIFY: one session per folder")]
     NoNotify,
     /// The access token is about to expire: log in again with a renewed one.
@@ -628,11 +630,16 @@ impl FolderWatcher {
         located: &LocatedMessage,
         lookup: &mut Option<Lookup>,
     ) -> Result<Whereabouts, SessionError> {
-        // Without a Message-ID it cannot be looked for: taken as gone.
-        let Some(message_id) = located.message_id.as_deref() else {
+        // Without a Message-ID it cannot be looked for: taken as gone. So is
+        // one that cannot go in a command (CR, LF): sending it would let a
+        // message's header write IMAP commands.
+        let Some(quoted) = located
+            .message_id
+            .as_deref()
+            .and_then(|id| checked::quoted(id).ok())
+        else {
             return Ok(Whereabouts::Nowhere);
         };
-        let quoted = checked::quoted(message_id)?;
         if lookup.is_none() {
             let mut session = self
                 .ctx

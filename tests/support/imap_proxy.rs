@@ -25,6 +25,8 @@ struct Script {
     /// Answers for the next logins, in order; empty: pass them on.
     refusals: Vec<String>,
     refused: usize,
+    /// When each refusal was given.
+    refused_at: Vec<std::time::Instant>,
     logins_passed: usize,
     /// Client connections open now.
     open: usize,
@@ -176,6 +178,11 @@ impl ImapProxy {
         self.script.lock().expect("proxy script").open
     }
 
+    /// When each login refused so far was refused.
+    pub fn refusal_times(&self) -> Vec<std::time::Instant> {
+        self.script.lock().expect("proxy script").refused_at.clone()
+    }
+
     /// Logins refused so far, and logins passed on to Dovecot.
     pub fn counts(&self) -> (usize, usize) {
         let script = self.script.lock().expect("proxy script");
@@ -241,6 +248,7 @@ async fn serve(
                     None
                 } else {
                     script.refused += 1;
+                    script.refused_at.push(std::time::Instant::now());
                     Some(script.refusals.remove(0))
                 }
             } else if verb == "UID"
