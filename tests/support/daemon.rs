@@ -52,37 +52,59 @@ impl Daemon {
                     .unwrap_or_else(|_| "info".into()),
             )
             .try_init();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(mailbridge::run(config.clone(), listener, shutdown.clone()));
-        let daemon = Daemon {
-            base,
-            http: reqwest::Client::new(),
-            shutdown,
-            task,
-            config,
-        };
-        daemon.wait_ready().await;
-        daemon
+        let started = std::time::Instant::now();
+        loop {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let shutdown = CancellationToken::new();
+            let mut task =
+                tokio::spawn(mailbridge::run(config.clone(), listener, shutdown.clone()));
+            let ready = Daemon::ready_at(&base);
+            let ended = tokio::select! {
+                () = ready => None,
+                ended = &mut task => Some(ended),
+            };
+            match ended {
+                None => {
+                    return Daemon {
+                        base,
+                        http: reqwest::Client::new(),
+                        shutdown,
+                        task,
+                        config,
+                    };
+                }
+                // Started again in this process on the same data right after
+                // a stop: sled lets go of its lock file a moment after the
+                // last handle is dropped (its own tests block on it instead).
+                Some(Ok(Err(err)))
+                    if err.to_string().contains("could not acquire lock")
+                        && started.elapsed() < super::DEADLINE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(ended) => panic!("the daemon ended before it was ready: {ended:?}"),
+            }
+        }
     }
 
-    /// What it was started with, to start it again on the same data.
-    pub fn config(&self) -> Config {
-        self.config.clone()
-    }
-
-    pub async fn wait_ready(&self) {
-        let url = format!("{}/readyz", self.base);
+    async fn ready_at(base: &str) {
+        let http = reqwest::Client::new();
+        let url = format!("{base}/readyz");
         super::eventually(
             "the daemon to be ready",
             super::DEADLINE,
-            async || match self.http.get(&url).send().await {
+            async || match http.get(&url).send().await {
                 Ok(r) if r.status().is_success() => Some(()),
                 _ => None,
             },
         )
         .await;
+    }
+
+    /// What it was started with, to start it again on the same data.
+    pub fn config(&self) -> Config {
+        self.config.clone()
     }
 
     pub async fn stop(self) {
