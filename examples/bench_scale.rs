@@ -38,7 +38,7 @@ use mailbridge::{
 
 mod bench_support;
 
-use bench_support::{BenchDaemon, connections_to, memory_mib, stack_env, wait_until};
+use bench_support::{BenchDaemon, connections_to, count_active, memory_mib, stack_env, wait_until};
 
 /// Every `message.*` webhook with a subject: who it was for, and when it came.
 #[derive(Default)]
@@ -249,32 +249,7 @@ async fn main() {
         })
         .await;
     };
-    // Mailboxes `active` by the operators' listing: every folder's session
-    // logged in and caught up, in this process.
-    let count_active = async |base: &str| -> Option<usize> {
-        let mut active = 0;
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut url = format!("{base}/v1/mailboxes?state=active&limit=1000");
-            if let Some(cursor) = &cursor {
-                url.push_str(&format!("&cursor={cursor}"));
-            }
-            let page: serde_json::Value = http
-                .get(url)
-                .bearer_auth("bench")
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            active += page["mailboxes"].as_array()?.len();
-            match page["next_cursor"].as_str() {
-                Some(next) => cursor = Some(next.to_string()),
-                None => return Some(active),
-            }
-        }
-    };
+    let count_active = async |base: &str| count_active(&http, base).await;
     let all_active = async |base: &str, n: usize| {
         wait_until("every mailbox active", async || {
             (count_active(base).await? >= n).then_some(())

@@ -31,7 +31,7 @@ async fn hook(State(arrivals): State<Arrivals>, body: Bytes) -> StatusCode {
 
 mod bench_support;
 
-use bench_support::{BenchDaemon, memory_mib, stack_env, wait_until};
+use bench_support::{BenchDaemon, count_active, memory_mib, stack_env, wait_until};
 
 #[tokio::main]
 async fn main() {
@@ -168,30 +168,7 @@ async fn main() {
     daemon.restart().await;
     let restarted = Instant::now();
     let base = daemon.base.clone();
-    let active_after_restart = async || -> Option<usize> {
-        let mut active = 0;
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut url = format!("{base}/v1/mailboxes?state=active&limit=1000");
-            if let Some(cursor) = &cursor {
-                url.push_str(&format!("&cursor={cursor}"));
-            }
-            let page: serde_json::Value = http
-                .get(url)
-                .bearer_auth("bench")
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            active += page["mailboxes"].as_array()?.len();
-            match page["next_cursor"].as_str() {
-                Some(next) => cursor = Some(next.to_string()),
-                None => return Some(active),
-            }
-        }
-    };
+    let active_after_restart = async || count_active(&http, &base).await;
     let first_answer = active_after_restart().await.unwrap_or(0);
     wait_until("every mailbox active after the restart", async || {
         (active_after_restart().await? >= mailboxes).then_some(())

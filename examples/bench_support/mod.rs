@@ -160,3 +160,30 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Mailboxes `active` by the operators' listing (`GET /v1/mailboxes?state=active`,
+/// page by page): every folder's session logged in and caught up.
+pub async fn count_active(http: &reqwest::Client, base: &str) -> Option<usize> {
+    let mut active = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/v1/mailboxes?state=active&limit=1000");
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let page: serde_json::Value = http
+            .get(url)
+            .bearer_auth("bench")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        active += page["mailboxes"].as_array()?.len();
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return Some(active),
+        }
+    }
+}
