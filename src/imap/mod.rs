@@ -50,7 +50,7 @@ pub async fn sync_mailbox(
     cancel: CancellationToken,
     warm: Option<connection::ImapSession>,
 ) {
-    let mailbox = match ctx.store.mailbox(&address) {
+    let mut mailbox = match ctx.store.mailbox(&address) {
         Ok(Some(mailbox)) => mailbox,
         Ok(None) => return,
         Err(err) => {
@@ -63,6 +63,27 @@ pub async fn sync_mailbox(
         return;
     }
     let idle_period = ctx.providers.settings(mailbox.provider).idle;
+    let roles = mailbox.roles();
+    let watched: Vec<_> = roles
+        .iter()
+        .map(|&role| {
+            let name = match role {
+                FolderRole::Inbox => Some("INBOX".to_string()),
+                FolderRole::Listed(_) => mailbox.listed_name(role).map(str::to_string),
+                // Found by the session (SPECIAL-USE or a known name).
+                FolderRole::Sent | FolderRole::All => None,
+            };
+            (role, name)
+        })
+        .collect();
+    let generation = mailbox.generation;
+    let provider = mailbox.provider;
+    let all_mail = roles.contains(&FolderRole::All);
+    let listed: Arc<[String]> = std::mem::take(&mut mailbox.folders).into();
+    // The record holds the decrypted credentials: not kept for the life of
+    // the sync (each login reads them afresh), nor its other fields, which
+    // cost memory in every one of thousands of mailbox tasks.
+    drop(mailbox);
     let watchers = cancel.child_token();
     let mut set = JoinSet::new();
     let mut groups = std::collections::HashMap::new();
@@ -75,10 +96,10 @@ pub async fn sync_mailbox(
             .map(|&role| FolderWatcher {
                 ctx: ctx.clone(),
                 address: address.clone(),
-                generation: mailbox.generation,
+                generation,
                 role,
-                listed: mailbox.folders.clone(),
-                all_mail: mailbox.roles().contains(&FolderRole::All),
+                listed: listed.clone(),
+                all_mail,
                 inbox_live: inbox_live.clone(),
                 idle_period,
                 not_returned: Default::default(),
@@ -91,25 +112,12 @@ pub async fn sync_mailbox(
         set.spawn(SessionGroup { folders, warm }.run(watchers.clone()))
             .id()
     };
-    let watched: Vec<_> = mailbox
-        .roles()
-        .into_iter()
-        .map(|role| {
-            let name = match role {
-                FolderRole::Inbox => Some("INBOX".to_string()),
-                FolderRole::Listed(_) => mailbox.listed_name(role).map(str::to_string),
-                // Found by the session (SPECIAL-USE or a known name).
-                FolderRole::Sent | FolderRole::All => None,
-            };
-            (role, name)
-        })
-        .collect();
     ctx.status.starting(&address, &watched);
+    drop(watched);
     // One session for every folder where the server may have NOTIFY (a
     // server without it says so at login, and each folder gets its own);
     // Gmail and Microsoft 365 have none.
-    let roles = mailbox.roles();
-    if ctx.sync.one_session_per_mailbox && mailbox.provider == Provider::Imap && roles.len() > 1 {
+    if ctx.sync.one_session_per_mailbox && provider == Provider::Imap && roles.len() > 1 {
         groups.insert(spawn(&mut set, &roles), roles);
     } else {
         for role in roles {

@@ -92,7 +92,7 @@ pub struct FolderWatcher {
     pub generation: u64,
     pub role: FolderRole,
     /// The mailbox's operator-listed folders (a `Listed` role's name is here).
-    pub listed: Vec<String>,
+    pub listed: Arc<[String]>,
     /// Whether the mailbox's All Mail is watched too (Gmail).
     pub all_mail: bool,
     /// Whether the mailbox's INBOX watcher is up and caught up: while it is
