@@ -14,10 +14,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use async_imap::{
-    extensions::idle::IdleResponse,
     imap_proto::{MailboxDatum, Response, Status},
     types::UnsolicitedResponse,
 };
+use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -288,25 +288,40 @@ async fn idle(
     let woke = if arrived_meanwhile {
         Woke::Server
     } else {
-        // async-imap's own timeout only counts silence (keepalives reset
-        // it); the select's sleep is the hard re-IDLE deadline.
-        let (wait, _stop) = idle.wait_with_timeout(period + Duration::from_secs(60));
-        tokio::select! {
-            response = wait => match response? {
-                // Nobody interrupted us: the stream ended.
-                IdleResponse::ManualInterrupt => return Err(SessionError::Closed),
-                IdleResponse::NewData(data) => match data.parsed() {
-                    Response::Data { status: Status::Bye, .. } => {
-                        return Err(SessionError::Closed);
+        // Read straight from the session, not through async-imap's
+        // `wait_with_timeout`, which builds a stop source, a channel and a
+        // second timer at every IDLE: memory held by each of thousands of
+        // idle sessions. The select's sleep is the re-IDLE deadline.
+        let heard = async {
+            loop {
+                let Some(response) = idle.next().await else {
+                    return Err(SessionError::Closed);
+                };
+                let response = response.map_err(async_imap::error::Error::from)?;
+                match response.parsed() {
+                    // Keepalives (`* OK Still here`), and what async-imap
+                    // also waits through.
+                    Response::Data {
+                        status: Status::Ok, ..
                     }
+                    | Response::Continue { .. }
+                    | Response::Done { .. } => {}
+                    Response::Data {
+                        status: Status::Bye,
+                        ..
+                    } => return Err(SessionError::Closed),
                     Response::MailboxData(MailboxDatum::Status { mailbox, .. }) => {
-                        named.push(mailbox.to_string());
-                        Woke::Server
+                        return Ok(Some(mailbox.to_string()));
                     }
-                    _ => Woke::Server,
-                },
-                IdleResponse::Timeout => Woke::Renew,
-            },
+                    _ => return Ok(None),
+                }
+            }
+        };
+        tokio::select! {
+            heard = heard => {
+                named.extend(heard?);
+                Woke::Server
+            }
             _ = tokio::time::sleep(period) => Woke::Renew,
             _ = until(relogin_at) => Woke::TokenExpiring,
             _ = cancel.cancelled() => Woke::Cancel,
