@@ -93,6 +93,18 @@ pub struct IngestCommit {
     pub located: Option<(u32, u32, LocatedMessage)>,
 }
 
+/// The source a deferred ingest commit keeps, as the filed copy under the
+/// record id of its history entries.
+#[derive(Clone, Copy, Debug)]
+pub enum KeptSource<'a> {
+    /// None: the message is not synced, or its source is not kept.
+    Nothing,
+    /// Already on disk: written ahead by `Store::write_sources_ahead`.
+    WrittenAhead,
+    /// Written, and synced to disk, before the commit that refers to it.
+    Write(&'a [u8]),
+}
+
 /// A synced message's change seen in the mailbox, with the events it causes.
 #[derive(Clone, Debug)]
 pub struct LocatedChange {
@@ -330,6 +342,27 @@ pub trait Store: Send + Sync + 'static {
     /// commit was computed from (`StoreError::CursorMoved`, `ThreadChanged`)
     /// and the synced set (`AlreadySynced`); on any of them nothing is kept.
     fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()>;
+    /// `commit_ingest` without its flush: the commit is visible to reads at
+    /// once, but may be lost to a crash, and its events are not handed to
+    /// the deliverer, until `make_durable` returns. A catch-up batch commits
+    /// its messages this way, each routed over the ones before it, and makes
+    /// them durable together: one flush for the batch, not one per message.
+    fn commit_ingest_deferred(
+        &self,
+        commit: &IngestCommit,
+        source: KeptSource<'_>,
+    ) -> StoreResult<()>;
+    /// Makes every commit so far durable, then hands the deferred commits'
+    /// events to the deliverer.
+    fn make_durable(&self) -> StoreResult<()>;
+    /// Writes, as filed copies under these record ids, the sources of
+    /// messages a batch expects to sync, and makes them durable together
+    /// (one sync for the batch, not two per message). A source written ahead
+    /// that no commit comes to refer to is removed with
+    /// `drop_source_written_ahead` (or, should the process stop first, by age).
+    fn write_sources_ahead(&self, sources: &[(&str, &[u8])]) -> StoreResult<()>;
+    /// Removes a source written ahead that no commit refers to.
+    fn drop_source_written_ahead(&self, record_id: &str);
     /// Of `integrations` (location, user), those that already received the
     /// message with this identity (see `ingest::message_identity`), wherever
     /// and under whatever UID it was found: a message moved out and back, or

@@ -11,9 +11,9 @@ use sled::{
 };
 
 use super::{
-    ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, LocatedChange,
-    MailboxSummary, NewSend, OutboxDue, OutboxEntry, QUOTA_WINDOW_MS, Replay, SendAcceptance,
-    SourceCopy, Store, StoreError, StoreResult, message_files::MessageFiles,
+    ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, KeptSource,
+    LocatedChange, MailboxSummary, NewSend, OutboxDue, OutboxEntry, QUOTA_WINDOW_MS, Replay,
+    SendAcceptance, SourceCopy, Store, StoreError, StoreResult, message_files::MessageFiles,
     outbox_index::OutboxIndex, secret_box::SecretBox,
 };
 use crate::model::{
@@ -95,6 +95,9 @@ pub struct SledStore {
     /// What is deliverable when (see `outbox_index`).
     outbox_index: std::sync::Arc<std::sync::Mutex<OutboxIndex>>,
     group_flush: std::sync::Arc<super::group_flush::GroupFlush>,
+    /// Outbox entries of deferred commits, handed to the index by the first
+    /// flush that covers them (see `flush`).
+    undelivered_until_flushed: std::sync::Arc<std::sync::Mutex<Vec<PreparedEntry>>>,
 }
 
 /// A located change ready to commit: its key, the change, its events' outbox
@@ -294,6 +297,7 @@ impl SledStore {
             directory: Default::default(),
             outbox_index: Default::default(),
             group_flush: Default::default(),
+            undelivered_until_flushed: Default::default(),
         };
         store.rebuild_outbox_index()?;
         Ok(store)
@@ -319,9 +323,29 @@ impl SledStore {
     /// flush is under way wait for the next one, which covers them all: one
     /// fsync for every commit made meanwhile (group commit), and none
     /// returns before its own writes are on disk.
+    ///
+    /// The entries of deferred commits made before the flush started are
+    /// indexed once it succeeds: only then may their events go out.
     fn flush(&self) -> StoreResult<()> {
-        crate::offload::blocking(|| self.group_flush.flush(|| self.db.flush().map(|_| ())))
-            .map_err(engine)
+        crate::offload::blocking(|| {
+            self.group_flush.flush(|| {
+                let covered = std::mem::take(&mut *self.undelivered());
+                match self.db.flush() {
+                    Ok(_) => self.index_committed(&covered),
+                    Err(err) => {
+                        // Tried again by the next flush.
+                        self.undelivered().extend(covered);
+                        Err(engine(err))
+                    }
+                }
+            })
+        })
+    }
+
+    fn undelivered(&self) -> std::sync::MutexGuard<'_, Vec<PreparedEntry>> {
+        self.undelivered_until_flushed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn seal_mailbox(&self, mailbox: &Mailbox) -> StoreResult<Vec<u8>> {
@@ -394,6 +418,205 @@ impl SledStore {
                 })
             })
             .collect()
+    }
+
+    /// An ingest commit's transaction, its source written first (see
+    /// `Store::commit_ingest`); returns the outbox entries it inserted, for
+    /// the index once they are durable.
+    fn apply_ingest(
+        &self,
+        commit: &IngestCommit,
+        source: KeptSource<'_>,
+    ) -> StoreResult<Vec<PreparedEntry>> {
+        // Contacts Auto BCC creates: checked and written under the directory
+        // lock that every contact write takes, so the checks hold until the
+        // commit. An address some contact has meanwhile: routed again. An id
+        // taken meanwhile (the CRM changed that contact's address, or two
+        // deliveries create one contact): that contact is kept, not created
+        // twice, and no `contact.created` goes out for it.
+        let _directory = (!commit.new_contacts.is_empty()).then(|| self.directory_lock());
+        let mut creating: Vec<&Contact> = Vec::new();
+        for contact in &commit.new_contacts {
+            for email in &contact.emails {
+                if !self
+                    .contacts_by_email(&contact.location_id, email)?
+                    .is_empty()
+                {
+                    return Err(StoreError::DirectoryChanged);
+                }
+            }
+            let taken = creating
+                .iter()
+                .any(|c| c.location_id == contact.location_id && c.id == contact.id)
+                || self.contact(&contact.location_id, &contact.id)?.is_some();
+            if !taken {
+                creating.push(contact);
+            }
+        }
+        let events: Vec<Event> = commit
+            .events
+            .iter()
+            .filter(|event| {
+                event.kind != "contact.created"
+                    || creating.iter().any(|c| {
+                        event.data.get("id").and_then(|id| id.as_str()) == Some(c.id.as_str())
+                    })
+            })
+            .cloned()
+            .collect();
+        let cursor_value = encode(&commit.cursor)?;
+        let thread_value = commit.thread.as_ref().map(encode).transpose()?;
+        let outbox_values = self.stored_entries(&events)?;
+        let located_value = commit
+            .located
+            .as_ref()
+            .map(|(uid_validity, uid, entry)| {
+                Ok::<_, StoreError>((
+                    located_key(&commit.mailbox, commit.folder, *uid_validity, *uid),
+                    encode(entry)?,
+                    entry.record_id.clone(),
+                    encode(&MessageLocation {
+                        mailbox: commit.mailbox.clone(),
+                        folder: commit.folder,
+                        uid_validity: *uid_validity,
+                        uid: *uid,
+                    })?,
+                ))
+            })
+            .transpose()?;
+        let cursor_at = cursor_key(&commit.mailbox, commit.folder);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
+            .history
+            .iter()
+            .map(|data| Ok((history_key(data, now_ms), encode(data)?)))
+            .collect::<StoreResult<_>>()?;
+        let record_id = commit
+            .history
+            .first()
+            .map(|data| data.id.clone())
+            .unwrap_or_default();
+        let synced_keys: Vec<Vec<u8>> = match &commit.synced {
+            Some((identity, integrations)) => integrations
+                .iter()
+                .map(|(location, user)| key(&[location, user, identity]))
+                .collect(),
+            None => Vec::new(),
+        };
+        // Written (and synced to disk) before the commit that makes it reachable.
+        // A source written ahead stays if the commit fails: the batch that
+        // wrote it may commit it on a retry, and removes it otherwise.
+        let source_kept = match source {
+            KeptSource::Write(bytes) if !record_id.is_empty() => {
+                self.sources.write(&record_id, SourceCopy::Filed, bytes)?;
+                true
+            }
+            _ => false,
+        };
+        let contact_values: Vec<ContactRecord> = creating
+            .iter()
+            .map(|contact| {
+                Ok((
+                    key(&[&contact.location_id, &contact.id]),
+                    encode(contact)?,
+                    contact
+                        .emails
+                        .iter()
+                        .map(|email| key(&[&contact.location_id, email, &contact.id]))
+                        .collect(),
+                ))
+            })
+            .collect::<StoreResult<_>>()?;
+        let committed = (
+            &self.cursors,
+            &self.threads,
+            &self.thread_keys,
+            &self.outbox,
+            &self.history,
+            &self.synced,
+            &self.contacts,
+            &self.contact_emails,
+            &self.located,
+            &self.record_locations,
+            &self.record_info,
+        )
+            .transaction(
+                |(
+                    cursors,
+                    threads,
+                    thread_keys,
+                    outbox,
+                    history,
+                    synced,
+                    contacts,
+                    contact_emails,
+                    located,
+                    record_locations,
+                    record_info,
+                )| {
+                    for (record_key, value, index_keys) in &contact_values {
+                        if contacts.get(record_key.as_slice())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(
+                                StoreError::DirectoryChanged,
+                            ));
+                        }
+                        contacts.insert(record_key.as_slice(), value.as_slice())?;
+                        for index_key in index_keys {
+                            contact_emails.insert(index_key.as_slice(), &[][..])?;
+                        }
+                    }
+                    if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
+                        return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                    }
+                    if commit.thread.is_some()
+                        && thread_of_tx(
+                            threads,
+                            thread_keys,
+                            &commit.thread_mailbox,
+                            &commit.thread_keys_seen,
+                        )? != commit.thread_seen
+                    {
+                        return Err(ConflictableTransactionError::Abort(
+                            StoreError::ThreadChanged,
+                        ));
+                    }
+                    // Checked inside the commit: two folders' watchers may race
+                    // with the same message.
+                    for k in &synced_keys {
+                        if synced.insert(k.as_slice(), record_id.as_bytes())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(
+                                StoreError::AlreadySynced,
+                            ));
+                        }
+                    }
+                    cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                    for (k, v) in &history_values {
+                        history.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
+                        threads.insert(thread.id.as_bytes(), value.as_slice())?;
+                        for message_id in &commit.message_ids {
+                            thread_keys.insert(
+                                key(&[&commit.thread_mailbox, message_id]),
+                                thread.id.as_bytes(),
+                            )?;
+                        }
+                    }
+                    if let Some((key, value, record_id, location)) = &located_value {
+                        located.insert(key.as_slice(), value.as_slice())?;
+                        record_locations.insert(record_id.as_bytes(), location.as_slice())?;
+                        record_info.insert(record_id.as_bytes(), value.as_slice())?;
+                    }
+                    Self::put_outbox_tx(outbox, &outbox_values)?;
+                    Ok(())
+                },
+            )
+            .map_err(tx_error);
+        if committed.is_err() && source_kept {
+            self.sources.remove(&record_id, SourceCopy::Filed);
+        }
+        committed?;
+        Ok(outbox_values)
     }
 
     /// Tells the index about entries a transaction may have inserted: those
@@ -1177,192 +1400,10 @@ impl Store for SledStore {
     }
 
     fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()> {
-        // Contacts Auto BCC creates: checked and written under the directory
-        // lock that every contact write takes, so the checks hold until the
-        // commit. An address some contact has meanwhile: routed again. An id
-        // taken meanwhile (the CRM changed that contact's address, or two
-        // deliveries create one contact): that contact is kept, not created
-        // twice, and no `contact.created` goes out for it.
-        let _directory = (!commit.new_contacts.is_empty()).then(|| self.directory_lock());
-        let mut creating: Vec<&Contact> = Vec::new();
-        for contact in &commit.new_contacts {
-            for email in &contact.emails {
-                if !self
-                    .contacts_by_email(&contact.location_id, email)?
-                    .is_empty()
-                {
-                    return Err(StoreError::DirectoryChanged);
-                }
-            }
-            let taken = creating
-                .iter()
-                .any(|c| c.location_id == contact.location_id && c.id == contact.id)
-                || self.contact(&contact.location_id, &contact.id)?.is_some();
-            if !taken {
-                creating.push(contact);
-            }
-        }
-        let events: Vec<Event> = commit
-            .events
-            .iter()
-            .filter(|event| {
-                event.kind != "contact.created"
-                    || creating.iter().any(|c| {
-                        event.data.get("id").and_then(|id| id.as_str()) == Some(c.id.as_str())
-                    })
-            })
-            .cloned()
-            .collect();
-        let cursor_value = encode(&commit.cursor)?;
-        let thread_value = commit.thread.as_ref().map(encode).transpose()?;
-        let outbox_values = self.stored_entries(&events)?;
-        let located_value = commit
-            .located
-            .as_ref()
-            .map(|(uid_validity, uid, entry)| {
-                Ok::<_, StoreError>((
-                    located_key(&commit.mailbox, commit.folder, *uid_validity, *uid),
-                    encode(entry)?,
-                    entry.record_id.clone(),
-                    encode(&MessageLocation {
-                        mailbox: commit.mailbox.clone(),
-                        folder: commit.folder,
-                        uid_validity: *uid_validity,
-                        uid: *uid,
-                    })?,
-                ))
-            })
-            .transpose()?;
-        let cursor_at = cursor_key(&commit.mailbox, commit.folder);
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
-            .history
-            .iter()
-            .map(|data| Ok((history_key(data, now_ms), encode(data)?)))
-            .collect::<StoreResult<_>>()?;
-        let record_id = commit
-            .history
-            .first()
-            .map(|data| data.id.clone())
-            .unwrap_or_default();
-        let synced_keys: Vec<Vec<u8>> = match &commit.synced {
-            Some((identity, integrations)) => integrations
-                .iter()
-                .map(|(location, user)| key(&[location, user, identity]))
-                .collect(),
-            None => Vec::new(),
-        };
-        // Written (and synced to disk) before the commit that makes it reachable.
-        let source_kept = match source {
-            Some(bytes) if !record_id.is_empty() => {
-                self.sources.write(&record_id, SourceCopy::Filed, bytes)?;
-                true
-            }
-            _ => false,
-        };
-        let contact_values: Vec<ContactRecord> = creating
-            .iter()
-            .map(|contact| {
-                Ok((
-                    key(&[&contact.location_id, &contact.id]),
-                    encode(contact)?,
-                    contact
-                        .emails
-                        .iter()
-                        .map(|email| key(&[&contact.location_id, email, &contact.id]))
-                        .collect(),
-                ))
-            })
-            .collect::<StoreResult<_>>()?;
-        let committed = (
-            &self.cursors,
-            &self.threads,
-            &self.thread_keys,
-            &self.outbox,
-            &self.history,
-            &self.synced,
-            &self.contacts,
-            &self.contact_emails,
-            &self.located,
-            &self.record_locations,
-            &self.record_info,
-        )
-            .transaction(
-                |(
-                    cursors,
-                    threads,
-                    thread_keys,
-                    outbox,
-                    history,
-                    synced,
-                    contacts,
-                    contact_emails,
-                    located,
-                    record_locations,
-                    record_info,
-                )| {
-                    for (record_key, value, index_keys) in &contact_values {
-                        if contacts.get(record_key.as_slice())?.is_some() {
-                            return Err(ConflictableTransactionError::Abort(
-                                StoreError::DirectoryChanged,
-                            ));
-                        }
-                        contacts.insert(record_key.as_slice(), value.as_slice())?;
-                        for index_key in index_keys {
-                            contact_emails.insert(index_key.as_slice(), &[][..])?;
-                        }
-                    }
-                    if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
-                        return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
-                    }
-                    if commit.thread.is_some()
-                        && thread_of_tx(
-                            threads,
-                            thread_keys,
-                            &commit.thread_mailbox,
-                            &commit.thread_keys_seen,
-                        )? != commit.thread_seen
-                    {
-                        return Err(ConflictableTransactionError::Abort(
-                            StoreError::ThreadChanged,
-                        ));
-                    }
-                    // Checked inside the commit: two folders' watchers may race
-                    // with the same message.
-                    for k in &synced_keys {
-                        if synced.insert(k.as_slice(), record_id.as_bytes())?.is_some() {
-                            return Err(ConflictableTransactionError::Abort(
-                                StoreError::AlreadySynced,
-                            ));
-                        }
-                    }
-                    cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
-                    for (k, v) in &history_values {
-                        history.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
-                        threads.insert(thread.id.as_bytes(), value.as_slice())?;
-                        for message_id in &commit.message_ids {
-                            thread_keys.insert(
-                                key(&[&commit.thread_mailbox, message_id]),
-                                thread.id.as_bytes(),
-                            )?;
-                        }
-                    }
-                    if let Some((key, value, record_id, location)) = &located_value {
-                        located.insert(key.as_slice(), value.as_slice())?;
-                        record_locations.insert(record_id.as_bytes(), location.as_slice())?;
-                        record_info.insert(record_id.as_bytes(), value.as_slice())?;
-                    }
-                    Self::put_outbox_tx(outbox, &outbox_values)?;
-                    Ok(())
-                },
-            )
-            .map_err(tx_error);
-        if committed.is_err() && source_kept {
-            self.sources.remove(&record_id, SourceCopy::Filed);
-        }
-        committed?;
+        let outbox_values = self.apply_ingest(
+            commit,
+            source.map_or(KeptSource::Nothing, KeptSource::Write),
+        )?;
         // A message passed over moves the cursor only: should that be lost
         // to a crash, the message is looked at again and passed over again.
         // It rides on the next flush instead of paying for its own.
@@ -1376,6 +1417,28 @@ impl Store for SledStore {
         let flushed = if cursor_only { Ok(()) } else { self.flush() };
         self.index_committed(&outbox_values)?;
         flushed
+    }
+
+    fn commit_ingest_deferred(
+        &self,
+        commit: &IngestCommit,
+        source: KeptSource<'_>,
+    ) -> StoreResult<()> {
+        let outbox_values = self.apply_ingest(commit, source)?;
+        self.undelivered().extend(outbox_values);
+        Ok(())
+    }
+
+    fn make_durable(&self) -> StoreResult<()> {
+        self.flush()
+    }
+
+    fn write_sources_ahead(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
+        Ok(self.sources.write_together(sources)?)
+    }
+
+    fn drop_source_written_ahead(&self, record_id: &str) {
+        self.sources.remove(record_id, SourceCopy::Filed);
     }
 
     fn located(
