@@ -2,7 +2,10 @@
 //! and commit the outcome together with the folder's cursor. Called by the IMAP
 //! watchers; knows nothing of IMAP itself.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use chrono::Utc;
 
@@ -17,7 +20,7 @@ use crate::{
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
     smart_address::SmartAddresses,
-    store::{IngestCommit, Store, StoreError, StoreResult},
+    store::{IngestCommit, KeptSource, Store, StoreError, StoreResult},
     webhook::OutboxSignal,
 };
 
@@ -217,22 +220,36 @@ impl Ingest {
             .filter(|send| send.mailbox == mailbox))
     }
 
-    /// Handles the message at `found` and moves the folder's cursor past it.
+    /// Handles the message at `found` and moves the folder's cursor past it,
+    /// durably before it returns.
     pub fn handle(&self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
-        let message = mime::parse(raw);
-        for warning in &message.parse_warnings {
-            tracing::info!(
-                mailbox = found.mailbox,
-                uid = found.uid,
-                "message partly unreadable: {warning}"
-            );
+        let message = parse_logged(found, raw);
+        self.handle_parsed(found, &message, raw, Durability::Now)
+    }
+
+    /// A batch of fetched messages, made durable together (see [`IngestBatch`]).
+    pub fn batch(&self) -> IngestBatch<'_> {
+        IngestBatch {
+            ingest: self,
+            parsed: HashMap::new(),
+            written_ahead: HashMap::new(),
+            committed: false,
         }
+    }
+
+    fn handle_parsed(
+        &self,
+        found: Found<'_>,
+        message: &Message,
+        raw: &[u8],
+        durability: Durability<'_>,
+    ) -> StoreResult<Outcome> {
         // A CRM send may pin the thread between the look-up and the commit:
         // the message is routed again over the thread as it now is.
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.route_and_commit(found, &message, raw) {
+            match self.route_and_commit(found, message, raw, durability) {
                 Err(
                     StoreError::ThreadChanged
                     | StoreError::DirectoryChanged
@@ -247,6 +264,24 @@ impl Ingest {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Whether the rules would sync the message as the store stands now.
+    /// Reads only; a batch's guess of which sources to write ahead.
+    fn would_sync(&self, found: Found<'_>, message: &Message, raw: &[u8]) -> StoreResult<bool> {
+        let Ok(loaded) = self.load(found.mailbox, found.folder, message, raw)? else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            loaded.route(
+                message,
+                found.uid_validity,
+                found.uid,
+                found.received_at,
+                &loaded.integrations,
+            ),
+            Routing::Deliver { .. }
+        ))
     }
 
     /// What the rules need to decide a message found in `folder` of
@@ -392,6 +427,7 @@ impl Ingest {
         found: Found<'_>,
         message: &Message,
         raw: &[u8],
+        durability: Durability<'_>,
     ) -> StoreResult<Outcome> {
         let cursor = found.cursor_after(Utc::now());
         let loaded = match self.load(found.mailbox, found.folder, message, raw)? {
@@ -475,7 +511,12 @@ impl Ingest {
             },
         };
         thread.remember(message.message_id.as_deref(), message.subject.as_deref());
-        let message_record_id = new_id("msg");
+        let message_record_id = match durability {
+            Durability::WithBatch {
+                written_ahead: Some(record_id),
+            } => record_id.to_string(),
+            _ => new_id("msg"),
+        };
         let history: Vec<MessageEventData> = deliveries
             .iter()
             .map(|delivery| MessageEventData {
@@ -537,48 +578,57 @@ impl Ingest {
             .chain(events)
             .collect();
         let count = events.len();
+        let commit = IngestCommit {
+            mailbox: found.mailbox.to_string(),
+            thread_mailbox: routing_mailbox.clone(),
+            folder: found.folder,
+            cursor_before: found.cursor,
+            cursor,
+            thread_keys_seen: thread_keys,
+            thread_seen,
+            message_ids: message.message_id.iter().cloned().collect(),
+            thread: Some(thread.clone()),
+            new_contacts,
+            located: Some((
+                found.uid_validity,
+                found.uid,
+                LocatedMessage {
+                    record_id: message_record_id.clone(),
+                    message_id: message.message_id.clone(),
+                    thread_id: thread.id.clone(),
+                    routes: deliveries.iter().map(|d| d.route.clone()).collect(),
+                    flags: found.flags.unwrap_or_default(),
+                    labels: found.labels.map(<[String]>::to_vec),
+                },
+            )),
+            events,
+            synced: Some((
+                identity,
+                deliveries
+                    .iter()
+                    .map(|d| (d.route.location_id.clone(), d.route.user_id.clone()))
+                    .collect(),
+            )),
+            history,
+        };
         // The source is kept for /raw and attachment downloads.
-        let committed = self.store.commit_ingest(
-            &IngestCommit {
-                mailbox: found.mailbox.to_string(),
-                thread_mailbox: routing_mailbox.clone(),
-                folder: found.folder,
-                cursor_before: found.cursor,
-                cursor,
-                thread_keys_seen: thread_keys,
-                thread_seen,
-                message_ids: message.message_id.iter().cloned().collect(),
-                thread: Some(thread.clone()),
-                new_contacts,
-                located: Some((
-                    found.uid_validity,
-                    found.uid,
-                    LocatedMessage {
-                        record_id: message_record_id.clone(),
-                        message_id: message.message_id.clone(),
-                        thread_id: thread.id.clone(),
-                        routes: deliveries.iter().map(|d| d.route.clone()).collect(),
-                        flags: found.flags.unwrap_or_default(),
-                        labels: found.labels.map(<[String]>::to_vec),
-                    },
-                )),
-                events,
-                synced: Some((
-                    identity,
-                    deliveries
-                        .iter()
-                        .map(|d| (d.route.location_id.clone(), d.route.user_id.clone()))
-                        .collect(),
-                )),
-                history,
-            },
-            Some(raw),
-        );
+        let committed = match durability {
+            Durability::Now => self.store.commit_ingest(&commit, Some(raw)),
+            Durability::WithBatch { written_ahead } => self.store.commit_ingest_deferred(
+                &commit,
+                match written_ahead {
+                    Some(_) => KeptSource::WrittenAhead,
+                    None => KeptSource::Write(raw),
+                },
+            ),
+        };
         // An integration received it meanwhile (the other Auto BCC door,
         // another folder): the caller routes it again without that one.
         committed?;
         metrics::counter!("mailbridge_messages_synced_total").increment(1);
-        self.signal.notify();
+        if let Durability::Now = durability {
+            self.signal.notify();
+        }
         tracing::info!(mailbox = found.mailbox, folder = %found.folder, uid = found.uid, thread = %thread.id, events = count, "synced");
         Ok(Outcome::Queued {
             thread_id: thread.id,
@@ -796,6 +846,139 @@ impl Ingest {
                 ),
             })
             .collect()
+    }
+}
+
+/// How a message's commit is made durable.
+#[derive(Clone, Copy)]
+enum Durability<'a> {
+    /// Flushed before the commit returns.
+    Now,
+    /// With the rest of its batch; its source already written under this
+    /// record id, if the batch wrote it ahead.
+    WithBatch { written_ahead: Option<&'a str> },
+}
+
+/// Parses a fetched message, logging what could not be read of it.
+fn parse_logged(found: Found<'_>, raw: &[u8]) -> Message {
+    let message = mime::parse(raw);
+    for warning in &message.parse_warnings {
+        tracing::info!(
+            mailbox = found.mailbox,
+            uid = found.uid,
+            "message partly unreadable: {warning}"
+        );
+    }
+    message
+}
+
+/// The messages of one FETCH, handled in UID order and made durable
+/// together: one flush for the batch instead of one per message, and the
+/// sources of the messages expected to sync written ahead and synced at once.
+/// Each message is routed over the commits before it (a reply finds the
+/// thread its original opened a moment before). Until `finish` returns, a
+/// crash may lose the batch's commits (the messages are fetched again: the
+/// cursor is lost with them) and none of its events goes out.
+pub struct IngestBatch<'a> {
+    ingest: &'a Ingest,
+    /// Messages parsed by `write_ahead`, by UID.
+    parsed: HashMap<u32, Message>,
+    /// Record ids whose sources were written ahead and that no commit
+    /// refers to yet, by UID.
+    written_ahead: HashMap<u32, String>,
+    /// Whether anything was committed that `finish` must make durable.
+    committed: bool,
+}
+
+impl IngestBatch<'_> {
+    /// Parses the fetched messages and writes ahead the sources of those the
+    /// rules would sync as the store stands, synced together. A message the
+    /// guess misses (a reply to a thread an earlier message of the batch
+    /// opens) has its source written on its own when it is committed.
+    pub fn write_ahead(&mut self, fetched: &[(Found<'_>, &[u8])]) -> StoreResult<()> {
+        let mut ahead: Vec<(u32, String, &[u8])> = Vec::new();
+        for &(found, raw) in fetched {
+            let message = parse_logged(found, raw);
+            if self.ingest.would_sync(found, &message, raw)? {
+                ahead.push((found.uid, new_id("msg"), raw));
+            }
+            self.parsed.insert(found.uid, message);
+        }
+        let sources: Vec<(&str, &[u8])> = ahead
+            .iter()
+            .map(|(_, record_id, raw)| (record_id.as_str(), *raw))
+            .collect();
+        self.ingest.store.write_sources_ahead(&sources)?;
+        self.written_ahead.extend(
+            ahead
+                .into_iter()
+                .map(|(uid, record_id, _)| (uid, record_id)),
+        );
+        Ok(())
+    }
+
+    /// Handles the message at `found` and moves the folder's cursor past it
+    /// (durable once the batch is finished).
+    pub fn handle(&mut self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
+        let message = match self.parsed.remove(&found.uid) {
+            Some(message) => message,
+            None => parse_logged(found, raw),
+        };
+        self.committed = true;
+        let written_ahead = self.written_ahead.get(&found.uid).map(String::as_str);
+        let outcome = self.ingest.handle_parsed(
+            found,
+            &message,
+            raw,
+            Durability::WithBatch { written_ahead },
+        );
+        if let Ok(Outcome::Queued { .. }) = outcome {
+            self.written_ahead.remove(&found.uid);
+        }
+        outcome
+    }
+
+    /// Passes over the message at `found`: its cursor moves, nothing else.
+    pub fn skip(&mut self, found: Found<'_>) -> StoreResult<()> {
+        self.committed = true;
+        self.ingest.skip(found)
+    }
+
+    /// Makes the batch durable and hands its events to the deliverer.
+    pub fn finish(mut self) -> StoreResult<()> {
+        self.drop_unused_sources();
+        if std::mem::take(&mut self.committed) {
+            self.ingest.store.make_durable()?;
+            self.ingest.signal.notify();
+        }
+        Ok(())
+    }
+
+    fn drop_unused_sources(&mut self) {
+        for (_, record_id) in self.written_ahead.drain() {
+            self.ingest.store.drop_source_written_ahead(&record_id);
+        }
+    }
+}
+
+impl Drop for IngestBatch<'_> {
+    /// A batch that ended early (an error, a cancelled watcher): its commits
+    /// stand, and the next flush of anyone makes them durable and delivers
+    /// their events. One is asked for here, without waiting for it.
+    fn drop(&mut self) {
+        self.drop_unused_sources();
+        if std::mem::take(&mut self.committed)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.ingest.store.clone();
+            let signal = self.ingest.signal.clone();
+            runtime.spawn_blocking(move || match store.make_durable() {
+                Ok(()) => signal.notify(),
+                Err(err) => tracing::warn!(
+                    "making an interrupted batch durable failed; the next flush retries: {err:#}"
+                ),
+            });
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod support;
 
 use support::{
+    daemon::{Api, Daemon},
     stack::{Stack, message, new_message_id},
     world::{World, mail},
 };
@@ -528,4 +529,136 @@ async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify(
         assert_eq!(proxy.counts().1, logins, "logins with NOTIFY {notify}");
         w.daemon.stop().await;
     }
+}
+
+/// Issue 11 item 5 (R6, R21): mail that arrived while the bridge was down is
+/// caught up as one batch, made durable together. Each message is still
+/// routed over the ones before it: a stranger's reply to a message of the
+/// same batch continues its thread (R6), a second copy of a message is not
+/// forwarded again, and the source of every synced message is kept, and no
+/// other (the batch writes sources ahead for the messages it expects to
+/// sync, and drops the ones it guessed wrong).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r06_r21_a_catch_up_batch_routes_each_message_over_the_ones_before_it() {
+    let mut w = World::connected(serde_json::json!({})).await;
+    let config = w.daemon.config();
+    w.daemon.stop().await;
+
+    let stranger = "eve@elsewhere.test";
+    let original_id = new_message_id("orig");
+    let original = message(
+        &w.ann.address,
+        &w.me.address,
+        "batch: the original",
+        &original_id,
+        None,
+    );
+    let batch: Vec<(&str, Vec<u8>)> = vec![
+        (w.ann.address.as_str(), original.clone()),
+        // The same message filed twice.
+        (w.ann.address.as_str(), original),
+        (
+            stranger,
+            message(
+                stranger,
+                &w.me.address,
+                "batch: a stranger's reply",
+                &new_message_id("reply"),
+                Some(&original_id),
+            ),
+        ),
+        (
+            stranger,
+            message(
+                stranger,
+                &w.me.address,
+                "batch: a stranger alone",
+                &new_message_id("alone"),
+                None,
+            ),
+        ),
+        (
+            w.ann.address.as_str(),
+            message(
+                &w.ann.address,
+                &w.me.address,
+                "batch: ann again",
+                &new_message_id("again"),
+                None,
+            ),
+        ),
+    ];
+    for (count, (from, raw)) in batch.iter().enumerate() {
+        w.stack.deliver(from, &[&w.me.address], raw).await;
+        // Filed in this order, so the reply comes after its original.
+        w.stack.wait_count(&w.me, "INBOX", count as u32 + 1).await;
+    }
+
+    w.daemon = Daemon::start(config).await;
+    w.api = Api::new(&w.daemon.base);
+    let subjects = [
+        "batch: the original",
+        "batch: a stranger's reply",
+        "batch: ann again",
+    ];
+    let mut synced = Vec::new();
+    for subject in subjects {
+        synced.push(
+            w.receiver
+                .wait_for(subject, |r| r.subject() == subject)
+                .await,
+        );
+    }
+    assert_eq!(
+        synced[1].data()["thread_id"],
+        synced[0].data()["thread_id"],
+        "the reply continues the thread its original opened in the same batch"
+    );
+    assert_ne!(synced[2].data()["thread_id"], synced[0].data()["thread_id"]);
+    let inbound: Vec<String> = w
+        .receiver
+        .all()
+        .iter()
+        .filter(|r| r.kind() == "message.inbound")
+        .map(|r| r.subject().to_string())
+        .collect();
+    assert_eq!(
+        inbound
+            .iter()
+            .filter(|s| *s == "batch: the original")
+            .count(),
+        1,
+        "the second copy is not forwarded again: {inbound:?}"
+    );
+    assert!(!inbound.iter().any(|s| s == "batch: a stranger alone"));
+
+    for event in &synced {
+        let id = event.data()["id"].as_str().unwrap().to_string();
+        let response = w
+            .api
+            .http
+            .get(format!("{}/v1/messages/{id}/raw", w.api.base))
+            .bearer_auth(support::daemon::API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "the source of {}", event.subject());
+        let raw = response.text().await.unwrap();
+        assert!(
+            raw.contains(&format!("Body of {}", event.subject())),
+            "{raw}"
+        );
+    }
+    let kept = std::fs::read_dir(config_messages(&w))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".eml"))
+        .count();
+    assert_eq!(kept, 3, "the synced messages' sources, and no other");
+    w.daemon.stop().await;
+}
+
+/// Where the daemon keeps message sources.
+fn config_messages(w: &World) -> std::path::PathBuf {
+    w.daemon.config().storage.path.join("messages")
 }

@@ -894,20 +894,30 @@ impl FolderWatcher {
                     }
                 }
             }
+            let found_at = |uid: u32, cursor: FolderCursor| Found {
+                mailbox: address,
+                folder: self.role,
+                uid_validity: cursor.uid_validity,
+                uid,
+                folder_name: folder,
+                cursor,
+                flags: flags.get(&uid).copied(),
+                labels: labels.get(&uid).map(Vec::as_slice),
+                received_at: received.get(&uid).copied(),
+            };
+            // Committed message by message, made durable once for the batch.
+            let mut ingest = self.ctx.ingest.batch();
+            let fetched: Vec<(Found<'_>, &[u8])> = batch
+                .iter()
+                .filter(|(uid, _)| !elsewhere.contains(uid))
+                .filter_map(|(uid, _)| Some((found_at(*uid, *cursor), bodies.get(uid)?.as_slice())))
+                .collect();
+            crate::offload::blocking(|| ingest.write_ahead(&fetched))?;
+            drop(fetched);
             for (uid, size) in batch {
-                let found = Found {
-                    mailbox: address,
-                    folder: self.role,
-                    uid_validity: cursor.uid_validity,
-                    uid: *uid,
-                    folder_name: folder,
-                    cursor: *cursor,
-                    flags: flags.get(uid).copied(),
-                    labels: labels.get(uid).map(Vec::as_slice),
-                    received_at: received.get(uid).copied(),
-                };
+                let found = found_at(*uid, *cursor);
                 if elsewhere.contains(uid) {
-                    self.ctx.ingest.skip(found)?;
+                    ingest.skip(found)?;
                     cursor.next_uid = uid.saturating_add(1);
                     continue;
                 }
@@ -916,7 +926,7 @@ impl FolderWatcher {
                         // Parsing and the commit's fsync hold a thread, but
                         // within this task: a cancelled watcher never commits
                         // after it stopped (a detached task could).
-                        crate::offload::blocking(|| self.ctx.ingest.handle(found, &raw))?;
+                        crate::offload::blocking(|| ingest.handle(found, &raw))?;
                     }
                     None => {
                         let reason = if *size > self.ctx.sync.max_message_bytes {
@@ -958,11 +968,12 @@ impl FolderWatcher {
                             uid,
                             "message skipped: {reason}"
                         );
-                        self.ctx.ingest.skip(found)?;
+                        ingest.skip(found)?;
                     }
                 }
                 cursor.next_uid = uid.saturating_add(1);
             }
+            crate::offload::blocking(|| ingest.finish())?;
         }
         Ok(announced)
     }
