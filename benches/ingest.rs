@@ -230,6 +230,48 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// A catch-up batch of `count` new messages in mailbox `n`, as the
+    /// watcher handles one FETCH: sources written ahead, each message
+    /// committed, one flush for all.
+    fn handle_batch_in(&self, n: usize, template: &str, count: u32) {
+        let first = self.next_uids[n].fetch_add(count, Ordering::Relaxed);
+        let raws: Vec<(u32, String)> = (first..first + count)
+            .map(|uid| {
+                let raw = template.replace("{id}", &format!("m{n}-{uid}")).replace(
+                    &format!("To: Me <{ME}>"),
+                    &format!("To: Me <{}>", self.addresses[n]),
+                );
+                (uid, raw)
+            })
+            .collect();
+        let found = |uid: u32| Found {
+            mailbox: &self.addresses[n],
+            folder: FolderRole::Inbox,
+            uid_validity: UID_VALIDITY,
+            uid,
+            cursor: FolderCursor::new(UID_VALIDITY, uid),
+            flags: None,
+            labels: None,
+            folder_name: "INBOX",
+            received_at: None,
+        };
+        let mut batch = self.ingest.batch();
+        let fetched: Vec<(Found<'_>, &[u8])> = raws
+            .iter()
+            .map(|(uid, raw)| (found(*uid), raw.as_bytes()))
+            .collect();
+        batch.write_ahead(&fetched).expect("sources written ahead");
+        for (uid, raw) in &raws {
+            match batch.handle(found(*uid), raw.as_bytes()) {
+                Ok(Outcome::Queued { .. }) => {}
+                other => panic!("the message was not queued: {other:?}"),
+            }
+        }
+        batch.finish().expect("the batch made durable");
+    }
+}
+
 fn write_fixtures() {
     let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-ingest");
     std::fs::create_dir_all(&folder).expect("target/bench-ingest can be created");
@@ -327,5 +369,29 @@ fn alternative_concurrently(bencher: divan::Bencher) {
                     .or_insert(next % 16)
             };
             bench.handle_in(writer, &message)
+        });
+}
+
+/// A catch-up batch: the 21 KB message, 20 to a FETCH as the watcher asks
+/// for them, made durable together; with 1, 4 and 16 mailboxes catching up
+/// at once (one thread each). Messages per second counts every message.
+#[divan::bench(name = "21 KB, catch-up batches of 20", threads = [1, 4, 16], sample_count = 30)]
+fn alternative_in_batches(bencher: divan::Bencher) {
+    use std::{collections::HashMap, sync::Mutex, thread::ThreadId};
+    const BATCH: u32 = 20;
+    let bench = Bench::with_mailboxes(16);
+    let message = alternative_with_attachment();
+    let writers: Mutex<HashMap<ThreadId, usize>> = Mutex::default();
+    bencher
+        .counter(divan::counter::ItemsCount::new(BATCH as usize))
+        .bench(|| {
+            let writer = {
+                let mut writers = writers.lock().expect("writers");
+                let next = writers.len();
+                *writers
+                    .entry(std::thread::current().id())
+                    .or_insert(next % 16)
+            };
+            bench.handle_batch_in(writer, &message, BATCH)
         });
 }
