@@ -256,12 +256,11 @@ impl Bench {
             folder_name: "INBOX",
             received_at: None,
         };
-        let mut batch = self.ingest.batch();
         let fetched: Vec<(Found<'_>, &[u8])> = raws
             .iter()
             .map(|(uid, raw)| (found(*uid), raw.as_bytes()))
             .collect();
-        batch.write_ahead(&fetched).expect("sources written ahead");
+        let mut batch = self.ingest.batch(&fetched).expect("sources written ahead");
         for (uid, raw) in &raws {
             match batch.handle(found(*uid), raw.as_bytes()) {
                 Ok(Outcome::Queued { .. }) => {}

@@ -227,14 +227,34 @@ impl Ingest {
         self.handle_parsed(found, &message, raw, Durability::Now)
     }
 
-    /// A batch of fetched messages, made durable together (see [`IngestBatch`]).
-    pub fn batch(&self) -> IngestBatch<'_> {
-        IngestBatch {
-            ingest: self,
-            parsed: HashMap::new(),
-            written_ahead: HashMap::new(),
-            committed: false,
+    /// Starts a batch of the messages of one FETCH, made durable together
+    /// (see [`IngestBatch`]): the sources of those the rules would sync as
+    /// the store stands are written ahead, synced at once. A message the
+    /// guess misses (a reply to a thread an earlier message of the batch
+    /// opens) has its source written on its own when it is committed.
+    pub fn batch(&self, fetched: &[(Found<'_>, &[u8])]) -> StoreResult<IngestBatch<'_>> {
+        let mut ahead: Vec<(u32, String, &[u8])> = Vec::new();
+        for &(found, raw) in fetched {
+            // Parsed again when handled: the batch holds the raw messages
+            // the memory budget counts, not their decoded text as well.
+            let message = mime::parse(raw);
+            if self.would_sync(found, &message, raw)? {
+                ahead.push((found.uid, new_id("msg"), raw));
+            }
         }
+        let sources: Vec<(&str, &[u8])> = ahead
+            .iter()
+            .map(|(_, record_id, raw)| (record_id.as_str(), *raw))
+            .collect();
+        self.store.write_sources_ahead(&sources)?;
+        Ok(IngestBatch {
+            ingest: self,
+            written_ahead: ahead
+                .into_iter()
+                .map(|(uid, record_id, _)| (uid, record_id))
+                .collect(),
+            needs_flush: false,
+        })
     }
 
     fn handle_parsed(
@@ -881,74 +901,51 @@ fn parse_logged(found: Found<'_>, raw: &[u8]) -> Message {
 /// cursor is lost with them) and none of its events goes out.
 pub struct IngestBatch<'a> {
     ingest: &'a Ingest,
-    /// Messages parsed by `write_ahead`, by UID.
-    parsed: HashMap<u32, Message>,
     /// Record ids whose sources were written ahead and that no commit
     /// refers to yet, by UID.
     written_ahead: HashMap<u32, String>,
-    /// Whether anything was committed that `finish` must make durable.
-    committed: bool,
+    /// Whether something may have been committed that is not durable yet.
+    needs_flush: bool,
 }
 
 impl IngestBatch<'_> {
-    /// Parses the fetched messages and writes ahead the sources of those the
-    /// rules would sync as the store stands, synced together. A message the
-    /// guess misses (a reply to a thread an earlier message of the batch
-    /// opens) has its source written on its own when it is committed.
-    pub fn write_ahead(&mut self, fetched: &[(Found<'_>, &[u8])]) -> StoreResult<()> {
-        let mut ahead: Vec<(u32, String, &[u8])> = Vec::new();
-        for &(found, raw) in fetched {
-            let message = parse_logged(found, raw);
-            if self.ingest.would_sync(found, &message, raw)? {
-                ahead.push((found.uid, new_id("msg"), raw));
-            }
-            self.parsed.insert(found.uid, message);
-        }
-        let sources: Vec<(&str, &[u8])> = ahead
-            .iter()
-            .map(|(_, record_id, raw)| (record_id.as_str(), *raw))
-            .collect();
-        self.ingest.store.write_sources_ahead(&sources)?;
-        self.written_ahead.extend(
-            ahead
-                .into_iter()
-                .map(|(uid, record_id, _)| (uid, record_id)),
-        );
-        Ok(())
-    }
-
     /// Handles the message at `found` and moves the folder's cursor past it
     /// (durable once the batch is finished).
     pub fn handle(&mut self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
-        let message = match self.parsed.remove(&found.uid) {
-            Some(message) => message,
-            None => parse_logged(found, raw),
-        };
-        self.committed = true;
-        let written_ahead = self.written_ahead.get(&found.uid).map(String::as_str);
+        let message = parse_logged(found, raw);
+        self.needs_flush = true;
+        // Out of the map while the commit may refer to it: a panic from
+        // here on must not make the batch's drop remove a kept source.
+        let written_ahead = self.written_ahead.remove(&found.uid);
         let outcome = self.ingest.handle_parsed(
             found,
             &message,
             raw,
-            Durability::WithBatch { written_ahead },
+            Durability::WithBatch {
+                written_ahead: written_ahead.as_deref(),
+            },
         );
-        if let Ok(Outcome::Queued { .. }) = outcome {
-            self.written_ahead.remove(&found.uid);
+        if !matches!(outcome, Ok(Outcome::Queued { .. }))
+            && let Some(record_id) = written_ahead
+        {
+            self.written_ahead.insert(found.uid, record_id);
         }
         outcome
     }
 
     /// Passes over the message at `found`: its cursor moves, nothing else.
     pub fn skip(&mut self, found: Found<'_>) -> StoreResult<()> {
-        self.committed = true;
+        self.needs_flush = true;
         self.ingest.skip(found)
     }
 
-    /// Makes the batch durable and hands its events to the deliverer.
+    /// Makes the batch durable and hands its events to the deliverer. On
+    /// an error, dropping the batch asks for another flush.
     pub fn finish(mut self) -> StoreResult<()> {
         self.drop_unused_sources();
-        if std::mem::take(&mut self.committed) {
+        if self.needs_flush {
             self.ingest.store.make_durable()?;
+            self.needs_flush = false;
             self.ingest.signal.notify();
         }
         Ok(())
@@ -963,21 +960,26 @@ impl IngestBatch<'_> {
 
 impl Drop for IngestBatch<'_> {
     /// A batch that ended early (an error, a cancelled watcher): its commits
-    /// stand, and the next flush of anyone makes them durable and delivers
-    /// their events. One is asked for here, without waiting for it.
+    /// stand, and a flush makes them durable and delivers their events;
+    /// asked for here without waiting for it where there is a runtime.
     fn drop(&mut self) {
         self.drop_unused_sources();
-        if std::mem::take(&mut self.committed)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let store = self.ingest.store.clone();
-            let signal = self.ingest.signal.clone();
-            runtime.spawn_blocking(move || match store.make_durable() {
-                Ok(()) => signal.notify(),
-                Err(err) => tracing::warn!(
-                    "making an interrupted batch durable failed; the next flush retries: {err:#}"
-                ),
-            });
+        if !std::mem::take(&mut self.needs_flush) {
+            return;
+        }
+        let store = self.ingest.store.clone();
+        let signal = self.ingest.signal.clone();
+        let flush = move || match store.make_durable() {
+            Ok(()) => signal.notify(),
+            Err(err) => tracing::warn!(
+                "making an interrupted batch durable failed; the next flush retries: {err:#}"
+            ),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(flush);
+            }
+            Err(_) => flush(),
         }
     }
 }

@@ -906,13 +906,12 @@ impl FolderWatcher {
                 received_at: received.get(&uid).copied(),
             };
             // Committed message by message, made durable once for the batch.
-            let mut ingest = self.ctx.ingest.batch();
             let fetched: Vec<(Found<'_>, &[u8])> = batch
                 .iter()
                 .filter(|(uid, _)| !elsewhere.contains(uid))
                 .filter_map(|(uid, _)| Some((found_at(*uid, *cursor), bodies.get(uid)?.as_slice())))
                 .collect();
-            crate::offload::blocking(|| ingest.write_ahead(&fetched))?;
+            let mut ingest = crate::offload::blocking(|| self.ctx.ingest.batch(&fetched))?;
             drop(fetched);
             for (uid, size) in batch {
                 let found = found_at(*uid, *cursor);
@@ -923,9 +922,10 @@ impl FolderWatcher {
                 }
                 match bodies.remove(uid) {
                     Some(raw) => {
-                        // Parsing and the commit's fsync hold a thread, but
-                        // within this task: a cancelled watcher never commits
-                        // after it stopped (a detached task could).
+                        // Parsing and the commit (with the fsync of a source
+                        // not written ahead) hold a thread, but within this
+                        // task: a cancelled watcher never commits after it
+                        // stopped (a detached task could).
                         crate::offload::blocking(|| ingest.handle(found, &raw))?;
                     }
                     None => {

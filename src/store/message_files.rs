@@ -60,23 +60,29 @@ impl MessageFiles {
             return Ok(());
         }
         crate::offload::blocking(|| {
-            let files = copies
+            let written = copies
                 .iter()
                 .map(|(record_id, bytes)| {
                     let mut file = std::fs::File::create(self.path(record_id, SourceCopy::Filed))?;
                     file.write_all(bytes)?;
+                    // A hint: it starts the write-back of the dirty pages
+                    // without waiting (and the copies are seldom read again).
+                    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
                     Ok(file)
                 })
-                .collect::<std::io::Result<Vec<_>>>()?;
-            // DONTNEED starts the write-back of dirty pages without waiting
-            // (and the copies are seldom read again).
-            for file in &files {
-                rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed)?;
+                .collect::<std::io::Result<Vec<_>>>()
+                .and_then(|files| {
+                    for file in &files {
+                        file.sync_all()?;
+                    }
+                    std::fs::File::open(&self.folder)?.sync_all()
+                });
+            if written.is_err() {
+                for (record_id, _) in copies {
+                    self.remove(record_id, SourceCopy::Filed);
+                }
             }
-            for file in &files {
-                file.sync_all()?;
-            }
-            std::fs::File::open(&self.folder)?.sync_all()
+            written
         })
     }
 

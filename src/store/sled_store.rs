@@ -325,19 +325,21 @@ impl SledStore {
     /// returns before its own writes are on disk.
     ///
     /// The entries of deferred commits made before the flush started are
-    /// indexed once it succeeds: only then may their events go out.
+    /// indexed after it: their events go out no sooner. Indexed whatever the
+    /// flush says, as every commit's entries are (they are committed, and a
+    /// failed fsync is retried by the next one): one rule for all, so an
+    /// event of a thread never overtakes an earlier one that waits here.
     fn flush(&self) -> StoreResult<()> {
         crate::offload::blocking(|| {
             self.group_flush.flush(|| {
                 let covered = std::mem::take(&mut *self.undelivered());
-                match self.db.flush() {
-                    Ok(_) => self.index_committed(&covered),
-                    Err(err) => {
-                        // Tried again by the next flush.
-                        self.undelivered().extend(covered);
-                        Err(engine(err))
-                    }
+                let flushed = self.db.flush();
+                if let Err(err) = self.index_committed(&covered) {
+                    // Indexing again is harmless: the next flush tries.
+                    self.undelivered().extend(covered);
+                    return Err(err);
                 }
+                flushed.map(|_| ()).map_err(engine)
             })
         })
     }
