@@ -480,8 +480,9 @@ pub struct SyncConfig {
     /// Logins per second to any one server without a provider pace of its
     /// own (`[providers.NAME] logins_per_second`); 0 for no pace.
     pub logins_per_second: u32,
-    /// Where the server has NOTIFY (RFC 5465), one session watches all of a
-    /// mailbox's folders; `false` keeps one session per folder everywhere.
+    /// Where the server has NOTIFY (RFC 5465) and CONDSTORE (RFC 7162), one
+    /// session watches all of a mailbox's folders; `false` keeps one session
+    /// per folder everywhere.
     pub one_session_per_mailbox: bool,
 }
 
