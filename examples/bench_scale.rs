@@ -113,7 +113,15 @@ impl BareIdle {
                     {
                         notices.lock().unwrap().push(Instant::now());
                     }
-                    session = idle.done().await.expect("bare client DONE");
+                    // Dovecot may drop a client under load (a failed
+                    // unhibernate, seen at 10,000): its figures are taken.
+                    session = match idle.done().await {
+                        Ok(session) => session,
+                        Err(err) => {
+                            eprintln!("a bare IDLE client ended: {err}");
+                            return;
+                        }
+                    };
                 }
             }
         });

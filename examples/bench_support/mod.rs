@@ -125,7 +125,22 @@ async fn spawn(config_file: &std::path::Path) -> (tokio::process::Child, u32, St
             break format!("http://{}", rest.split_whitespace().next().unwrap());
         }
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Kept where BENCH_DAEMON_LOG names a file (why sessions failed, in a
+    // run that went wrong); dropped otherwise.
+    let mut kept = std::env::var_os("BENCH_DAEMON_LOG").and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(file) = kept.as_mut() {
+                let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+            }
+        }
+    });
     (child, pid, base)
 }
 
