@@ -188,22 +188,6 @@ impl SessionGroup {
         let mut seen: HashMap<&str, checked::FolderFigures> = HashMap::new();
         // Other folders the server named in a STATUS of its own.
         let mut named: Vec<String> = Vec::new();
-        // The other folders are caught up first and the kept one last, so
-        // it is selected and read once, right before IDLE: caught up after
-        // it, they would have it selected and read again (two round trips
-        // more at every login, times every mailbox after a restart).
-        for (folder, name) in others {
-            let status = Box::pin(kept.timed(
-                "asking a folder's status",
-                checked::status(&mut session, name, features.condstore),
-            ))
-            .await?;
-            named.extend(status.named);
-            named.retain(|n| n != name);
-            let mut visit = Box::pin(folder.select(&mut session, name.clone(), features)).await?;
-            Box::pin(folder.sync(&mut session, &mut visit, features, &mut named)).await?;
-            seen.insert(name, status.figures);
-        }
         let mut selected = Box::pin(kept.select(&mut session, kept_name.clone(), features)).await?;
         let mut rounds_in_a_row = 0;
         loop {
