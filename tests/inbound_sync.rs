@@ -662,3 +662,57 @@ async fn r06_r21_a_catch_up_batch_routes_each_message_over_the_ones_before_it() 
 fn config_messages(w: &World) -> std::path::PathBuf {
     w.daemon.config().storage.path.join("messages")
 }
+
+/// R6 across a restart: a contact wrote and the user replied while the bridge
+/// was down. Caught up after the restart, the reply joins its original's
+/// thread, because INBOX is read before Sent. Read the other way, the reply
+/// opened a thread its original could not find (the index files a thread
+/// under the Message-IDs of its own messages), and the conversation split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r06_a_reply_sent_while_the_bridge_was_down_joins_its_originals_thread() {
+    let mut w = World::connected(serde_json::json!({})).await;
+    let config = w.daemon.config();
+    w.daemon.stop().await;
+
+    let question_id = new_message_id("question");
+    w.stack
+        .deliver(
+            &w.ann.address,
+            &[&w.me.address],
+            &message(
+                &w.ann.address,
+                &w.me.address,
+                "while down: a question",
+                &question_id,
+                None,
+            ),
+        )
+        .await;
+    w.stack.wait_count(&w.me, "INBOX", 1).await;
+    let reply = message(
+        &w.me.address,
+        &w.ann.address,
+        "Re: while down: a question",
+        &new_message_id("answer"),
+        Some(&question_id),
+    );
+    w.stack.append_sent(&w.me, &reply).await;
+
+    w.daemon = Daemon::start(config).await;
+    w.api = Api::new(&w.daemon.base);
+    let question = w
+        .receiver
+        .wait_for("the question", |r| r.subject() == "while down: a question")
+        .await;
+    let answer = w
+        .receiver
+        .wait_for("the reply", |r| r.subject() == "Re: while down: a question")
+        .await;
+    assert_eq!(answer.kind(), "message.outbound");
+    assert_eq!(
+        answer.data()["thread_id"],
+        question.data()["thread_id"],
+        "one conversation, not two"
+    );
+    w.daemon.stop().await;
+}
