@@ -482,6 +482,29 @@ async fn r01_a_folder_sync_that_crashes_is_started_again() {
     w.daemon.stop().await;
 }
 
+/// A server that ends IDLE on its own (a tagged answer while the session
+/// waits) is not waited on until the IDLE period is over: the session starts
+/// again, and mail that arrives next is seen at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_an_idle_the_server_ends_is_not_waited_on() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    proxy.end_next_idles(1);
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    support::eventually(
+        "the first IDLE to be ended",
+        support::DEADLINE,
+        async || (proxy.idles_to_end() == 0).then_some(()),
+    )
+    .await;
+    mail(&w.stack, &w.ann, &w.me, "after the server ended IDLE", None).await;
+    w.receiver
+        .wait_for("the message after IDLE ended", |r| {
+            r.subject() == "after the server ended IDLE"
+        })
+        .await;
+    w.daemon.stop().await;
+}
+
 /// Issue 11: where the server has NOTIFY (Dovecot does), one session watches
 /// INBOX and Sent: new mail in either and a flag change in Sent arrive while
 /// it IDLEs on INBOX. A server without NOTIFY gets one session per folder.

@@ -299,13 +299,15 @@ async fn idle(
                 };
                 let response = response.map_err(async_imap::error::Error::from)?;
                 match response.parsed() {
-                    // Keepalives (`* OK Still here`), and what async-imap
-                    // also waits through.
+                    // Keepalives (`* OK Still here`) and continuations.
                     Response::Data {
                         status: Status::Ok, ..
                     }
-                    | Response::Continue { .. }
-                    | Response::Done { .. } => {}
+                    | Response::Continue { .. } => {}
+                    // Only IDLE's own tag can answer now: the server ended
+                    // IDLE, and waiting on would hear nothing until the
+                    // period is over. (async-imap queued it and waited.)
+                    Response::Done { .. } => return Err(SessionError::Closed),
                     Response::Data {
                         status: Status::Bye,
                         ..

@@ -42,6 +42,9 @@ struct Script {
     holding: bool,
     /// How many of the next IDLEs get a `BAD` without text.
     idle_refusals: usize,
+    /// How many of the next IDLEs the proxy answers itself: the continuation,
+    /// then at once the tagged end of IDLE (never passed on to Dovecot).
+    idle_endings: usize,
     /// How many of the next APPENDs are refused.
     append_refusals: usize,
     /// Capabilities the server is made to lack (upper case).
@@ -164,6 +167,17 @@ impl ImapProxy {
     }
 
     /// The next `count` APPENDs get `NO [UNAVAILABLE]` (before their literal).
+    /// The next `count` IDLEs are ended by the "server" right after they
+    /// begin: `+ idling`, then `tag OK IDLE ended`.
+    pub fn end_next_idles(&self, count: usize) {
+        self.script.lock().expect("proxy script").idle_endings = count;
+    }
+
+    /// IDLEs still to be ended that way.
+    pub fn idles_to_end(&self) -> usize {
+        self.script.lock().expect("proxy script").idle_endings
+    }
+
     pub fn refuse_next_appends(&self, count: usize) {
         self.script.lock().expect("proxy script").append_refusals += count;
     }
@@ -267,13 +281,21 @@ async fn serve(
             } else if verb == "IDLE" && script.idle_refusals > 0 {
                 script.idle_refusals -= 1;
                 Some("BAD".to_string())
+            } else if verb == "IDLE" && script.idle_endings > 0 {
+                script.idle_endings -= 1;
+                Some("OK IDLE ended by the server".to_string())
             } else {
                 None
             }
         };
         if let Some(answer) = refusal {
+            let continuation = if answer.starts_with("OK IDLE") {
+                "+ idling\r\n"
+            } else {
+                ""
+            };
             let _ = to_client
-                .send(format!("{tag} {answer}\r\n").into_bytes())
+                .send(format!("{continuation}{tag} {answer}\r\n").into_bytes())
                 .await;
             continue;
         }
