@@ -91,6 +91,8 @@ impl SyncStatus {
             })
             .collect();
         folders.sort_by(|a, b| a.0.cmp(&b.0));
+        // One entry per role, as the map had: two listed names whose 32-bit
+        // hashes collide are one role (`FolderRole::listed`).
         folders.dedup_by(|a, b| a.0 == b.0);
         self.write()
             .insert(address.to_string(), MailboxSync { folders });

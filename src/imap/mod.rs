@@ -76,7 +76,6 @@ pub async fn sync_mailbox(
             (role, name)
         })
         .collect();
-    let generation = mailbox.generation;
     let provider = mailbox.provider;
     let all_mail = roles.contains(&FolderRole::All);
     let listed: Arc<[String]> = std::mem::take(&mut mailbox.folders).into();
@@ -96,7 +95,6 @@ pub async fn sync_mailbox(
             .map(|&role| FolderWatcher {
                 ctx: ctx.clone(),
                 address: address.clone(),
-                generation,
                 role,
                 listed: listed.clone(),
                 all_mail,

@@ -88,8 +88,6 @@ pub struct NotReturned {
 pub struct FolderWatcher {
     pub ctx: Arc<SyncContext>,
     pub address: String,
-    /// The connect this sync started under (see `Mailbox::generation`).
-    pub generation: u64,
     pub role: FolderRole,
     /// The mailbox's operator-listed folders (a `Listed` role's name is here).
     pub listed: Arc<[String]>,
