@@ -116,6 +116,18 @@ struct Loaded {
 }
 
 impl Loaded {
+    /// The rules' decision for a message found in a folder, for every
+    /// integration of its mailbox.
+    fn route_found(&self, message: &Message, found: Found<'_>) -> Routing {
+        self.route(
+            message,
+            found.uid_validity,
+            found.uid,
+            found.received_at,
+            &self.integrations,
+        )
+    }
+
     fn route(
         &self,
         message: &Message,
@@ -293,13 +305,7 @@ impl Ingest {
             return Ok(false);
         };
         Ok(matches!(
-            loaded.route(
-                message,
-                found.uid_validity,
-                found.uid,
-                found.received_at,
-                &loaded.integrations,
-            ),
+            loaded.route_found(message, found),
             Routing::Deliver { .. }
         ))
     }
@@ -462,13 +468,7 @@ impl Ingest {
                 return Ok(Outcome::Ignored(reason));
             }
         };
-        let routing = loaded.route(
-            message,
-            found.uid_validity,
-            found.uid,
-            found.received_at,
-            &loaded.integrations,
-        );
+        let routing = loaded.route_found(message, found);
         let pairs: Vec<(String, String)> = loaded
             .integrations
             .iter()
@@ -913,7 +913,6 @@ impl IngestBatch<'_> {
     /// (durable once the batch is finished).
     pub fn handle(&mut self, found: Found<'_>, raw: &[u8]) -> StoreResult<Outcome> {
         let message = parse_logged(found, raw);
-        self.needs_flush = true;
         // Out of the map while the commit may refer to it: a panic from
         // here on must not make the batch's drop remove a kept source.
         let written_ahead = self.written_ahead.remove(&found.uid);
@@ -925,6 +924,9 @@ impl IngestBatch<'_> {
                 written_ahead: written_ahead.as_deref(),
             },
         );
+        // A message passed over moved its cursor only (or was committed
+        // durably on its own): it rides on the next flush, as it always did.
+        self.needs_flush |= !matches!(outcome, Ok(Outcome::Ignored(_)));
         if !matches!(outcome, Ok(Outcome::Queued { .. }))
             && let Some(record_id) = written_ahead
         {
@@ -933,9 +935,9 @@ impl IngestBatch<'_> {
         outcome
     }
 
-    /// Passes over the message at `found`: its cursor moves, nothing else.
+    /// Passes over the message at `found`: its cursor moves, nothing else
+    /// (no flush of its own; see `Ingest::skip`).
     pub fn skip(&mut self, found: Found<'_>) -> StoreResult<()> {
-        self.needs_flush = true;
         self.ingest.skip(found)
     }
 
