@@ -38,7 +38,10 @@ use mailbridge::{
 
 mod bench_support;
 
-use bench_support::{BenchDaemon, connections_to, count_active, memory_mib, stack_env, wait_until};
+use bench_support::{
+    BenchDaemon, connections_to, count_active, cpu_seconds, machine_busy_seconds, memory_mib,
+    server_connections, stack_env, wait_until,
+};
 
 /// Every `message.*` webhook with a subject: who it was for, and when it came.
 #[derive(Default)]
@@ -331,6 +334,38 @@ async fn main() {
         (total, added)
     };
 
+    // Dovecot's own connect floor, before the daemon holds any session: the
+    // same N logins by bare clients, as many at once as the daemon's default
+    // `max_concurrent_logins` (64), each TLS, LOGIN, SELECT INBOX and IDLE.
+    let floor_busy = machine_busy_seconds();
+    let floor_started = Instant::now();
+    let floor_sessions: Vec<_> = futures_util::stream::iter(0..mailboxes)
+        .map(|i| {
+            let (connector, endpoint) = (connector.clone(), endpoint.clone());
+            let login = Login::Password {
+                username: addresses[i].clone(),
+                password: password.to_string(),
+            };
+            async move {
+                let mut session = connector.open(&endpoint, &login).await.ok()?;
+                session.select("INBOX").await.ok()?;
+                let mut idle = session.idle();
+                idle.init().await.ok()?;
+                Some(idle)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let floor_connect = floor_started.elapsed();
+    let floor_connect_busy = machine_busy_seconds() - floor_busy;
+    let floor_failed = floor_sessions.iter().filter(|s| s.is_none()).count();
+    drop(floor_sessions);
+    wait_until("Dovecot to let go of the bare sessions", async || {
+        (server_connections(imaps) == 0).then_some(())
+    })
+    .await;
+
     // One mailbox alone.
     connect(&daemon.base, 0).await;
     all_active(&daemon.base, 1).await;
@@ -339,6 +374,7 @@ async fn main() {
     let (alone_total, alone_added) = latency("alone", &watcher).await;
 
     // The rest, by 8 parallel connect calls, until the listing shows all active.
+    let (connect_busy, connect_daemon_cpu) = (machine_busy_seconds(), cpu_seconds(daemon.pid));
     let started = Instant::now();
     futures_util::stream::iter(1..mailboxes)
         .for_each_concurrent(8, |i| connect(&daemon.base, i))
@@ -346,6 +382,8 @@ async fn main() {
     let calls_done = started.elapsed();
     all_active(&daemon.base, mailboxes).await;
     let connect_time = started.elapsed();
+    let connect_busy = machine_busy_seconds() - connect_busy;
+    let connect_daemon_cpu = cpu_seconds(daemon.pid) - connect_daemon_cpu;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_all = memory_mib(daemon.pid).0;
     let sessions = connections_to(daemon.pid, imaps);
@@ -373,11 +411,15 @@ async fn main() {
     floor.sort_by(f64::total_cmp);
 
     // Restart → all active again.
+    let restart_busy = machine_busy_seconds();
     daemon.restart().await;
     let restarted = Instant::now();
     let active_at_first_answer = count_active(&daemon.base).await.unwrap_or(0);
     all_active(&daemon.base, mailboxes).await;
     let restart_time = restarted.elapsed();
+    let restart_busy = machine_busy_seconds() - restart_busy;
+    // The new process's whole life so far: its start and every login.
+    let restart_daemon_cpu = cpu_seconds(daemon.pid);
     // Nothing doubled by the restart: a last message, then every count.
     deliver(std::slice::from_ref(&addresses[0]), "after restart").await;
     wait_until("the webhook after the restart", async || {
@@ -406,6 +448,32 @@ async fn main() {
         connect_time.as_secs_f64(),
         calls_done.as_secs_f64()
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "| the same {mailboxes} logins by bare clients, 64 at once (TLS, LOGIN, SELECT, IDLE): Dovecot's floor | {:.1} s ({floor_failed} failed) |",
+        floor_connect.as_secs_f64()
+    );
+    for (label, wall, busy, daemon_cpu) in [
+        (
+            "connect",
+            connect_time,
+            connect_busy,
+            Some(connect_daemon_cpu),
+        ),
+        ("bare logins", floor_connect, floor_connect_busy, None),
+        (
+            "restart",
+            restart_time,
+            restart_busy,
+            Some(restart_daemon_cpu),
+        ),
+    ] {
+        println!(
+            "| CPU during {label}: the daemon / the whole machine / available | {} / {busy:.1} s / {:.1} s |",
+            daemon_cpu.map_or("-".to_string(), |cpu| format!("{cpu:.1} s")),
+            wall.as_secs_f64() * cores
+        );
+    }
     println!(
         "| RSS: no mailbox / {mailboxes} mailboxes / per mailbox | {rss_base:.1} MiB / {rss_all:.1} MiB / {:.1} KiB |",
         (rss_all - rss_base) * 1024.0 / mailboxes as f64

@@ -54,6 +54,45 @@ pub fn memory_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Ticks per second of the CPU times in /proc (USER_HZ).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the running system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU seconds a process has used so far, user and system.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 12th and 13th of them.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let ticks: f64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// CPU seconds the whole machine has spent busy so far, all cores together
+/// (everything but idle and I/O wait).
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let times: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let total: f64 = times.iter().take(8).sum();
+    let idle: f64 = times.iter().skip(3).take(2).sum();
+    (total - idle) / clock_ticks()
+}
+
 /// The release binary, serving on a port of its own choosing with API key `bench`.
 pub struct BenchDaemon {
     pub base: String,
@@ -201,4 +240,27 @@ pub async fn count_active(http: &reqwest::Client, base: &str) -> Option<usize> {
             None => return Some(active),
         }
     }
+}
+
+/// TCP connections the server on `port` still holds, closing ones included
+/// (any state but LISTEN and TIME_WAIT, which no process holds), read from
+/// /proc: zero once it has let go of every session.
+pub fn server_connections(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .map(|table| {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            text.lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields
+                        .get(1)
+                        .and_then(|local| local.rsplit(':').next())
+                        .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+                    local_port == Some(port) && !matches!(fields.get(3), Some(&"0A") | Some(&"06"))
+                })
+                .count()
+        })
+        .sum()
 }
