@@ -554,6 +554,89 @@ async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify(
     }
 }
 
+/// Issue 11 (warm-up), R1, R4: a session that starts again visits only the
+/// folders that changed while it was away. Under NOTIFY, a restart with
+/// nothing new selects INBOX alone (Sent's STATUS matches its stored cursor);
+/// a flag change and new mail in Sent while the bridge was down are still
+/// read after the next restart, which visits Sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_r04_a_restart_visits_only_the_folders_that_changed_while_it_was_away() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let sent_id = new_message_id("me");
+    let raw = message(&w.me.address, &w.ann.address, "offer", &sent_id, None);
+    w.stack.append_sent(&w.me, &raw).await;
+    w.receiver
+        .wait_for("the message filed in Sent", |r| {
+            r.subject() == "offer" && r.kind() == "message.outbound"
+        })
+        .await;
+    let config = w.daemon.config();
+    // Starts the daemon again; also returns the folders selected until IDLE.
+    let start_again = async || -> (Daemon, usize) {
+        let (selects, idles) = (proxy.commands("SELECT"), proxy.commands("IDLE"));
+        let daemon = Daemon::start(config.clone()).await;
+        support::eventually("the session in IDLE again", support::DEADLINE, async || {
+            (proxy.commands("IDLE") > idles).then_some(())
+        })
+        .await;
+        (daemon, proxy.commands("SELECT") - selects)
+    };
+
+    // Restarted with nothing new: INBOX is selected, Sent only asked its STATUS.
+    w.daemon.stop().await;
+    let selected;
+    (w.daemon, selected) = start_again().await;
+    assert_eq!(selected, 1, "folders selected, nothing new");
+    w.api = Api::new(&w.daemon.base);
+    w.api.wait_active("L1", "u1").await;
+
+    // A flag changed while away: Sent is visited, and the change read.
+    w.daemon.stop().await;
+    w.stack
+        .store_flags(&w.me, "Sent", &sent_id, "+FLAGS (\\Flagged)")
+        .await;
+    let selected;
+    (w.daemon, selected) = start_again().await;
+    assert_eq!(selected, 3, "flag change: INBOX, Sent, and INBOX again");
+    w.receiver
+        .wait_for("the flag change in Sent", |r| {
+            r.kind() == "message.updated" && r.data()["flagged"] == true
+        })
+        .await;
+
+    // New mail while away: the same.
+    w.daemon.stop().await;
+    let later = message(
+        &w.me.address,
+        &w.ann.address,
+        "offer, again",
+        &new_message_id("me"),
+        None,
+    );
+    w.stack.append_sent(&w.me, &later).await;
+    let selected;
+    (w.daemon, selected) = start_again().await;
+    assert_eq!(selected, 3, "new mail: INBOX, Sent, and INBOX again");
+    w.receiver
+        .wait_for("the new message in Sent", |r| r.subject() == "offer, again")
+        .await;
+
+    // Expunged while away: the same (with QRESYNC, an expunge raises
+    // HIGHESTMODSEQ too).
+    w.daemon.stop().await;
+    w.stack.move_message(&w.me, "Sent", &sent_id, None).await;
+    let selected;
+    (w.daemon, selected) = start_again().await;
+    assert_eq!(selected, 3, "expunge: INBOX, Sent, and INBOX again");
+    w.receiver
+        .wait_for("the expunge in Sent", |r| {
+            r.data()["message_id"] == sent_id.as_str() && r.kind() == "message.deleted"
+        })
+        .await;
+    w.daemon.stop().await;
+}
+
 /// Issue 11 item 5 (R6, R21): mail that arrived while the bridge was down is
 /// caught up as one batch, made durable together. Each message is still
 /// routed over the ones before it: a stranger's reply to a message of the

@@ -9,7 +9,9 @@
 //!
 //! NOTIFY only wakes the session. Whether another folder changed is decided by
 //! asking its `STATUS` before each IDLE, so an announcement that came inside
-//! the answer to another command cannot be missed.
+//! the answer to another command cannot be missed. A session that starts
+//! again compares that `STATUS` with the folder's stored cursor first, and
+//! visits only the folders that changed while it was away.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -205,6 +207,18 @@ impl SessionGroup {
                 kept_announced |= status.announced;
                 named.extend(status.named);
                 round.push((folder, name, status.figures));
+            }
+            // A folder this session has not visited yet needs no visit
+            // where its stored cursor already covers what its STATUS shows:
+            // after a restart, most folders did not change meanwhile.
+            for (folder, name, figures) in &round {
+                if !seen.contains_key(name.as_str())
+                    && !named.contains(name)
+                    && folder.caught_up_by_cursor(figures)
+                {
+                    seen.insert(name, figures.clone());
+                    folder.report_caught_up(name);
+                }
             }
             // Decided after the whole round: the server may name a folder
             // in its answer to a later folder's STATUS.

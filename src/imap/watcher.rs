@@ -297,6 +297,29 @@ impl FolderWatcher {
         Ok(Selected { folder, cursor })
     }
 
+    /// Whether a folder that is not selected is already caught up, by its
+    /// `STATUS` against its stored cursor: no UID at or past the cursor, and
+    /// HIGHESTMODSEQ where changes were last read up to. New mail, a flag
+    /// change and, with QRESYNC enabled, an expunge each raise HIGHESTMODSEQ
+    /// (RFC 7162); the flag sync reads expunges by that same figure. A session
+    /// that starts again (a restart, a reconnect) then visits only the
+    /// folders that changed while it was away. Where in doubt (no cursor, no
+    /// figure, a stale modseq), the folder is visited.
+    pub(super) fn caught_up_by_cursor(&self, figures: &checked::FolderFigures) -> bool {
+        let Ok(Some(cursor)) = self.ctx.store.cursor(&self.address, self.role) else {
+            return false;
+        };
+        figures.uid_validity == Some(cursor.uid_validity)
+            && figures.uid_next.is_some_and(|next| next <= cursor.next_uid)
+            && figures.highest_modseq.is_some()
+            && figures.highest_modseq == cursor.highest_modseq
+    }
+
+    /// Reports the folder caught up without visiting it.
+    pub(super) fn report_caught_up(&self, folder: &str) {
+        self.ctx.status.caught_up(&self.address, self.role, folder);
+    }
+
     /// Reads the selected folder's changes and new mail until nothing more
     /// was announced (bounded), then reports it caught up. Other folders the
     /// server named meanwhile (NOTIFY's `STATUS`) are added to `named`.

@@ -49,6 +49,8 @@ struct Script {
     append_refusals: usize,
     /// Capabilities the server is made to lack (upper case).
     hidden: Vec<String>,
+    /// Commands passed on, by verb (upper case; `UID FETCH` is `UID`).
+    commands: std::collections::HashMap<String, usize>,
 }
 
 /// Gmail's words for a FETCH it cannot serve now.
@@ -197,6 +199,12 @@ impl ImapProxy {
         self.script.lock().expect("proxy script").refused_at.clone()
     }
 
+    /// How many commands with this verb (`SELECT`, `IDLE`) were passed on.
+    pub fn commands(&self, verb: &str) -> usize {
+        let script = self.script.lock().expect("proxy script");
+        script.commands.get(verb).copied().unwrap_or(0)
+    }
+
     /// Logins refused so far, and logins passed on to Dovecot.
     pub fn counts(&self) -> (usize, usize) {
         let script = self.script.lock().expect("proxy script");
@@ -321,6 +329,12 @@ async fn serve(
             release.notified().await;
             script.lock().expect("proxy script").holding = false;
         }
+        *script
+            .lock()
+            .expect("proxy script")
+            .commands
+            .entry(verb)
+            .or_default() += 1;
         server_write.write_all(&line).await?;
         // A literal (`{n}` or `{n+}` at the line's end) follows as n raw bytes.
         if let Some(length) = literal_length(&text) {
