@@ -556,13 +556,25 @@ async fn r01_r04_one_session_watches_inbox_and_sent_where_the_server_has_notify(
 
 /// Issue 11 (warm-up), R1, R4: a session that starts again visits only the
 /// folders that changed while it was away. Under NOTIFY, a restart with
-/// nothing new selects INBOX alone (Sent's STATUS matches its stored cursor);
+/// nothing new selects INBOX alone (Sent's STATUS matches its stored cursor),
+/// and so does the first session after the connect check;
 /// a flag change and new mail in Sent while the bridge was down are still
 /// read after the next restart, which visits Sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_r04_a_restart_visits_only_the_folders_that_changed_while_it_was_away() {
     let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
     let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    // The first session after the connect check, too: the check's baseline
+    // holds each folder's HIGHESTMODSEQ, so Sent is found caught up.
+    support::eventually("the first session in IDLE", support::DEADLINE, async || {
+        (proxy.commands("IDLE") >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        proxy.commands("SELECT"),
+        1,
+        "folders selected after connect"
+    );
     let sent_id = new_message_id("me");
     let raw = message(&w.me.address, &w.ann.address, "offer", &sent_id, None);
     w.stack.append_sent(&w.me, &raw).await;

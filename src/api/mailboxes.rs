@@ -712,15 +712,34 @@ async fn check_login(
         }
         watched.push((FolderRole::listed(name), Some(name.clone())));
     }
+    // With CONDSTORE the baseline holds HIGHESTMODSEQ too: the first session
+    // then finds a folder that did not change since this check caught up by
+    // its STATUS alone, and selects it only when it did.
+    let condstore = tokio::time::timeout(step, session.capabilities())
+        .await
+        .map_err(|_| failed("asking the server's capabilities", "timed out".into()))?
+        .map_err(|e| failed("asking the server's capabilities", e.to_string()))?
+        .has_str("CONDSTORE");
+    let figures = if condstore {
+        "(UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
+    } else {
+        "(UIDNEXT UIDVALIDITY)"
+    };
     let mut baseline = Vec::new();
     for (role, folder) in watched {
         let Some(folder) = folder else { continue };
-        let status = tokio::time::timeout(step, session.status(&folder, "(UIDNEXT UIDVALIDITY)"))
+        let status = tokio::time::timeout(step, session.status(&folder, figures))
             .await
             .map_err(|_| failed("reading folder status", "timed out".into()))?
             .map_err(|e| failed("reading folder status", e.to_string()))?;
         if let (Some(uid_validity), Some(next_uid)) = (status.uid_validity, status.uid_next) {
-            baseline.push((role, FolderCursor::new(uid_validity, next_uid)));
+            baseline.push((
+                role,
+                FolderCursor {
+                    highest_modseq: status.highest_modseq,
+                    ..FolderCursor::new(uid_validity, next_uid)
+                },
+            ));
         }
     }
     Ok((credentials, baseline, session))
