@@ -649,6 +649,34 @@ async fn r01_r04_a_restart_visits_only_the_folders_that_changed_while_it_was_awa
     w.daemon.stop().await;
 }
 
+/// As above, on a server with NOTIFY and CONDSTORE but no QRESYNC: there an
+/// expunge need not raise HIGHESTMODSEQ, so STATUS cannot show that nothing
+/// changed, and every folder is visited after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r01_without_qresync_a_restart_visits_every_folder() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    proxy.hide_capabilities(&["QRESYNC"]);
+    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    support::eventually("the first session in IDLE", support::DEADLINE, async || {
+        (proxy.commands("IDLE") >= 1).then_some(())
+    })
+    .await;
+    let config = w.daemon.config();
+    w.daemon.stop().await;
+    let (selects, idles) = (proxy.commands("SELECT"), proxy.commands("IDLE"));
+    w.daemon = Daemon::start(config).await;
+    support::eventually("the session in IDLE again", support::DEADLINE, async || {
+        (proxy.commands("IDLE") > idles).then_some(())
+    })
+    .await;
+    assert_eq!(
+        proxy.commands("SELECT") - selects,
+        3,
+        "INBOX, Sent, and INBOX again"
+    );
+    w.daemon.stop().await;
+}
+
 /// Issue 11 item 5 (R6, R21): mail that arrived while the bridge was down is
 /// caught up as one batch, made durable together. Each message is still
 /// routed over the ones before it: a stranger's reply to a message of the

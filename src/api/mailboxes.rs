@@ -736,7 +736,8 @@ async fn check_login(
             baseline.push((
                 role,
                 FolderCursor {
-                    highest_modseq: status.highest_modseq,
+                    // 0: the folder keeps no modseqs (RFC 7162), as if none.
+                    highest_modseq: status.highest_modseq.filter(|modseq| *modseq > 0),
                     ..FolderCursor::new(uid_validity, next_uid)
                 },
             ));

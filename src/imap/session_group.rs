@@ -214,7 +214,7 @@ impl SessionGroup {
             for (folder, name, figures) in &round {
                 if !seen.contains_key(name.as_str())
                     && !named.contains(name)
-                    && folder.caught_up_by_cursor(figures)
+                    && folder.caught_up_by_cursor(features, figures)
                 {
                     seen.insert(name, figures.clone());
                     folder.report_caught_up(name);

@@ -298,20 +298,29 @@ impl FolderWatcher {
     }
 
     /// Whether a folder that is not selected is already caught up, by its
-    /// `STATUS` against its stored cursor: no UID at or past the cursor, and
-    /// HIGHESTMODSEQ where changes were last read up to. New mail, a flag
-    /// change and, with QRESYNC enabled, an expunge each raise HIGHESTMODSEQ
-    /// (RFC 7162); the flag sync reads expunges by that same figure. A session
-    /// that starts again (a restart, a reconnect) then visits only the
-    /// folders that changed while it was away. Where in doubt (no cursor, no
-    /// figure, a stale modseq), the folder is visited.
-    pub(super) fn caught_up_by_cursor(&self, figures: &checked::FolderFigures) -> bool {
+    /// `STATUS` against its stored cursor: UIDNEXT where the cursor is, and
+    /// HIGHESTMODSEQ where changes were last read up to. With QRESYNC enabled,
+    /// new mail, a flag change and an expunge each raise HIGHESTMODSEQ (RFC
+    /// 7162: VANISHED (EARLIER) names expunges by modseq); with CONDSTORE
+    /// alone an expunge may not, so there the folder is always visited. A
+    /// session that starts again (a restart, a reconnect) then visits only
+    /// the folders that changed while it was away. Where in doubt (no
+    /// cursor, no figure, a modseq of 0, which means none is kept), the
+    /// folder is visited.
+    pub(super) fn caught_up_by_cursor(
+        &self,
+        features: ServerFeatures,
+        figures: &checked::FolderFigures,
+    ) -> bool {
+        if features.tracking != ChangeTracking::Qresync {
+            return false;
+        }
         let Ok(Some(cursor)) = self.ctx.store.cursor(&self.address, self.role) else {
             return false;
         };
         figures.uid_validity == Some(cursor.uid_validity)
-            && figures.uid_next.is_some_and(|next| next <= cursor.next_uid)
-            && figures.highest_modseq.is_some()
+            && figures.uid_next == Some(cursor.next_uid)
+            && figures.highest_modseq.is_some_and(|modseq| modseq > 0)
             && figures.highest_modseq == cursor.highest_modseq
     }
 
