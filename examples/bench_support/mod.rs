@@ -26,7 +26,18 @@ pub fn stack_env() -> HashMap<String, String> {
         .collect()
 }
 
-pub async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_until<T>(what: &str, f: impl AsyncFnMut() -> Option<T>) -> T {
+    wait_until_every(what, Duration::from_millis(20), f).await
+}
+
+/// As `wait_until`, asking every `interval`: for a question that costs the
+/// daemon real work (listing every mailbox), so that asking does not weigh
+/// on what is measured.
+pub async fn wait_until_every<T>(
+    what: &str,
+    interval: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
@@ -36,7 +47,7 @@ pub async fn wait_until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) ->
             start.elapsed() < Duration::from_secs(300),
             "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
