@@ -646,6 +646,12 @@ async fn r01_r04_a_restart_visits_only_the_folders_that_changed_while_it_was_awa
             r.data()["message_id"] == sent_id.as_str() && r.kind() == "message.deleted"
         })
         .await;
+
+    // Once read, the expunge is behind the cursor: nothing new again.
+    w.daemon.stop().await;
+    let selected;
+    (w.daemon, selected) = start_again().await;
+    assert_eq!(selected, 1, "after the expunge was read: INBOX alone");
     w.daemon.stop().await;
 }
 

@@ -44,6 +44,9 @@ pub(super) struct ServerFeatures {
 pub(super) struct Selected {
     pub folder: String,
     pub cursor: FolderCursor,
+    /// HIGHESTMODSEQ as SELECT reported it, until the first flag sync after
+    /// it has read every change since the cursor.
+    pub modseq_at_select: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +297,11 @@ impl FolderWatcher {
             cursor = from_now;
         }
         tracing::debug!(mailbox = address, folder = %folder, next_uid = cursor.next_uid, "selected");
-        Ok(Selected { folder, cursor })
+        Ok(Selected {
+            folder,
+            cursor,
+            modseq_at_select: selected.highest_modseq,
+        })
     }
 
     /// Whether a folder that is not selected is already caught up, by its
@@ -339,7 +346,11 @@ impl FolderWatcher {
         features: ServerFeatures,
         named: &mut Vec<String>,
     ) -> Result<(), SessionError> {
-        let Selected { folder, cursor } = selected;
+        let Selected {
+            folder,
+            cursor,
+            modseq_at_select,
+        } = selected;
         let mut looks_in_a_row = 0;
         loop {
             // What async-imap queued so far is covered by the catch-up below.
@@ -351,7 +362,14 @@ impl FolderWatcher {
             // Changes first: a message moved out and straight back is then
             // known to be back before the catch-up meets it at its new UID.
             let changed_meanwhile = self
-                .sync_flags(session, folder, features.tracking, features.gmail, cursor)
+                .sync_flags(
+                    session,
+                    folder,
+                    features.tracking,
+                    features.gmail,
+                    cursor,
+                    modseq_at_select.take(),
+                )
                 .await?;
             let more = self
                 .catch_up(session, folder, features.gmail, cursor)
@@ -427,6 +445,7 @@ impl FolderWatcher {
         tracking: ChangeTracking,
         gmail: bool,
         cursor: &mut FolderCursor,
+        modseq_at_select: Option<u64>,
     ) -> Result<bool, SessionError> {
         let last_uid = cursor.next_uid.saturating_sub(1);
         let mut announced = false;
@@ -457,6 +476,14 @@ impl FolderWatcher {
                     if let (Some(flags), true) = (&fetched.flags, fetched.uid <= last_uid) {
                         changed.push((fetched.uid, FlagState::from_flags(flags), fetched.labels));
                     }
+                }
+                // Every change up to SELECT's HIGHESTMODSEQ was just read,
+                // expunges included (VANISHED). Expunges carry no modseq of
+                // their own: without this, the cursor would stay below the
+                // server's figure after one, and the folder would be
+                // visited again at every start to find nothing.
+                if tracking == ChangeTracking::Qresync {
+                    highest = highest.max(modseq_at_select);
                 }
                 for range in gone {
                     // A server may name a range high end first (`9:3`).
