@@ -18,7 +18,7 @@ use crate::{
         Integration, LocatedMessage, Message, MessageEventData, SendRecord, Thread, ThreadRoute,
         new_id, normalize_email,
     },
-    routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision},
+    routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision, ThreadLink},
     smart_address::SmartAddresses,
     store::{IngestCommit, KeptSource, Store, StoreError, StoreResult},
     webhook::OutboxSignal,
@@ -106,7 +106,10 @@ struct Loaded {
     logged_by_envelope: Vec<(String, String)>,
     contacts: Vec<Contact>,
     thread_keys: Vec<String>,
+    /// The own id, where the thread was looked for among answered messages.
+    answered_seen: Option<String>,
     thread_seen: Option<Thread>,
+    thread_link: ThreadLink,
     identity: String,
     already_synced: Vec<(String, String)>,
     sent_by_crm: bool,
@@ -136,7 +139,7 @@ impl Loaded {
         received_at: Option<chrono::DateTime<Utc>>,
         integrations: &[Integration],
     ) -> Routing {
-        routing::route(
+        routing::route_linked(
             Incoming {
                 message,
                 folder: self.folder,
@@ -153,7 +156,9 @@ impl Loaded {
                 logged_by_envelope: &self.logged_by_envelope,
                 smart_addresses: &self.smart_addresses,
             },
-            self.thread_seen.as_ref(),
+            self.thread_seen
+                .as_ref()
+                .map(|thread| (thread, self.thread_link)),
         )
     }
 }
@@ -359,7 +364,17 @@ impl Ingest {
         let contacts =
             self.contacts_for(message, integrations.iter().map(|i| i.location_id.as_str()))?;
         let thread_keys = message.thread_keys();
-        let thread_seen = self.store.thread_of(&routing_mailbox, &thread_keys)?;
+        let mut thread_seen = self.store.thread_of(&routing_mailbox, &thread_keys)?;
+        let mut thread_link = ThreadLink::Answers;
+        let mut answered_seen = None;
+        // Read after its reply: found through the reply's thread.
+        if thread_seen.is_none()
+            && let Some(own_id) = &message.message_id
+        {
+            thread_seen = self.store.thread_answering(&routing_mailbox, own_id)?;
+            thread_link = ThreadLink::AnsweredBy;
+            answered_seen = Some(own_id.clone());
+        }
         let identity = message_identity(message, raw);
         let pairs: Vec<(String, String)> = integrations
             .iter()
@@ -382,7 +397,9 @@ impl Ingest {
             logged_by_envelope,
             contacts,
             thread_keys,
+            answered_seen,
             thread_seen,
+            thread_link,
             identity,
             already_synced,
             sent_by_crm,
@@ -476,6 +493,7 @@ impl Ingest {
             .collect();
         let Loaded {
             thread_keys,
+            answered_seen,
             thread_seen,
             identity,
             routing_mailbox,
@@ -518,6 +536,7 @@ impl Ingest {
                 new_contacts,
             } => (thread, deliveries, new_contacts),
         };
+        let answers = routing::answered_ids(message, &decision, thread.is_some());
         let now = Utc::now();
         let mut thread = match (decision, thread) {
             (ThreadDecision::Continue { .. }, Some(thread)) => thread,
@@ -605,8 +624,10 @@ impl Ingest {
             cursor_before: found.cursor,
             cursor,
             thread_keys_seen: thread_keys,
+            answered_seen,
             thread_seen,
             message_ids: message.message_id.iter().cloned().collect(),
+            answers,
             thread: Some(thread.clone()),
             new_contacts,
             located: Some((
@@ -1000,11 +1021,13 @@ fn cursor_step(
         cursor_before: found.cursor,
         cursor: found.cursor_after(Utc::now()),
         thread_keys_seen: vec![],
+        answered_seen: None,
         thread_seen: None,
         thread: None,
         new_contacts: vec![],
         located: located.map(|entry| (found.uid_validity, found.uid, entry)),
         message_ids: vec![],
+        answers: vec![],
         events,
         history: vec![],
         synced: None,

@@ -496,23 +496,35 @@ pub struct Message {
     pub envelope_to: Vec<String>,
 }
 
+/// How many of a message's References tie it to a thread: the newest ones,
+/// and the first (the thread's root). A hostile message may list thousands,
+/// and each one is looked up, and filed under its thread.
+pub const THREAD_REFERENCES: usize = 20;
+
 impl Message {
-    /// The ids that tie this message to a thread, most specific first.
-    pub fn thread_keys(&self) -> Vec<String> {
-        let mut keys = Vec::new();
-        if let Some(id) = &self.in_reply_to {
-            keys.push(id.clone());
-        }
-        for id in self.references.iter().rev() {
-            if !keys.contains(id) {
-                keys.push(id.clone());
+    /// The messages this one answers, most specific first: In-Reply-To, then
+    /// References newest first (bounded, the root kept); never its own id.
+    pub fn parent_ids(&self) -> Vec<String> {
+        let newest = self
+            .references
+            .iter()
+            .rev()
+            .take(THREAD_REFERENCES.saturating_sub(1));
+        let root = self.references.first();
+        let mut ids: Vec<String> = Vec::new();
+        for id in self.in_reply_to.iter().chain(newest).chain(root) {
+            if self.message_id.as_ref() != Some(id) && !ids.contains(id) {
+                ids.push(id.clone());
             }
         }
-        if let Some(id) = &self.message_id
-            && !keys.contains(id)
-        {
-            keys.push(id.clone());
-        }
+        ids
+    }
+
+    /// The ids that tie this message to a thread, most specific first: the
+    /// messages it answers, then its own id (the same message read again).
+    pub fn thread_keys(&self) -> Vec<String> {
+        let mut keys = self.parent_ids();
+        keys.extend(self.message_id.iter().cloned());
         keys
     }
 }

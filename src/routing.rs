@@ -148,8 +148,33 @@ impl fmt::Display for IgnoreReason {
     }
 }
 
-/// Decides where a message goes.
+/// How the thread handed to routing was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadLink {
+    /// By a message this one answers, or by its own id (the same message
+    /// read again): a later message of the thread.
+    Answers,
+    /// Only by a message of the thread that answers this one: an earlier
+    /// message, read after its reply. Folders are read in no fixed order (a
+    /// session per folder, or a restart after mail came in both).
+    AnsweredBy,
+}
+
+/// Decides where a message goes, its thread found by what it answers.
 pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&Thread>) -> Routing {
+    route_linked(
+        incoming,
+        directory,
+        thread.map(|thread| (thread, ThreadLink::Answers)),
+    )
+}
+
+/// Decides where a message goes, given how its thread was found.
+pub fn route_linked(
+    incoming: Incoming<'_>,
+    directory: Directory<'_>,
+    thread: Option<(&Thread, ThreadLink)>,
+) -> Routing {
     let message = incoming.message;
     let mailbox = normalize_email(directory.mailbox);
     if directory.integrations.is_empty() {
@@ -194,6 +219,9 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
     };
 
     let routing = match thread {
+        Some((thread, ThreadLink::AnsweredBy)) => r06_join_as_earlier(
+            thread, message, sender, direction, &mailbox, &live, &directory,
+        ),
         // A forward logged through a smart address is Auto BCC's (R15).
         Some(_)
             if direction == Direction::Outbound
@@ -204,10 +232,10 @@ pub fn route(incoming: Incoming<'_>, directory: Directory<'_>, thread: Option<&T
         {
             r15_outbound(message, &mailbox, &live, &directory)
         }
-        Some(thread) if direction == Direction::Outbound && is_forward(message) => {
+        Some((thread, _)) if direction == Direction::Outbound && is_forward(message) => {
             r16_forward(thread, message, &live, directory.contacts)
         }
-        Some(thread) => r06_continue_thread(thread, &live, direction),
+        Some((thread, _)) => r06_continue_thread(thread, &live, direction),
         None if direction == Direction::Outbound => {
             r15_outbound(message, &mailbox, &live, &directory)
         }
@@ -552,6 +580,69 @@ fn r06_continue_thread(thread: &Thread, live: &[&Integration], direction: Direct
     }
 }
 
+/// R6 whatever the order folders are read in: an earlier message of a synced
+/// thread, read after the reply that answers it, is admitted as if it had
+/// come first (R3, R4, R15: a stranger's original stays out), and then goes
+/// to the reply's thread and conversations, where it would have been had it
+/// been read first.
+fn r06_join_as_earlier(
+    thread: &Thread,
+    message: &Message,
+    sender: Option<String>,
+    direction: Direction,
+    mailbox: &str,
+    live: &[&Integration],
+    directory: &Directory<'_>,
+) -> Routing {
+    let first = match direction {
+        Direction::Outbound => r15_outbound(message, mailbox, live, directory),
+        Direction::Inbound => start_thread(message, sender, direction, live, directory.contacts),
+    };
+    let Routing::Deliver {
+        deliveries,
+        new_contacts,
+        ..
+    } = first
+    else {
+        return first;
+    };
+    let admitted: Vec<&Integration> = live
+        .iter()
+        .copied()
+        .filter(|i| {
+            deliveries
+                .iter()
+                .any(|d| d.route.location_id == i.location_id && d.route.user_id == i.user_id)
+        })
+        .collect();
+    match r06_continue_thread(thread, &admitted, direction) {
+        Routing::Deliver {
+            thread, deliveries, ..
+        } => Routing::Deliver {
+            thread,
+            deliveries,
+            new_contacts,
+        },
+        ignored => ignored,
+    }
+}
+
+/// The messages a synced message answers, filed under its thread so that
+/// they find it when read later (see [`ThreadLink::AnsweredBy`]). A forward
+/// files none: what it forwards belongs to the conversation it came from
+/// (R16), and so does anything that started a thread of its own over a
+/// thread that was found.
+pub fn answered_ids(
+    message: &Message,
+    decision: &ThreadDecision,
+    thread_found: bool,
+) -> Vec<String> {
+    if is_forward(message) || (thread_found && *decision == ThreadDecision::Start) {
+        return Vec::new();
+    }
+    message.parent_ids()
+}
+
 /// R3 + R11: a message from a contact goes to every location where the sender
 /// is a contact assigned to that location's integrated user.
 fn r03_r11_inbound_from_contact(
@@ -652,7 +743,7 @@ fn r10_first_created<'c>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EmailAddress, FolderCursor};
+    use crate::model::{EmailAddress, FolderCursor, THREAD_REFERENCES};
     use chrono::{TimeZone, Utc};
 
     const MAILBOX: &str = "me@example.test";
@@ -1877,6 +1968,175 @@ mod tests {
                 "case: {name}"
             );
         }
+    }
+
+    #[test]
+    fn r06_an_original_read_after_its_reply_joins_its_thread_as_if_read_first() {
+        let one = vec![integration("L1", "u1", 1)];
+        let two = vec![integration("L1", "u1", 1), integration("L2", "u1", 1)];
+        let ann_in = |locations: &[&str]| -> Vec<Contact> {
+            locations
+                .iter()
+                .map(|l| contact(l, "c-ann", "ann@x.test", &["u1"], 1))
+                .collect()
+        };
+        let in_l1 = thread(&[("L1", "u1", "c1")]);
+        let in_l9 = thread(&[("L9", "u1", "c1")]);
+        type Expected = Result<Vec<(String, String, String, Direction)>, IgnoreReason>;
+        type JoinCase<'a> = (
+            &'a str,
+            Message,
+            FolderRole,
+            &'a [Integration],
+            Vec<Contact>,
+            &'a Thread,
+            Expected,
+        );
+        let cases: Vec<JoinCase> = vec![
+            (
+                "a contact's original joins the reply's conversation",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                &one,
+                ann_in(&["L1"]),
+                &in_l1,
+                Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            ),
+            (
+                "a stranger's original stays out, as it would read first (R3)",
+                message("eve@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                &one,
+                ann_in(&["L1"]),
+                &in_l1,
+                Err(IgnoreReason::SenderNotContact),
+            ),
+            (
+                "the user's own original in Sent (R4)",
+                message(MAILBOX, &["ann@x.test"], &[], &[]),
+                FolderRole::Sent,
+                &one,
+                ann_in(&["L1"]),
+                &in_l1,
+                Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+            ),
+            (
+                "only where the thread syncs, not every location of the sender (R12)",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                &two,
+                ann_in(&["L1", "L2"]),
+                &in_l1,
+                Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+            ),
+            (
+                "a thread that syncs nowhere here",
+                message("ann@x.test", &[MAILBOX], &[], &[]),
+                FolderRole::Inbox,
+                &one,
+                ann_in(&["L1"]),
+                &in_l9,
+                Err(IgnoreReason::ThreadDetached),
+            ),
+        ];
+        for (name, message, folder, integrations, contacts, known, expect) in cases {
+            let routing = route_linked(
+                Incoming {
+                    message: &message,
+                    folder,
+                    uid_validity: 1,
+                    uid: 1,
+                    received_at: None,
+                    sent_by_crm: false,
+                },
+                Directory {
+                    mailbox: MAILBOX,
+                    integrations,
+                    contacts: &contacts,
+                    already_synced: &[],
+                    logged_by_envelope: &[],
+                    smart_addresses: &[],
+                },
+                Some((known, ThreadLink::AnsweredBy)),
+            );
+            let got = match &routing {
+                Routing::Ignore(reason) => Err(*reason),
+                Routing::Deliver {
+                    thread, deliveries, ..
+                } => {
+                    assert_eq!(
+                        *thread,
+                        ThreadDecision::Continue {
+                            thread_id: "thr_1".into()
+                        },
+                        "case: {name}"
+                    );
+                    Ok(deliveries
+                        .iter()
+                        .map(|d| {
+                            (
+                                d.route.location_id.clone(),
+                                d.route.user_id.clone(),
+                                d.route.contact_id.clone(),
+                                d.direction,
+                            )
+                        })
+                        .collect())
+                }
+            };
+            assert_eq!(got, expect, "case: {name}");
+        }
+    }
+
+    #[test]
+    fn r06_r16_a_synced_message_files_what_it_answers_unless_it_forwards() {
+        let reply = Message {
+            subject: Some("Re: offer".into()),
+            in_reply_to: Some("<a@x>".into()),
+            references: vec!["<a@x>".into()],
+            ..message("ann@x.test", &[MAILBOX], &[], &[])
+        };
+        let forward = Message {
+            subject: Some("Fwd: offer".into()),
+            ..reply.clone()
+        };
+        let continued = ThreadDecision::Continue {
+            thread_id: "thr_1".into(),
+        };
+        assert_eq!(
+            answered_ids(&reply, &ThreadDecision::Start, false),
+            vec!["<a@x>"]
+        );
+        assert_eq!(answered_ids(&reply, &continued, true), vec!["<a@x>"]);
+        assert!(answered_ids(&forward, &ThreadDecision::Start, false).is_empty());
+        // Split off a thread that was found (R16): what it answers stays there.
+        assert!(answered_ids(&reply, &ThreadDecision::Start, true).is_empty());
+    }
+
+    #[test]
+    fn r06_thread_keys_are_bounded_keep_the_root_and_end_with_the_own_id() {
+        let references: Vec<String> = (0..100).map(|n| format!("<r{n}@x>")).collect();
+        let m = Message {
+            message_id: Some("<own@x>".into()),
+            in_reply_to: Some("<r99@x>".into()),
+            // A hostile message lists its own id among what it answers.
+            references: references
+                .iter()
+                .cloned()
+                .chain(["<own@x>".to_string()])
+                .collect(),
+            ..Message::default()
+        };
+        let parents = m.parent_ids();
+        assert!(parents.len() <= THREAD_REFERENCES + 1, "{}", parents.len());
+        assert_eq!(parents.first().map(String::as_str), Some("<r99@x>"));
+        assert!(parents.contains(&"<r98@x>".to_string()), "newest kept");
+        assert!(parents.contains(&"<r0@x>".to_string()), "root kept");
+        assert!(!parents.contains(&"<r50@x>".to_string()), "middle dropped");
+        assert!(!parents.contains(&"<own@x>".to_string()));
+        let keys = m.thread_keys();
+        assert_eq!(keys.last().map(String::as_str), Some("<own@x>"));
+        assert_eq!(keys.len(), parents.len() + 1);
     }
 
     #[test]

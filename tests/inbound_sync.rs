@@ -817,9 +817,8 @@ fn config_messages(w: &World) -> std::path::PathBuf {
 
 /// R6 across a restart: a contact wrote and the user replied while the bridge
 /// was down. Caught up after the restart, the reply joins its original's
-/// thread, because INBOX is read before Sent. Read the other way, the reply
-/// opened a thread its original could not find (the index files a thread
-/// under the Message-IDs of its own messages), and the conversation split.
+/// thread (one session reads INBOX before Sent; the next test reads them the
+/// other way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r06_a_reply_sent_while_the_bridge_was_down_joins_its_originals_thread() {
     let mut w = World::connected(serde_json::json!({})).await;
@@ -865,6 +864,84 @@ async fn r06_a_reply_sent_while_the_bridge_was_down_joins_its_originals_thread()
         answer.data()["thread_id"],
         question.data()["thread_id"],
         "one conversation, not two"
+    );
+    w.daemon.stop().await;
+}
+
+/// R6 whatever the order folders are read in: as above, on a server without
+/// NOTIFY (one session per folder, as on Gmail), with INBOX held back so that
+/// the reply in Sent is read first. The reply files the question it answers
+/// under its thread; the question, read after it, joins that thread as
+/// inbound mail from the contact, and is forwarded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r06_an_original_read_after_its_reply_joins_the_replys_thread() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    proxy.hide_capabilities(&["NOTIFY"]);
+    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    support::eventually("a session per folder", support::DEADLINE, async || {
+        (proxy.open_sessions() == 2).then_some(())
+    })
+    .await;
+    let config = w.daemon.config();
+    w.daemon.stop().await;
+
+    let question_id = new_message_id("question");
+    w.stack
+        .deliver(
+            &w.ann.address,
+            &[&w.me.address],
+            &message(
+                &w.ann.address,
+                &w.me.address,
+                "read late: a question",
+                &question_id,
+                None,
+            ),
+        )
+        .await;
+    w.stack.wait_count(&w.me, "INBOX", 1).await;
+    let reply = message(
+        &w.me.address,
+        &w.ann.address,
+        "Re: read late: a question",
+        &new_message_id("answer"),
+        Some(&question_id),
+    );
+    w.stack.append_sent(&w.me, &reply).await;
+
+    let inbox = proxy.hold_next_fetch_in("INBOX");
+    w.daemon = Daemon::start(config).await;
+    let answer = w
+        .receiver
+        .wait_for("the reply, read first", |r| {
+            r.subject() == "Re: read late: a question"
+        })
+        .await;
+    assert_eq!(answer.kind(), "message.outbound");
+    assert_eq!(
+        w.receiver
+            .distinct(|r| r.subject() == "read late: a question"),
+        0,
+        "the question is held back"
+    );
+    inbox.notify_one();
+    let question = w
+        .receiver
+        .wait_for("the question, read after its reply", |r| {
+            r.subject() == "read late: a question"
+        })
+        .await;
+    assert_eq!(question.kind(), "message.inbound");
+    assert_eq!(question.data()["contact_id"], "c-ann");
+    assert_eq!(
+        question.data()["thread_id"],
+        answer.data()["thread_id"],
+        "one conversation, not two"
+    );
+    assert_eq!(
+        w.receiver
+            .distinct(|r| r.subject() == "read late: a question"),
+        1
     );
     w.daemon.stop().await;
 }

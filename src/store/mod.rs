@@ -76,12 +76,18 @@ pub struct IngestCommit {
     /// The thread keys looked up, and the thread they led to then: the
     /// routing decision holds only if they still lead there.
     pub thread_keys_seen: Vec<String>,
+    /// The message's own id, looked up after `thread_keys_seen` among the
+    /// messages answered by a synced thread (`Store::thread_answering`).
+    pub answered_seen: Option<String>,
     pub thread_seen: Option<Thread>,
     pub thread: Option<Thread>,
     /// Contacts Auto BCC creates (R15); none may exist yet.
     pub new_contacts: Vec<Contact>,
     /// Message ids to file under `thread` in the thread index.
     pub message_ids: Vec<String>,
+    /// The ids of messages this one answers, to file under `thread` as
+    /// answered by it, where no other thread answered them first.
+    pub answers: Vec<String>,
     pub events: Vec<Event>,
     /// History entries (one per conversation the message lands in).
     pub history: Vec<MessageEventData>,
@@ -337,6 +343,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The synced thread that one of these message ids belongs to, trying them in order.
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
+    /// The synced thread of a message that answers this one (filed by
+    /// `IngestCommit::answers`), for an original read after its reply.
+    fn thread_answering(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<Thread>>;
     /// Commits a message's effect, its `source` (kept as the filed copy of
     /// the history record) written first. Checks the cursor and thread the
     /// commit was computed from (`StoreError::CursorMoved`, `ThreadChanged`)

@@ -148,6 +148,13 @@ fn key(parts: &[&str]) -> Vec<u8> {
     parts.join("\0").into_bytes()
 }
 
+/// Where the thread index files a message answered by a synced thread
+/// (beside the index's own `mailbox\0message id` keys; no mailbox address
+/// starts with \x01).
+fn answered_key(mailbox: &str, message_id: &str) -> Vec<u8> {
+    key(&["\u{1}answered", mailbox, message_id])
+}
+
 fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
@@ -571,12 +578,7 @@ impl SledStore {
                         return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
                     }
                     if commit.thread.is_some()
-                        && thread_of_tx(
-                            threads,
-                            thread_keys,
-                            &commit.thread_mailbox,
-                            &commit.thread_keys_seen,
-                        )? != commit.thread_seen
+                        && thread_seen_tx(threads, thread_keys, commit)? != commit.thread_seen
                     {
                         return Err(ConflictableTransactionError::Abort(
                             StoreError::ThreadChanged,
@@ -602,6 +604,13 @@ impl SledStore {
                                 key(&[&commit.thread_mailbox, message_id]),
                                 thread.id.as_bytes(),
                             )?;
+                        }
+                        // The first thread to answer a message keeps it.
+                        for message_id in &commit.answers {
+                            let answered = answered_key(&commit.thread_mailbox, message_id);
+                            if thread_keys.get(answered.as_slice())?.is_none() {
+                                thread_keys.insert(answered, thread.id.as_bytes())?;
+                            }
                         }
                     }
                     if let Some((key, value, record_id, location)) = &located_value {
@@ -840,6 +849,33 @@ impl SledStore {
             outbox.insert(&entry.sequence.to_be_bytes(), entry.value.as_slice())?;
         }
         Ok(())
+    }
+}
+
+/// The thread an ingest commit's lookup leads to now, read inside its
+/// transaction: by its thread keys, else as answered by a synced thread.
+fn thread_seen_tx(
+    threads: &TransactionalTree,
+    thread_keys: &TransactionalTree,
+    commit: &IngestCommit,
+) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
+    let by_keys = thread_of_tx(
+        threads,
+        thread_keys,
+        &commit.thread_mailbox,
+        &commit.thread_keys_seen,
+    )?;
+    if by_keys.is_some() {
+        return Ok(by_keys);
+    }
+    match &commit.answered_seen {
+        Some(message_id) => {
+            match thread_keys.get(answered_key(&commit.thread_mailbox, message_id))? {
+                Some(thread_id) => thread_tx(threads, &thread_id),
+                None => Ok(None),
+            }
+        }
+        None => Ok(None),
     }
 }
 
@@ -1399,6 +1435,20 @@ impl Store for SledStore {
             }
         }
         Ok(None)
+    }
+
+    fn thread_answering(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<Thread>> {
+        let Some(thread_id) = self
+            .thread_keys
+            .get(answered_key(mailbox, message_id))
+            .map_err(engine)?
+        else {
+            return Ok(None);
+        };
+        match self.threads.get(&thread_id).map_err(engine)? {
+            Some(thread) => Ok(Some(decode(&thread)?)),
+            None => Ok(None),
+        }
     }
 
     fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()> {

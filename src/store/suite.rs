@@ -290,11 +290,13 @@ fn ingest_commits_cursor_thread_and_events_together() {
             cursor_before: FolderCursor::new(1, 7),
             cursor: FolderCursor::new(1, 8),
             thread_keys_seen: vec!["<a@x>".into()],
+            answered_seen: None,
             thread_seen: None,
             thread: Some(thread.clone()),
             new_contacts: vec![],
             located: None,
             message_ids: vec!["<a@x>".into()],
+            answers: vec![],
             events: vec![event("evt_1", "thr_1", serde_json::json!({"n": 1}))],
             history: vec![],
             synced: Some(("<a@x>".into(), vec![("L1".into(), "u1".into())])),
@@ -760,11 +762,13 @@ fn a_disconnect_forgets_what_the_integration_received() {
             cursor_before: FolderCursor::new(1, 1),
             cursor: FolderCursor::new(1, 2),
             thread_keys_seen: vec![],
+            answered_seen: None,
             thread_seen: None,
             thread: None,
             new_contacts: vec![],
             located: None,
             message_ids: vec![],
+            answers: vec![],
             events: vec![],
             history: vec![],
             synced: Some(("<a@x>|f".into(), vec![("L1".into(), "u1".into())])),
@@ -800,14 +804,94 @@ fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> 
         cursor_before: before,
         cursor: FolderCursor::new(before.uid_validity, before.next_uid + 1),
         thread_keys_seen: vec!["<b@x>".into(), "<a@x>".into()],
+        answered_seen: None,
         thread_seen: seen,
         thread: Some(thread),
         new_contacts: vec![],
         located: None,
         message_ids: vec!["<b@x>".into()],
+        answers: vec![],
         events: vec![event("evt_i", "thr_c", serde_json::json!({"n": 1}))],
         history: vec![],
         synced: None,
+    }
+}
+
+/// R6 whatever the order folders are read in: a reply files the messages it
+/// answers under its thread; the first thread to answer one keeps it; an
+/// answered id is neither one of the thread's own messages nor a synced one
+/// (R21); and an original routed before the reply committed is refused
+/// (`ThreadChanged`), to be routed again over the reply's thread.
+#[test]
+fn r06_an_answered_message_finds_the_thread_that_answered_it_first() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(store.as_ref(), start);
+        let answered_by = |store: &dyn Store| {
+            store
+                .thread_answering("me@x.test", "<a@x>")
+                .unwrap()
+                .map(|thread| thread.id)
+        };
+        // The reply <b@x> answers <a@x>.
+        let mut reply = ingest_commit(start, None, l1_thread("L1", &["<b@x>"]));
+        reply.answers = vec!["<a@x>".into()];
+        store.commit_ingest(&reply, None).unwrap();
+        assert_eq!(answered_by(store.as_ref()), Some("thr_c".to_string()));
+        assert!(
+            store
+                .thread_of("me@x.test", &["<a@x>".into()])
+                .unwrap()
+                .is_none(),
+            "answered, not one of the thread's own messages"
+        );
+        let l1u1 = vec![("L1".to_string(), "u1".to_string())];
+        assert!(store.synced_to("<a@x>|f", &l1u1).unwrap().is_empty());
+
+        // Another thread that answers <a@x> does not take it over.
+        let at_two = FolderCursor::new(1, 2);
+        let mut other = ingest_commit(
+            at_two,
+            None,
+            Thread {
+                id: "thr_d".into(),
+                ..l1_thread("L1", &["<c@x>"])
+            },
+        );
+        other.thread_keys_seen = vec!["<c@x>".into()];
+        other.message_ids = vec!["<c@x>".into()];
+        other.answers = vec!["<a@x>".into()];
+        other.events = vec![];
+        store.commit_ingest(&other, None).unwrap();
+        assert_eq!(answered_by(store.as_ref()), Some("thr_c".to_string()));
+
+        // The original, routed before the reply committed, is refused...
+        let at_three = FolderCursor::new(1, 3);
+        let mut original = ingest_commit(
+            at_three,
+            None,
+            Thread {
+                id: "thr_e".into(),
+                ..l1_thread("L1", &["<a@x>"])
+            },
+        );
+        original.thread_keys_seen = vec!["<a@x>".into()];
+        original.answered_seen = Some("<a@x>".into());
+        original.message_ids = vec!["<a@x>".into()];
+        original.events = vec![];
+        assert!(
+            matches!(
+                store.commit_ingest(&original, None),
+                Err(StoreError::ThreadChanged)
+            ),
+            "routed as if nothing answered it"
+        );
+        // ...and commits routed over the reply's thread.
+        original.thread_seen = store.thread_answering("me@x.test", "<a@x>").unwrap();
+        original.thread = original.thread_seen.clone();
+        store.commit_ingest(&original, None).unwrap();
+        let joined = store.thread_of("me@x.test", &["<a@x>".into()]).unwrap();
+        assert_eq!(joined.map(|thread| thread.id), Some("thr_c".to_string()));
     }
 }
 

@@ -35,6 +35,9 @@ struct Script {
     fetches_refused: usize,
     /// The next body FETCH waits for this before it reaches Dovecot.
     hold_fetch: Option<Arc<tokio::sync::Notify>>,
+    /// The next body FETCH in this folder (on a session that selected it)
+    /// waits for this before it reaches Dovecot.
+    hold_fetch_in: Option<(String, Arc<tokio::sync::Notify>)>,
     /// The next `UID SEARCH UID …` waits for this before it reaches Dovecot.
     hold_search: Option<Arc<tokio::sync::Notify>>,
     /// The next listing (`UID FETCH n:* (UID RFC822.SIZE …)`) waits for this.
@@ -138,6 +141,15 @@ impl ImapProxy {
     pub fn hold_next_fetch(&self) -> Arc<tokio::sync::Notify> {
         let release = Arc::new(tokio::sync::Notify::new());
         self.script.lock().expect("proxy script").hold_fetch = Some(release.clone());
+        release
+    }
+
+    /// The next body FETCH on a session that selected `folder` is held back
+    /// until the returned `Notify` is notified; other folders' go on.
+    pub fn hold_next_fetch_in(&self, folder: &str) -> Arc<tokio::sync::Notify> {
+        let release = Arc::new(tokio::sync::Notify::new());
+        self.script.lock().expect("proxy script").hold_fetch_in =
+            Some((folder.to_string(), release.clone()));
         release
     }
 
@@ -252,6 +264,8 @@ async fn serve(
         }
     });
     let mut line = Vec::new();
+    // The folder this session selected last.
+    let mut selected = String::new();
     loop {
         line.clear();
         if client_read.read_until(b'\n', &mut line).await? == 0 {
@@ -262,6 +276,14 @@ async fn serve(
         let mut words = text.split_whitespace();
         let tag = words.next().unwrap_or("").to_string();
         let verb = upper.split_whitespace().nth(1).unwrap_or("").to_string();
+        if matches!(verb.as_str(), "SELECT" | "EXAMINE") {
+            selected = text
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("")
+                .trim_matches('"')
+                .to_string();
+        }
         let refusal = {
             let mut script = script.lock().expect("proxy script");
             if matches!(verb.as_str(), "LOGIN" | "AUTHENTICATE") {
@@ -309,7 +331,12 @@ async fn serve(
         }
         let hold = if verb == "UID" && upper.contains(" FETCH ") && upper.contains("BODY.PEEK[]") {
             let mut script = script.lock().expect("proxy script");
-            let hold = script.hold_fetch.take();
+            let hold = match &script.hold_fetch_in {
+                Some((folder, _)) if *folder == selected => {
+                    script.hold_fetch_in.take().map(|(_, release)| release)
+                }
+                _ => script.hold_fetch.take(),
+            };
             script.holding = hold.is_some();
             hold
         } else if verb == "UID" && upper.contains(" FETCH ") && upper.contains("RFC822.SIZE") {
