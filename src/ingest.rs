@@ -106,8 +106,9 @@ struct Loaded {
     logged_by_envelope: Vec<(String, String)>,
     contacts: Vec<Contact>,
     thread_keys: Vec<String>,
-    /// The own id, where the thread was looked for among answered messages.
-    answered_seen: Option<String>,
+    /// Where the thread keys found none: the ids looked up among messages
+    /// answered by a synced thread (what it answers, then its own id).
+    answered_seen: Vec<String>,
     thread_seen: Option<Thread>,
     thread_link: ThreadLink,
     identity: String,
@@ -366,14 +367,24 @@ impl Ingest {
         let thread_keys = message.thread_keys();
         let mut thread_seen = self.store.thread_of(&routing_mailbox, &thread_keys)?;
         let mut thread_link = ThreadLink::Answers;
-        let mut answered_seen = None;
-        // Read after its reply: found through the reply's thread.
-        if thread_seen.is_none()
-            && let Some(own_id) = &message.message_id
-        {
-            thread_seen = self.store.thread_answering(&routing_mailbox, own_id)?;
-            thread_link = ThreadLink::AnsweredBy;
-            answered_seen = Some(own_id.clone());
+        let mut answered_seen = Vec::new();
+        if thread_seen.is_none() {
+            // A second reply to a message not read yet: the thread of the
+            // first reply, which answered the same message.
+            answered_seen = message.parent_ids();
+            thread_seen = self
+                .store
+                .thread_answering(&routing_mailbox, &answered_seen)?;
+            // The message itself, read after its reply: the reply's thread.
+            if thread_seen.is_none()
+                && let Some(own_id) = &message.message_id
+            {
+                answered_seen.push(own_id.clone());
+                thread_seen = self
+                    .store
+                    .thread_answering(&routing_mailbox, std::slice::from_ref(own_id))?;
+                thread_link = ThreadLink::AnsweredBy;
+            }
         }
         let identity = message_identity(message, raw);
         let pairs: Vec<(String, String)> = integrations
@@ -495,6 +506,7 @@ impl Ingest {
             thread_keys,
             answered_seen,
             thread_seen,
+            thread_link,
             identity,
             routing_mailbox,
             crm_send,
@@ -536,7 +548,7 @@ impl Ingest {
                 new_contacts,
             } => (thread, deliveries, new_contacts),
         };
-        let answers = routing::answered_ids(message, &decision, thread.is_some());
+        let answers = routing::answered_ids(message);
         let now = Utc::now();
         let mut thread = match (decision, thread) {
             (ThreadDecision::Continue { .. }, Some(thread)) => thread,
@@ -549,7 +561,14 @@ impl Ingest {
                 subject: None,
             },
         };
-        thread.remember(message.message_id.as_deref(), message.subject.as_deref());
+        match thread_link {
+            ThreadLink::Answers => {
+                thread.remember(message.message_id.as_deref(), message.subject.as_deref());
+            }
+            ThreadLink::AnsweredBy => {
+                thread.remember_earlier(message.message_id.as_deref(), message.subject.as_deref());
+            }
+        }
         let message_record_id = match durability {
             Durability::WithBatch {
                 written_ahead: Some(record_id),
@@ -1021,7 +1040,7 @@ fn cursor_step(
         cursor_before: found.cursor,
         cursor: found.cursor_after(Utc::now()),
         thread_keys_seen: vec![],
-        answered_seen: None,
+        answered_seen: vec![],
         thread_seen: None,
         thread: None,
         new_contacts: vec![],

@@ -496,20 +496,21 @@ pub struct Message {
     pub envelope_to: Vec<String>,
 }
 
-/// How many of a message's References tie it to a thread: the newest ones,
-/// and the first (the thread's root). A hostile message may list thousands,
-/// and each one is looked up, and filed under its thread.
-pub const THREAD_REFERENCES: usize = 20;
+/// How many of the messages a message answers are filed under its thread
+/// (see `Message::parent_ids`): In-Reply-To, the newest References and the
+/// first (the thread's root). A hostile message may list thousands.
+pub const ANSWERED_IDS_FILED: usize = 20;
 
 impl Message {
     /// The messages this one answers, most specific first: In-Reply-To, then
-    /// References newest first (bounded, the root kept); never its own id.
+    /// References newest first, at most `ANSWERED_IDS_FILED` (the root kept);
+    /// never its own id.
     pub fn parent_ids(&self) -> Vec<String> {
         let newest = self
             .references
             .iter()
             .rev()
-            .take(THREAD_REFERENCES.saturating_sub(1));
+            .take(ANSWERED_IDS_FILED.saturating_sub(2));
         let root = self.references.first();
         let mut ids: Vec<String> = Vec::new();
         for id in self.in_reply_to.iter().chain(newest).chain(root) {
@@ -520,11 +521,22 @@ impl Message {
         ids
     }
 
-    /// The ids that tie this message to a thread, most specific first: the
-    /// messages it answers, then its own id (the same message read again).
+    /// The ids that tie this message to a thread, most specific first.
     pub fn thread_keys(&self) -> Vec<String> {
-        let mut keys = self.parent_ids();
-        keys.extend(self.message_id.iter().cloned());
+        let mut keys = Vec::new();
+        if let Some(id) = &self.in_reply_to {
+            keys.push(id.clone());
+        }
+        for id in self.references.iter().rev() {
+            if !keys.contains(id) {
+                keys.push(id.clone());
+            }
+        }
+        if let Some(id) = &self.message_id
+            && !keys.contains(id)
+        {
+            keys.push(id.clone());
+        }
         keys
     }
 }
@@ -571,6 +583,24 @@ pub const THREAD_REFERENCES_KEPT: usize = 20;
 
 impl Thread {
     /// Remembers a message of the thread (its id for References, its subject for replies).
+    /// As `remember`, for a message older than the thread's others (read
+    /// after its reply): its id goes first, so the newest stays last.
+    pub fn remember_earlier(&mut self, message_id: Option<&str>, subject: Option<&str>) {
+        if let Some(id) = message_id
+            && !self.message_ids.iter().any(|m| m == id)
+        {
+            self.message_ids.insert(0, id.to_string());
+            let excess = self
+                .message_ids
+                .len()
+                .saturating_sub(THREAD_REFERENCES_KEPT);
+            self.message_ids.drain(..excess);
+        }
+        if self.subject.is_none() {
+            self.subject = subject.map(str::to_string);
+        }
+    }
+
     pub fn remember(&mut self, message_id: Option<&str>, subject: Option<&str>) {
         if let Some(id) = message_id
             && !self.message_ids.iter().any(|m| m == id)

@@ -615,6 +615,22 @@ fn r06_join_as_earlier(
                 .any(|d| d.route.location_id == i.location_id && d.route.user_id == i.user_id)
         })
         .collect();
+    // Joined only where the thread has a conversation for every integration
+    // that admits it: else it starts its own, as it did before it had a
+    // reply, and no integration goes without it.
+    let joins = admitted.iter().all(|i| {
+        thread
+            .routes
+            .iter()
+            .any(|r| r.location_id == i.location_id && r.user_id == i.user_id)
+    });
+    if !joins {
+        return Routing::Deliver {
+            thread: ThreadDecision::Start,
+            deliveries,
+            new_contacts,
+        };
+    }
     match r06_continue_thread(thread, &admitted, direction) {
         Routing::Deliver {
             thread, deliveries, ..
@@ -630,14 +646,9 @@ fn r06_join_as_earlier(
 /// The messages a synced message answers, filed under its thread so that
 /// they find it when read later (see [`ThreadLink::AnsweredBy`]). A forward
 /// files none: what it forwards belongs to the conversation it came from
-/// (R16), and so does anything that started a thread of its own over a
-/// thread that was found.
-pub fn answered_ids(
-    message: &Message,
-    decision: &ThreadDecision,
-    thread_found: bool,
-) -> Vec<String> {
-    if is_forward(message) || (thread_found && *decision == ThreadDecision::Start) {
+/// (R16).
+pub fn answered_ids(message: &Message) -> Vec<String> {
+    if is_forward(message) {
         return Vec::new();
     }
     message.parent_ids()
@@ -743,7 +754,7 @@ fn r10_first_created<'c>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EmailAddress, FolderCursor, THREAD_REFERENCES};
+    use crate::model::{ANSWERED_IDS_FILED, EmailAddress, FolderCursor};
     use chrono::{TimeZone, Utc};
 
     const MAILBOX: &str = "me@example.test";
@@ -1982,7 +1993,8 @@ mod tests {
         };
         let in_l1 = thread(&[("L1", "u1", "c1")]);
         let in_l9 = thread(&[("L9", "u1", "c1")]);
-        type Expected = Result<Vec<(String, String, String, Direction)>, IgnoreReason>;
+        // (joins the thread, deliveries) or why it is ignored.
+        type Expected = Result<(bool, Vec<(String, String, String, Direction)>), IgnoreReason>;
         type JoinCase<'a> = (
             &'a str,
             Message,
@@ -2000,7 +2012,7 @@ mod tests {
                 &one,
                 ann_in(&["L1"]),
                 &in_l1,
-                Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+                Ok((true, vec![to("L1", "u1", "c1", Direction::Inbound)])),
             ),
             (
                 "a stranger's original stays out, as it would read first (R3)",
@@ -2018,25 +2030,31 @@ mod tests {
                 &one,
                 ann_in(&["L1"]),
                 &in_l1,
-                Ok(vec![to("L1", "u1", "c1", Direction::Outbound)]),
+                Ok((true, vec![to("L1", "u1", "c1", Direction::Outbound)])),
             ),
             (
-                "only where the thread syncs, not every location of the sender (R12)",
+                "admitted where the thread has no conversation: its own thread, as read first",
                 message("ann@x.test", &[MAILBOX], &[], &[]),
                 FolderRole::Inbox,
                 &two,
                 ann_in(&["L1", "L2"]),
                 &in_l1,
-                Ok(vec![to("L1", "u1", "c1", Direction::Inbound)]),
+                Ok((
+                    false,
+                    vec![
+                        to("L1", "u1", "c-ann", Direction::Inbound),
+                        to("L2", "u1", "c-ann", Direction::Inbound),
+                    ],
+                )),
             ),
             (
-                "a thread that syncs nowhere here",
+                "a thread that syncs nowhere here: nothing lost",
                 message("ann@x.test", &[MAILBOX], &[], &[]),
                 FolderRole::Inbox,
                 &one,
                 ann_in(&["L1"]),
                 &in_l9,
-                Err(IgnoreReason::ThreadDetached),
+                Ok((false, vec![to("L1", "u1", "c-ann", Direction::Inbound)])),
             ),
         ];
         for (name, message, folder, integrations, contacts, known, expect) in cases {
@@ -2064,24 +2082,24 @@ mod tests {
                 Routing::Deliver {
                     thread, deliveries, ..
                 } => {
-                    assert_eq!(
-                        *thread,
-                        ThreadDecision::Continue {
-                            thread_id: "thr_1".into()
-                        },
-                        "case: {name}"
-                    );
-                    Ok(deliveries
-                        .iter()
-                        .map(|d| {
-                            (
-                                d.route.location_id.clone(),
-                                d.route.user_id.clone(),
-                                d.route.contact_id.clone(),
-                                d.direction,
-                            )
-                        })
-                        .collect())
+                    let joins = *thread
+                        == ThreadDecision::Continue {
+                            thread_id: "thr_1".into(),
+                        };
+                    Ok((
+                        joins,
+                        deliveries
+                            .iter()
+                            .map(|d| {
+                                (
+                                    d.route.location_id.clone(),
+                                    d.route.user_id.clone(),
+                                    d.route.contact_id.clone(),
+                                    d.direction,
+                                )
+                            })
+                            .collect(),
+                    ))
                 }
             };
             assert_eq!(got, expect, "case: {name}");
@@ -2100,21 +2118,12 @@ mod tests {
             subject: Some("Fwd: offer".into()),
             ..reply.clone()
         };
-        let continued = ThreadDecision::Continue {
-            thread_id: "thr_1".into(),
-        };
-        assert_eq!(
-            answered_ids(&reply, &ThreadDecision::Start, false),
-            vec!["<a@x>"]
-        );
-        assert_eq!(answered_ids(&reply, &continued, true), vec!["<a@x>"]);
-        assert!(answered_ids(&forward, &ThreadDecision::Start, false).is_empty());
-        // Split off a thread that was found (R16): what it answers stays there.
-        assert!(answered_ids(&reply, &ThreadDecision::Start, true).is_empty());
+        assert_eq!(answered_ids(&reply), vec!["<a@x>"]);
+        assert!(answered_ids(&forward).is_empty());
     }
 
     #[test]
-    fn r06_thread_keys_are_bounded_keep_the_root_and_end_with_the_own_id() {
+    fn r06_answered_ids_are_bounded_keep_the_root_and_never_the_own_id() {
         let references: Vec<String> = (0..100).map(|n| format!("<r{n}@x>")).collect();
         let m = Message {
             message_id: Some("<own@x>".into()),
@@ -2128,15 +2137,14 @@ mod tests {
             ..Message::default()
         };
         let parents = m.parent_ids();
-        assert!(parents.len() <= THREAD_REFERENCES + 1, "{}", parents.len());
+        assert!(parents.len() <= ANSWERED_IDS_FILED, "{}", parents.len());
         assert_eq!(parents.first().map(String::as_str), Some("<r99@x>"));
         assert!(parents.contains(&"<r98@x>".to_string()), "newest kept");
         assert!(parents.contains(&"<r0@x>".to_string()), "root kept");
         assert!(!parents.contains(&"<r50@x>".to_string()), "middle dropped");
         assert!(!parents.contains(&"<own@x>".to_string()));
-        let keys = m.thread_keys();
-        assert_eq!(keys.last().map(String::as_str), Some("<own@x>"));
-        assert_eq!(keys.len(), parents.len() + 1);
+        // Looking a thread up still tries every reference.
+        assert!(m.thread_keys().contains(&"<r50@x>".to_string()));
     }
 
     #[test]

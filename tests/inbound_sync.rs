@@ -683,6 +683,89 @@ async fn r01_without_qresync_a_restart_visits_every_folder() {
     w.daemon.stop().await;
 }
 
+/// R6, the other way round: two replies from a contact to a message the user
+/// sent, read before that message (Sent held back). The second reply finds
+/// the first one's thread by the message both answer, and the user's message,
+/// read last, joins them: one conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r06_two_replies_read_before_their_original_share_its_thread() {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    proxy.hide_capabilities(&["NOTIFY"]);
+    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    support::eventually("a session per folder", support::DEADLINE, async || {
+        (proxy.open_sessions() == 2).then_some(())
+    })
+    .await;
+    let config = w.daemon.config();
+    w.daemon.stop().await;
+
+    let offer_id = new_message_id("offer");
+    let offer = message(
+        &w.me.address,
+        &w.ann.address,
+        "two replies: the offer",
+        &offer_id,
+        None,
+    );
+    w.stack.append_sent(&w.me, &offer).await;
+    for (count, subject) in ["Re: two replies: the offer", "Re: two replies: again"]
+        .iter()
+        .enumerate()
+    {
+        let reply = message(
+            &w.ann.address,
+            &w.me.address,
+            subject,
+            &new_message_id("reply"),
+            Some(&offer_id),
+        );
+        w.stack
+            .deliver(&w.ann.address, &[&w.me.address], &reply)
+            .await;
+        w.stack.wait_count(&w.me, "INBOX", count as u32 + 1).await;
+    }
+
+    let sent = proxy.hold_next_fetch_in("Sent");
+    w.daemon = Daemon::start(config).await;
+    let first = w
+        .receiver
+        .wait_for("the first reply", |r| {
+            r.subject() == "Re: two replies: the offer"
+        })
+        .await;
+    let second = w
+        .receiver
+        .wait_for("the second reply", |r| {
+            r.subject() == "Re: two replies: again"
+        })
+        .await;
+    assert_eq!(
+        w.receiver
+            .distinct(|r| r.subject() == "two replies: the offer"),
+        0,
+        "the offer is held back"
+    );
+    assert_eq!(
+        first.data()["thread_id"],
+        second.data()["thread_id"],
+        "the replies share a thread"
+    );
+    sent.notify_one();
+    let original = w
+        .receiver
+        .wait_for("the offer, read last", |r| {
+            r.subject() == "two replies: the offer"
+        })
+        .await;
+    assert_eq!(original.kind(), "message.outbound");
+    assert_eq!(
+        original.data()["thread_id"],
+        first.data()["thread_id"],
+        "one conversation"
+    );
+    w.daemon.stop().await;
+}
+
 /// Issue 11 item 5 (R6, R21): mail that arrived while the bridge was down is
 /// caught up as one batch, made durable together. Each message is still
 /// routed over the ones before it: a stranger's reply to a message of the

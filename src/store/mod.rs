@@ -76,9 +76,9 @@ pub struct IngestCommit {
     /// The thread keys looked up, and the thread they led to then: the
     /// routing decision holds only if they still lead there.
     pub thread_keys_seen: Vec<String>,
-    /// The message's own id, looked up after `thread_keys_seen` among the
-    /// messages answered by a synced thread (`Store::thread_answering`).
-    pub answered_seen: Option<String>,
+    /// The ids looked up after `thread_keys_seen` among the messages
+    /// answered by a synced thread (`Store::thread_answering`).
+    pub answered_seen: Vec<String>,
     pub thread_seen: Option<Thread>,
     pub thread: Option<Thread>,
     /// Contacts Auto BCC creates (R15); none may exist yet.
@@ -343,9 +343,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The synced thread that one of these message ids belongs to, trying them in order.
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>>;
-    /// The synced thread of a message that answers this one (filed by
-    /// `IngestCommit::answers`), for an original read after its reply.
-    fn thread_answering(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<Thread>>;
+    /// The synced thread of a message that answers one of these (filed by
+    /// `IngestCommit::answers`), trying them in order: for an original read
+    /// after its reply, or a second reply to it.
+    fn thread_answering(
+        &self,
+        mailbox: &str,
+        message_ids: &[String],
+    ) -> StoreResult<Option<Thread>>;
     /// Commits a message's effect, its `source` (kept as the filed copy of
     /// the history record) written first. Checks the cursor and thread the
     /// commit was computed from (`StoreError::CursorMoved`, `ThreadChanged`)

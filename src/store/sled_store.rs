@@ -868,15 +868,14 @@ fn thread_seen_tx(
     if by_keys.is_some() {
         return Ok(by_keys);
     }
-    match &commit.answered_seen {
-        Some(message_id) => {
-            match thread_keys.get(answered_key(&commit.thread_mailbox, message_id))? {
-                Some(thread_id) => thread_tx(threads, &thread_id),
-                None => Ok(None),
-            }
+    for message_id in &commit.answered_seen {
+        if let Some(thread_id) =
+            thread_keys.get(answered_key(&commit.thread_mailbox, message_id))?
+        {
+            return thread_tx(threads, &thread_id);
         }
-        None => Ok(None),
     }
+    Ok(None)
 }
 
 /// The thread the keys lead to now, read inside a transaction.
@@ -1437,18 +1436,25 @@ impl Store for SledStore {
         Ok(None)
     }
 
-    fn thread_answering(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<Thread>> {
-        let Some(thread_id) = self
-            .thread_keys
-            .get(answered_key(mailbox, message_id))
-            .map_err(engine)?
-        else {
-            return Ok(None);
-        };
-        match self.threads.get(&thread_id).map_err(engine)? {
-            Some(thread) => Ok(Some(decode(&thread)?)),
-            None => Ok(None),
+    fn thread_answering(
+        &self,
+        mailbox: &str,
+        message_ids: &[String],
+    ) -> StoreResult<Option<Thread>> {
+        // As the commit's check reads it: the first id filed decides.
+        for message_id in message_ids {
+            if let Some(thread_id) = self
+                .thread_keys
+                .get(answered_key(mailbox, message_id))
+                .map_err(engine)?
+            {
+                return match self.threads.get(&thread_id).map_err(engine)? {
+                    Some(thread) => Ok(Some(decode(&thread)?)),
+                    None => Ok(None),
+                };
+            }
         }
+        Ok(None)
     }
 
     fn commit_ingest(&self, commit: &IngestCommit, source: Option<&[u8]>) -> StoreResult<()> {

@@ -290,7 +290,7 @@ fn ingest_commits_cursor_thread_and_events_together() {
             cursor_before: FolderCursor::new(1, 7),
             cursor: FolderCursor::new(1, 8),
             thread_keys_seen: vec!["<a@x>".into()],
-            answered_seen: None,
+            answered_seen: vec![],
             thread_seen: None,
             thread: Some(thread.clone()),
             new_contacts: vec![],
@@ -762,7 +762,7 @@ fn a_disconnect_forgets_what_the_integration_received() {
             cursor_before: FolderCursor::new(1, 1),
             cursor: FolderCursor::new(1, 2),
             thread_keys_seen: vec![],
-            answered_seen: None,
+            answered_seen: vec![],
             thread_seen: None,
             thread: None,
             new_contacts: vec![],
@@ -804,7 +804,7 @@ fn ingest_commit(before: FolderCursor, seen: Option<Thread>, thread: Thread) -> 
         cursor_before: before,
         cursor: FolderCursor::new(before.uid_validity, before.next_uid + 1),
         thread_keys_seen: vec!["<b@x>".into(), "<a@x>".into()],
-        answered_seen: None,
+        answered_seen: vec![],
         thread_seen: seen,
         thread: Some(thread),
         new_contacts: vec![],
@@ -829,7 +829,7 @@ fn r06_an_answered_message_finds_the_thread_that_answered_it_first() {
         connect_inbox_at(store.as_ref(), start);
         let answered_by = |store: &dyn Store| {
             store
-                .thread_answering("me@x.test", "<a@x>")
+                .thread_answering("me@x.test", &["<a@x>".into()])
                 .unwrap()
                 .map(|thread| thread.id)
         };
@@ -876,7 +876,7 @@ fn r06_an_answered_message_finds_the_thread_that_answered_it_first() {
             },
         );
         original.thread_keys_seen = vec!["<a@x>".into()];
-        original.answered_seen = Some("<a@x>".into());
+        original.answered_seen = vec!["<a@x>".into()];
         original.message_ids = vec!["<a@x>".into()];
         original.events = vec![];
         assert!(
@@ -887,7 +887,9 @@ fn r06_an_answered_message_finds_the_thread_that_answered_it_first() {
             "routed as if nothing answered it"
         );
         // ...and commits routed over the reply's thread.
-        original.thread_seen = store.thread_answering("me@x.test", "<a@x>").unwrap();
+        original.thread_seen = store
+            .thread_answering("me@x.test", &["<a@x>".into()])
+            .unwrap();
         original.thread = original.thread_seen.clone();
         store.commit_ingest(&original, None).unwrap();
         let joined = store.thread_of("me@x.test", &["<a@x>".into()]).unwrap();
