@@ -208,6 +208,23 @@ pub fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// TCP keepalive for an IMAP session. An IDLE session is silent for
+/// minutes: without probes, a connection that died on the way (NAT timeout, a
+/// dropped route) is noticed only at the next IDLE renewal; with them, within
+/// about two minutes. The first probe comes after 30 to 59 s of silence and
+/// they repeat every 10 to 14 s, drawn per connection: sessions that began
+/// together (a restart, thousands of logins in a few minutes) would otherwise
+/// probe together for good. At 10,000 sessions on one machine, such bursts
+/// overflowed the kernel's backlog queue (`netdev_max_backlog`, 1,000
+/// packets); probes were dropped three times running, and thousands of
+/// healthy sessions ended at once with "Connection timed out".
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30 + fastrand::u64(0..30)))
+        .with_interval(Duration::from_secs(10 + fastrand::u64(0..5)))
+        .with_retries(3)
+}
+
 impl ImapConnector {
     pub fn new(tls: Arc<ClientConfig>, step_timeout: Duration, egress: Egress) -> Self {
         Self {
@@ -338,14 +355,7 @@ impl ImapConnector {
         }
         let tcp = self.connect_checked(&endpoint.host, endpoint.port).await?;
         let _ = tcp.set_nodelay(true);
-        // An IDLE session is silent for minutes: without keepalive probes a
-        // connection that died on the way (NAT timeout, a dropped route) is
-        // noticed only at the next IDLE renewal. With them, within ~60 s.
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(30))
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive());
         let client = match endpoint.security {
             Security::Tls => {
                 let mut client = Client::new(self.tls_wrap(endpoint, tcp).await?);
@@ -434,6 +444,34 @@ impl ImapConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11: sessions that begin together do not probe together.
+    #[test]
+    fn keepalive_probes_are_spread_per_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut idle_times = std::collections::BTreeSet::new();
+        let mut intervals = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let stream = std::net::TcpStream::connect(address).expect("connect");
+            // Taken off the listener's queue, which would fill otherwise.
+            let _accepted = listener.accept().expect("accept");
+            let socket = socket2::SockRef::from(&stream);
+            socket.set_tcp_keepalive(&keepalive()).expect("keepalive");
+            idle_times.insert(socket.tcp_keepalive_time().expect("idle time").as_secs());
+            intervals.insert(socket.tcp_keepalive_interval().expect("interval").as_secs());
+        }
+        assert!(
+            idle_times.iter().all(|secs| (30..60).contains(secs)),
+            "{idle_times:?}"
+        );
+        assert!(idle_times.len() >= 20, "spread: {idle_times:?}");
+        assert!(
+            intervals.iter().all(|secs| (10..15).contains(secs)),
+            "{intervals:?}"
+        );
+        assert!(intervals.len() >= 3, "spread: {intervals:?}");
+    }
 
     #[test]
     fn server_words_are_taken_from_async_imaps_rendering() {
