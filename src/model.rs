@@ -583,29 +583,26 @@ pub const THREAD_REFERENCES_KEPT: usize = 20;
 
 impl Thread {
     /// Remembers a message of the thread (its id for References, its subject for replies).
+    pub fn remember(&mut self, message_id: Option<&str>, subject: Option<&str>) {
+        self.remember_at(message_id, subject, false);
+    }
+
     /// As `remember`, for a message older than the thread's others (read
     /// after its reply): its id goes first, so the newest stays last.
     pub fn remember_earlier(&mut self, message_id: Option<&str>, subject: Option<&str>) {
-        if let Some(id) = message_id
-            && !self.message_ids.iter().any(|m| m == id)
-        {
-            self.message_ids.insert(0, id.to_string());
-            let excess = self
-                .message_ids
-                .len()
-                .saturating_sub(THREAD_REFERENCES_KEPT);
-            self.message_ids.drain(..excess);
-        }
-        if self.subject.is_none() {
-            self.subject = subject.map(str::to_string);
-        }
+        self.remember_at(message_id, subject, true);
     }
 
-    pub fn remember(&mut self, message_id: Option<&str>, subject: Option<&str>) {
+    fn remember_at(&mut self, message_id: Option<&str>, subject: Option<&str>, earliest: bool) {
         if let Some(id) = message_id
             && !self.message_ids.iter().any(|m| m == id)
         {
-            self.message_ids.push(id.to_string());
+            if earliest {
+                self.message_ids.insert(0, id.to_string());
+            } else {
+                self.message_ids.push(id.to_string());
+            }
+            // The oldest go first.
             let excess = self
                 .message_ids
                 .len()

@@ -5,7 +5,7 @@ mod support;
 
 use support::{
     daemon::{Api, Daemon},
-    stack::{Stack, message, new_message_id},
+    stack::{Stack, User, message, new_message_id},
     world::{World, mail},
 };
 
@@ -689,13 +689,7 @@ async fn r01_without_qresync_a_restart_visits_every_folder() {
 /// read last, joins them: one conversation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r06_two_replies_read_before_their_original_share_its_thread() {
-    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
-    proxy.hide_capabilities(&["NOTIFY"]);
-    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
-    support::eventually("a session per folder", support::DEADLINE, async || {
-        (proxy.open_sessions() == 2).then_some(())
-    })
-    .await;
+    let (proxy, mut w) = one_session_per_folder().await;
     let config = w.daemon.config();
     w.daemon.stop().await;
 
@@ -898,6 +892,36 @@ fn config_messages(w: &World) -> std::path::PathBuf {
     w.daemon.config().storage.path.join("messages")
 }
 
+/// A contact's question in INBOX and the user's reply to it in Sent, both
+/// filed while the bridge is down.
+async fn question_and_reply_while_down(stack: &Stack, me: &User, ann: &User, subject: &str) {
+    let question_id = new_message_id("question");
+    let question = message(&ann.address, &me.address, subject, &question_id, None);
+    stack.deliver(&ann.address, &[&me.address], &question).await;
+    stack.wait_count(me, "INBOX", 1).await;
+    let reply = message(
+        &me.address,
+        &ann.address,
+        &format!("Re: {subject}"),
+        &new_message_id("answer"),
+        Some(&question_id),
+    );
+    stack.append_sent(me, &reply).await;
+}
+
+/// The world connected through a proxy that hides NOTIFY: one session per
+/// folder, as on Gmail, both open.
+async fn one_session_per_folder() -> (support::imap_proxy::ImapProxy, World) {
+    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
+    proxy.hide_capabilities(&["NOTIFY"]);
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    support::eventually("a session per folder", support::DEADLINE, async || {
+        (proxy.open_sessions() == 2).then_some(())
+    })
+    .await;
+    (proxy, w)
+}
+
 /// R6 across a restart: a contact wrote and the user replied while the bridge
 /// was down. Caught up after the restart, the reply joins its original's
 /// thread (one session reads INBOX before Sent; the next test reads them the
@@ -908,29 +932,7 @@ async fn r06_a_reply_sent_while_the_bridge_was_down_joins_its_originals_thread()
     let config = w.daemon.config();
     w.daemon.stop().await;
 
-    let question_id = new_message_id("question");
-    w.stack
-        .deliver(
-            &w.ann.address,
-            &[&w.me.address],
-            &message(
-                &w.ann.address,
-                &w.me.address,
-                "while down: a question",
-                &question_id,
-                None,
-            ),
-        )
-        .await;
-    w.stack.wait_count(&w.me, "INBOX", 1).await;
-    let reply = message(
-        &w.me.address,
-        &w.ann.address,
-        "Re: while down: a question",
-        &new_message_id("answer"),
-        Some(&question_id),
-    );
-    w.stack.append_sent(&w.me, &reply).await;
+    question_and_reply_while_down(&w.stack, &w.me, &w.ann, "while down: a question").await;
 
     w.daemon = Daemon::start(config).await;
     w.api = Api::new(&w.daemon.base);
@@ -958,39 +960,11 @@ async fn r06_a_reply_sent_while_the_bridge_was_down_joins_its_originals_thread()
 /// inbound mail from the contact, and is forwarded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r06_an_original_read_after_its_reply_joins_the_replys_thread() {
-    let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
-    proxy.hide_capabilities(&["NOTIFY"]);
-    let mut w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
-    support::eventually("a session per folder", support::DEADLINE, async || {
-        (proxy.open_sessions() == 2).then_some(())
-    })
-    .await;
+    let (proxy, mut w) = one_session_per_folder().await;
     let config = w.daemon.config();
     w.daemon.stop().await;
 
-    let question_id = new_message_id("question");
-    w.stack
-        .deliver(
-            &w.ann.address,
-            &[&w.me.address],
-            &message(
-                &w.ann.address,
-                &w.me.address,
-                "read late: a question",
-                &question_id,
-                None,
-            ),
-        )
-        .await;
-    w.stack.wait_count(&w.me, "INBOX", 1).await;
-    let reply = message(
-        &w.me.address,
-        &w.ann.address,
-        "Re: read late: a question",
-        &new_message_id("answer"),
-        Some(&question_id),
-    );
-    w.stack.append_sent(&w.me, &reply).await;
+    question_and_reply_while_down(&w.stack, &w.me, &w.ann, "read late: a question").await;
 
     let inbox = proxy.hold_next_fetch_in("INBOX");
     w.daemon = Daemon::start(config).await;
