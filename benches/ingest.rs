@@ -208,11 +208,24 @@ impl Bench {
     /// The same in mailbox `n`; one writer per mailbox at a time.
     fn handle_in(&self, n: usize, template: &str) {
         let uid = self.next_uids[n].fetch_add(1, Ordering::Relaxed);
-        let raw = template.replace("{id}", &format!("m{n}-{uid}")).replace(
+        let raw = self.raw_in(n, template, uid);
+        match self.ingest.handle(self.found_in(n, uid), raw.as_bytes()) {
+            Ok(Outcome::Queued { .. }) => {}
+            other => panic!("the message was not queued: {other:?}"),
+        }
+    }
+
+    /// Message `uid` of mailbox `n`, from a fixture template.
+    fn raw_in(&self, n: usize, template: &str, uid: u32) -> String {
+        template.replace("{id}", &format!("m{n}-{uid}")).replace(
             &format!("To: Me <{ME}>"),
             &format!("To: Me <{}>", self.addresses[n]),
-        );
-        let found = Found {
+        )
+    }
+
+    /// Where message `uid` of mailbox `n` was found: its INBOX, new.
+    fn found_in(&self, n: usize, uid: u32) -> Found<'_> {
+        Found {
             mailbox: &self.addresses[n],
             folder: FolderRole::Inbox,
             uid_validity: UID_VALIDITY,
@@ -222,40 +235,18 @@ impl Bench {
             labels: None,
             folder_name: "INBOX",
             received_at: None,
-        };
-        match self.ingest.handle(found, raw.as_bytes()) {
-            Ok(Outcome::Queued { .. }) => {}
-            other => panic!("the message was not queued: {other:?}"),
         }
     }
-}
 
-impl Bench {
     /// A catch-up batch of `count` new messages in mailbox `n`, as the
     /// watcher handles one FETCH: sources written ahead, each message
     /// committed, one flush for all.
     fn handle_batch_in(&self, n: usize, template: &str, count: u32) {
         let first = self.next_uids[n].fetch_add(count, Ordering::Relaxed);
         let raws: Vec<(u32, String)> = (first..first + count)
-            .map(|uid| {
-                let raw = template.replace("{id}", &format!("m{n}-{uid}")).replace(
-                    &format!("To: Me <{ME}>"),
-                    &format!("To: Me <{}>", self.addresses[n]),
-                );
-                (uid, raw)
-            })
+            .map(|uid| (uid, self.raw_in(n, template, uid)))
             .collect();
-        let found = |uid: u32| Found {
-            mailbox: &self.addresses[n],
-            folder: FolderRole::Inbox,
-            uid_validity: UID_VALIDITY,
-            uid,
-            cursor: FolderCursor::new(UID_VALIDITY, uid),
-            flags: None,
-            labels: None,
-            folder_name: "INBOX",
-            received_at: None,
-        };
+        let found = |uid: u32| self.found_in(n, uid);
         let fetched: Vec<(Found<'_>, &[u8])> = raws
             .iter()
             .map(|(uid, raw)| (found(*uid), raw.as_bytes()))

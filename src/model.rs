@@ -602,7 +602,7 @@ impl Thread {
             } else {
                 self.message_ids.push(id.to_string());
             }
-            // The oldest go first.
+            // Past the bound, the oldest ids go.
             let excess = self
                 .message_ids
                 .len()

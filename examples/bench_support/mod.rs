@@ -194,28 +194,41 @@ async fn spawn(config_file: &std::path::Path) -> (tokio::process::Child, u32, St
     (child, pid, base)
 }
 
-/// Established TCP connections from process `pid` to `port` (its IMAP
-/// sessions, with the server's port), read from /proc.
-pub fn connections_to(pid: u32, port: u16) -> usize {
-    let mut inodes = std::collections::HashSet::new();
+/// The machine's TCP sockets, from /proc: (local port, remote port, state
+/// in the kernel's hex code, inode).
+fn tcp_sockets() -> Vec<(u16, u16, String, String)> {
+    let port = |address: &str| {
+        address
+            .rsplit(':')
+            .next()
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+    };
+    let mut sockets = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(remote), Some(state), Some(inode)) =
-                (fields.get(2), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            let remote_port = remote
-                .rsplit(':')
-                .next()
-                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
-            if remote_port == Some(port) && *state == "01" {
-                inodes.insert(format!("socket:[{inode}]"));
+            if let (Some(local), Some(remote), Some(state), Some(inode)) = (
+                fields.get(1).and_then(|a| port(a)),
+                fields.get(2).and_then(|a| port(a)),
+                fields.get(3),
+                fields.get(9),
+            ) {
+                sockets.push((local, remote, state.to_string(), inode.to_string()));
             }
         }
     }
+    sockets
+}
+
+/// Established TCP connections from process `pid` to `port` (its IMAP
+/// sessions, with the server's port), read from /proc.
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = tcp_sockets()
+        .into_iter()
+        .filter(|(_, remote, state, _)| *remote == port && state == "01")
+        .map(|(_, _, _, inode)| format!("socket:[{inode}]"))
+        .collect();
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| {
             entries
@@ -257,21 +270,8 @@ pub async fn count_active(http: &reqwest::Client, base: &str) -> Option<usize> {
 /// (any state but LISTEN and TIME_WAIT, which no process holds), read from
 /// /proc: zero once it has let go of every session.
 pub fn server_connections(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+    tcp_sockets()
         .iter()
-        .map(|table| {
-            let text = std::fs::read_to_string(table).unwrap_or_default();
-            text.lines()
-                .skip(1)
-                .filter(|line| {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    let local_port = fields
-                        .get(1)
-                        .and_then(|local| local.rsplit(':').next())
-                        .and_then(|hex| u16::from_str_radix(hex, 16).ok());
-                    local_port == Some(port) && !matches!(fields.get(3), Some(&"0A") | Some(&"06"))
-                })
-                .count()
-        })
-        .sum()
+        .filter(|(local, _, state, _)| *local == port && state != "0A" && state != "06")
+        .count()
 }

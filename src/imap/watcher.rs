@@ -331,7 +331,7 @@ impl FolderWatcher {
             && figures.highest_modseq == cursor.highest_modseq
     }
 
-    /// Reports the folder caught up without visiting it.
+    /// Reports the folder caught up: after a sync, or by its STATUS alone.
     pub(super) fn report_caught_up(&self, folder: &str) {
         self.ctx.status.caught_up(&self.address, self.role, folder);
     }
@@ -381,7 +381,7 @@ impl FolderWatcher {
                 looks_in_a_row += 1;
                 continue;
             }
-            self.ctx.status.caught_up(&self.address, self.role, folder);
+            self.report_caught_up(folder);
             if self.role == FolderRole::Inbox {
                 self.inbox_live
                     .store(true, std::sync::atomic::Ordering::Release);

@@ -359,8 +359,7 @@ pub trait Store: Send + Sync + 'static {
     /// `commit_ingest` without its flush: the commit is visible to reads at
     /// once, but may be lost to a crash, and its events are not handed to
     /// the deliverer, until the next flush (`make_durable`, or any other
-    /// commit's) has run. A catch-up batch commits
-    /// its messages this way, each routed over the ones before it, and makes
+    /// commit's) has run. A catch-up batch commits its messages this way, each routed over the ones before it, and makes
     /// them durable together: one flush for the batch, not one per message.
     fn commit_ingest_deferred(
         &self,

@@ -848,37 +848,30 @@ fn r06_an_answered_message_finds_the_thread_that_answered_it_first() {
         let l1u1 = vec![("L1".to_string(), "u1".to_string())];
         assert!(store.synced_to("<a@x>|f", &l1u1).unwrap().is_empty());
 
+        // A new thread `id` for message `own`, routed as if none was found.
+        let starting = |next_uid: u32, id: &str, own: &str| IngestCommit {
+            thread_keys_seen: vec![own.into()],
+            message_ids: vec![own.into()],
+            events: vec![],
+            ..ingest_commit(
+                FolderCursor::new(1, next_uid),
+                None,
+                Thread {
+                    id: id.into(),
+                    ..l1_thread("L1", &[own])
+                },
+            )
+        };
+
         // Another thread that answers <a@x> does not take it over.
-        let at_two = FolderCursor::new(1, 2);
-        let mut other = ingest_commit(
-            at_two,
-            None,
-            Thread {
-                id: "thr_d".into(),
-                ..l1_thread("L1", &["<c@x>"])
-            },
-        );
-        other.thread_keys_seen = vec!["<c@x>".into()];
-        other.message_ids = vec!["<c@x>".into()];
+        let mut other = starting(2, "thr_d", "<c@x>");
         other.answers = vec!["<a@x>".into()];
-        other.events = vec![];
         store.commit_ingest(&other, None).unwrap();
         assert_eq!(answered_by(store.as_ref()), Some("thr_c".to_string()));
 
         // The original, routed before the reply committed, is refused...
-        let at_three = FolderCursor::new(1, 3);
-        let mut original = ingest_commit(
-            at_three,
-            None,
-            Thread {
-                id: "thr_e".into(),
-                ..l1_thread("L1", &["<a@x>"])
-            },
-        );
-        original.thread_keys_seen = vec!["<a@x>".into()];
+        let mut original = starting(3, "thr_e", "<a@x>");
         original.answered_seen = vec!["<a@x>".into()];
-        original.message_ids = vec!["<a@x>".into()];
-        original.events = vec![];
         assert!(
             matches!(
                 store.commit_ingest(&original, None),
