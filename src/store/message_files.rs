@@ -2,6 +2,8 @@
 //! pages, read whole or not at all. The store writes them before the commit
 //! that makes them reachable, removes them when nothing can reach them any
 //! more, and prunes them by age; nothing outside the store touches the folder.
+//! These are the CRM's sends; synced messages go to `source_segments`
+//! (older databases have theirs here, still read and pruned).
 
 use std::{
     io::Write as _,
@@ -46,44 +48,6 @@ impl MessageFiles {
     /// Writes a copy so that it survives a crash once this returns.
     pub fn write(&self, record_id: &str, copy: SourceCopy, bytes: &[u8]) -> std::io::Result<()> {
         write_durably(&self.path(record_id, copy), bytes)
-    }
-
-    /// Writes filed copies that survive a crash once this returns, synced
-    /// together: every file is written, and its write-back started, before
-    /// the first is synced, so the file system commits them in about one
-    /// go rather than one journal commit (and one for the folder) per file.
-    /// Not `syncfs`: that one waits for every file of the file system,
-    /// whoever wrote it (measured here: 8.1 ms a batch of 20, with a 171 ms
-    /// stall, against 11.5 ms this way and 12.8 ms syncing file by file).
-    pub fn write_together(&self, copies: &[(&str, &[u8])]) -> std::io::Result<()> {
-        if copies.is_empty() {
-            return Ok(());
-        }
-        crate::offload::blocking(|| {
-            let written = copies
-                .iter()
-                .map(|(record_id, bytes)| {
-                    let mut file = std::fs::File::create(self.path(record_id, SourceCopy::Filed))?;
-                    file.write_all(bytes)?;
-                    // A hint: it starts the write-back of the dirty pages
-                    // without waiting (and the copies are seldom read again).
-                    let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
-                    Ok(file)
-                })
-                .collect::<std::io::Result<Vec<_>>>()
-                .and_then(|files| {
-                    for file in &files {
-                        file.sync_all()?;
-                    }
-                    std::fs::File::open(&self.folder)?.sync_all()
-                });
-            if written.is_err() {
-                for (record_id, _) in copies {
-                    self.remove(record_id, SourceCopy::Filed);
-                }
-            }
-            written
-        })
     }
 
     pub fn read(&self, record_id: &str, copy: SourceCopy) -> std::io::Result<Option<Vec<u8>>> {

@@ -16,6 +16,7 @@ pub mod message_files;
 mod outbox_index;
 pub mod secret_box;
 pub mod sled_store;
+mod source_segments;
 #[cfg(test)]
 mod suite;
 

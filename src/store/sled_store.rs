@@ -13,8 +13,11 @@ use sled::{
 use super::{
     ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, KeptSource,
     LocatedChange, MailboxSummary, NewSend, OutboxDue, OutboxEntry, QUOTA_WINDOW_MS, Replay,
-    SendAcceptance, SourceCopy, Store, StoreError, StoreResult, message_files::MessageFiles,
-    outbox_index::OutboxIndex, secret_box::SecretBox,
+    SendAcceptance, SourceCopy, Store, StoreError, StoreResult,
+    message_files::MessageFiles,
+    outbox_index::OutboxIndex,
+    secret_box::SecretBox,
+    source_segments::{SourcePlace, SourceSegments},
 };
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, LocatedMessage, Mailbox,
@@ -85,7 +88,13 @@ pub struct SledStore {
     /// The CRM's changes to make in mailboxes, in order (sequence → MailboxChange).
     mailbox_changes: sled::Tree,
     secrets: SecretBox,
+    /// Sources kept as files of their own: CRM sends (both copies), and
+    /// synced messages' filed copies from before `segments`.
     sources: MessageFiles,
+    /// Synced messages' filed copies, appended to segment files.
+    segments: std::sync::Arc<SourceSegments>,
+    /// record id → SourcePlace of its filed copy in `segments`.
+    source_places: sled::Tree,
     bodies: PathBuf,
     /// Connect and disconnect read the mailbox's other integrations before they
     /// write; one at a time keeps that read true.
@@ -272,6 +281,7 @@ impl SledStore {
         let bodies = path.join("event-bodies");
         std::fs::create_dir_all(&bodies)?;
         let sources = MessageFiles::open(path.join("messages"))?;
+        let segments = std::sync::Arc::new(SourceSegments::open(path.join("source-segments"))?);
         let tree = |name: &str| db.open_tree(name);
         let store = Self {
             contacts: tree("contacts")?,
@@ -296,7 +306,9 @@ impl SledStore {
             record_locations: tree("record_locations")?,
             record_info: tree("record_info")?,
             mailbox_changes: tree("mailbox_changes")?,
+            source_places: tree("source_places")?,
             sources,
+            segments,
             db,
             secrets,
             bodies,
@@ -308,6 +320,30 @@ impl SledStore {
         };
         store.rebuild_outbox_index()?;
         Ok(store)
+    }
+
+    /// Keeps filed copies of synced messages: appended to a segment and
+    /// durable before their places are written, since sled also flushes on
+    /// its own and a commit must never refer to a source a crash can lose.
+    fn keep_sources(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
+        let bytes: Vec<&[u8]> = sources.iter().map(|(_, source)| *source).collect();
+        let places = self.segments.append_durably(&bytes)?;
+        let mut batch = sled::Batch::default();
+        for ((record_id, _), place) in sources.iter().zip(places) {
+            batch.insert(record_id.as_bytes(), &place.encode()[..]);
+        }
+        self.source_places.apply_batch(batch).map_err(engine)
+    }
+
+    /// Forgets a kept source no commit refers to; its bytes go with their
+    /// segment.
+    fn forget_source(&self, record_id: &str) {
+        if let Err(err) = self.source_places.remove(record_id) {
+            tracing::warn!(
+                record = record_id,
+                "forgetting a message source failed: {err}"
+            );
+        }
     }
 
     /// Serializes the writes that read before they write (mailbox records,
@@ -517,7 +553,7 @@ impl SledStore {
         // wrote it may commit it on a retry, and removes it otherwise.
         let source_kept = match source {
             KeptSource::Write(bytes) if !record_id.is_empty() => {
-                self.sources.write(&record_id, SourceCopy::Filed, bytes)?;
+                self.keep_sources(&[(&record_id, bytes)])?;
                 true
             }
             _ => false,
@@ -624,7 +660,7 @@ impl SledStore {
             )
             .map_err(tx_error);
         if committed.is_err() && source_kept {
-            self.sources.remove(&record_id, SourceCopy::Filed);
+            self.forget_source(&record_id);
         }
         committed?;
         Ok(outbox_values)
@@ -1492,11 +1528,11 @@ impl Store for SledStore {
     }
 
     fn write_sources_ahead(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
-        Ok(self.sources.write_together(sources)?)
+        self.keep_sources(sources)
     }
 
     fn drop_source_written_ahead(&self, record_id: &str) {
-        self.sources.remove(record_id, SourceCopy::Filed);
+        self.forget_source(record_id);
     }
 
     fn located(
@@ -2208,11 +2244,31 @@ impl Store for SledStore {
     }
 
     fn message_source(&self, record_id: &str, copy: SourceCopy) -> StoreResult<Option<Vec<u8>>> {
+        if copy == SourceCopy::Filed
+            && let Some(value) = self.source_places.get(record_id).map_err(engine)?
+        {
+            let place = SourcePlace::decode(&value)
+                .ok_or_else(|| StoreError::Corrupt(format!("the place of {record_id}'s source")))?;
+            return Ok(self.segments.read(place)?);
+        }
         Ok(self.sources.read(record_id, copy)?)
     }
 
     fn prune_message_sources(&self, older_than: std::time::Duration) -> StoreResult<usize> {
-        Ok(self.sources.prune(older_than))
+        let mut removed = self.sources.prune(older_than);
+        let Some(first_kept) = self.segments.prune(older_than)? else {
+            return Ok(removed);
+        };
+        // Keyed by record id, so the whole index is read: hourly at most,
+        // and only when a segment went.
+        for entry in self.source_places.iter() {
+            let (record_id, value) = entry.map_err(engine)?;
+            if SourcePlace::decode(&value).is_none_or(|place| place.segment() < first_kept) {
+                self.source_places.remove(record_id).map_err(engine)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -1135,6 +1135,10 @@ fn message_sources_live_and_die_with_their_records() {
                 .unwrap(),
             2
         );
+        assert_eq!(
+            store.message_source("msg_in", SourceCopy::Filed).unwrap(),
+            None
+        );
         assert!(
             store
                 .message_source("msg_out", SourceCopy::Submission)
