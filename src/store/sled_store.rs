@@ -250,6 +250,11 @@ struct StoredEntry {
     entry: OutboxEntry,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_file: Option<String>,
+    /// The data is that of the history entry under this key (hex): a
+    /// synced message's event carries its history record, which sled then
+    /// holds once, not twice (and not in the outbox, where values churn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_in_history: Option<String>,
 }
 
 impl SledStore {
@@ -328,11 +333,14 @@ impl SledStore {
     fn keep_sources(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
         let bytes: Vec<&[u8]> = sources.iter().map(|(_, source)| *source).collect();
         let places = self.segments.append_durably(&bytes)?;
-        let mut batch = sled::Batch::default();
+        // One by one: each place stands alone, and a sled batch (like a
+        // transaction) writes its log buffer out on its own.
         for ((record_id, _), place) in sources.iter().zip(places) {
-            batch.insert(record_id.as_bytes(), &place.encode()[..]);
+            self.source_places
+                .insert(record_id.as_bytes(), &place.encode()[..])
+                .map_err(engine)?;
         }
-        self.source_places.apply_batch(batch).map_err(engine)
+        Ok(())
     }
 
     /// Forgets a kept source no commit refers to; its bytes go with their
@@ -436,16 +444,36 @@ impl SledStore {
     /// Prepares outbox values, writing large event data to files first (fsynced),
     /// so the transaction that references them stays small and side-effect free.
     fn stored_entries(&self, events: &[Event]) -> StoreResult<Vec<PreparedEntry>> {
+        self.stored_entries_beside(events, &[])
+    }
+
+    /// `stored_entries`, for events committed with `history` (key, data):
+    /// an event whose data equals a history entry's refers to it.
+    fn stored_entries_beside(
+        &self,
+        events: &[Event],
+        history: &[(Vec<u8>, serde_json::Value)],
+    ) -> StoreResult<Vec<PreparedEntry>> {
         events
             .iter()
             .map(|event| {
-                let data = encode(&event.data)?;
-                let value = if data.len() <= INLINE_EVENT_LIMIT {
+                let in_history = history.iter().find(|(_, data)| *data == event.data);
+                let value = if let Some((history_key, _)) = in_history {
+                    let mut light = event.clone();
+                    light.data = serde_json::Value::Null;
+                    encode(&StoredEntry {
+                        entry: OutboxEntry::new(light),
+                        data_file: None,
+                        data_in_history: Some(data_encoding::HEXLOWER.encode(history_key)),
+                    })?
+                } else if encode(&event.data)?.len() <= INLINE_EVENT_LIMIT {
                     encode(&StoredEntry {
                         entry: OutboxEntry::new(event.clone()),
                         data_file: None,
+                        data_in_history: None,
                     })?
                 } else {
+                    let data = encode(&event.data)?;
                     let path = self.body_path(&event.id);
                     super::write_durably(&path, &data)?;
                     let mut light = event.clone();
@@ -453,6 +481,7 @@ impl SledStore {
                     encode(&StoredEntry {
                         entry: OutboxEntry::new(light),
                         data_file: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        data_in_history: None,
                     })?
                 };
                 Ok(PreparedEntry {
@@ -511,7 +540,21 @@ impl SledStore {
             .collect();
         let cursor_value = encode(&commit.cursor)?;
         let thread_value = commit.thread.as_ref().map(encode).transpose()?;
-        let outbox_values = self.stored_entries(&events)?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let history_entries: Vec<(Vec<u8>, serde_json::Value)> = commit
+            .history
+            .iter()
+            .map(|data| {
+                let value =
+                    serde_json::to_value(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((history_key(data, now_ms), value))
+            })
+            .collect::<StoreResult<_>>()?;
+        let history_values: Vec<(&[u8], Vec<u8>)> = history_entries
+            .iter()
+            .map(|(k, data)| Ok((k.as_slice(), encode(data)?)))
+            .collect::<StoreResult<_>>()?;
+        let outbox_values = self.stored_entries_beside(&events, &history_entries)?;
         let located_value = commit
             .located
             .as_ref()
@@ -530,12 +573,6 @@ impl SledStore {
             })
             .transpose()?;
         let cursor_at = cursor_key(&commit.mailbox, commit.folder);
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let history_values: Vec<(Vec<u8>, Vec<u8>)> = commit
-            .history
-            .iter()
-            .map(|data| Ok((history_key(data, now_ms), encode(data)?)))
-            .collect::<StoreResult<_>>()?;
         let record_id = commit
             .history
             .first()
@@ -631,7 +668,7 @@ impl SledStore {
                     }
                     cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
                     for (k, v) in &history_values {
-                        history.insert(k.as_slice(), v.as_slice())?;
+                        history.insert(*k, v.as_slice())?;
                     }
                     if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
                         threads.insert(thread.id.as_bytes(), value.as_slice())?;
@@ -757,6 +794,17 @@ impl SledStore {
             });
     }
 
+    /// The outbox's values as stored, in order.
+    #[cfg(test)]
+    pub(super) fn outbox_values_as_stored(&self) -> Vec<Vec<u8>> {
+        self.outbox
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.to_vec())
+            .collect()
+    }
+
     fn load_entry(&self, bytes: &[u8]) -> StoreResult<OutboxEntry> {
         let stored: StoredEntry = decode(bytes)?;
         let mut entry = stored.entry;
@@ -764,18 +812,32 @@ impl SledStore {
             let data = std::fs::read(self.bodies.join(file))?;
             entry.event.data = decode(&data)?;
         }
+        if let Some(history_key) = stored.data_in_history {
+            let missing = || {
+                StoreError::Corrupt(format!(
+                    "event {}: the history entry holding its data is missing",
+                    entry.event.id
+                ))
+            };
+            let history_key = data_encoding::HEXLOWER
+                .decode(history_key.as_bytes())
+                .map_err(|_| missing())?;
+            let data = self.history.get(history_key).map_err(engine)?;
+            entry.event.data = decode(&data.ok_or_else(missing)?)?;
+        }
         Ok(entry)
     }
 
     fn save_entry(&self, entry: &OutboxEntry, previous: &[u8]) -> StoreResult<Vec<u8>> {
         let stored: StoredEntry = decode(previous)?;
         let mut light = entry.clone();
-        if stored.data_file.is_some() {
+        if stored.data_file.is_some() || stored.data_in_history.is_some() {
             light.event.data = serde_json::Value::Null;
         }
         encode(&StoredEntry {
             entry: light,
             data_file: stored.data_file,
+            data_in_history: stored.data_in_history,
         })
     }
 

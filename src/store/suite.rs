@@ -14,6 +14,24 @@ fn engines() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
     vec![(dir, Box::new(store))]
 }
 
+/// Opens the store at `path` again: sled lets go of its lock a moment
+/// after the last handle of an earlier open is dropped.
+fn open_when_free(path: &std::path::Path) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledStore::open(path, secret_box::SecretBox::from_key(&[1; 32])) {
+            Ok(store) => return store,
+            Err(err)
+                if err.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::yield_now();
+            }
+            Err(err) => panic!("the store does not open again: {err:#}"),
+        }
+    }
+}
+
 fn contact(id: &str, emails: &[&str]) -> Contact {
     Contact {
         location_id: "L1".into(),
@@ -391,7 +409,7 @@ fn outbox_keeps_order_updates_and_large_bodies() {
 fn state_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+        let store = open_when_free(dir.path());
         store
             .put_contacts(&[contact("c1", &["ann@x.test"]).into()])
             .unwrap();
@@ -400,7 +418,7 @@ fn state_survives_reopening() {
             .unwrap();
         store.put_setting("k", b"v").unwrap();
     }
-    let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+    let store = open_when_free(dir.path());
     assert!(store.contact("L1", "c1").unwrap().is_some());
     assert_eq!(store.outbox_len().unwrap(), 1);
     assert_eq!(store.setting("k").unwrap().as_deref(), Some(&b"v"[..]));
@@ -1647,7 +1665,7 @@ fn a_removal_of_a_message_no_longer_located_queues_nothing() {
 #[test]
 fn the_outbox_hands_out_each_threads_oldest_entry_when_due_and_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
+    let open = || open_when_free(dir.path());
     let ids = |due: &OutboxDue| -> Vec<String> {
         due.entries
             .iter()
@@ -1788,4 +1806,59 @@ fn sources_written_ahead_stay_until_dropped() {
                 .is_some()
         );
     }
+}
+
+/// A synced message's event carries its history record: the webhook data
+/// is the record's, through a failed attempt and a reopen, and a buried
+/// entry keeps it too. (The sled store holds it once, under history.)
+#[test]
+fn a_synced_messages_event_carries_its_history_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || open_when_free(dir.path());
+    let none = |_: u64| false;
+    let record = MessageEventData {
+        id: "msg_kept_once".into(),
+        text: Some("the body, once".into()),
+        ..send_record("x", None).data
+    };
+    let record_data = serde_json::to_value(&record).unwrap();
+    {
+        let store = open();
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(&store, start);
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record.clone()];
+        commit.events = vec![
+            event("evt_message", "thr_c", record_data.clone()),
+            event("evt_other", "thr_d", serde_json::json!({"n": 2})),
+        ];
+        store.commit_ingest(&commit, None).unwrap();
+        let stored = store.outbox_values_as_stored();
+        let holds = |value: &[u8], text: &str| {
+            value
+                .windows(text.len())
+                .any(|window| window == text.as_bytes())
+        };
+        assert!(!holds(&stored[0], "the body, once"), "no second copy");
+        assert!(holds(&stored[1], "\"n\":2"), "other data stays inline");
+
+        let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+        let (sequence, mut entry) = due.entries[0].clone();
+        assert_eq!(entry.event.data, record_data);
+        entry.next_attempt_ms = 5;
+        entry.last_error = Some("502".into());
+        store.update_outbox(sequence, &entry).unwrap();
+    }
+    let store = open();
+    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+    let (sequence, entry) = due
+        .entries
+        .into_iter()
+        .find(|(_, entry)| entry.event.id == "evt_message")
+        .unwrap();
+    assert_eq!(entry.event.data, record_data, "after a retry and a reopen");
+    assert_eq!(entry.last_error.as_deref(), Some("502"));
+    store.bury_outbox(sequence, &entry).unwrap();
+    let buried = store.dead_letters(None, 10).unwrap();
+    assert_eq!(buried[0].entry.as_ref().unwrap().event.data, record_data);
 }
