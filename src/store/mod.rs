@@ -15,6 +15,7 @@ pub mod group_flush;
 pub mod message_files;
 mod outbox_index;
 pub mod secret_box;
+mod sled_durability;
 pub mod sled_store;
 mod source_segments;
 #[cfg(test)]

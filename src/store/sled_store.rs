@@ -104,6 +104,8 @@ pub struct SledStore {
     /// What is deliverable when (see `outbox_index`).
     outbox_index: std::sync::Arc<std::sync::Mutex<OutboxIndex>>,
     group_flush: std::sync::Arc<super::group_flush::GroupFlush>,
+    /// What sled's flush leaves out (see `sled_durability`).
+    durability: std::sync::Arc<super::sled_durability::SledDurability>,
     /// Outbox entries of deferred commits, handed to the index by the first
     /// flush that covers them (see `flush`).
     undelivered_until_flushed: std::sync::Arc<std::sync::Mutex<Vec<PreparedEntry>>>,
@@ -283,6 +285,8 @@ impl SledStore {
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
+        let durability = super::sled_durability::SledDurability::open(path.join("db"))
+            .map_err(|e| anyhow::anyhow!("opening the database log in {}: {e}", path.display()))?;
         let bodies = path.join("event-bodies");
         std::fs::create_dir_all(&bodies)?;
         let sources = MessageFiles::open(path.join("messages"))?;
@@ -321,6 +325,7 @@ impl SledStore {
             directory: Default::default(),
             outbox_index: Default::default(),
             group_flush: Default::default(),
+            durability: std::sync::Arc::new(durability),
             undelivered_until_flushed: Default::default(),
         };
         store.rebuild_outbox_index()?;
@@ -384,13 +389,17 @@ impl SledStore {
         crate::offload::blocking(|| {
             self.group_flush.flush(|| {
                 let covered = std::mem::take(&mut *self.undelivered());
-                let flushed = self.db.flush();
+                let flushed = self
+                    .db
+                    .flush()
+                    .map_err(engine)
+                    .and_then(|_| self.durability.sync().map(|_| ()).map_err(StoreError::Io));
                 if let Err(err) = self.index_committed(&covered) {
                     // Indexing again is harmless: the next flush tries.
                     self.undelivered().extend(covered);
                     return Err(err);
                 }
-                flushed.map(|_| ()).map_err(engine)
+                flushed
             })
         })
     }
