@@ -43,8 +43,8 @@ struct Script {
     /// The next listing (`UID FETCH n:* (UID RFC822.SIZE …)`) waits for this.
     hold_listing: Option<Arc<tokio::sync::Notify>>,
     holding: bool,
-    /// How many of the next IDLEs get a `BAD` without text.
-    idle_refusals: usize,
+    /// What the next IDLEs are answered instead of `+ idling`, in order.
+    idle_refusals: Vec<String>,
     /// How many of the next IDLEs the proxy answers itself: the continuation,
     /// then at once the tagged end of IDLE (never passed on to Dovecot).
     idle_endings: usize,
@@ -174,10 +174,24 @@ impl ImapProxy {
         self.script.lock().expect("proxy script").holding
     }
 
-    /// The next `count` IDLE commands are answered `<tag> BAD` with no
-    /// text, which async-imap 0.12 unwraps (and panics on) in `Handle::init`.
-    pub fn refuse_next_idles_without_text(&self, count: usize) {
-        self.script.lock().expect("proxy script").idle_refusals += count;
+    /// The next IDLE commands are answered `<tag> <answer>`, one answer
+    /// each, in order. Upstream async-imap 0.12 panics on a `BAD` without
+    /// text in `Handle::init` and reads past a `NO`.
+    pub fn refuse_next_idles(&self, answers: &[&str]) {
+        self.script
+            .lock()
+            .expect("proxy script")
+            .idle_refusals
+            .extend(answers.iter().map(|answer| answer.to_string()));
+    }
+
+    /// IDLE refusals still to be given.
+    pub fn idle_refusals_left(&self) -> usize {
+        self.script
+            .lock()
+            .expect("proxy script")
+            .idle_refusals
+            .len()
     }
 
     /// The next `count` APPENDs get `NO [UNAVAILABLE]` (before their literal).
@@ -308,9 +322,8 @@ async fn serve(
                 Some("NO [UNAVAILABLE] Temporary failure, try again later".to_string())
             } else if refused_as_hidden(&upper, &script.hidden) {
                 Some("BAD Unknown command".to_string())
-            } else if verb == "IDLE" && script.idle_refusals > 0 {
-                script.idle_refusals -= 1;
-                Some("BAD".to_string())
+            } else if verb == "IDLE" && !script.idle_refusals.is_empty() {
+                Some(script.idle_refusals.remove(0))
             } else if verb == "IDLE" && script.idle_endings > 0 {
                 script.idle_endings -= 1;
                 Some("OK IDLE ended by the server".to_string())

@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use crate::client::Session;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::parse::handle_unilateral;
 use crate::types::ResponseData;
 
@@ -191,22 +191,26 @@ impl<T: Read + Write + Unpin + fmt::Debug + Send> Handle<T> {
                 Response::Continue { .. } => {
                     return Ok(());
                 }
+                // mailbridge: the IDLE's own tagged answer before the
+                // continuation ends it, whatever its status, and its text may
+                // be missing (upstream panicked on a BAD without text, and
+                // waited on past a NO until the connection ended).
                 Response::Done {
                     tag,
                     status,
                     outcome,
                     ..
-                } => {
-                    if tag == self.id.as_ref().unwrap()
-                        && let Status::Bad = status
-                    {
-                        return Err(std::io::Error::new(
+                } if self.id.as_ref() == Some(tag) => {
+                    let text = outcome.information.as_deref().unwrap_or_default();
+                    return Err(match status {
+                        Status::Bad => Error::Bad(format!("IDLE refused: {text}")),
+                        Status::No => Error::No(format!("IDLE refused: {text}")),
+                        _ => std::io::Error::new(
                             std::io::ErrorKind::ConnectionRefused,
-                            outcome.information.as_ref().unwrap().to_string(),
+                            format!("IDLE ended before it began: {text}"),
                         )
-                        .into());
-                    }
-                    handle_unilateral(res, self.session.unsolicited_responses_tx.clone());
+                        .into(),
+                    });
                 }
                 _ => {
                     handle_unilateral(res, self.session.unsolicited_responses_tx.clone());
