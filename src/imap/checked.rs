@@ -477,6 +477,36 @@ pub fn internal_date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 mod tests {
     use super::{internal_date, uid_set, unescape_quoted};
 
+    /// A response nested deep enough to overflow imap-proto's recursive
+    /// parser (which would abort the process, every mailbox with it) is an
+    /// error of that session; parentheses inside a literal or a quoted
+    /// string do not count.
+    #[tokio::test]
+    async fn a_response_nested_too_deep_is_an_error_not_a_crash() {
+        use tokio::io::AsyncWriteExt as _;
+        let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+        let mut client = async_imap::Client::new(client_end);
+        let mut lines = b"* 1 FETCH (UID 9 BODY[] {70}\r\n".to_vec();
+        lines.extend([b'('; 70]);
+        lines.extend(b" FLAGS (\\Seen))\r\n* LIST () \"/\" \"");
+        lines.extend([b'('; 70]);
+        lines.extend(b"\"\r\n");
+        lines.extend(b"* 2 FETCH (BODYSTRUCTURE ");
+        lines.extend(std::iter::repeat_n(b'(', 100_000));
+        lines.extend(b"\r\n");
+        server_end.write_all(&lines).await.unwrap();
+
+        for expected in ["literal", "quoted"] {
+            let response = client.read_response().await;
+            assert!(
+                matches!(response, Ok(Some(_))),
+                "the {expected} is read: {response:?}"
+            );
+        }
+        let refused = client.read_response().await.unwrap_err();
+        assert!(refused.to_string().contains("nested deeper"), "{refused}");
+    }
+
     /// Server lines as Gmail and Dovecot send them (shared/notes/provider-wire-facts.md).
     const RECORDED: [&[u8]; 18] = [
         b"* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 UIDPLUS COMPRESS=DEFLATE ENABLE MOVE CONDSTORE ESEARCH UTF8=ACCEPT LIST-EXTENDED LIST-STATUS LITERAL- SPECIAL-USE APPENDLIMIT=35651584\r\n",

@@ -137,8 +137,9 @@ pub async fn sync_mailbox(
                 }
             }
             Ok((_, WatchEnd::Cancelled)) => {}
-            // A bug (or a library's: async-imap unwraps on a BAD without
-            // text) must not silently stop a folder's sync: it starts again.
+            // A bug (or a library's: imap-proto 0.17 panics on a response
+            // code followed by non-ASCII text, and on INTERNALDATE NIL) must
+            // not silently stop a folder's sync: it starts again.
             Err(err) if !watchers.is_cancelled() => {
                 let Some(roles) = groups.remove(&err.id()) else {
                     continue;

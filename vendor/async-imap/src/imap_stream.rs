@@ -104,6 +104,17 @@ impl<R: Read + Write + Unpin> ImapStream<R> {
         let res = ResponseData::try_new_or_recover(block, |buf| {
             let buf = &buf[..self.buffer.used()];
             log::trace!("decode: input: {:?}", std::str::from_utf8(buf));
+            // mailbridge: imap-proto parses nested lists (BODYSTRUCTURE,
+            // body extensions) by recursion without a limit; a response
+            // nested deep enough overflows the stack, which aborts the
+            // process, every session with it. Refused before it is parsed.
+            if nesting_depth(buf) > MAX_NESTING {
+                self.decode_needs = 0;
+                return Err(Some(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a response nested deeper than {MAX_NESTING} lists"),
+                )));
+            }
             match imap_proto::Response::parse(buf) {
                 Ok((remaining, response)) => {
                     // TODO: figure out if we can use a minimum required size for a response.
@@ -342,6 +353,60 @@ impl<R: Read + Write + Unpin> Stream for ImapStream<R> {
         };
         Poll::Ready(res)
     }
+}
+
+/// mailbridge: deeper than any real response (a BODYSTRUCTURE of a message
+/// with attachments inside forwarded messages nests a few levels per part),
+/// far below what overflows a 2 MiB stack.
+const MAX_NESTING: usize = 64;
+
+/// How deep the parenthesized lists of the first response in `buf` nest,
+/// as far as it has arrived; quoted strings and literals are skipped.
+fn nesting_depth(buf: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
+    while let Some(&byte) = buf.get(at) {
+        at += 1;
+        match byte {
+            b'(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' => depth = depth.saturating_sub(1),
+            b'"' => {
+                while let Some(&quoted) = buf.get(at) {
+                    at += 1;
+                    match quoted {
+                        b'\\' => at += 1,
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'{' => {
+                // `{n}` or `{n+}`, then CRLF and n bytes of data.
+                let digits = buf
+                    .get(at..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                let length = buf
+                    .get(at..at + digits)
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse::<usize>().ok());
+                let mut end = at + digits;
+                if buf.get(end) == Some(&b'+') {
+                    end += 1;
+                }
+                if let (Some(length), Some(b"}\r\n")) = (length, buf.get(end..end + 3)) {
+                    at = (end + 3).saturating_add(length);
+                }
+            }
+            b'\n' => break,
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[cfg(test)]
