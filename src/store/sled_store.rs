@@ -186,8 +186,11 @@ fn time_of_timed_key(key: &[u8], prefix_len: usize) -> Option<i64> {
     i64::try_from(u64::from_be_bytes(bytes)).ok()
 }
 
+/// One per delivery: two users of one location who both get a message from
+/// the same contact have a record each (the user is in the key).
 fn history_key(data: &MessageEventData, time_ms: i64) -> Vec<u8> {
-    timed_key(&[&data.location_id, &data.contact_id], time_ms, &data.id)
+    let record = format!("{}\0{}", data.id, data.user_id);
+    timed_key(&[&data.location_id, &data.contact_id], time_ms, &record)
 }
 
 /// Acceptance order first (send ids are time-ordered too; this makes it explicit).

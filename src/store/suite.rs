@@ -1862,3 +1862,57 @@ fn a_synced_messages_event_carries_its_history_record() {
     let buried = store.dead_letters(None, 10).unwrap();
     assert_eq!(buried[0].entry.as_ref().unwrap().event.data, record_data);
 }
+
+/// Two users of one location whose mailboxes both get a message from the
+/// same contact: each delivery keeps its own history record, and each
+/// event carries its own user's data.
+#[test]
+fn two_users_of_one_location_each_keep_their_own_record_of_a_message() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(store.as_ref(), start);
+        let record = |user: &str| MessageEventData {
+            id: "msg_shared".into(),
+            user_id: user.into(),
+            ..send_record("x", None).data
+        };
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record("u1"), record("u2")];
+        commit.events = ["u1", "u2"]
+            .iter()
+            .map(|user| {
+                event(
+                    &format!("evt_{user}"),
+                    "thr_c",
+                    serde_json::to_value(record(user)).unwrap(),
+                )
+            })
+            .collect();
+        store.commit_ingest(&commit, None).unwrap();
+
+        let mut delivered: Vec<(String, serde_json::Value)> = Vec::new();
+        let none = |_: u64| false;
+        while let Some((sequence, entry)) = store
+            .outbox_due(i64::MAX, 10, &none)
+            .unwrap()
+            .entries
+            .into_iter()
+            .next()
+        {
+            delivered.push((entry.event.id.clone(), entry.event.data["user_id"].clone()));
+            store.complete_outbox(sequence).unwrap();
+        }
+        assert_eq!(
+            delivered,
+            [
+                ("evt_u1".to_string(), serde_json::json!("u1")),
+                ("evt_u2".to_string(), serde_json::json!("u2"))
+            ]
+        );
+        let contact = &record("u1").contact_id;
+        let kept = store.history("L1", contact, None, 10).unwrap();
+        let mut users: Vec<&str> = kept.iter().map(|r| r.user_id.as_str()).collect();
+        users.sort();
+        assert_eq!(users, ["u1", "u2"]);
+    }
+}
