@@ -597,16 +597,6 @@ impl SledStore {
                 .collect(),
             None => Vec::new(),
         };
-        // Written (and synced to disk) before the commit that makes it reachable.
-        // A source written ahead stays if the commit fails: the batch that
-        // wrote it may commit it on a retry, and removes it otherwise.
-        let source_kept = match source {
-            KeptSource::Write(bytes) if !record_id.is_empty() => {
-                self.keep_sources(&[(&record_id, bytes)])?;
-                true
-            }
-            _ => false,
-        };
         let contact_values: Vec<ContactRecord> = creating
             .iter()
             .map(|contact| {
@@ -621,6 +611,17 @@ impl SledStore {
                 ))
             })
             .collect::<StoreResult<_>>()?;
+        // Written (and synced to disk) before the commit that makes it reachable,
+        // once nothing else stands before the commit.
+        // A source written ahead stays if the commit fails: the batch that
+        // wrote it may commit it on a retry, and removes it otherwise.
+        let source_kept = match source {
+            KeptSource::Write(bytes) if !record_id.is_empty() => {
+                self.keep_sources(&[(&record_id, bytes)])?;
+                true
+            }
+            _ => false,
+        };
         let committed = (
             &self.cursors,
             &self.threads,
@@ -834,7 +835,12 @@ impl SledStore {
             let history_key = data_encoding::HEXLOWER
                 .decode(history_key.as_bytes())
                 .map_err(|_| missing())?;
-            let data = self.history.get(history_key).map_err(engine)?;
+            // A failed read is tried again later, like a body file's; only
+            // a missing record sets the event aside.
+            let data = self
+                .history
+                .get(history_key)
+                .map_err(|err| StoreError::Io(std::io::Error::other(err.to_string())))?;
             entry.event.data = decode(&data.ok_or_else(missing)?)?;
         }
         Ok(entry)
