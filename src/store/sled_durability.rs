@@ -7,14 +7,29 @@
 //! calls `fsync`, every 500 ms. Until then a commit reported durable can be
 //! lost with the power. `sync` here is an `fdatasync` of the log, and of
 //! any blob file written since the last sync, with the blob folder.
+//!
+//! A failed `fdatasync` is final: Linux may mark the pages it could not
+//! write clean, so a later one succeeds without them. Every sync after a
+//! failure fails too, until the process starts again and sled reads back
+//! what its log holds.
 
-use std::{collections::HashSet, ffi::OsString, fs::File, path::PathBuf, sync::Mutex};
+use std::{collections::HashMap, ffi::OsString, fs::File, path::PathBuf, sync::Mutex};
 
 pub struct SledDurability {
     log: File,
     blobs: PathBuf,
-    /// Blob files already synced (and still there at the last look).
-    synced: Mutex<HashSet<OsString>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Blob files synced, with their length then (a blob sled was still
+    /// writing is synced again once it has grown), still there at the last look.
+    synced: HashMap<OsString, u64>,
+    /// Why an earlier sync failed.
+    failed: Option<String>,
+    #[cfg(test)]
+    fail_next: bool,
 }
 
 impl SledDurability {
@@ -24,31 +39,59 @@ impl SledDurability {
         Ok(Self {
             log: File::open(folder.join("db"))?,
             blobs: folder.join("blobs"),
-            synced: Mutex::default(),
+            state: Mutex::default(),
         })
     }
 
     /// Makes what sled's `flush` wrote durable; call after it. Returns how
     /// many blob files it synced.
     pub fn sync(&self) -> std::io::Result<usize> {
-        self.log.sync_data()?;
-        let mut already = self
-            .synced
+        let mut state = self
+            .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(failed) = &state.failed {
+            return Err(std::io::Error::other(format!(
+                "an earlier fsync of the database failed ({failed}); restart to recover"
+            )));
+        }
+        let synced = Self::sync_all(&self.log, &self.blobs, &mut state);
+        if let Err(err) = &synced {
+            tracing::error!(
+                "syncing the database failed, nothing more is durable until a restart: {err}"
+            );
+            state.failed = Some(err.to_string());
+        }
+        synced
+    }
+
+    fn sync_all(log: &File, blobs: &std::path::Path, state: &mut State) -> std::io::Result<usize> {
+        #[cfg(test)]
+        if std::mem::take(&mut state.fail_next) {
+            return Err(std::io::Error::other("injected: the disk went away"));
+        }
+        log.sync_data()?;
         // Blobs are rare: the folder is most often empty, and reading it
         // costs a few microseconds.
-        let entries = match std::fs::read_dir(&self.blobs) {
+        let entries = match std::fs::read_dir(blobs) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(err) => return Err(err),
         };
-        let mut present = HashSet::new();
+        let mut present = HashMap::new();
         let mut synced = 0;
         for entry in entries {
-            let name = entry?.file_name();
-            if !already.contains(&name) {
-                match File::open(self.blobs.join(&name)) {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Read before the sync: should sled still be writing it, the
+            // next sync sees it longer and syncs it again.
+            let length = match entry.metadata() {
+                Ok(metadata) => metadata.len(),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            if state.synced.get(&name) != Some(&length) {
+                match File::open(blobs.join(&name)) {
                     Ok(blob) => blob.sync_data()?,
                     // Collected by sled meanwhile.
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
@@ -56,12 +99,12 @@ impl SledDurability {
                 }
                 synced += 1;
             }
-            present.insert(name);
+            present.insert(name, length);
         }
         if synced > 0 {
-            File::open(&self.blobs)?.sync_all()?;
+            File::open(blobs)?.sync_all()?;
         }
-        *already = present;
+        state.synced = present;
         Ok(synced)
     }
 }
@@ -90,5 +133,22 @@ mod tests {
         std::fs::write(blobs.join("8192"), b"blob").unwrap();
         std::fs::remove_file(blobs.join("4096")).unwrap();
         assert_eq!(durability.sync().unwrap(), 1, "only the new one");
+        std::fs::write(blobs.join("8192"), b"blob, written on").unwrap();
+        assert_eq!(durability.sync().unwrap(), 1, "one that grew since");
+    }
+
+    #[test]
+    fn after_a_failed_sync_every_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        db.flush().unwrap();
+        let durability = SledDurability::open(dir.path().join("db")).unwrap();
+        durability.state.lock().unwrap().fail_next = true;
+        assert!(durability.sync().is_err());
+        let err = durability.sync().unwrap_err();
+        assert!(err.to_string().contains("restart"), "{err}");
     }
 }

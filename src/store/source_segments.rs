@@ -12,6 +12,7 @@
 //! their segment goes.
 
 use std::{
+    collections::HashSet,
     fs::File,
     io::Write as _,
     os::unix::fs::FileExt as _,
@@ -74,6 +75,8 @@ pub struct SourceSegments {
     sync_group: GroupFlush,
     max_bytes: u64,
     span: Duration,
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -82,7 +85,11 @@ struct Appending {
     /// The highest segment number in use or used before.
     last_number: u64,
     /// Segments that took their last append since the last sync.
-    closed_unsynced: Vec<Arc<File>>,
+    closed_unsynced: Vec<(u64, Arc<File>)>,
+    /// Segments whose sync failed. A later `fdatasync` of the same file can
+    /// succeed without the lost pages ever reaching the disk (Linux marks
+    /// them clean), so whatever was appended to them is never durable.
+    failed: HashSet<u64>,
     /// A segment was created since the last sync: its name is not durable yet.
     folder_unsynced: bool,
 }
@@ -107,6 +114,8 @@ impl SourceSegments {
             sync_group: GroupFlush::default(),
             max_bytes,
             span,
+            #[cfg(test)]
+            fail_next_sync: Default::default(),
         };
         // Never append after a restart to a segment a crash may have cut:
         // new appends go to a new one.
@@ -146,6 +155,7 @@ impl SourceSegments {
         crate::offload::blocking(|| {
             let places = self.append(sources)?;
             self.sync_group.flush(|| self.sync())?;
+            self.refuse_failed(&places)?;
             Ok(places)
         })
     }
@@ -172,7 +182,7 @@ impl SourceSegments {
                 // the next source would start. Close it; the next append
                 // opens a new segment.
                 if let Some(broken) = appending.current.take() {
-                    appending.closed_unsynced.push(broken.file);
+                    appending.closed_unsynced.push((broken.number, broken.file));
                 }
                 return Err(err);
             }
@@ -195,7 +205,7 @@ impl SourceSegments {
                     || segment.opened.elapsed() >= self.span)
         });
         if full && let Some(closed) = appending.current.take() {
-            appending.closed_unsynced.push(closed.file);
+            appending.closed_unsynced.push((closed.number, closed.file));
         }
         if appending.current.is_none() {
             let number = appending.last_number + 1;
@@ -218,38 +228,74 @@ impl SourceSegments {
             .ok_or_else(|| std::io::Error::other("no segment open right after opening one"))
     }
 
+    /// An error if any of `places` lies in a segment whose sync failed,
+    /// whoever's flush met the failure.
+    fn refuse_failed(&self, places: &[SourcePlace]) -> std::io::Result<()> {
+        let appending = self.lock();
+        match places
+            .iter()
+            .find(|place| appending.failed.contains(&place.segment))
+        {
+            Some(place) => Err(std::io::Error::other(format!(
+                "syncing source segment {} failed earlier: its sources are not durable",
+                place.segment
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Makes every append so far durable: the segments written since the
-    /// last sync, and the names of those created since.
+    /// last sync, and the names of those created since. A segment whose
+    /// sync fails takes no more appends and is never counted durable.
     fn sync(&self) -> std::io::Result<()> {
-        let (mut files, folder) = {
+        let (files, folder) = {
             let mut appending = self.lock();
             let mut files = std::mem::take(&mut appending.closed_unsynced);
             if let Some(segment) = &appending.current {
-                files.push(segment.file.clone());
+                files.push((segment.number, segment.file.clone()));
             }
             (files, std::mem::take(&mut appending.folder_unsynced))
         };
-        let synced =
-            files
-                .iter()
-                .try_for_each(|file| file.sync_data())
-                .and_then(|()| match folder {
-                    true => File::open(&self.folder)?.sync_all(),
-                    false => Ok(()),
-                });
-        if synced.is_err() {
-            // Not durable: the next sync tries these again.
-            let mut appending = self.lock();
-            appending.folder_unsynced |= folder;
-            files.retain(|file| {
-                !appending
-                    .current
-                    .as_ref()
-                    .is_some_and(|segment| Arc::ptr_eq(&segment.file, file))
-            });
-            appending.closed_unsynced.append(&mut files);
+        let mut failed = None;
+        for (number, file) in &files {
+            if let Err(err) = self.sync_data(file) {
+                failed = Some((*number, err));
+                break;
+            }
         }
-        synced
+        if let Some((number, err)) = failed {
+            let mut appending = self.lock();
+            // The rest of this round may be fine, but is not known to be.
+            appending
+                .failed
+                .extend(files.iter().map(|(number, _)| *number));
+            appending.folder_unsynced |= folder;
+            if appending
+                .current
+                .as_ref()
+                .is_some_and(|segment| appending.failed.contains(&segment.number))
+            {
+                appending.current = None;
+            }
+            tracing::error!("syncing source segment {number} failed: {err}");
+            return Err(err);
+        }
+        if folder && let Err(err) = File::open(&self.folder).and_then(|f| f.sync_all()) {
+            self.lock().folder_unsynced = true;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self, file: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_next_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::other("injected: the disk went away"));
+        }
+        file.sync_data()
     }
 
     /// The source at `place`; None when its segment is gone (retention).
@@ -269,8 +315,13 @@ impl SourceSegments {
                 ),
             )
         };
+        let segment_length = file.metadata()?.len();
+        if segment_length == 0 {
+            // Emptied by retention.
+            return Ok(None);
+        }
         let end = place.offset.checked_add(u64::from(place.length));
-        if end.is_none_or(|end| end > file.metadata().map(|m| m.len()).unwrap_or(0)) {
+        if end.is_none_or(|end| end > segment_length) {
             return Err(corrupt("lies past the segment's end"));
         }
         let mut bytes = vec![0; place.length as usize];
@@ -297,7 +348,9 @@ impl SourceSegments {
         // Segments fill one after another, so the old ones come first; stop
         // at the first young one.
         let mut removed_any = false;
-        for number in self.numbers()? {
+        let numbers = self.numbers()?;
+        let highest = numbers.last().copied();
+        for number in numbers {
             if !old(number) {
                 return Ok(removed_any.then_some(number));
             }
@@ -308,7 +361,19 @@ impl SourceSegments {
             {
                 appending.current = None;
             }
-            std::fs::remove_file(self.path(number))?;
+            let path = self.path(number);
+            if Some(number) == highest {
+                // Emptied, not removed: its number tells the next start where
+                // to go on, so no number is ever given twice (places of a
+                // removed segment may outlive it in the index by a crash).
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                if file.metadata()?.len() == 0 {
+                    break;
+                }
+                file.set_len(0)?;
+            } else {
+                std::fs::remove_file(path)?;
+            }
             removed_any = true;
         }
         Ok(removed_any.then_some(appending.last_number + 1))
@@ -381,6 +446,53 @@ mod tests {
         assert_eq!(segments.read(place).unwrap(), None);
         let next = segments.append_durably(&[b"next"]).unwrap()[0];
         assert_eq!(next.segment(), 2, "the pruned open segment is not reused");
+    }
+
+    /// Retention that empties every segment still leaves the last number
+    /// behind: a restart never hands out a number whose places may linger.
+    #[test]
+    fn a_restart_after_everything_was_pruned_goes_on_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("s");
+        let before = {
+            let segments = SourceSegments::open(folder.clone()).unwrap();
+            let place = segments.append_durably(&[b"kept a while"]).unwrap()[0];
+            assert_eq!(segments.prune(Duration::ZERO).unwrap(), Some(2));
+            assert_eq!(
+                segments.prune(Duration::ZERO).unwrap(),
+                None,
+                "nothing left"
+            );
+            place
+        };
+        let again = SourceSegments::open(folder).unwrap();
+        assert_eq!(again.read(before).unwrap(), None);
+        let after = again.append_durably(&[b"new"]).unwrap()[0];
+        assert_eq!(after.segment(), 2);
+    }
+
+    /// After a failed `fdatasync`, a later one of the same file may succeed
+    /// with the pages lost: no source in that segment is ever reported
+    /// durable, whoever's flush met the failure, and appends go on in a new
+    /// segment.
+    #[test]
+    fn a_failed_sync_is_never_followed_by_a_false_durable() {
+        let (_dir, segments) = segments(SEGMENT_BYTES);
+        let first = segments.append(&[b"first"]).unwrap();
+        segments
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(segments.append_durably(&[b"second"]).is_err());
+        // `first` was appended before the failed sync; its writer's flush
+        // comes after and finds nothing left to sync.
+        segments.sync_group.flush(|| segments.sync()).unwrap();
+        assert!(segments.refuse_failed(&first).is_err());
+        let next = segments.append_durably(&[b"next"]).unwrap();
+        assert_eq!(next[0].segment(), 2, "a new segment");
+        assert_eq!(
+            segments.read(next[0]).unwrap().as_deref(),
+            Some(&b"next"[..])
+        );
     }
 
     #[test]
