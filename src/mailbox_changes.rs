@@ -69,8 +69,8 @@ impl MailboxChanges {
                 next = Some(next.map_or(change.next_attempt_ms, |n| n.min(change.next_attempt_ms)));
                 continue;
             }
-            // imap-proto panics on some malformed answers: a server any
-            // tenant chooses must not stop this worker for every mailbox.
+            // Should the IMAP parser panic on a malformed answer, a server
+            // any tenant chooses must not stop this worker for every mailbox.
             let applied = {
                 use futures_util::FutureExt as _;
                 std::panic::AssertUnwindSafe(self.apply(&change))

@@ -133,32 +133,3 @@ pub fn run_long(
     eprintln!("{cases} cases in {:?}, no failure", started.elapsed());
     cases
 }
-
-/// Whether a caught panic is one of imap-proto 0.17's two known ones,
-/// found by these tests: a response code followed by non-ASCII text
-/// (`Outcome::parse` slices a `&str` at byte 1) and `INTERNALDATE NIL`
-/// (`msg_att_internal_date` unwraps it). `ImapConnector::open` contains them
-/// at login, the watchers' supervisor in a session; a new kind fails the test.
-pub fn is_known_imap_proto_panic(payload: &(dyn std::any::Any + Send)) -> bool {
-    let text = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or_default();
-    text.contains("is not a char boundary")
-        || text.contains("called `Option::unwrap()` on a `None` value")
-}
-
-/// Keeps the known imap-proto panic (caught and counted by the fuzz tests)
-/// out of the test output; any other panic is printed as usual.
-pub fn quiet_known_panics() {
-    static QUIET: std::sync::Once = std::sync::Once::new();
-    QUIET.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !is_known_imap_proto_panic(info.payload()) {
-                default(info);
-            }
-        }));
-    });
-}
