@@ -133,6 +133,12 @@ struct PreparedEntry {
 /// A contact ready to insert: its key, its value, its address index keys.
 type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
 
+/// The layout this build writes. 2: synced messages' sources in segment
+/// files, outbox events that refer to their history record, history keys
+/// that name the user (unmarked data is 1, and is read as it is).
+const STORE_FORMAT: u64 = 2;
+const STORE_FORMAT_KEY: &str = "\u{0}store-format";
+
 /// sled's page cache.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -331,8 +337,35 @@ impl SledStore {
             durability: std::sync::Arc::new(durability),
             undelivered_until_flushed: Default::default(),
         };
+        store.check_format(path)?;
         store.rebuild_outbox_index()?;
         Ok(store)
+    }
+
+    /// Refuses data written by a newer build, which this one would misread
+    /// (an older build reads an outbox event that refers to its history
+    /// record as an event without data), and marks the data as this
+    /// build's format otherwise.
+    fn check_format(&self, path: &Path) -> anyhow::Result<()> {
+        let stored = self
+            .settings
+            .get(STORE_FORMAT_KEY)?
+            .and_then(|value| <[u8; 8]>::try_from(value.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        match stored {
+            Some(format) if format > STORE_FORMAT => anyhow::bail!(
+                "the data in {} was written by a newer mailbridge (store format {format}; this \
+                 build reads up to {STORE_FORMAT}): run that version or a newer one",
+                path.display()
+            ),
+            Some(format) if format == STORE_FORMAT => Ok(()),
+            _ => {
+                self.settings
+                    .insert(STORE_FORMAT_KEY, &STORE_FORMAT.to_be_bytes())?;
+                self.db.flush()?;
+                Ok(())
+            }
+        }
     }
 
     /// Keeps filed copies of synced messages: appended to a segment and

@@ -1916,3 +1916,29 @@ fn two_users_of_one_location_each_keep_their_own_record_of_a_message() {
         assert_eq!(users, ["u1", "u2"]);
     }
 }
+
+/// Data written by a newer build is refused with words that say so, not
+/// misread (an older build delivered events without their data).
+#[test]
+fn data_from_a_newer_build_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_when_free(dir.path());
+        store
+            .put_setting("\u{0}store-format", &99u64.to_be_bytes())
+            .unwrap();
+    }
+    let refused = loop {
+        match SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])) {
+            Err(err) if err.to_string().contains("could not acquire lock") => {
+                std::thread::yield_now()
+            }
+            Err(err) => break err,
+            Ok(_) => panic!("a newer format was opened"),
+        }
+    };
+    assert!(
+        refused.to_string().contains("newer mailbridge"),
+        "{refused:#}"
+    );
+}
