@@ -352,6 +352,7 @@ impl SourceSegments {
         let highest = numbers.last().copied();
         for number in numbers {
             if !old(number) {
+                appending.failed.retain(|failed| *failed >= number);
                 return Ok(removed_any.then_some(number));
             }
             if appending
@@ -376,7 +377,9 @@ impl SourceSegments {
             }
             removed_any = true;
         }
-        Ok(removed_any.then_some(appending.last_number + 1))
+        let first_kept = appending.last_number + 1;
+        appending.failed.retain(|number| *number >= first_kept);
+        Ok(removed_any.then_some(first_kept))
     }
 }
 
