@@ -29,6 +29,27 @@ use crate::{
     wakeup::Wakeup,
 };
 
+/// The soonest a session logs in again to renew its token.
+const SHORTEST_RELOGIN: Duration = Duration::from_secs(5);
+
+/// How long after `now` to log in again with a token renewed `margin`
+/// before `expires_at`.
+fn relogin_after(margin: TimeDelta, expires_at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    // Never sooner than this, however short the token: no login storm.
+    let floor = margin
+        .min(TimeDelta::seconds(30))
+        .to_std()
+        .unwrap_or_default();
+    let left = expires_at
+        .checked_sub_signed(margin)
+        .map(|renew_at| renew_at - now)
+        .and_then(|left| left.to_std().ok())
+        .unwrap_or_default();
+    // A provider that issues tokens living a second or none (`expires_in`
+    // 0) costs a login every few seconds per session, not a storm.
+    left.max(floor).max(SHORTEST_RELOGIN)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// The credentials are dead; `needs_reauth` is recorded. Nothing more is
@@ -111,7 +132,11 @@ impl Auth {
     /// token is not renewed at every login.
     fn margin_for(&self, issued_at: Option<DateTime<Utc>>, expires_at: DateTime<Utc>) -> TimeDelta {
         match issued_at {
-            Some(issued_at) => self.refresh_margin.min((expires_at - issued_at) / 2),
+            // Never below zero: a token that expires as it is issued (or,
+            // by the clock, before) has no lifetime to split.
+            Some(issued_at) => self
+                .refresh_margin
+                .min(((expires_at - issued_at) / 2).max(TimeDelta::zero())),
             None => self.refresh_margin,
         }
     }
@@ -297,16 +322,11 @@ impl Auth {
         else {
             return None;
         };
-        let margin = self.margin_for(issued_at, expires_at);
-        // Never sooner than this, however short the token: no login storm.
-        let floor = margin
-            .min(TimeDelta::seconds(30))
-            .to_std()
-            .unwrap_or_default();
-        let left = (expires_at - margin - Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        Some(left.max(floor).max(Duration::from_secs(1)))
+        Some(relogin_after(
+            self.margin_for(issued_at, expires_at),
+            expires_at,
+            Utc::now(),
+        ))
     }
 
     /// A password was refused. Returns whether that is now believed: an earlier
@@ -375,5 +395,31 @@ impl Auth {
                 tracing::error!(mailbox = address, "recording needs_reauth failed: {err:#}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token renewed well before it expires, a short-lived one not at
+    /// every moment, and one that is already expired (or lives no time at
+    /// all) at most every few seconds; a margin as large as config allows
+    /// is no panic.
+    #[test]
+    fn sessions_log_in_again_before_expiry_and_never_in_a_storm() {
+        let now = Utc::now();
+        let hour = relogin_after(TimeDelta::minutes(5), now + TimeDelta::hours(1), now);
+        assert_eq!(hour, Duration::from_secs(55 * 60));
+        let six_seconds = relogin_after(TimeDelta::seconds(3), now + TimeDelta::seconds(6), now);
+        assert_eq!(six_seconds, SHORTEST_RELOGIN, "before the 6 s are up");
+        for expired in [now, now - TimeDelta::seconds(1)] {
+            assert_eq!(
+                relogin_after(TimeDelta::zero(), expired, now),
+                SHORTEST_RELOGIN
+            );
+        }
+        let huge = relogin_after(TimeDelta::MAX, now + TimeDelta::hours(1), now);
+        assert_eq!(huge, Duration::from_secs(30));
     }
 }

@@ -82,7 +82,7 @@ async fn prune_message_sources(store: Arc<dyn Store>, days: u64, shutdown: Cance
     if days == 0 {
         return;
     }
-    let keep = Duration::from_secs(days * 24 * 3600);
+    let keep = Duration::from_secs(days.saturating_mul(24 * 3600));
     loop {
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.prune_message_sources(keep)).await {

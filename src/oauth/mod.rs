@@ -320,14 +320,19 @@ impl ProviderClient {
     }
 }
 
+/// Longer than any provider's access tokens live (an hour or a day): a
+/// larger `expires_in` is taken as this, not added to the clock (where a
+/// large enough one overflowed chrono's dates and panicked).
+const LONGEST_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
 fn grant(answer: TokenAnswer) -> Grant {
     Grant {
         access_token: answer.access_token().secret().clone(),
         refresh_token: answer.refresh_token().map(|t| t.secret().clone()),
         expires_at: answer
             .expires_in()
-            .and_then(|d| chrono::TimeDelta::from_std(d).ok())
-            .map(|d| Utc::now() + d),
+            .and_then(|d| chrono::TimeDelta::from_std(d.min(LONGEST_TOKEN_LIFETIME)).ok())
+            .and_then(|d| Utc::now().checked_add_signed(d)),
         id_token: answer.extra_fields().id_token.clone(),
     }
 }
@@ -401,6 +406,20 @@ mod tests {
             encode(&serde_json::json!({"alg": "RS256"})),
             encode(&claims)
         )
+    }
+
+    /// A token endpoint's `expires_in` is the provider's to choose: however
+    /// large, it is a date, never a panic.
+    #[test]
+    fn any_expires_in_gives_a_date() {
+        for (expires_in, at_most_days) in [(3_599u64, 1), (0, 1), (10_000_000_000_000, 366)] {
+            let answer: TokenAnswer = serde_json::from_value(serde_json::json!({
+                "access_token": "x", "token_type": "Bearer", "expires_in": expires_in
+            }))
+            .unwrap();
+            let expires_at = grant(answer).expires_at.unwrap();
+            assert!(expires_at <= Utc::now() + chrono::TimeDelta::days(at_most_days));
+        }
     }
 
     #[test]
