@@ -253,9 +253,10 @@ impl Ingest {
     pub fn batch(&self, fetched: &[(Found<'_>, &[u8])]) -> StoreResult<IngestBatch<'_>> {
         let mut ahead: Vec<(u32, String, &[u8])> = Vec::new();
         for &(found, raw) in fetched {
-            // Parsed again when handled: the batch holds the raw messages
-            // the memory budget counts, not their decoded text as well.
-            let message = mime::parse(raw);
+            // The rules read headers only: the body is decoded once, when
+            // the message's turn comes (the batch holds the raw messages the
+            // memory budget counts, not their decoded text as well).
+            let message = mime::parse_headers_only(raw);
             if self.would_sync(found, &message, raw)? {
                 ahead.push((found.uid, new_id("msg"), raw));
             }

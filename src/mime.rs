@@ -23,6 +23,26 @@ pub fn parse(raw: &[u8]) -> Message {
     }
 }
 
+/// The message's headers alone (no body decoded): all the sync rules read.
+/// A catch-up batch's guess of what will sync takes this, and leaves the
+/// full parse to the message's turn.
+pub fn parse_headers_only(raw: &[u8]) -> Message {
+    let read = std::panic::catch_unwind(|| {
+        let mut message = Message::default();
+        match mailparse::parse_headers(raw) {
+            Ok((headers, _)) => read_headers(&headers, &mut message),
+            Err(err) => message
+                .parse_warnings
+                .push(format!("headers unreadable: {err}")),
+        }
+        message
+    });
+    read.unwrap_or_else(|_| Message {
+        parse_warnings: vec!["the MIME parser panicked on this message".into()],
+        ..Message::default()
+    })
+}
+
 fn parse_inner(raw: &[u8]) -> Message {
     let mut message = Message::default();
     match mailparse::parse_mail(raw) {
@@ -267,6 +287,34 @@ mod tests {
         assert_eq!(m.date.unwrap().to_rfc3339(), "2026-05-05T08:11:12+00:00");
         assert_eq!(m.text.as_deref(), Some("hello\r\n"));
         assert!(m.parse_warnings.is_empty(), "{:?}", m.parse_warnings);
+    }
+
+    /// What the rules read is the same from the headers alone as from the
+    /// whole message; the body is left undecoded.
+    #[test]
+    fn the_headers_alone_say_what_the_rules_read() {
+        let raw = concat!(
+            "From: Ann <ann@x.test>\r\nTo: me@y.test\r\nCc: bob@x.test\r\n",
+            "Subject: =?utf-8?q?Gr=C3=B6=C3=9Fe?=\r\nMessage-ID: <m@x>\r\n",
+            "In-Reply-To: <o@y>\r\nReferences: <r@y> <o@y>\r\n",
+            "Delivered-To: me@y.test\r\nDate: Tue, 5 May 2026 10:11:12 +0200\r\n",
+            "Content-Type: multipart/alternative; boundary=b\r\n\r\n",
+            "--b\r\nContent-Type: text/plain; charset=utf-8\r\n",
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe\r\n--b--\r\n",
+        );
+        let whole = parse(raw.as_bytes());
+        let headers = parse_headers_only(raw.as_bytes());
+        assert_eq!(
+            Message {
+                text: None,
+                html: None,
+                attachments: Vec::new(),
+                ..whole.clone()
+            },
+            headers
+        );
+        assert_eq!(whole.text.as_deref(), Some("Grüße"));
+        assert_eq!(headers.text, None);
     }
 
     #[test]
