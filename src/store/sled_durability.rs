@@ -10,8 +10,8 @@
 //!
 //! A failed `fdatasync` is final: Linux may mark the pages it could not
 //! write clean, so a later one succeeds without them. Every sync after a
-//! failure fails too, until the process starts again and sled reads back
-//! what its log holds.
+//! failure fails too (`SyncError::Lost`), and the store ends the process, so
+//! that its restart reads back what sled's log holds.
 
 use std::{collections::HashMap, ffi::OsString, fs::File, path::PathBuf, sync::Mutex};
 
@@ -19,6 +19,16 @@ pub struct SledDurability {
     log: File,
     blobs: PathBuf,
     state: Mutex<State>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// An `fsync` failed: what it covered may never reach the disk, and a
+    /// later one can succeed without it.
+    #[error("{0}")]
+    Lost(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 #[derive(Default)]
@@ -44,39 +54,44 @@ impl SledDurability {
     }
 
     /// Makes what sled's `flush` wrote durable; call after it. Returns how
-    /// many blob files it synced.
-    pub fn sync(&self) -> std::io::Result<usize> {
+    /// many blob files it synced. `Lost` when an `fsync` failed, now or
+    /// before: nothing written since can be counted durable.
+    pub fn sync(&self) -> Result<usize, SyncError> {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(failed) = &state.failed {
-            return Err(std::io::Error::other(format!(
-                "an earlier fsync of the database failed ({failed}); restart to recover"
+            return Err(SyncError::Lost(format!(
+                "an earlier fsync of the database failed ({failed})"
             )));
         }
         let synced = Self::sync_all(&self.log, &self.blobs, &mut state);
-        if let Err(err) = &synced {
-            tracing::error!(
-                "syncing the database failed, nothing more is durable until a restart: {err}"
-            );
-            state.failed = Some(err.to_string());
+        if let Err(SyncError::Lost(words)) = &synced {
+            state.failed = Some(words.clone());
         }
         synced
     }
 
-    fn sync_all(log: &File, blobs: &std::path::Path, state: &mut State) -> std::io::Result<usize> {
+    fn sync_all(
+        log: &File,
+        blobs: &std::path::Path,
+        state: &mut State,
+    ) -> Result<usize, SyncError> {
+        // Only a failed sync is final; failing to list or open a file (too
+        // many open files, say) leaves what is on disk as it was.
+        let lost = |err: std::io::Error| SyncError::Lost(err.to_string());
         #[cfg(test)]
         if std::mem::take(&mut state.fail_next) {
-            return Err(std::io::Error::other("injected: the disk went away"));
+            return Err(SyncError::Lost("injected: the disk went away".into()));
         }
-        log.sync_data()?;
+        log.sync_data().map_err(lost)?;
         // Blobs are rare: the folder is most often empty, and reading it
         // costs a few microseconds.
         let entries = match std::fs::read_dir(blobs) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(err) => return Err(err),
+            Err(err) => return Err(err.into()),
         };
         let mut present = HashMap::new();
         let mut synced = 0;
@@ -88,21 +103,21 @@ impl SledDurability {
             let length = match entry.metadata() {
                 Ok(metadata) => metadata.len(),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(err),
+                Err(err) => return Err(err.into()),
             };
             if state.synced.get(&name) != Some(&length) {
                 match File::open(blobs.join(&name)) {
-                    Ok(blob) => blob.sync_data()?,
+                    Ok(blob) => blob.sync_data().map_err(lost)?,
                     // Collected by sled meanwhile.
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(err) => return Err(err),
+                    Err(err) => return Err(err.into()),
                 }
                 synced += 1;
             }
             present.insert(name, length);
         }
         if synced > 0 {
-            File::open(blobs)?.sync_all()?;
+            File::open(blobs)?.sync_all().map_err(lost)?;
         }
         state.synced = present;
         Ok(synced)
@@ -137,6 +152,26 @@ mod tests {
         assert_eq!(durability.sync().unwrap(), 1, "one that grew since");
     }
 
+    /// Failing to read the blob folder (too many open files, say) is no
+    /// failed sync: the next one goes on.
+    #[test]
+    fn an_error_that_is_no_failed_sync_is_not_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        db.flush().unwrap();
+        let durability = SledDurability::open(dir.path().join("db")).unwrap();
+        let blobs = dir.path().join("db").join("blobs");
+        std::fs::remove_dir_all(&blobs).unwrap();
+        std::fs::write(&blobs, b"not a folder").unwrap();
+        assert!(matches!(durability.sync(), Err(SyncError::Io(_))));
+        std::fs::remove_file(&blobs).unwrap();
+        std::fs::create_dir(&blobs).unwrap();
+        assert_eq!(durability.sync().unwrap(), 0);
+    }
+
     #[test]
     fn after_a_failed_sync_every_sync_fails() {
         let dir = tempfile::tempdir().unwrap();
@@ -147,8 +182,9 @@ mod tests {
         db.flush().unwrap();
         let durability = SledDurability::open(dir.path().join("db")).unwrap();
         durability.state.lock().unwrap().fail_next = true;
-        assert!(durability.sync().is_err());
+        assert!(matches!(durability.sync(), Err(SyncError::Lost(_))));
         let err = durability.sync().unwrap_err();
-        assert!(err.to_string().contains("restart"), "{err}");
+        assert!(matches!(err, SyncError::Lost(_)), "{err}");
+        assert!(err.to_string().contains("earlier fsync"), "{err}");
     }
 }

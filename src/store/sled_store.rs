@@ -142,6 +142,18 @@ const STORE_FORMAT_KEY: &str = "\u{0}store-format";
 /// sled's page cache.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// An `fsync` of the database failed. Linux may have dropped the pages it
+/// could not write and marked them clean, so no later flush can say what is
+/// on disk, while the process would go on delivering events of commits that
+/// may be lost. The process ends instead (as PostgreSQL does); its restart
+/// reads back what the disk holds, and sync resumes from the durable cursors.
+fn durability_lost(words: &str) -> ! {
+    tracing::error!(
+        "syncing the database to disk failed ({words}): stopping, so that a restart reads back what the disk holds"
+    );
+    std::process::exit(74)
+}
+
 fn engine(err: sled::Error) -> StoreError {
     StoreError::Engine(err.to_string())
 }
@@ -347,11 +359,16 @@ impl SledStore {
     /// record as an event without data), and marks the data as this
     /// build's format otherwise.
     fn check_format(&self, path: &Path) -> anyhow::Result<()> {
-        let stored = self
-            .settings
-            .get(STORE_FORMAT_KEY)?
-            .and_then(|value| <[u8; 8]>::try_from(value.as_ref()).ok())
-            .map(u64::from_be_bytes);
+        let stored = match self.settings.get(STORE_FORMAT_KEY)? {
+            None => None,
+            Some(value) => match <[u8; 8]>::try_from(value.as_ref()) {
+                Ok(bytes) => Some(u64::from_be_bytes(bytes)),
+                Err(_) => anyhow::bail!(
+                    "the data in {} carries a store format mark this build cannot read",
+                    path.display()
+                ),
+            },
+        };
         match stored {
             Some(format) if format > STORE_FORMAT => anyhow::bail!(
                 "the data in {} was written by a newer mailbridge (store format {format}; this \
@@ -359,6 +376,7 @@ impl SledStore {
                 path.display()
             ),
             Some(format) if format == STORE_FORMAT => Ok(()),
+            // Older data, marked or not: read as it is, marked as this build's.
             _ => {
                 self.settings
                     .insert(STORE_FORMAT_KEY, &STORE_FORMAT.to_be_bytes())?;
@@ -419,17 +437,26 @@ impl SledStore {
     /// The entries of deferred commits made before the flush started are
     /// indexed after it: their events go out no sooner. Indexed whatever the
     /// flush says, as every commit's entries are (they are committed, and a
-    /// failed fsync is retried by the next one): one rule for all, so an
-    /// event of a thread never overtakes an earlier one that waits here.
+    /// failed flush is retried by the next one; a failed fsync ends the
+    /// process, see `durability_lost`): one rule for all, so an event of a
+    /// thread never overtakes an earlier one that waits here.
     fn flush(&self) -> StoreResult<()> {
         crate::offload::blocking(|| {
             self.group_flush.flush(|| {
                 let covered = std::mem::take(&mut *self.undelivered());
-                let flushed = self
-                    .db
-                    .flush()
-                    .map_err(engine)
-                    .and_then(|_| self.durability.sync().map(|_| ()).map_err(StoreError::Io));
+                let flushed =
+                    self.db
+                        .flush()
+                        .map_err(engine)
+                        .and_then(|_| match self.durability.sync() {
+                            Ok(_) => Ok(()),
+                            Err(super::sled_durability::SyncError::Lost(words)) => {
+                                durability_lost(&words)
+                            }
+                            Err(super::sled_durability::SyncError::Io(err)) => {
+                                Err(StoreError::Io(err))
+                            }
+                        });
                 if let Err(err) = self.index_committed(&covered) {
                     // Indexing again is harmless: the next flush tries.
                     self.undelivered().extend(covered);

@@ -77,6 +77,8 @@ pub struct SourceSegments {
     span: Duration,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    #[cfg(test)]
+    fail_next_folder_sync: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -90,8 +92,8 @@ struct Appending {
     /// succeed without the lost pages ever reaching the disk (Linux marks
     /// them clean), so whatever was appended to them is never durable.
     failed: HashSet<u64>,
-    /// A segment was created since the last sync: its name is not durable yet.
-    folder_unsynced: bool,
+    /// Segments created since the last sync: their names are not durable yet.
+    created_unsynced: Vec<u64>,
 }
 
 struct Segment {
@@ -99,6 +101,9 @@ struct Segment {
     file: Arc<File>,
     length: u64,
     opened: Instant,
+    /// By the monotonic clock: retention must not take a segment still
+    /// written to because the wall clock jumped.
+    last_append: Instant,
 }
 
 impl SourceSegments {
@@ -116,6 +121,8 @@ impl SourceSegments {
             span,
             #[cfg(test)]
             fail_next_sync: Default::default(),
+            #[cfg(test)]
+            fail_next_folder_sync: Default::default(),
         };
         // Never append after a restart to a segment a crash may have cut:
         // new appends go to a new one.
@@ -187,6 +194,7 @@ impl SourceSegments {
                 return Err(err);
             }
             segment.length += u64::from(length);
+            segment.last_append = Instant::now();
             places.push(place);
         }
         Ok(places)
@@ -214,12 +222,13 @@ impl SourceSegments {
                 .create_new(true)
                 .open(self.path(number))?;
             appending.last_number = number;
-            appending.folder_unsynced = true;
+            appending.created_unsynced.push(number);
             appending.current = Some(Segment {
                 number,
                 file: Arc::new(file),
                 length: 0,
                 opened: Instant::now(),
+                last_append: Instant::now(),
             });
         }
         appending
@@ -248,13 +257,13 @@ impl SourceSegments {
     /// last sync, and the names of those created since. A segment whose
     /// sync fails takes no more appends and is never counted durable.
     fn sync(&self) -> std::io::Result<()> {
-        let (files, folder) = {
+        let (files, created) = {
             let mut appending = self.lock();
             let mut files = std::mem::take(&mut appending.closed_unsynced);
             if let Some(segment) = &appending.current {
                 files.push((segment.number, segment.file.clone()));
             }
-            (files, std::mem::take(&mut appending.folder_unsynced))
+            (files, std::mem::take(&mut appending.created_unsynced))
         };
         let mut failed = None;
         for (number, file) in &files {
@@ -263,13 +272,19 @@ impl SourceSegments {
                 break;
             }
         }
+        if failed.is_none()
+            && !created.is_empty()
+            && let Err(err) = self.sync_folder()
+        {
+            // The new segments' names may be lost: their sources with them.
+            failed = created.first().map(|number| (*number, err));
+        }
         if let Some((number, err)) = failed {
             let mut appending = self.lock();
             // The rest of this round may be fine, but is not known to be.
             appending
                 .failed
-                .extend(files.iter().map(|(number, _)| *number));
-            appending.folder_unsynced |= folder;
+                .extend(files.iter().map(|(number, _)| *number).chain(created));
             if appending
                 .current
                 .as_ref()
@@ -280,11 +295,18 @@ impl SourceSegments {
             tracing::error!("syncing source segment {number} failed: {err}");
             return Err(err);
         }
-        if folder && let Err(err) = File::open(&self.folder).and_then(|f| f.sync_all()) {
-            self.lock().folder_unsynced = true;
-            return Err(err);
-        }
         Ok(())
+    }
+
+    fn sync_folder(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_next_folder_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::other("injected: the folder's sync failed"));
+        }
+        File::open(&self.folder)?.sync_all()
     }
 
     fn sync_data(&self, file: &File) -> std::io::Result<()> {
@@ -338,7 +360,18 @@ impl SourceSegments {
     /// is gone.
     pub fn prune(&self, older_than: Duration) -> std::io::Result<Option<u64>> {
         let mut appending = self.lock();
-        let old = |number: u64| {
+        let old = |appending: &Appending, number: u64| {
+            // Bytes still to be synced are someone's commit under way.
+            if appending
+                .closed_unsynced
+                .iter()
+                .any(|(closed, _)| *closed == number)
+            {
+                return false;
+            }
+            if let Some(current) = appending.current.as_ref().filter(|c| c.number == number) {
+                return current.last_append.elapsed() > older_than;
+            }
             std::fs::metadata(self.path(number))
                 .and_then(|m| m.modified())
                 .ok()
@@ -351,7 +384,7 @@ impl SourceSegments {
         let numbers = self.numbers()?;
         let highest = numbers.last().copied();
         for number in numbers {
-            if !old(number) {
+            if !old(&appending, number) {
                 appending.failed.retain(|failed| *failed >= number);
                 return Ok(removed_any.then_some(number));
             }
@@ -496,6 +529,21 @@ mod tests {
             segments.read(next[0]).unwrap().as_deref(),
             Some(&b"next"[..])
         );
+    }
+
+    /// A new segment whose name could not be synced may vanish with a
+    /// crash: its sources are refused, and it takes no more appends.
+    #[test]
+    fn a_failed_sync_of_a_new_segments_name_is_never_followed_by_a_false_durable() {
+        let (_dir, segments) = segments(4);
+        segments.append_durably(&[b"aaaa"]).unwrap();
+        segments
+            .fail_next_folder_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(segments.append_durably(&[b"bbbb"]).is_err());
+        let after = segments.append_durably(&[b"cc"]).unwrap();
+        assert_eq!(after[0].segment(), 3, "segment 2 takes no more appends");
+        assert!(segments.lock().failed.contains(&2));
     }
 
     #[test]
