@@ -12,35 +12,37 @@ use crate::model::{AttachmentInfo, EmailAddress, Message, normalize_email};
 /// Parses a message. Never fails: an unreadable message yields an empty
 /// [`Message`] whose `parse_warnings` say why.
 pub fn parse(raw: &[u8]) -> Message {
-    // mailparse has panicked on hostile input in older versions; a panic must
-    // cost one message, never the mailbox's sync task.
-    match std::panic::catch_unwind(|| parse_inner(raw)) {
-        Ok(message) => message,
-        Err(_) => Message {
-            parse_warnings: vec!["the MIME parser panicked on this message".into()],
-            ..Message::default()
-        },
-    }
+    contained(|| parse_inner(raw))
+}
+
+/// mailparse has panicked on hostile input in older versions; a panic must
+/// cost one message, never the mailbox's sync task.
+fn contained(parse: impl FnOnce() -> Message + std::panic::UnwindSafe) -> Message {
+    std::panic::catch_unwind(parse).unwrap_or_else(|_| Message {
+        parse_warnings: vec!["the MIME parser panicked on this message".into()],
+        ..Message::default()
+    })
 }
 
 /// The message's headers alone (no body decoded): all the sync rules read.
 /// A catch-up batch's guess of what will sync takes this, and leaves the
 /// full parse to the message's turn.
 pub fn parse_headers_only(raw: &[u8]) -> Message {
-    let read = std::panic::catch_unwind(|| {
+    contained(|| {
         let mut message = Message::default();
-        match mailparse::parse_headers(raw) {
-            Ok((headers, _)) => read_headers(&headers, &mut message),
-            Err(err) => message
-                .parse_warnings
-                .push(format!("headers unreadable: {err}")),
-        }
+        read_header_block(raw, &mut message);
         message
-    });
-    read.unwrap_or_else(|_| Message {
-        parse_warnings: vec!["the MIME parser panicked on this message".into()],
-        ..Message::default()
     })
+}
+
+/// The header block alone, parsed and read into `message`.
+fn read_header_block(raw: &[u8], message: &mut Message) {
+    match mailparse::parse_headers(raw) {
+        Ok((headers, _)) => read_headers(&headers, message),
+        Err(err) => message
+            .parse_warnings
+            .push(format!("headers unreadable: {err}")),
+    }
 }
 
 fn parse_inner(raw: &[u8]) -> Message {
@@ -58,12 +60,7 @@ fn parse_inner(raw: &[u8]) -> Message {
             // The body structure is unreadable (e.g. multipart nesting past the
             // parser's limit): keep what the headers say.
             message.parse_warnings.push(format!("body skipped: {err}"));
-            match mailparse::parse_headers(raw) {
-                Ok((headers, _)) => read_headers(&headers, &mut message),
-                Err(err) => message
-                    .parse_warnings
-                    .push(format!("headers unreadable: {err}")),
-            }
+            read_header_block(raw, &mut message);
         }
     }
     message

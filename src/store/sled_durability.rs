@@ -128,8 +128,8 @@ impl SledDurability {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_new_blob_is_synced_once() {
+    /// A sled database with something flushed, and its durability.
+    fn opened() -> (tempfile::TempDir, sled::Db, SledDurability) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new()
             .path(dir.path().join("db"))
@@ -138,6 +138,12 @@ mod tests {
         db.insert("k", "v").unwrap();
         db.flush().unwrap();
         let durability = SledDurability::open(dir.path().join("db")).unwrap();
+        (dir, db, durability)
+    }
+
+    #[test]
+    fn each_new_blob_is_synced_once() {
+        let (dir, _db, durability) = opened();
         assert_eq!(durability.sync().unwrap(), 0, "no blob yet");
 
         // As sled writes one: a file named by its log sequence number.
@@ -156,13 +162,7 @@ mod tests {
     /// failed sync: the next one goes on.
     #[test]
     fn an_error_that_is_no_failed_sync_is_not_final() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
-        db.flush().unwrap();
-        let durability = SledDurability::open(dir.path().join("db")).unwrap();
+        let (dir, _db, durability) = opened();
         let blobs = dir.path().join("db").join("blobs");
         std::fs::remove_dir_all(&blobs).unwrap();
         std::fs::write(&blobs, b"not a folder").unwrap();
@@ -174,13 +174,7 @@ mod tests {
 
     #[test]
     fn after_a_failed_sync_every_sync_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
-        db.flush().unwrap();
-        let durability = SledDurability::open(dir.path().join("db")).unwrap();
+        let (_dir, _db, durability) = opened();
         durability.state.lock().unwrap().fail_next = true;
         assert!(matches!(durability.sync(), Err(SyncError::Lost(_))));
         let err = durability.sync().unwrap_err();
