@@ -529,33 +529,43 @@ impl SledStore {
         events
             .iter()
             .map(|event| {
+                // Without its data, which is kept elsewhere (not cloned to be dropped).
+                let light = Event {
+                    id: event.id.clone(),
+                    kind: event.kind.clone(),
+                    timestamp: event.timestamp,
+                    ordering_key: event.ordering_key.clone(),
+                    data: serde_json::Value::Null,
+                };
                 let in_history = history.iter().find(|(_, data)| *data == event.data);
-                let value = if let Some((history_key, _)) = in_history {
-                    let mut light = event.clone();
-                    light.data = serde_json::Value::Null;
-                    encode(&StoredEntry {
+                let stored = match in_history {
+                    Some((history_key, _)) => StoredEntry {
                         entry: OutboxEntry::new(light),
                         data_file: None,
                         data_in_history: Some(data_encoding::HEXLOWER.encode(history_key)),
-                    })?
-                } else if encode(&event.data)?.len() <= INLINE_EVENT_LIMIT {
-                    encode(&StoredEntry {
-                        entry: OutboxEntry::new(event.clone()),
-                        data_file: None,
-                        data_in_history: None,
-                    })?
-                } else {
-                    let data = encode(&event.data)?;
-                    let path = self.body_path(&event.id);
-                    super::write_durably(&path, &data)?;
-                    let mut light = event.clone();
-                    light.data = serde_json::Value::Null;
-                    encode(&StoredEntry {
-                        entry: OutboxEntry::new(light),
-                        data_file: path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                        data_in_history: None,
-                    })?
+                    },
+                    None => {
+                        let data = encode(&event.data)?;
+                        if data.len() <= INLINE_EVENT_LIMIT {
+                            StoredEntry {
+                                entry: OutboxEntry::new(event.clone()),
+                                data_file: None,
+                                data_in_history: None,
+                            }
+                        } else {
+                            let path = self.body_path(&event.id);
+                            super::write_durably(&path, &data)?;
+                            StoredEntry {
+                                entry: OutboxEntry::new(light),
+                                data_file: path
+                                    .file_name()
+                                    .map(|n| n.to_string_lossy().into_owned()),
+                                data_in_history: None,
+                            }
+                        }
+                    }
                 };
+                let value = encode(&stored)?;
                 Ok(PreparedEntry {
                     sequence: self.db.generate_id().map_err(engine)?,
                     value,
