@@ -150,6 +150,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::panics::count_from_now_on();
     config.validate()?;
     let tls = tls::client_config(&config.tls.extra_roots)?;
     create_private_dir(&config.storage.path)?;

@@ -22,6 +22,7 @@ pub mod model;
 mod mutation;
 pub mod oauth;
 pub mod offload;
+pub mod panics;
 pub mod routing;
 pub mod scheduler;
 pub mod send_queue;

@@ -55,7 +55,10 @@ pub async fn supervise<F, W>(
         crashes = crashes.saturating_add(1);
         match ended {
             Err(err) => tracing::error!("the {worker} crashed, restarting it in {wait:?}: {err}"),
-            Ok(()) => tracing::error!("the {worker} stopped by itself, restarting it in {wait:?}"),
+            Ok(()) => {
+                crate::panics::note_unexpected_end(worker);
+                tracing::error!("the {worker} stopped by itself, restarting it in {wait:?}");
+            }
         }
         metrics::counter!("mailbridge_worker_restarts_total", "worker" => worker).increment(1);
         tokio::select! {

@@ -195,11 +195,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// `mailbridge_outbox_pending` are set by the workers as they go.
 async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            // Kept by the panic hook, which must not call into the recorder
+            // (a panic inside it would deadlock on its locks).
+            metrics::counter!("mailbridge_panics_total").absolute(crate::panics::count());
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
         None => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics_unavailable",

@@ -84,13 +84,31 @@ impl ChildDaemon {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Fails the test if the daemon panicked so far (the standard hook's
+    /// words on its stderr) or restarted a worker: either is a bug, even
+    /// when the test's mail still arrived.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        let faults: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("panicked at") || line.contains("restarting it in"))
+            .collect();
+        assert!(
+            faults.is_empty(),
+            "the daemon panicked or restarted a worker:\n{}",
+            faults.join("\n")
+        );
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
+        self.assert_no_panic();
         self.child.kill().await.expect("SIGKILL the daemon");
     }
 
     /// SIGTERM, then wait for a clean exit.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.assert_no_panic();
         let pid = self.child.id().expect("running") as i32;
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {

@@ -41,6 +41,46 @@ pub struct Daemon {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     config: Config,
+    panics: PanicWatch,
+}
+
+/// Fails the test, when the daemon is stopped or dropped, if anything in
+/// the process panicked meanwhile outside the tests' own code: a panic is a
+/// bug even when a supervisor starts the task again and the test's mail
+/// still arrives. Tests in one binary share the process, so a panic during
+/// another test's run fails this one too; either way the run is red.
+struct PanicWatch {
+    since: u64,
+    allowed: bool,
+}
+
+impl PanicWatch {
+    fn start() -> PanicWatch {
+        mailbridge::panics::count_from_now_on();
+        PanicWatch {
+            since: mailbridge::panics::count(),
+            allowed: false,
+        }
+    }
+}
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if self.allowed || std::thread::panicking() {
+            return;
+        }
+        // A test's own failed assertion is its own failure, not the daemon's.
+        let panics: Vec<String> = mailbridge::panics::after(self.since)
+            .into_iter()
+            .filter(|panic| !panic.place.starts_with("tests/"))
+            .map(|panic| format!("{}: {}", panic.place, panic.message))
+            .collect();
+        assert!(
+            panics.is_empty(),
+            "the daemon panicked (or a worker stopped by itself) during this test:\n{}",
+            panics.join("\n")
+        );
+    }
 }
 
 impl Daemon {
@@ -52,6 +92,7 @@ impl Daemon {
                     .unwrap_or_else(|_| "info".into()),
             )
             .try_init();
+        let panics = PanicWatch::start();
         let started = std::time::Instant::now();
         loop {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,13 +113,14 @@ impl Daemon {
                         shutdown,
                         task,
                         config,
+                        panics,
                     };
                 }
                 // Started again in this process on the same data right after
                 // a stop: sled lets go of its lock file a moment after the
                 // last handle is dropped (its own tests block on it instead).
                 Some(Ok(Err(err)))
-                    if err.to_string().contains("could not acquire lock")
+                    if format!("{err:#}").contains("could not acquire lock")
                         && started.elapsed() < super::DEADLINE =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -100,6 +142,12 @@ impl Daemon {
             },
         )
         .await;
+    }
+
+    /// For a test that makes the daemon panic on purpose: its panics do not
+    /// fail it.
+    pub fn allow_panics(&mut self) {
+        self.panics.allowed = true;
     }
 
     /// What it was started with, to start it again on the same data.
