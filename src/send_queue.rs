@@ -18,7 +18,11 @@
 //! → sent. Otherwise, and where the bridge files Sent itself (nothing can
 //! tell), it is reported failed as "outcome unknown", never submitted again.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::Utc;
 use tokio::task::JoinSet;
@@ -75,6 +79,48 @@ fn source_size_estimate(send: &SendRecord) -> u64 {
     attachments * 4 / 3 + (text + html) * 2 + 16 * 1024
 }
 
+/// The send tasks under way, one at most per mailbox. A task that panics
+/// frees its own mailbox only: clearing every mark would let a second send
+/// of another mailbox start beside its first (a double APPEND, two
+/// `message.sent`).
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<()>,
+    mailbox_of: HashMap<tokio::task::Id, String>,
+    busy: HashSet<String>,
+}
+
+impl InFlight {
+    fn is_busy(&self, mailbox: &str) -> bool {
+        self.busy.contains(mailbox)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn start(&mut self, mailbox: String, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.tasks.spawn(task).id();
+        self.busy.insert(mailbox.clone());
+        self.mailbox_of.insert(id, mailbox);
+    }
+
+    /// Waits for a task to end and frees its mailbox; `None` when none runs.
+    async fn next_done(&mut self) -> Option<()> {
+        let id = match self.tasks.join_next_with_id().await? {
+            Ok((id, ())) => id,
+            Err(err) => {
+                tracing::error!("a send attempt crashed: {err}");
+                err.id()
+            }
+        };
+        if let Some(mailbox) = self.mailbox_of.remove(&id) {
+            self.busy.remove(&mailbox);
+        }
+        Some(())
+    }
+}
+
 impl SendQueue {
     pub async fn run(self, shutdown: CancellationToken) {
         match self.store.unsettled_sends() {
@@ -90,10 +136,9 @@ impl SendQueue {
             }
             Err(err) => tracing::error!("reading the send queue failed: {err:#}"),
         }
-        let mut in_flight: JoinSet<String> = JoinSet::new();
-        let mut busy: HashSet<String> = HashSet::new();
+        let mut in_flight = InFlight::default();
         loop {
-            let next_due = match self.start_due(&mut in_flight, &mut busy) {
+            let next_due = match self.start_due(&mut in_flight) {
                 Ok(next) => next,
                 Err(err) => {
                     tracing::error!("reading the send queue failed: {err:#}");
@@ -103,36 +148,29 @@ impl SendQueue {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.signal.notified() => {}
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    match done {
-                        Ok(mailbox) => { busy.remove(&mailbox); }
-                        Err(err) => {
-                            tracing::error!("a send attempt crashed: {err}");
-                            busy.clear();
-                        }
-                    }
-                }
+                Some(()) = in_flight.next_done(), if !in_flight.is_empty() => {}
                 _ = tokio::time::sleep(next_due.unwrap_or(Duration::from_secs(3600))) => {}
             }
         }
         // A submission under way is finished and recorded, never abandoned midway.
-        while in_flight.join_next().await.is_some() {}
+        while in_flight.next_done().await.is_some() {}
     }
 
     /// Starts due sends, one at a time per mailbox; returns when the next retry is due.
-    fn start_due(
-        &self,
-        in_flight: &mut JoinSet<String>,
-        busy: &mut HashSet<String>,
-    ) -> StoreResult<Option<Duration>> {
+    fn start_due(&self, in_flight: &mut InFlight) -> StoreResult<Option<Duration>> {
         let now = Utc::now().timestamp_millis();
         let mut next_due: Option<i64> = None;
         for send in self.store.unsettled_sends()? {
+            if in_flight.is_busy(&send.mailbox) {
+                continue;
+            }
             let filing = send.awaits_filing();
             let checking = send.status == SendStatus::Submitting && send.outcome_checks > 0;
-            if !(send.status == SendStatus::Queued || filing || checking)
-                || busy.contains(&send.mailbox)
-            {
+            // `submitting` with nothing under way for its mailbox: its task
+            // ended before recording the outcome (a panic, a store error
+            // after the claim), so it is settled as a stop mid-submission is.
+            let interrupted = send.status == SendStatus::Submitting && send.outcome_checks == 0;
+            if !(send.status == SendStatus::Queued || filing || checking || interrupted) {
                 continue;
             }
             if send.next_attempt_ms > now {
@@ -140,19 +178,18 @@ impl SendQueue {
                     Some(next_due.map_or(send.next_attempt_ms, |d| d.min(send.next_attempt_ms)));
                 continue;
             }
-            busy.insert(send.mailbox.clone());
             let queue = self.clone();
-            in_flight.spawn(async move {
-                let mailbox = send.mailbox.clone();
+            in_flight.start(send.mailbox.clone(), async move {
                 let _held = queue.memory.reserve(source_size_estimate(&send)).await;
                 if filing {
                     queue.retry_filing(send).await;
                 } else if checking {
                     queue.check_outcome(send).await;
+                } else if interrupted {
+                    queue.settle_interrupted(send).await;
                 } else {
                     queue.attempt(send).await;
                 }
-                mailbox
             });
         }
         Ok(next_due.map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
@@ -243,9 +280,17 @@ impl SendQueue {
                 return;
             }
             Err(err) => {
-                // Not recorded as submitting: do not submit.
-                tracing::error!(send = %send.id, "recording the submission failed, will retry: {err:#}");
-                return;
+                // Nothing was submitted. The claim may have been written all
+                // the same (a failed flush after the write): put the send back
+                // in the queue, or it would wait as `submitting` for a
+                // settlement that takes a look-up in Sent.
+                send.status = SendStatus::Queued;
+                send.attempts = send.attempts.saturating_sub(1);
+                return self.retry_later(
+                    send,
+                    format!("recording the submission failed: {err:#}"),
+                    None,
+                );
             }
         }
         let started = std::time::Instant::now();
@@ -551,7 +596,13 @@ impl SendQueue {
                     .into(),
             ),
             Err(err) => {
-                tracing::warn!(send = %send.id, "cannot settle the interrupted send yet ({err}); trying at the next start");
+                let wait = self.retry_max;
+                tracing::warn!(send = %send.id, "cannot settle the interrupted send yet ({err}); looking again in {wait:?}");
+                let mut send = send;
+                send.error = Some(format!("interrupted; cannot look in Sent yet: {err}"));
+                send.next_attempt_ms = Utc::now().timestamp_millis()
+                    + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                self.record(&send, &[]);
             }
         }
     }
@@ -687,7 +738,31 @@ fn reported_message_id(response: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::reported_message_id;
+    use super::{InFlight, reported_message_id};
+
+    /// Issue 21: a send task that panics frees its own mailbox and no other,
+    /// so a second send of a busy mailbox never starts beside its first.
+    #[tokio::test]
+    async fn a_send_task_that_panics_frees_only_its_own_mailbox() {
+        let mut in_flight = InFlight::default();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        in_flight.start("a@example.test".into(), async {
+            panic!("on purpose: a bug in a send task");
+        });
+        in_flight.start("b@example.test".into(), async {
+            let _ = finished.await;
+        });
+        assert_eq!(in_flight.next_done().await, Some(()));
+        assert!(!in_flight.is_busy("a@example.test"), "free after its panic");
+        assert!(
+            in_flight.is_busy("b@example.test"),
+            "another mailbox's send is still under way"
+        );
+        let _ = finish.send(());
+        assert_eq!(in_flight.next_done().await, Some(()));
+        assert!(!in_flight.is_busy("b@example.test"));
+        assert_eq!(in_flight.next_done().await, None);
+    }
 
     #[test]
     fn the_message_id_named_in_the_250_reply_is_read() {
