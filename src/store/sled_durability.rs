@@ -40,6 +40,11 @@ struct State {
     failed: Option<String>,
     #[cfg(test)]
     fail_next: bool,
+    #[cfg(test)]
+    fail_next_without_loss: bool,
+    /// How many times the log was synced.
+    #[cfg(test)]
+    log_syncs: u64,
 }
 
 impl SledDurability {
@@ -73,6 +78,33 @@ impl SledDurability {
         synced
     }
 
+    /// Makes the next sync fail as a failed fsync does.
+    #[cfg(test)]
+    pub(super) fn fail_next_with_loss(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .fail_next = true;
+    }
+
+    /// Makes the next sync fail with an error that loses nothing (as
+    /// failing to list the blob folder does).
+    #[cfg(test)]
+    pub(super) fn fail_next_without_loss(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .fail_next_without_loss = true;
+    }
+
+    #[cfg(test)]
+    pub(super) fn log_syncs(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .log_syncs
+    }
+
     fn sync_all(
         log: &File,
         blobs: &std::path::Path,
@@ -85,7 +117,17 @@ impl SledDurability {
         if std::mem::take(&mut state.fail_next) {
             return Err(SyncError::Lost("injected: the disk went away".into()));
         }
+        #[cfg(test)]
+        if std::mem::take(&mut state.fail_next_without_loss) {
+            return Err(SyncError::Io(std::io::Error::other(
+                "injected: too many open files",
+            )));
+        }
         log.sync_data().map_err(lost)?;
+        #[cfg(test)]
+        {
+            state.log_syncs += 1;
+        }
         // Blobs are rare: the folder is most often empty, and reading it
         // costs a few microseconds.
         let entries = match std::fs::read_dir(blobs) {

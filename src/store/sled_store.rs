@@ -123,6 +123,14 @@ type PreparedChange<'c> = (
 /// An outbox entry ready to insert: its sequence (taken before the
 /// transaction, so the index learns it after the commit), its value, and
 /// what the index keeps of it.
+/// A send to record: answered without writing anything (a repeat, the
+/// daily limit), or committed, with what its flush said.
+enum RecordedSend {
+    Refused(SendAcceptance),
+    Committed(StoreResult<()>),
+}
+
+#[derive(Clone)]
 struct PreparedEntry {
     sequence: u64,
     value: Vec<u8>,
@@ -435,11 +443,11 @@ impl SledStore {
     /// returns before its own writes are on disk.
     ///
     /// The entries of deferred commits made before the flush started are
-    /// indexed after it: their events go out no sooner. Indexed whatever the
-    /// flush says, as every commit's entries are (they are committed, and a
-    /// failed flush is retried by the next one; a failed fsync ends the
-    /// process, see `durability_lost`): one rule for all, so an event of a
-    /// thread never overtakes an earlier one that waits here.
+    /// indexed after it: their events go out no sooner. After a failed flush
+    /// (a failed fsync ends the process, see `durability_lost`; any other
+    /// error is retried by the next flush) they wait for the next one that
+    /// works, as every commit's entries do (`flush_then_index`): an event
+    /// must never reach the CRM before the commit behind it is on disk.
     fn flush(&self) -> StoreResult<()> {
         crate::offload::blocking(|| {
             self.group_flush.flush(|| {
@@ -457,12 +465,15 @@ impl SledStore {
                                 Err(StoreError::Io(err))
                             }
                         });
-                if let Err(err) = self.index_committed(&covered) {
+                // Not durable, not deliverable: they wait for the next flush
+                // that works, and nothing of theirs overtakes them meanwhile
+                // (entries are indexed in sequence order).
+                if let Err(err) = flushed.and_then(|()| self.index_committed(&covered)) {
                     // Indexing again is harmless: the next flush tries.
                     self.undelivered().extend(covered);
                     return Err(err);
                 }
-                flushed
+                Ok(())
             })
         })
     }
@@ -786,6 +797,23 @@ impl SledStore {
         Ok(outbox_values)
     }
 
+    fn remove_send_copies(&self, send_id: &str) {
+        self.sources.remove(send_id, SourceCopy::Filed);
+        self.sources.remove(send_id, SourceCopy::Submission);
+    }
+
+    /// Makes a commit durable, then lets its events go out. After a failed
+    /// flush they wait for the next flush that works.
+    fn flush_then_index(&self, prepared: &[PreparedEntry]) -> StoreResult<()> {
+        match self.flush() {
+            Ok(()) => self.index_committed(prepared),
+            Err(err) => {
+                self.undelivered().extend(prepared.iter().cloned());
+                Err(err)
+            }
+        }
+    }
+
     /// Tells the index about entries a transaction may have inserted: those
     /// the outbox now holds (a transaction can decide not to insert them).
     fn index_committed(&self, prepared: &[PreparedEntry]) -> StoreResult<()> {
@@ -946,7 +974,7 @@ impl SledStore {
         new: &NewSend<'_>,
         daily_limit: Option<u32>,
         now_ms: i64,
-    ) -> StoreResult<SendAcceptance> {
+    ) -> StoreResult<RecordedSend> {
         let send = new.record;
         let thread = new.thread;
         // Checks and writes happen under one lock so two concurrent requests
@@ -966,16 +994,18 @@ impl SledStore {
             if now_ms - entry.created_ms < IDEMPOTENCY_WINDOW_MS
                 && let Some(first) = self.send(&entry.send_id)?
             {
-                return Ok(SendAcceptance::Repeat(Box::new(first)));
+                return Ok(RecordedSend::Refused(SendAcceptance::Repeat(Box::new(
+                    first,
+                ))));
             }
         }
         if let Some(limit) = daily_limit {
             let (used, oldest) = self.quota_use(&send.mailbox, now_ms)?;
             if used >= limit {
-                return Ok(SendAcceptance::LimitReached {
+                return Ok(RecordedSend::Refused(SendAcceptance::LimitReached {
                     retry_at_ms: oldest.map_or(now_ms, |t| t + QUOTA_WINDOW_MS),
                     limit,
-                });
+                }));
             }
         }
         let send_value = encode(send)?;
@@ -1019,12 +1049,9 @@ impl SledStore {
                 },
             )
             .map_err(tx_error)?;
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
-        Ok(SendAcceptance::Accepted)
+        Ok(RecordedSend::Committed(
+            self.flush_then_index(&outbox_values),
+        ))
     }
 
     fn put_outbox_tx(
@@ -1346,11 +1373,7 @@ impl Store for SledStore {
                 },
             )
             .map_err(tx_error)?;
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
+        self.flush_then_index(&outbox_values)?;
         for (id, _, _) in &failed_values {
             self.sources.remove(id, SourceCopy::Submission);
         }
@@ -1439,11 +1462,7 @@ impl Store for SledStore {
             integration,
             mailbox_released: !others,
         });
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
+        self.flush_then_index(&outbox_values)?;
         Ok(result)
     }
 
@@ -1517,11 +1536,7 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
+        self.flush_then_index(&outbox_values)?;
         Ok(true)
     }
 
@@ -1658,9 +1673,11 @@ impl Store for SledStore {
             && commit.located.is_none()
             && commit.new_contacts.is_empty()
             && source.is_none();
-        let flushed = if cursor_only { Ok(()) } else { self.flush() };
-        self.index_committed(&outbox_values)?;
-        flushed
+        if cursor_only {
+            self.index_committed(&outbox_values)
+        } else {
+            self.flush_then_index(&outbox_values)
+        }
     }
 
     fn commit_ingest_deferred(
@@ -1957,11 +1974,11 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        let flushed = self.flush();
-        for (_, _, outbox_values, _) in &change_keys {
-            self.index_committed(outbox_values)?;
-        }
-        flushed
+        let outbox_values: Vec<PreparedEntry> = change_keys
+            .iter()
+            .flat_map(|(_, _, outbox_values, _)| outbox_values.iter().cloned())
+            .collect();
+        self.flush_then_index(&outbox_values)
     }
 
     fn synced_to(
@@ -1987,9 +2004,7 @@ impl Store for SledStore {
         self.outbox
             .transaction(|outbox| Self::put_outbox_tx(outbox, &values))
             .map_err(tx_error)?;
-        let flushed = self.flush();
-        self.index_committed(&values)?;
-        flushed
+        self.flush_then_index(&values)
     }
 
     #[cfg(test)]
@@ -2116,11 +2131,7 @@ impl Store for SledStore {
                 Ok(true)
             })
             .map_err(tx_error)?;
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
+        self.flush_then_index(&outbox_values)?;
         Ok(if requeued {
             Replay::Requeued
         } else {
@@ -2195,15 +2206,23 @@ impl Store for SledStore {
                 self.sources
                     .write(&send.id, SourceCopy::Submission, new.submitted)
             });
-        let accepted = written
+        let recorded = written
             .map_err(StoreError::from)
             .and_then(|()| self.record_send(new, daily_limit, now_ms));
-        if !matches!(accepted, Ok(SendAcceptance::Accepted)) {
-            // Not accepted: the copies are not needed.
-            self.sources.remove(&send.id, SourceCopy::Filed);
-            self.sources.remove(&send.id, SourceCopy::Submission);
+        match recorded {
+            // Committed, whatever the flush said: the send is in the queue
+            // (a later flush makes it durable) and needs its copies.
+            Ok(RecordedSend::Committed(durable)) => durable.map(|()| SendAcceptance::Accepted),
+            // Not recorded: the copies are not needed.
+            Ok(RecordedSend::Refused(answer)) => {
+                self.remove_send_copies(&send.id);
+                Ok(answer)
+            }
+            Err(err) => {
+                self.remove_send_copies(&send.id);
+                Err(err)
+            }
         }
-        accepted
     }
 
     fn send(&self, id: &str) -> StoreResult<Option<SendRecord>> {
@@ -2281,11 +2300,7 @@ impl Store for SledStore {
                 },
             )
             .map_err(tx_error)?;
-        // Indexed whatever the flush says: the entries are committed, and a
-        // failed fsync is retried by the next one (sled's or ours).
-        let flushed = self.flush();
-        self.index_committed(&outbox_values)?;
-        flushed?;
+        self.flush_then_index(&outbox_values)?;
         if matches!(send.status, SendStatus::Sent | SendStatus::Failed) {
             self.sources.remove(&send.id, SourceCopy::Submission);
         }
@@ -2463,5 +2478,102 @@ impl Store for SledStore {
             .map_err(engine)?;
         self.flush()?;
         Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21: an event whose commit a flush could not make durable (an
+    /// error that is no failed fsync, so the process goes on) is not handed
+    /// to the deliverer; the next flush that works lets it go.
+    #[test]
+    fn an_event_waits_for_a_flush_that_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(
+            dir.path(),
+            super::super::secret_box::SecretBox::from_key(&[1; 32]),
+        )
+        .unwrap();
+        let deliverable = |store: &SledStore| {
+            store
+                .outbox_due(i64::MAX, 10, &|_| false)
+                .unwrap()
+                .entries
+                .len()
+        };
+        let event = Event {
+            id: "evt_1".into(),
+            kind: "message.inbound".into(),
+            timestamp: chrono::Utc::now(),
+            ordering_key: "thr_1".into(),
+            data: serde_json::json!({"subject": "waits"}),
+        };
+        // Every commit's flush ends with an fdatasync of sled's log.
+        let syncs = store.durability.log_syncs();
+        store.put_setting("a", b"1").unwrap();
+        assert!(store.durability.log_syncs() > syncs, "the log is synced");
+        store.durability.fail_next_without_loss();
+        assert!(store.enqueue(std::slice::from_ref(&event)).is_err());
+        assert_eq!(deliverable(&store), 0, "not durable, not deliverable");
+        store.make_durable().unwrap();
+        assert_eq!(deliverable(&store), 1, "delivered once a flush works");
+    }
+
+    /// Issue 21: a failed fsync of the database ends the process with exit
+    /// code 74. Run in a child process of this test binary (the exit would
+    /// end the test run), which this test starts and watches.
+    #[test]
+    fn a_failed_fsync_ends_the_process_with_exit_code_74() {
+        const CHILD: &str = "MAILBRIDGE_TEST_FAILED_FSYNC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledStore::open(
+                dir.path(),
+                super::super::secret_box::SecretBox::from_key(&[1; 32]),
+            )
+            .unwrap();
+            store.durability.fail_next_with_loss();
+            let _ = store.put_setting("a", b"1");
+            // Reached only when the failed fsync did not end the process.
+            std::process::exit(0);
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::sled_store::tests::a_failed_fsync_ends_the_process_with_exit_code_74",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(74), "{status}");
+    }
+
+    /// Issue 21: a send whose commit went through keeps its copies though
+    /// the flush after it failed: the queue will submit it.
+    #[test]
+    fn a_committed_send_keeps_its_copies_when_its_flush_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(
+            dir.path(),
+            super::super::secret_box::SecretBox::from_key(&[1; 32]),
+        )
+        .unwrap();
+        let send = super::super::suite::send_record("msg_kept", None);
+        let thread = super::super::suite::send_thread();
+        store.durability.fail_next_without_loss();
+        let accepted = super::super::suite::accept(&store, &send, &thread, None, 0);
+        assert!(accepted.is_err(), "the failed flush is reported");
+        store.make_durable().unwrap();
+        assert!(store.send("msg_kept").unwrap().is_some(), "committed");
+        assert_eq!(
+            store
+                .message_source("msg_kept", SourceCopy::Submission)
+                .unwrap()
+                .as_deref(),
+            Some(&b"submitted copy"[..])
+        );
     }
 }

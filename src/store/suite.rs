@@ -69,7 +69,7 @@ fn mailbox(address: &str) -> Mailbox {
 }
 
 /// Accepts a send over the thread as the store now holds it.
-fn accept(
+pub(super) fn accept(
     store: &dyn Store,
     record: &SendRecord,
     thread: &Thread,
@@ -441,7 +441,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
+pub(super) fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
     use crate::model::{Direction, MessageEventData, Origin, SendRecord, SendStatus};
     SendRecord {
         id: id.into(),
@@ -491,7 +491,7 @@ fn send_record(id: &str, key: Option<&str>) -> crate::model::SendRecord {
     }
 }
 
-fn send_thread() -> Thread {
+pub(super) fn send_thread() -> Thread {
     Thread {
         id: "thr_s".into(),
         mailbox: "me@x.test".into(),
