@@ -111,3 +111,143 @@ async fn r21_sigkill_while_50_messages_arrive_loses_and_doubles_nothing() {
     let status = daemon.terminate().await;
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
+
+/// How many messages of `user`'s `folder` carry `message_id`.
+async fn copies_of(
+    stack: &Stack,
+    user: &support::stack::User,
+    folder: &str,
+    message_id: &str,
+) -> usize {
+    let header = format!("Message-ID: {message_id}");
+    stack
+        .fetch_all(user, folder)
+        .await
+        .iter()
+        .filter(|raw| String::from_utf8_lossy(raw).contains(&header))
+        .count()
+}
+
+/// R21, issue 21: SIGKILL right after the 202s of a send, a PATCH and a
+/// DELETE. After the restart each takes effect exactly once: one copy at
+/// the contact and one in Sent, one `message.sent`, the flag set, the
+/// message moved to Trash once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r21_sigkill_right_after_the_202s_of_a_send_a_patch_and_a_delete_each_takes_effect_once() {
+    let stack = Stack::get();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(&dir.path().join("data"), &stack, &receiver);
+    let me = stack.new_user("me").await;
+    let ann = stack.new_user("ann").await;
+
+    let daemon = ChildDaemon::start(&config, dir.path()).await;
+    let api = Api::new(&daemon.base);
+    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+    api.connect("L1", "u1", &stack, &me).await;
+    api.wait_active("L1", "u1").await;
+    let mut synced = HashMap::new();
+    for subject in ["to star", "to delete"] {
+        let id = new_message_id("k");
+        stack
+            .deliver(
+                &ann.address,
+                &[&me.address],
+                &message(&ann.address, &me.address, subject, &id, None),
+            )
+            .await;
+        let event = receiver.wait_for(subject, |r| r.subject() == subject).await;
+        synced.insert(
+            subject,
+            (id, event.data()["id"].as_str().unwrap().to_string()),
+        );
+    }
+    let (star_id, star_record) = synced["to star"].clone();
+    let (delete_id, delete_record) = synced["to delete"].clone();
+
+    let star_path = format!("/v1/messages/{star_record}");
+    let delete_path = format!("/v1/messages/{delete_record}");
+    let (sent, starred, deleted) = tokio::join!(
+        api.send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "sent across a kill", "text": "x"}),
+            Some("kill-9-send"),
+        ),
+        api.send(
+            reqwest::Method::PATCH,
+            &star_path,
+            Some(serde_json::json!({"flagged": true})),
+        ),
+        api.send(reqwest::Method::DELETE, &delete_path, None),
+    );
+    let (status, accepted, _) = sent;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(starred.0, 202, "{}", starred.1);
+    assert_eq!(deleted.0, 202, "{}", deleted.1);
+    daemon.kill().await;
+    let sent_id = accepted["id"].as_str().unwrap().to_string();
+    let sent_message_id = accepted["message_id"].as_str().unwrap().to_string();
+
+    let daemon = ChildDaemon::start(&config, dir.path()).await;
+    let api = Api::new(&daemon.base);
+    // A later send of the same mailbox, sent after the first in queue order:
+    // once it is in, the first has had every chance to be sent twice.
+    let (status, later, _) = api
+        .send_message(
+            "L1",
+            "u1",
+            serde_json::json!({"contact_id": "c-ann", "subject": "the later send", "text": "y"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{later}");
+    let later_id = later["id"].as_str().unwrap().to_string();
+    for id in [&sent_id, &later_id] {
+        receiver
+            .wait_for("message.sent", |r| {
+                r.kind() == "message.sent" && r.data()["id"] == id.as_str()
+            })
+            .await;
+    }
+    stack.wait_count(&ann, "INBOX", 2).await;
+    stack.wait_count(&me, "Sent", 2).await;
+    assert_eq!(
+        copies_of(&stack, &ann, "INBOX", &sent_message_id).await,
+        1,
+        "one copy at the contact"
+    );
+    assert_eq!(
+        copies_of(&stack, &me, "Sent", &sent_message_id).await,
+        1,
+        "one copy in Sent"
+    );
+    assert_eq!(
+        receiver.distinct(|r| r.kind() == "message.sent" && r.data()["id"] == sent_id.as_str()),
+        1,
+        "one message.sent"
+    );
+    support::eventually("the star over IMAP", support::DEADLINE, async || {
+        let flags = stack.flags_of(&me, "INBOX", &star_id).await?;
+        flags.iter().any(|f| f == "Flagged").then_some(())
+    })
+    .await;
+    support::eventually(
+        "the deleted message in Trash",
+        support::DEADLINE,
+        async || (copies_of(&stack, &me, "Trash", &delete_id).await >= 1).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        copies_of(&stack, &me, "Trash", &delete_id).await,
+        1,
+        "moved once"
+    );
+    assert_eq!(
+        copies_of(&stack, &me, "INBOX", &delete_id).await,
+        0,
+        "gone from INBOX"
+    );
+    let status = daemon.terminate().await;
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
