@@ -240,6 +240,7 @@ async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
     )
     .await;
     let (id, synced) = w.mail_synced("star me later").await;
+    let (anchor, _) = w.mail_synced("changed elsewhere later").await;
     proxy.refuse_next(10_000, support::imap_proxy::UNAVAILABLE);
     let (refused_before, _) = proxy.counts();
     let (status, body) = w
@@ -285,11 +286,21 @@ async fn a_crm_change_survives_an_unavailable_server_and_a_restart() {
         },
     )
     .await;
+    // Changes are read in the order the server made them: once a later one
+    // made elsewhere is reported, the CRM's own has been read too.
+    w.stack
+        .store_flags(&w.me, "INBOX", &anchor, "+FLAGS (\\Seen)")
+        .await;
+    w.receiver
+        .wait_for("the later change made elsewhere", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == anchor.as_str()
+        })
+        .await;
     again.stop().await;
     assert_eq!(
         w.receiver.distinct(|r| r.kind() == "message.updated"),
-        0,
-        "the CRM's own change is not echoed"
+        1,
+        "the CRM's own change is not echoed; the one made elsewhere is reported"
     );
 }
 
@@ -636,6 +647,15 @@ async fn a_crm_send_is_followed_in_sent_both_ways() {
         .wait_for("message.sent", |r| r.kind() == "message.sent")
         .await;
     w.stack.wait_count(&w.me, "Sent", 1).await;
+    // A second send, changed elsewhere at the end: the mark that the Sent
+    // watcher has read everything before it.
+    let (status, anchor, _) = w
+        .send(serde_json::json!({"contact_id": "c-ann", "subject": "the later one", "text": "y"}))
+        .await;
+    assert_eq!(status, 202, "{anchor}");
+    let anchor_record = anchor["id"].as_str().unwrap().to_string();
+    let anchor_message_id = anchor["message_id"].as_str().unwrap().to_string();
+    w.stack.wait_count(&w.me, "Sent", 2).await;
 
     // Followed once the Sent watcher has met its copy: until then the
     // CRM's PATCH finds nothing to change (404).
@@ -688,6 +708,34 @@ async fn a_crm_send_is_followed_in_sent_both_ways() {
     })
     .await;
     assert!(w.stack.flags_of(&w.me, "Sent", &message_id).await.is_none());
+    // Once a later change made elsewhere is reported, the move the CRM
+    // asked for has been read too.
+    support::eventually(
+        "the later send followed in Sent",
+        support::DEADLINE,
+        async || {
+            // Already \Seen: a change that changes nothing, answered 202
+            // only once the watcher has met the copy.
+            let (status, _) = w
+                .api
+                .send(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/messages/{anchor_record}"),
+                    Some(serde_json::json!({"seen": true})),
+                )
+                .await;
+            (status == 202).then_some(())
+        },
+    )
+    .await;
+    w.stack
+        .store_flags(&w.me, "Sent", &anchor_message_id, "+FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for("the star on the later send", |r| {
+            r.kind() == "message.updated" && r.data()["id"] == anchor_record.as_str()
+        })
+        .await;
     assert_eq!(
         w.receiver.distinct(|r| r.data()["id"] == record.as_str()),
         2,

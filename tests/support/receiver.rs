@@ -3,7 +3,8 @@
 //! against the daemon's own OpenAPI document (`webhooks`), so each test that
 //! receives events shows the document tells the truth about them; a receiver
 //! that saw an event the document does not describe fails its test when it is
-//! dropped.
+//! dropped. So does one that got a request whose signature does not verify
+//! or whose body is no typed event.
 
 use std::sync::{
     Arc, Mutex,
@@ -43,7 +44,9 @@ pub struct Receiver {
     failing: Arc<AtomicBool>,
     redirecting: Arc<AtomicBool>,
     redirected_gets: Arc<std::sync::atomic::AtomicUsize>,
-    /// Events that differ from the OpenAPI document's `webhooks`.
+    /// Requests that are no valid event: a signature that does not verify, a
+    /// body that is no typed event, or one that differs from the OpenAPI
+    /// document's `webhooks`.
     undocumented: Arc<Mutex<Vec<String>>>,
 }
 
@@ -78,6 +81,13 @@ fn undocumented(body: &serde_json::Value) -> Option<String> {
         .map(|e| format!("{} at {}", e, e.instance_path()))
         .collect();
     (!errors.is_empty()).then(|| format!("{kind}: {}", errors.join("; ")))
+}
+
+/// A Standard Webhooks event: an object with a `type`, a `timestamp` and `data`.
+fn is_typed_event(body: &serde_json::Value) -> bool {
+    body["type"].as_str().is_some_and(|kind| !kind.is_empty())
+        && body["timestamp"].is_string()
+        && body.get("data").is_some()
 }
 
 #[derive(Clone)]
@@ -118,8 +128,21 @@ async fn hook(
             .verify(&webhook_id, timestamp, &body, &header("webhook-signature"));
     let redirecting = state.redirecting.load(Ordering::SeqCst);
     let accepted = !state.failing.load(Ordering::SeqCst) && !redirecting;
-    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    if let Some(why) = undocumented(&body) {
+    let raw = body;
+    let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    let why = if !signature_valid {
+        Some(format!(
+            "a request whose signature does not verify (webhook-id {webhook_id:?})"
+        ))
+    } else if !is_typed_event(&body) {
+        Some(format!(
+            "a body that is no typed event: {}",
+            String::from_utf8_lossy(&raw)
+        ))
+    } else {
+        undocumented(&body)
+    };
+    if let Some(why) = why {
         state
             .undocumented
             .lock()
@@ -236,7 +259,7 @@ impl Drop for Receiver {
         let undocumented = self.undocumented.lock().unwrap();
         if !undocumented.is_empty() && !std::thread::panicking() {
             panic!(
-                "events the OpenAPI document does not describe:\n{}",
+                "requests that are no valid, documented event:\n{}",
                 undocumented.join("\n")
             );
         }
