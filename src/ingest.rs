@@ -728,7 +728,7 @@ impl Ingest {
             ..info
         };
         let events = crate::event_data::message_changed(
-            &info,
+            &still_synced(self.store.as_ref(), &info)?,
             "message.updated",
             found.mailbox,
             crate::event_data::MessagePlace {
@@ -1052,4 +1052,24 @@ fn cursor_step(
         history: vec![],
         synced: None,
     }
+}
+
+/// A synced message's record narrowed to the conversations a change of it
+/// still goes to: its thread may have been pinned elsewhere since (R13), or
+/// a user's integration moved to another mailbox or was disconnected (R18,
+/// R19). What is stored keeps every conversation it was forwarded to.
+pub fn still_synced(store: &dyn Store, located: &LocatedMessage) -> StoreResult<LocatedMessage> {
+    let thread = store.thread(&located.thread_id)?;
+    let integrations = match &thread {
+        Some(thread) => store.integrations_of_mailbox(&thread.mailbox)?,
+        None => Vec::new(),
+    };
+    Ok(LocatedMessage {
+        routes: crate::routing::r13_r18_still_synced(
+            &located.routes,
+            thread.as_ref(),
+            &integrations,
+        ),
+        ..located.clone()
+    })
 }

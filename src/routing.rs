@@ -732,6 +732,40 @@ pub fn r13_pin_thread(
     }
 }
 
+/// R13, R18, R19: the conversations a later change of a synced message (read,
+/// starred, moved, deleted) still goes to: of those it was forwarded to
+/// (`routes`), the ones its thread still syncs to. Not a conversation a CRM
+/// reply pinned to another location (R13: gone from the thread's routes), nor
+/// one whose user's integration now uses another mailbox (R18) or was
+/// disconnected (R19: no integration of the thread's mailbox). `integrations`
+/// are those of the thread's mailbox; with no thread known, nothing is taken
+/// away on its account.
+pub fn r13_r18_still_synced(
+    routes: &[ThreadRoute],
+    thread: Option<&Thread>,
+    integrations: &[Integration],
+) -> Vec<ThreadRoute> {
+    let same = |a: &ThreadRoute, location: &str, user: &str| {
+        a.location_id == location && a.user_id == user
+    };
+    routes
+        .iter()
+        .filter(|route| {
+            thread.is_none_or(|thread| {
+                thread
+                    .routes
+                    .iter()
+                    .any(|kept| same(kept, &route.location_id, &route.user_id))
+                    && integrations.iter().any(|integration| {
+                        integration.mailbox == thread.mailbox
+                            && same(route, &integration.location_id, &integration.user_id)
+                    })
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// R10: where several contacts of a location share an address, the one created
 /// first wins (ties broken by id so the choice is stable).
 fn r10_first_created<'c>(
@@ -1842,6 +1876,64 @@ mod tests {
                 to("L2", "u1", "c2", Direction::Inbound),
             ]),
         }]);
+    }
+
+    /// Issue 21: changes of a synced message go only where its thread still
+    /// syncs.
+    #[test]
+    fn r13_r18_r19_changes_go_only_where_the_thread_still_syncs() {
+        let forwarded = thread(&[("L1", "u1", "c1"), ("L2", "u2", "c2")]).routes;
+        let both = [integration("L1", "u1", 1), integration("L2", "u2", 1)];
+        let moved_away = Integration {
+            mailbox: "other@example.test".into(),
+            ..integration("L2", "u2", 1)
+        };
+        let locations = |routes: Vec<ThreadRoute>| -> Vec<String> {
+            routes.into_iter().map(|r| r.location_id).collect()
+        };
+        /// (case, the thread now, the mailbox's integrations now, locations told)
+        type Case = (
+            &'static str,
+            Option<Thread>,
+            Vec<Integration>,
+            &'static [&'static str],
+        );
+        let cases: &[Case] = &[
+            (
+                "still synced to both",
+                Some(thread(&[("L1", "u1", "c1"), ("L2", "u2", "c2")])),
+                both.to_vec(),
+                &["L1", "L2"],
+            ),
+            (
+                "R13: pinned to L1 by a CRM reply",
+                Some(thread(&[("L1", "u1", "c1")])),
+                both.to_vec(),
+                &["L1"],
+            ),
+            (
+                "R18: L2's user now uses another mailbox",
+                Some(thread(&[("L1", "u1", "c1"), ("L2", "u2", "c2")])),
+                vec![integration("L1", "u1", 1), moved_away],
+                &["L1"],
+            ),
+            (
+                "R19: L2 disconnected",
+                Some(thread(&[("L1", "u1", "c1"), ("L2", "u2", "c2")])),
+                vec![integration("L1", "u1", 1)],
+                &["L1"],
+            ),
+            (
+                "no thread known: as forwarded",
+                None,
+                Vec::new(),
+                &["L1", "L2"],
+            ),
+        ];
+        for (name, thread, integrations, expected) in cases {
+            let kept = r13_r18_still_synced(&forwarded, thread.as_ref(), integrations);
+            assert_eq!(locations(kept), *expected, "{name}");
+        }
     }
 
     fn thread(routes: &[(&str, &str, &str)]) -> Thread {

@@ -44,7 +44,8 @@ async fn r07_r08_a_ccd_contact_is_named_in_contact_ids_and_nothing_is_created() 
 
 /// One mailbox in two locations, ann a contact in both: her mail fans out
 /// (R11); a CRM reply from L1 pins the thread there and L2 is told (R13);
-/// her answer then reaches L1 only; L2 can no longer reply into it (R12).
+/// her answer and later changes then reach L1 only; L2 can no longer reply
+/// into it (R12).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r11_r12_r13_fan_out_then_a_crm_reply_pins_the_thread_and_the_other_location_is_detached() {
     let w = World::connected(serde_json::json!({})).await;
@@ -122,6 +123,28 @@ async fn r11_r12_r13_fan_out_then_a_crm_reply_pins_the_thread_and_the_other_loca
         1,
         "L2 no longer receives the pinned thread"
     );
+    // Nor its changes (issue 21): the first message starred elsewhere is
+    // reported to L1 only. The marker, starred after it, is reported to
+    // both: once its two updates are in, the first's were decided.
+    w.stack
+        .store_flags(&w.me, "INBOX", &first, "+FLAGS (\\Flagged)")
+        .await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &marker, "+FLAGS (\\Flagged)")
+        .await;
+    w.receiver
+        .wait_for_count("the marker's change in both", 2, |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == marker.as_str()
+        })
+        .await;
+    let changed: Vec<String> = w
+        .receiver
+        .accepted()
+        .iter()
+        .filter(|r| r.kind() == "message.updated" && r.data()["message_id"] == first.as_str())
+        .map(|r| r.data()["location_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(changed, ["L1"], "the pinned thread's changes reach L1 only");
     w.daemon.stop().await;
 }
 

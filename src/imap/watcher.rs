@@ -604,7 +604,7 @@ impl FolderWatcher {
                 Whereabouts::Nowhere => ("message.deleted", None, None),
             };
             let events = event_data::message_changed(
-                &located,
+                &crate::ingest::still_synced(self.ctx.store.as_ref(), &located)?,
                 kind,
                 &self.address,
                 MessagePlace {
@@ -637,7 +637,7 @@ impl FolderWatcher {
                 continue;
             }
             let events = event_data::message_changed(
-                &located,
+                &crate::ingest::still_synced(self.ctx.store.as_ref(), &located)?,
                 "message.updated",
                 &self.address,
                 MessagePlace {
