@@ -835,6 +835,7 @@ async fn changes_for_a_silent_server_do_not_hold_up_another_mailboxs() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
+    let asked = std::time::Instant::now();
     support::eventually(
         "the healthy mailbox's change, within 5 s",
         std::time::Duration::from_secs(5),
@@ -848,5 +849,9 @@ async fn changes_for_a_silent_server_do_not_hold_up_another_mailboxs() {
         },
     )
     .await;
+    eprintln!(
+        "the healthy mailbox's change was made {:?} after it was asked for",
+        asked.elapsed()
+    );
     w.daemon.stop().await;
 }

@@ -1013,6 +1013,12 @@ impl FolderWatcher {
                                     error,
                                 )
                             })?;
+                            if tried == Tried::SetAside {
+                                // Kept from before set-aside messages were
+                                // reported: dashboards may count on it.
+                                metrics::counter!("mailbridge_messages_unfetchable_total")
+                                    .increment(1);
+                            }
                             if let Tried::Retry { .. } = tried {
                                 return Err(SessionError::NotReturned(
                                     self.role,
