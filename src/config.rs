@@ -484,6 +484,10 @@ pub struct SyncConfig {
     /// session watches all of a mailbox's folders; `false` keeps one session
     /// per folder everywhere.
     pub one_session_per_mailbox: bool,
+    /// Mailboxes whose CRM changes (`PATCH`/`DELETE /v1/messages/{id}`) are
+    /// being made at once, each over a session of its own; a slow or silent
+    /// server holds up only its own mailbox's changes.
+    pub change_workers: usize,
 }
 
 impl Default for SyncConfig {
@@ -499,6 +503,7 @@ impl Default for SyncConfig {
             max_concurrent_logins: 64,
             logins_per_second: 500,
             one_session_per_mailbox: true,
+            change_workers: 8,
         }
     }
 }
@@ -588,6 +593,10 @@ impl Config {
         anyhow::ensure!(
             self.delivery.concurrency > 0,
             "delivery.concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            self.sync.change_workers > 0,
+            "sync.change_workers must be at least 1"
         );
         Ok(())
     }

@@ -242,6 +242,7 @@ pub async fn run(
         signal: changes_signal.clone(),
         retry_min: Duration::from_millis(config.sending.retry_min_ms),
         retry_max: Duration::from_millis(config.sending.retry_max_ms),
+        workers: config.sync.change_workers,
     };
     let changing = tokio::spawn(supervise(
         "mailbox changes",

@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::model::{Contact, Event, FlagState, LocatedMessage, MessageEventData, Origin, new_id};
+use crate::model::{
+    Contact, Event, FlagState, LocatedMessage, MessageEventData, Origin, UnprocessableMessage,
+    UnprocessableReason, new_id,
+};
 
 /// Every kind of event, with its `data` type, for the OpenAPI document.
 pub const KINDS: &[(&str, &str, &str)] = &[
@@ -40,6 +43,11 @@ pub const KINDS: &[(&str, &str, &str)] = &[
         "message.deleted",
         "MessageChanged",
         "A synced message was moved to Trash or Junk, or expunged, in the mailbox",
+    ),
+    (
+        "message.unprocessable",
+        "MessageUnprocessable",
+        "A message of a watched folder could not be processed after repeated tries and was set aside: it will not sync; `reason` and `error` say why",
     ),
     (
         "mailbox.connected",
@@ -125,6 +133,53 @@ pub struct MessageChanged {
     /// Its Gmail labels, where the server has them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<String>>,
+}
+
+/// `message.unprocessable`: a message of a watched folder the bridge gave
+/// up on (listed at `GET …/mailbox/skipped`). It will not sync; the user can
+/// see it in their mailbox, and forward it to the contact again.
+#[derive(Serialize, ToSchema)]
+pub struct MessageUnprocessable {
+    pub location_id: String,
+    pub user_id: String,
+    pub mailbox: String,
+    /// The folder's name on the server.
+    pub folder: String,
+    pub uid_validity: u32,
+    pub uid: u32,
+    /// Its Message-ID, when it could be read.
+    pub message_id: Option<String>,
+    pub reason: UnprocessableReason,
+    /// What the last failed try said.
+    pub error: String,
+    /// Failed tries before it was set aside.
+    pub attempts: u32,
+}
+
+impl MessageUnprocessable {
+    /// A `message.unprocessable` event for each integration of the mailbox,
+    /// in order with the mailbox's lifecycle events.
+    pub fn events(record: &UnprocessableMessage, integrations: &[(String, String)]) -> Vec<Event> {
+        let now = Utc::now();
+        integrations
+            .iter()
+            .map(|(location_id, user_id)| {
+                let data = MessageUnprocessable {
+                    location_id: location_id.clone(),
+                    user_id: user_id.clone(),
+                    mailbox: record.mailbox.clone(),
+                    folder: record.folder_name.clone(),
+                    uid_validity: record.uid_validity,
+                    uid: record.uid,
+                    message_id: record.message_id.clone(),
+                    reason: record.reason,
+                    error: record.error.clone(),
+                    attempts: record.attempts,
+                };
+                event("message.unprocessable", &record.mailbox, now, &data)
+            })
+            .collect()
+    }
 }
 
 /// `mailbox.*`: an integration's lifecycle.

@@ -10,13 +10,13 @@ use std::{
 use chrono::Utc;
 
 use crate::{
-    event_data::{self, ContactCreated},
+    event_data::{self, ContactCreated, MessageUnprocessable},
     mime,
     model::Origin,
     model::{
         AttachmentEventInfo, Contact, Direction, Event, FlagState, FolderCursor, FolderRole,
         Integration, LocatedMessage, Message, MessageEventData, SendRecord, Thread, ThreadRoute,
-        new_id, normalize_email,
+        UnprocessableMessage, UnprocessableReason, new_id, normalize_email,
     },
     routing::{self, Directory, IgnoreReason, Incoming, Routing, ThreadDecision, ThreadLink},
     smart_address::SmartAddresses,
@@ -51,6 +51,25 @@ pub fn smart_senders(
 /// How often a message is routed again when a CRM send keeps changing its
 /// thread at the same moment; past that the watcher retries the message later.
 const MAX_THREAD_RETRIES: u32 = 5;
+
+/// Failed tries at one message before it is set aside (issue 21 item 6):
+/// sessions in which the server said it is there but did not return it, or
+/// panics while handling it. Then it is passed over, listed, and reported as
+/// `message.unprocessable`, so one broken message cannot stop a folder.
+pub const SET_ASIDE_AFTER_TRIES: u32 = 10;
+
+/// What became of a message tried with its failures contained.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tried {
+    Handled(Outcome),
+    /// It failed too often: passed over (its cursor moved) and reported.
+    SetAside,
+    /// It failed, and is tried again in a later session.
+    Retry {
+        attempts: u32,
+        error: String,
+    },
+}
 
 #[derive(Clone)]
 pub struct Ingest {
@@ -245,6 +264,63 @@ impl Ingest {
         self.handle_parsed(found, &message, raw, Durability::Now)
     }
 
+    /// Counts a failed try at the message at `found`; once the tries reach
+    /// [`SET_ASIDE_AFTER_TRIES`], sets it aside: the folder's cursor moves
+    /// past it, it is listed for the operator, and each integration of the
+    /// mailbox gets `message.unprocessable`, durably, in one step.
+    pub fn failed_try(
+        &self,
+        found: Found<'_>,
+        message_id: Option<String>,
+        reason: UnprocessableReason,
+        error: String,
+    ) -> StoreResult<Tried> {
+        let now = Utc::now();
+        let counted = self.store.count_failed_try(&UnprocessableMessage {
+            mailbox: found.mailbox.to_string(),
+            folder: found.folder,
+            folder_name: found.folder_name.to_string(),
+            uid_validity: found.uid_validity,
+            uid: found.uid,
+            message_id,
+            reason,
+            error: error.clone(),
+            attempts: 1,
+            first_failed_at: now,
+            last_failed_at: now,
+            set_aside_at: None,
+        })?;
+        if counted.attempts < SET_ASIDE_AFTER_TRIES {
+            return Ok(Tried::Retry {
+                attempts: counted.attempts,
+                error,
+            });
+        }
+        let record = UnprocessableMessage {
+            set_aside_at: Some(now),
+            ..counted
+        };
+        let integrations: Vec<(String, String)> = self
+            .store
+            .integrations_of_mailbox(found.mailbox)?
+            .into_iter()
+            .map(|i| (i.location_id, i.user_id))
+            .collect();
+        let events = MessageUnprocessable::events(&record, &integrations);
+        self.store
+            .set_aside(&record, &cursor_step(found, None, events))?;
+        self.signal.notify();
+        metrics::counter!("mailbridge_messages_unprocessable_total").increment(1);
+        tracing::error!(
+            mailbox = found.mailbox,
+            folder = found.folder_name,
+            uid = found.uid,
+            "message set aside after {} failed tries, reported as message.unprocessable: {error}",
+            record.attempts
+        );
+        Ok(Tried::SetAside)
+    }
+
     /// Starts a batch of the messages of one FETCH, made durable together
     /// (see [`IngestBatch`]): the sources of those the rules would sync as
     /// the store stands are written ahead, synced at once. A message the
@@ -256,8 +332,14 @@ impl Ingest {
             // The rules read headers only: the body is decoded once, when
             // the message's turn comes (the batch holds the raw messages the
             // memory budget counts, not their decoded text as well).
-            let message = mime::parse_headers_only(raw);
-            if self.would_sync(found, &message, raw)? {
+            // A message whose rules panic is not written ahead; its own
+            // handling meets the panic again, contained (`handle_contained`).
+            let would_sync = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let message = mime::parse_headers_only(raw);
+                self.would_sync(found, &message, raw)
+            }))
+            .unwrap_or(Ok(false));
+            if would_sync? {
                 ahead.push((found.uid, new_id("msg"), raw));
             }
         }
@@ -976,6 +1058,55 @@ impl IngestBatch<'_> {
         outcome
     }
 
+    /// As `handle`, with a panic contained: it counts as a failed try at
+    /// the message (see [`Ingest::failed_try`]), and the batch goes on.
+    pub fn handle_contained(&mut self, found: Found<'_>, raw: &[u8]) -> StoreResult<Tried> {
+        self.contained(found, raw, |batch| batch.handle(found, raw))
+    }
+
+    fn contained(
+        &mut self,
+        found: Found<'_>,
+        raw: &[u8],
+        handle: impl FnOnce(&mut Self) -> StoreResult<Outcome>,
+    ) -> StoreResult<Tried> {
+        let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(self))) {
+            Ok(outcome) => return outcome.map(Tried::Handled),
+            Err(panic) => panic,
+        };
+        // Something may have been committed before it: flushed with the rest.
+        self.needs_flush = true;
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        tracing::error!(
+            mailbox = found.mailbox,
+            folder = found.folder_name,
+            uid = found.uid,
+            "handling the message panicked: {why}"
+        );
+        let message_id = mime::parse_headers_only(raw).message_id;
+        self.ingest.failed_try(
+            found,
+            message_id,
+            UnprocessableReason::HandlingFailed,
+            format!("handling it panicked: {why}"),
+        )
+    }
+
+    /// A failed try at the message at `found` (see [`Ingest::failed_try`]).
+    pub fn failed_try(
+        &mut self,
+        found: Found<'_>,
+        message_id: Option<String>,
+        reason: UnprocessableReason,
+        error: String,
+    ) -> StoreResult<Tried> {
+        self.ingest.failed_try(found, message_id, reason, error)
+    }
+
     /// Passes over the message at `found`: its cursor moves, nothing else
     /// (no flush of its own; see `Ingest::skip`).
     pub fn skip(&mut self, found: Found<'_>) -> StoreResult<()> {
@@ -1072,4 +1203,146 @@ pub fn still_synced(store: &dyn Store, located: &LocatedMessage) -> StoreResult<
         ),
         ..located.clone()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Credentials, Endpoint, Mailbox, MailboxState, Provider, Security};
+    use crate::store::{secret_box::SecretBox, sled_store::SledStore};
+
+    const ME: &str = "me@x.test";
+
+    fn connected_store(dir: &std::path::Path) -> Arc<dyn Store> {
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(dir, SecretBox::from_key(&[1; 32])).unwrap());
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 993,
+            security: Security::Tls,
+        };
+        let mailbox = Mailbox {
+            address: ME.into(),
+            provider: Provider::Imap,
+            credentials: Credentials::Password {
+                username: ME.into(),
+                password: "secret".into(),
+            },
+            imap: endpoint.clone(),
+            smtp: endpoint,
+            daily_send_limit: None,
+            save_sent: Default::default(),
+            state: MailboxState::Connecting,
+            last_error: None,
+            connected_at: Utc::now(),
+            generation: 0,
+            folders: Vec::new(),
+        };
+        let integration = Integration {
+            location_id: "L1".into(),
+            user_id: "u1".into(),
+            mailbox: ME.into(),
+            connected_at: Utc::now(),
+            baseline: vec![],
+            smart_bcc_address: "x@bcc".into(),
+        };
+        store
+            .connect(
+                &mailbox,
+                &integration,
+                &[(FolderRole::Inbox, FolderCursor::new(1, 1))],
+                &[],
+                &[],
+            )
+            .unwrap();
+        store
+    }
+
+    fn found(uid: u32) -> Found<'static> {
+        Found {
+            mailbox: ME,
+            folder: FolderRole::Inbox,
+            uid_validity: 1,
+            uid,
+            cursor: FolderCursor::new(1, uid),
+            flags: None,
+            labels: None,
+            folder_name: "INBOX",
+            received_at: None,
+        }
+    }
+
+    /// Issue 21 item 6: a message whose handling panics is retried (a new
+    /// session each time) until the tries reach `SET_ASIDE_AFTER_TRIES`;
+    /// then it is set aside: listed, reported once as
+    /// `message.unprocessable` with its folder, UID, Message-ID and why, and
+    /// the folder goes on with the next message.
+    #[test]
+    fn a_message_whose_handling_panics_is_set_aside_after_repeated_tries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = connected_store(dir.path());
+        let smart = SmartAddresses::new("bcc-{token}@x.test", [3; 32]).unwrap();
+        let ingest = Ingest::new(store.clone(), OutboxSignal::default(), "http://x", smart);
+        let raw = b"Message-ID: <broken@x.test>\r\nFrom: ann@x.test\r\nTo: me@x.test\r\nSubject: boom\r\n\r\nbody\r\n";
+        for attempt in 1..=SET_ASIDE_AFTER_TRIES {
+            let mut batch = ingest.batch(&[]).unwrap();
+            let tried = batch
+                .contained(found(1), raw, |_| {
+                    panic!("a handler that panics on purpose")
+                })
+                .unwrap();
+            batch.finish().unwrap();
+            if attempt < SET_ASIDE_AFTER_TRIES {
+                assert!(
+                    matches!(tried, Tried::Retry { attempts, .. } if attempts == attempt),
+                    "{tried:?}"
+                );
+                assert!(store.set_aside_messages(ME).unwrap().is_empty());
+            } else {
+                assert_eq!(tried, Tried::SetAside);
+            }
+        }
+
+        let listed = store.set_aside_messages(ME).unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].uid, 1);
+        assert_eq!(listed[0].folder_name, "INBOX");
+        assert_eq!(listed[0].reason, UnprocessableReason::HandlingFailed);
+        assert_eq!(listed[0].attempts, SET_ASIDE_AFTER_TRIES);
+        assert!(
+            listed[0].error.contains("on purpose"),
+            "{}",
+            listed[0].error
+        );
+        let events: Vec<Event> = store
+            .outbox_page(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, entry)| entry.event)
+            .filter(|event| event.kind == "message.unprocessable")
+            .collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let data = &events[0].data;
+        assert_eq!(data["folder"], "INBOX");
+        assert_eq!(data["uid"], 1);
+        assert_eq!(data["message_id"], listed[0].message_id.as_deref().unwrap());
+        assert!(
+            data["message_id"]
+                .as_str()
+                .unwrap()
+                .contains("broken@x.test")
+        );
+        assert_eq!(data["reason"], "handling_failed");
+        assert_eq!(
+            (&data["location_id"], &data["user_id"]),
+            (&"L1".into(), &"u1".into())
+        );
+
+        // The folder goes on: the next message is handled from the moved cursor.
+        let mut batch = ingest.batch(&[]).unwrap();
+        let next = b"Message-ID: <next@x.test>\r\nFrom: ann@x.test\r\nTo: me@x.test\r\nSubject: fine\r\n\r\nbody\r\n";
+        let tried = batch.handle_contained(found(2), next).unwrap();
+        assert!(matches!(tried, Tried::Handled(_)), "{tried:?}");
+        batch.finish().unwrap();
+    }
 }

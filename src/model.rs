@@ -755,3 +755,37 @@ impl SendRecord {
         self.status == SendStatus::Sent && !self.is_settled()
     }
 }
+
+/// Why a message of a watched folder could not be processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnprocessableReason {
+    /// The server says it is there (SEARCH finds it) but does not return it.
+    NotReturned,
+    /// Its handling failed in a way retrying did not mend (a panic).
+    HandlingFailed,
+}
+
+/// A message of a watched folder the bridge failed to process, with its
+/// failed tries; set aside (passed over, reported as
+/// `message.unprocessable`) once they reach the limit (issue 21 item 6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnprocessableMessage {
+    pub mailbox: String,
+    pub folder: FolderRole,
+    /// The folder's name on the server.
+    pub folder_name: String,
+    pub uid_validity: u32,
+    pub uid: u32,
+    /// Its Message-ID, when it could be read.
+    pub message_id: Option<String>,
+    pub reason: UnprocessableReason,
+    /// What the last failed try said.
+    pub error: String,
+    /// Failed tries (sessions in which it was not returned, or panics).
+    pub attempts: u32,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+    /// When it was passed over; None while it is still retried.
+    pub set_aside_at: Option<DateTime<Utc>>,
+}

@@ -331,20 +331,33 @@ async fn r21_a_fetch_the_server_refuses_is_retried_not_taken_for_a_removed_messa
 }
 
 /// A message the server never returns (Gmail keeps refusing some broken
-/// ones) must not stop the folder for good: after
-/// `UNFETCHABLE_AFTER_SESSIONS` sessions in a row it is passed over, logged,
-/// and the mail after it flows.
+/// ones) must not stop the folder for good, nor vanish silently (issue 21
+/// item 6): after `UNFETCHABLE_AFTER_SESSIONS` sessions it is set aside,
+/// reported once as `message.unprocessable` and listed at
+/// `GET …/mailbox/skipped`, and the mail after it flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_a_message_the_server_never_returns_does_not_stop_the_folder() {
     let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;
     let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
-    let refusals = mailbridge::imap::UNFETCHABLE_AFTER_SESSIONS as usize + 1;
+    let refusals = mailbridge::imap::UNFETCHABLE_AFTER_SESSIONS as usize;
     proxy.refuse_next_fetches(refusals);
-    mail(&w.stack, &w.ann, &w.me, "never returned", None).await;
-    support::eventually("every refusal used", support::DEADLINE, async || {
-        (proxy.fetches_refused() == refusals).then_some(())
-    })
-    .await;
+    let broken = mail(&w.stack, &w.ann, &w.me, "never returned", None).await;
+    let reported = w
+        .receiver
+        .wait_for("message.unprocessable", |r| {
+            r.kind() == "message.unprocessable"
+        })
+        .await;
+    assert_eq!(proxy.fetches_refused(), refusals);
+    let data = reported.data();
+    assert_eq!(data["folder"], "INBOX");
+    assert_eq!(data["message_id"], broken.as_str());
+    assert_eq!(data["reason"], "not_returned");
+    assert_eq!(data["location_id"], "L1");
+    assert_eq!(data["user_id"], "u1");
+    assert_eq!(data["attempts"], refusals);
+    let uid = data["uid"].as_u64().unwrap();
+
     mail(&w.stack, &w.ann, &w.me, "after the broken one", None).await;
     w.receiver
         .wait_for("the message after the broken one", |r| {
@@ -352,6 +365,34 @@ async fn r01_a_message_the_server_never_returns_does_not_stop_the_folder() {
         })
         .await;
     assert_eq!(w.receiver.distinct(|r| r.subject() == "never returned"), 0);
+    assert_eq!(
+        w.receiver.distinct(|r| r.kind() == "message.unprocessable"),
+        1,
+        "reported once"
+    );
+    let (status, listed) = w
+        .api
+        .send(
+            reqwest::Method::GET,
+            "/v1/locations/L1/users/u1/mailbox/skipped",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let skipped = listed["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{listed}");
+    assert_eq!(skipped[0]["uid"].as_u64(), Some(uid));
+    assert_eq!(skipped[0]["message_id"], broken.as_str());
+    assert_eq!(skipped[0]["reason"], "not_returned");
+    let (status, _) = w
+        .api
+        .send(
+            reqwest::Method::GET,
+            "/v1/locations/L1/users/nobody/mailbox/skipped",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
     w.daemon.stop().await;
 }
 

@@ -817,3 +817,89 @@ async fn a_change_announced_in_the_listing_of_new_mail_is_reported_at_once() {
     let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
     read_while_held(&proxy, support::imap_proxy::ImapProxy::hold_next_listing).await;
 }
+
+/// Issue 21 item 5: CRM → mailbox changes are queued per mailbox. 200
+/// changes for a mailbox whose server took the connection and went silent
+/// (a black-holed host) do not hold up another mailbox's change: it is made
+/// within 5 s, though each of those sessions hangs for the step timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_for_a_silent_server_do_not_hold_up_another_mailboxs() {
+    let w = World::connected(serde_json::json!({})).await;
+    let proxy = support::cutting_proxy::CuttingProxy::start(w.stack.imaps_port).await;
+    let far = w.stack.new_user("far").await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1", "u2"])
+        .await;
+    w.api
+        .connect_with(
+            "L1",
+            "u2",
+            &w.stack,
+            &far,
+            serde_json::json!({"imap": proxy.tls_endpoint()}),
+        )
+        .await;
+    w.api.wait_active("L1", "u2").await;
+    mail(&w.stack, &w.ann, &far, "behind a black hole", None).await;
+    let far_record = w
+        .receiver
+        .wait_for("the far mailbox's message", |r| {
+            r.subject() == "behind a black hole"
+        })
+        .await
+        .data()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (near_id, near) = w.mail_synced("on a healthy server").await;
+    let near_record = near.data()["id"].as_str().unwrap().to_string();
+
+    proxy.go_silent();
+    for i in 0..200 {
+        let (status, body) = w
+            .api
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/v1/messages/{far_record}"),
+                Some(serde_json::json!({"flagged": i % 2 == 0})),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    // The far mailbox's change pass is stuck on the silent server.
+    support::eventually(
+        "a session taken by the silent server",
+        support::DEADLINE,
+        async || (proxy.held() > 0).then_some(()),
+    )
+    .await;
+
+    let (status, body) = w
+        .api
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/messages/{near_record}"),
+            Some(serde_json::json!({"seen": true})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let asked = std::time::Instant::now();
+    support::eventually(
+        "the healthy mailbox's change, within 5 s",
+        std::time::Duration::from_secs(5),
+        async || {
+            let flags = w
+                .stack
+                .flags_of(&w.me, "INBOX", &near_id)
+                .await
+                .unwrap_or_default();
+            flags.iter().any(|f| f == "Seen").then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "the healthy mailbox's change was made {:?} after it was asked for",
+        asked.elapsed()
+    );
+    w.daemon.stop().await;
+}

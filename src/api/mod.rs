@@ -11,6 +11,7 @@ pub mod mailboxes;
 pub mod messages;
 pub mod oauth;
 pub mod openapi;
+pub mod skipped;
 
 use std::sync::{
     Arc,

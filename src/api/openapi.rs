@@ -19,7 +19,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState, auto_bcc, contacts, dead_letters, error::ErrorBody, inspect, mailboxes, messages,
-    oauth,
+    oauth, skipped,
 };
 use crate::{
     event_data::{self, KINDS},
@@ -60,6 +60,7 @@ Events reach the CRM as Standard Webhooks (see `webhooks`).",
         event_data::MessageSent,
         event_data::MessageFailed,
         event_data::MessageChanged,
+        event_data::MessageUnprocessable,
         event_data::MailboxLifecycle,
         event_data::ContactCreated,
         event_data::ThreadDetached,
@@ -101,7 +102,8 @@ impl Described {
             )
             .routes(routes!(dead_letters::list))
             .routes(routes!(dead_letters::retry))
-            .routes(routes!(mailboxes::list));
+            .routes(routes!(mailboxes::list))
+            .routes(routes!(skipped::list));
         require_key(keyed.get_openapi_mut());
         // The provider sends the person's browser here: the signed state
         // authenticates it, not an API key.

@@ -100,7 +100,6 @@ pub async fn sync_mailbox(
                 all_mail,
                 inbox_live: inbox_live.clone(),
                 idle_period,
-                not_returned: Default::default(),
             })
             .collect();
         let warm = warm

@@ -84,12 +84,6 @@ impl SessionGroup {
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
                 Err(SessionError::NoNotify) => return WatchEnd::NoNotify(handed_back.take()),
-                Err(SessionError::NotReturned(role, uid_validity, uid)) => {
-                    if let Some(folder) = self.folders.iter().find(|f| f.role == role) {
-                        folder.not_returned_again(uid_validity, uid);
-                    }
-                    SessionError::NotReturned(role, uid_validity, uid)
-                }
                 Err(SessionError::TokenExpiring) => {
                     tracing::debug!(mailbox = address, folders = %self.roles(), "logging in again before the access token expires");
                     continue;

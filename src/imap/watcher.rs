@@ -9,7 +9,7 @@ use async_imap::types::UnsolicitedResponse;
 use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
 use crate::{
     event_data::{self, MessagePlace},
-    ingest::Found,
+    ingest::{Found, Tried},
     model::{FlagState, FolderCursor, FolderRole, LocatedMessage},
     store::LocatedChange,
 };
@@ -63,6 +63,8 @@ pub(super) enum SessionError {
     Checked(#[from] checked::CheckedError),
     #[error("the server did not return message {2} of {0}, which is still there; retrying")]
     NotReturned(FolderRole, u32, u32),
+    #[error("handling message {1} of {0} failed; retrying: {2}")]
+    HandlingFailed(FolderRole, u32, String),
     /// Several folders were to share a session, but the server has no
     /// NOTIFY (or no CONDSTORE).
     #[error("the server has no NOTIFY: one session per folder")]
@@ -76,17 +78,10 @@ pub(super) enum SessionError {
 
 /// A message the server says is there but does not return (Gmail: "Some
 /// messages could not be FETCHed") is asked for again in each new session;
-/// after this many sessions in a row it is passed over with an error in the
-/// log, so one broken message cannot stop a folder's sync for good.
-pub const UNFETCHABLE_AFTER_SESSIONS: u32 = 10;
-
-/// The message the server last did not return, and in how many sessions in a row.
-#[derive(Default)]
-pub struct NotReturned {
-    uid_validity: u32,
-    uid: u32,
-    sessions: u32,
-}
+/// after this many sessions it is set aside (see `Ingest::failed_try`): listed,
+/// reported as `message.unprocessable`, and passed over, so one broken
+/// message cannot stop a folder's sync for good.
+pub const UNFETCHABLE_AFTER_SESSIONS: u32 = crate::ingest::SET_ASIDE_AFTER_TRIES;
 
 pub struct FolderWatcher {
     pub ctx: Arc<SyncContext>,
@@ -101,28 +96,9 @@ pub struct FolderWatcher {
     /// before INBOX's watcher is back would otherwise never sync).
     pub inbox_live: Arc<std::sync::atomic::AtomicBool>,
     pub idle_period: Duration,
-    pub not_returned: std::sync::Mutex<NotReturned>,
 }
 
 impl FolderWatcher {
-    /// Counts one more session in a row in which the server did not return
-    /// this message (see [`UNFETCHABLE_AFTER_SESSIONS`]).
-    pub(super) fn not_returned_again(&self, uid_validity: u32, uid: u32) {
-        let mut last = self
-            .not_returned
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if (last.uid_validity, last.uid) == (uid_validity, uid) {
-            last.sessions += 1;
-        } else {
-            *last = NotReturned {
-                uid_validity,
-                uid,
-                sessions: 1,
-            };
-        }
-    }
-
     pub(super) async fn timed<T, E>(
         &self,
         what: &'static str,
@@ -135,16 +111,6 @@ impl FolderWatcher {
             Ok(result) => Ok(result?),
             Err(_) => Err(SessionError::Timeout(what)),
         }
-    }
-
-    /// Whether this message was not returned in enough sessions in a row.
-    fn given_up_on(&self, uid_validity: u32, uid: u32) -> bool {
-        let last = self
-            .not_returned
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (last.uid_validity, last.uid) == (uid_validity, uid)
-            && last.sessions >= UNFETCHABLE_AFTER_SESSIONS
     }
 
     /// What the server offers, asked once per session; QRESYNC is enabled
@@ -805,6 +771,24 @@ impl FolderWatcher {
         Ok(found)
     }
 
+    /// The Message-ID of a message whose body the server does not return,
+    /// from its header alone, if the server gives that.
+    async fn message_id_of(&self, session: &mut ImapSession, uid: u32) -> Option<String> {
+        let fetched = self
+            .timed(
+                "reading the header of a message the server did not return",
+                checked::uid_fetch(session, &uid.to_string(), "(UID BODY.PEEK[HEADER])"),
+            )
+            .await
+            .ok()?;
+        let header = fetched
+            .messages
+            .into_iter()
+            .find(|f| f.uid == uid)?
+            .header?;
+        crate::mime::parse_headers_only(&header).message_id
+    }
+
     /// Fetches and handles every message at or after the cursor, in UID order.
     /// Returns whether the server announced a change meanwhile.
     async fn catch_up(
@@ -983,49 +967,66 @@ impl FolderWatcher {
                         // not written ahead) hold a thread, but within this
                         // task: a cancelled watcher never commits after it
                         // stopped (a detached task could).
-                        crate::offload::blocking(|| ingest.handle(found, &raw))?;
+                        let tried =
+                            crate::offload::blocking(|| ingest.handle_contained(found, &raw))?;
+                        if let Tried::Retry { error, .. } = tried {
+                            return Err(SessionError::HandlingFailed(self.role, *uid, error));
+                        }
+                    }
+                    None if *size > self.ctx.sync.max_message_bytes => {
+                        tracing::warn!(
+                            mailbox = address,
+                            folder = %self.role,
+                            uid,
+                            "message skipped: {size} bytes is over sync.max_message_bytes"
+                        );
+                        ingest.skip(found)?;
                     }
                     None => {
-                        let reason = if *size > self.ctx.sync.max_message_bytes {
-                            format!("{size} bytes is over sync.max_message_bytes")
+                        // Only a message that is gone is passed over at once:
+                        // one the server merely did not return is retried in
+                        // the next sessions, and then set aside and reported.
+                        let still_there = self
+                            .timed(
+                                "checking a message the server did not return",
+                                checked::uid_search(session, &format!("UID {uid}")),
+                            )
+                            .await?;
+                        if !still_there.contains(uid) {
+                            tracing::warn!(
+                                mailbox = address,
+                                folder = %self.role,
+                                uid,
+                                "message skipped: it was removed before it could be fetched"
+                            );
+                            ingest.skip(found)?;
                         } else {
-                            // Only a message that is gone may be passed over:
-                            // one the server merely did not return is retried.
-                            let still_there = self
-                                .timed(
-                                    "checking a message the server did not return",
-                                    checked::uid_search(session, &format!("UID {uid}")),
+                            let message_id = self.message_id_of(session, *uid).await;
+                            let error = format!(
+                                "the server did not return it, though a SEARCH finds it in {folder}"
+                            );
+                            let tried = crate::offload::blocking(|| {
+                                ingest.failed_try(
+                                    found,
+                                    message_id,
+                                    crate::model::UnprocessableReason::NotReturned,
+                                    error,
                                 )
-                                .await?;
-                            if !still_there.contains(uid) {
-                                "it was removed before it could be fetched".to_string()
-                            } else if self.given_up_on(cursor.uid_validity, *uid) {
+                            })?;
+                            if tried == Tried::SetAside {
+                                // Kept from before set-aside messages were
+                                // reported: dashboards may count on it.
                                 metrics::counter!("mailbridge_messages_unfetchable_total")
                                     .increment(1);
-                                tracing::error!(
-                                    mailbox = address,
-                                    folder = %self.role,
-                                    uid,
-                                    "the server has not returned this message in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row, though it says it is there; passing over it so the folder's sync goes on"
-                                );
-                                format!(
-                                    "the server did not return it in {UNFETCHABLE_AFTER_SESSIONS} sessions in a row"
-                                )
-                            } else {
+                            }
+                            if let Tried::Retry { .. } = tried {
                                 return Err(SessionError::NotReturned(
                                     self.role,
                                     cursor.uid_validity,
                                     *uid,
                                 ));
                             }
-                        };
-                        tracing::warn!(
-                            mailbox = address,
-                            folder = %self.role,
-                            uid,
-                            "message skipped: {reason}"
-                        );
-                        ingest.skip(found)?;
+                        }
                     }
                 }
                 cursor.next_uid = uid.saturating_add(1);

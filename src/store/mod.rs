@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     Contact, Credentials, Event, FlagState, FolderCursor, FolderRole, Integration, LocatedMessage,
     Mailbox, MailboxChange, MessageEventData, MessageLocation, SendRecord, Thread,
+    UnprocessableMessage,
 };
 
 pub mod group_flush;
@@ -418,6 +419,16 @@ pub trait Store: Send + Sync + 'static {
         sequence: u64,
         change: Option<&MailboxChange>,
     ) -> StoreResult<()>;
+    /// Counts one more failed try at a message of a watched folder (keyed by
+    /// mailbox, folder, UIDVALIDITY and UID; `failed.attempts` is ignored),
+    /// durably; returns the record with every try counted so far.
+    fn count_failed_try(&self, failed: &UnprocessableMessage) -> StoreResult<UnprocessableMessage>;
+    /// Sets a message aside: `record` (with `set_aside_at`) is kept for the
+    /// operator's list, and `commit` moves the folder's cursor past the
+    /// message with its events, durably. Nothing is kept if the commit fails.
+    fn set_aside(&self, record: &UnprocessableMessage, commit: &IngestCommit) -> StoreResult<()>;
+    /// The messages of a mailbox set aside, by folder and UID.
+    fn set_aside_messages(&self, mailbox: &str) -> StoreResult<Vec<UnprocessableMessage>>;
     /// What is known of a synced message by its record id, wherever it is
     /// now (kept when it leaves its folder, so it can be found again).
     fn record_info(&self, record_id: &str) -> StoreResult<Option<LocatedMessage>>;

@@ -22,6 +22,7 @@ use super::{
 use crate::model::{
     Contact, Credentials, Event, FolderCursor, FolderRole, Integration, LocatedMessage, Mailbox,
     MailboxChange, MailboxState, MessageEventData, MessageLocation, SendRecord, SendStatus, Thread,
+    UnprocessableMessage,
 };
 
 /// A dead letter in either stored form; never fails (an unreadable one says so).
@@ -87,6 +88,9 @@ pub struct SledStore {
     record_info: sled::Tree,
     /// The CRM's changes to make in mailboxes, in order (sequence → MailboxChange).
     mailbox_changes: sled::Tree,
+    /// mailbox \0 folder \0 UIDVALIDITY UID (big-endian) →
+    /// UnprocessableMessage: failed tries at a message, and those set aside.
+    unprocessable: sled::Tree,
     secrets: SecretBox,
     /// Sources kept as files of their own: CRM sends (both copies), and
     /// synced messages' filed copies from before `segments`.
@@ -344,6 +348,7 @@ impl SledStore {
             record_locations: tree("record_locations")?,
             record_info: tree("record_info")?,
             mailbox_changes: tree("mailbox_changes")?,
+            unprocessable: tree("unprocessable")?,
             source_places: tree("source_places")?,
             sources,
             segments,
@@ -1443,10 +1448,16 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        // A released mailbox's synced messages are no longer watched.
+        // A released mailbox's synced messages are no longer watched, and
+        // what it set aside no longer matters.
         if !others {
             for k in self.located.scan_prefix(prefix(&[&address])).keys() {
                 self.located.remove(k.map_err(engine)?).map_err(engine)?;
+            }
+            for k in self.unprocessable.scan_prefix(prefix(&[&address])).keys() {
+                self.unprocessable
+                    .remove(k.map_err(engine)?)
+                    .map_err(engine)?;
             }
         }
         // What this integration received no longer matters: a reconnect
@@ -1814,6 +1825,81 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         self.flush()
+    }
+
+    fn count_failed_try(&self, failed: &UnprocessableMessage) -> StoreResult<UnprocessableMessage> {
+        let key = located_key(
+            &failed.mailbox,
+            failed.folder,
+            failed.uid_validity,
+            failed.uid,
+        );
+        let earlier: Option<UnprocessableMessage> =
+            match self.unprocessable.get(&key).map_err(engine)? {
+                Some(stored) => decode(&stored).ok(),
+                None => None,
+            };
+        let counted = UnprocessableMessage {
+            attempts: earlier.as_ref().map_or(0, |e| e.attempts).saturating_add(1),
+            first_failed_at: earlier
+                .as_ref()
+                .map_or(failed.last_failed_at, |e| e.first_failed_at),
+            message_id: failed
+                .message_id
+                .clone()
+                .or_else(|| earlier.as_ref().and_then(|e| e.message_id.clone())),
+            set_aside_at: None,
+            ..failed.clone()
+        };
+        self.unprocessable
+            .insert(key, encode(&counted)?)
+            .map_err(engine)?;
+        self.flush()?;
+        Ok(counted)
+    }
+
+    fn set_aside(&self, record: &UnprocessableMessage, commit: &IngestCommit) -> StoreResult<()> {
+        let key = located_key(
+            &record.mailbox,
+            record.folder,
+            record.uid_validity,
+            record.uid,
+        );
+        // The record first: should the commit be lost in a crash, the
+        // message is met again and set aside again, its event going out
+        // with that commit only.
+        let earlier = self
+            .unprocessable
+            .insert(key.as_slice(), encode(record)?)
+            .map_err(engine)?;
+        if let Err(err) = self.commit_ingest(commit, None) {
+            // A stale watcher's commit: the message was not set aside.
+            let restored = match earlier {
+                Some(earlier) => self
+                    .unprocessable
+                    .insert(key.as_slice(), earlier)
+                    .map(|_| ()),
+                None => self.unprocessable.remove(key.as_slice()).map(|_| ()),
+            };
+            if let Err(restore) = restored {
+                tracing::error!("restoring a message's failed tries failed: {restore:#}");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn set_aside_messages(&self, mailbox: &str) -> StoreResult<Vec<UnprocessableMessage>> {
+        let mut found = Vec::new();
+        for item in self.unprocessable.scan_prefix(prefix(&[mailbox])) {
+            let (_, value) = item.map_err(engine)?;
+            match decode::<UnprocessableMessage>(&value) {
+                Ok(record) if record.set_aside_at.is_some() => found.push(record),
+                Ok(_) => {}
+                Err(err) => tracing::error!("an unreadable set-aside record is skipped: {err:#}"),
+            }
+        }
+        Ok(found)
     }
 
     fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>> {

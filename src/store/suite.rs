@@ -1942,3 +1942,88 @@ fn data_from_a_newer_build_is_refused() {
         "{refused:#}"
     );
 }
+
+/// Issue 21 item 6: failed tries at a message are counted across calls
+/// (durably, per mailbox, folder, UIDVALIDITY and UID); a message is listed
+/// only once set aside, and only if the commit that moves its cursor and
+/// carries its event went through (a stale watcher's does not); a released
+/// mailbox forgets them.
+#[test]
+fn failed_tries_are_counted_and_a_message_is_listed_only_once_set_aside() {
+    for (_dir, store) in engines() {
+        connect_inbox_at(store.as_ref(), FolderCursor::new(1, 7));
+        let now = Utc::now();
+        let try_at = |uid: u32, message_id: Option<&str>| crate::model::UnprocessableMessage {
+            mailbox: "me@x.test".into(),
+            folder: FolderRole::Inbox,
+            folder_name: "INBOX".into(),
+            uid_validity: 1,
+            uid,
+            message_id: message_id.map(str::to_string),
+            reason: crate::model::UnprocessableReason::NotReturned,
+            error: "not returned".into(),
+            attempts: 1,
+            first_failed_at: now,
+            last_failed_at: now,
+            set_aside_at: None,
+        };
+        assert_eq!(
+            store
+                .count_failed_try(&try_at(7, Some("<m@x>")))
+                .unwrap()
+                .attempts,
+            1
+        );
+        let counted = store.count_failed_try(&try_at(7, None)).unwrap();
+        assert_eq!(counted.attempts, 2);
+        assert_eq!(
+            counted.message_id.as_deref(),
+            Some("<m@x>"),
+            "kept from an earlier try"
+        );
+        assert_eq!(
+            store.count_failed_try(&try_at(8, None)).unwrap().attempts,
+            1
+        );
+        assert!(store.set_aside_messages("me@x.test").unwrap().is_empty());
+
+        let record = crate::model::UnprocessableMessage {
+            set_aside_at: Some(now),
+            ..counted
+        };
+        let step = |before: FolderCursor| IngestCommit {
+            thread: None,
+            thread_keys_seen: vec![],
+            message_ids: vec![],
+            events: vec![event("evt_u", "me@x.test", serde_json::json!({"uid": 7}))],
+            ..ingest_commit(before, None, l1_thread("u1", &[]))
+        };
+        assert!(matches!(
+            store.set_aside(&record, &step(FolderCursor::new(1, 6))),
+            Err(StoreError::CursorMoved)
+        ));
+        assert!(store.set_aside_messages("me@x.test").unwrap().is_empty());
+
+        store
+            .set_aside(&record, &step(FolderCursor::new(1, 7)))
+            .unwrap();
+        assert_eq!(store.set_aside_messages("me@x.test").unwrap(), vec![record]);
+        assert_eq!(
+            store
+                .cursor("me@x.test", FolderRole::Inbox)
+                .unwrap()
+                .map(|c| c.next_uid),
+            Some(8)
+        );
+        assert!(
+            store
+                .outbox_page(None, 100)
+                .unwrap()
+                .iter()
+                .any(|(_, entry)| entry.event.id == "evt_u")
+        );
+
+        store.disconnect("L1", "u1", &[]).unwrap();
+        assert!(store.set_aside_messages("me@x.test").unwrap().is_empty());
+    }
+}

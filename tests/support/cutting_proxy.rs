@@ -2,11 +2,13 @@
 //! through it on demand: the client and the server both see the connection
 //! drop at whatever point their conversation had reached (mid-literal of a
 //! FETCH, during IDLE, after DATA). TLS passes through untouched, so the
-//! client still verifies the real server's certificate.
+//! client still verifies the real server's certificate. It can also go
+//! silent: a black-holed host, that takes every connection and never says a
+//! word.
 
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use tokio::{
@@ -18,6 +20,9 @@ pub struct CuttingProxy {
     pub port: u16,
     live: Arc<Mutex<Vec<AbortHandle>>>,
     cut: AtomicUsize,
+    silent: Arc<AtomicBool>,
+    /// Connections taken while silent.
+    held: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -38,11 +43,24 @@ impl CuttingProxy {
             .expect("cutting proxy: address")
             .port();
         let live: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let silent: Arc<AtomicBool> = Arc::default();
+        let held: Arc<AtomicUsize> = Arc::default();
         let accept = {
             let live = live.clone();
+            let (silent, held) = (silent.clone(), held.clone());
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
+                    let silent = silent.load(Ordering::SeqCst);
+                    if silent {
+                        held.fetch_add(1, Ordering::SeqCst);
+                    }
                     let task = tokio::spawn(async move {
+                        if silent {
+                            // Reads what the client says, answers nothing.
+                            let mut sink = tokio::io::sink();
+                            let _ = tokio::io::copy(&mut client, &mut sink).await;
+                            return;
+                        }
                         let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream_port)).await
                         else {
                             return;
@@ -59,6 +77,8 @@ impl CuttingProxy {
             port,
             live,
             cut: AtomicUsize::new(0),
+            silent,
+            held,
             accept,
         }
     }
@@ -77,6 +97,18 @@ impl CuttingProxy {
         }
         self.cut.fetch_add(open, Ordering::SeqCst);
         open
+    }
+
+    /// From now on a black hole: the open connections are cut, and every
+    /// new one is taken and never answered.
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        self.cut_all();
+    }
+
+    /// Connections taken (and never answered) since it went silent.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     /// Connections cut so far.
