@@ -484,6 +484,14 @@ pub struct SyncConfig {
     /// session watches all of a mailbox's folders; `false` keeps one session
     /// per folder everywhere.
     pub one_session_per_mailbox: bool,
+    /// How often a watched folder the server does not have (Gmail's All Mail
+    /// hidden from IMAP, no Sent folder, a listed folder deleted) is looked
+    /// for again; the rest of the mailbox syncs meanwhile.
+    pub absent_folder_check_secs: u64,
+    /// How long Gmail's All Mail waits for INBOX's watcher to read a message
+    /// labelled `\Inbox` before it takes the message itself (it never passes
+    /// one over that INBOX has not read).
+    pub inbox_handoff_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -499,6 +507,8 @@ impl Default for SyncConfig {
             max_concurrent_logins: 64,
             logins_per_second: 500,
             one_session_per_mailbox: true,
+            absent_folder_check_secs: 300,
+            inbox_handoff_secs: 120,
         }
     }
 }
