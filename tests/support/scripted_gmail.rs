@@ -75,7 +75,7 @@ struct Account {
     highest_modseq: u64,
     /// Bodies served, per folder: (folder, Message-ID).
     bodies_served: Vec<(String, String)>,
-    /// Labels served, per folder: (folder, Message-ID, labels).
+    /// Labels served in listings of new mail, per folder: (folder, Message-ID, labels).
     labels_served: Vec<(String, String, Vec<String>)>,
     /// Folders not listed and not opened ("Show in IMAP" unticked).
     hidden: Vec<String>,
@@ -296,7 +296,8 @@ impl ScriptedGmail {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Whether a listing of `folder` gave this message with this label.
+    /// Whether a listing of new mail in `folder` (`UID FETCH n:* (… RFC822.SIZE
+    /// … X-GM-LABELS)`, not a read of changes) gave this message with this label.
     pub fn labels_served(&self, folder: &str, message_id: &str, label: &str) -> bool {
         let account = self.account.lock().expect("account");
         account.labels_served.iter().any(|(f, id, labels)| {
@@ -589,6 +590,9 @@ async fn serve(
                                     let labels: Vec<String> =
                                         message.labels.iter().map(|l| quoted(l)).collect();
                                     parts.push(format!("X-GM-LABELS ({})", labels.join(" ")));
+                                }
+                                // A listing of new mail (sizes), not a read of changes.
+                                if items.contains("X-GM-LABELS") && items.contains("RFC822.SIZE") {
                                     labels_served.push((
                                         folder_name.clone(),
                                         message.message_id.clone(),
