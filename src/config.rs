@@ -488,6 +488,14 @@ pub struct SyncConfig {
     /// being made at once, each over a session of its own; a slow or silent
     /// server holds up only its own mailbox's changes.
     pub change_workers: usize,
+    /// How often a watched folder the server does not have (Gmail's All Mail
+    /// hidden from IMAP, no Sent folder, a listed folder deleted) is looked
+    /// for again; the rest of the mailbox syncs meanwhile.
+    pub absent_folder_check_secs: u64,
+    /// How long Gmail's All Mail waits for INBOX's watcher to read a message
+    /// labelled `\Inbox` before it takes the message itself (it never passes
+    /// one over that INBOX has not read).
+    pub inbox_handoff_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -504,6 +512,8 @@ impl Default for SyncConfig {
             logins_per_second: 500,
             one_session_per_mailbox: true,
             change_workers: 8,
+            absent_folder_check_secs: 300,
+            inbox_handoff_secs: 120,
         }
     }
 }

@@ -492,17 +492,21 @@ impl SendQueue {
     }
 
     /// APPENDs the copy with Bcc, marked \Seen, to the mailbox's Sent folder.
+    /// Where the mailbox has no Sent folder, the send stays sent and its copy
+    /// is not filed (said in its `error`, and in the mailbox status's
+    /// `watched`), without a retry: the folder is not coming back by itself.
     async fn file_in_sent(&self, mailbox: &Mailbox, send: &mut SendRecord) {
+        let mut no_sent_folder = false;
         let result = async {
             let raw = self
                 .store
                 .message_source(&send.id, SourceCopy::Filed)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| "the copy to file is missing from the data folder".to_string())?;
-            let (mut session, sent) = self
-                .open_sent(mailbox)
-                .await?
-                .ok_or_else(|| "the mailbox has no Sent folder".to_string())?;
+            let Some((mut session, sent)) = self.open_sent(mailbox).await? else {
+                no_sent_folder = true;
+                return Err("the mailbox has no Sent folder".to_string());
+            };
             self.within(
                 "appending",
                 session.append(&sent, Some("(\\Seen)"), None, &raw),
@@ -516,6 +520,14 @@ impl SendQueue {
             Ok(()) => {
                 send.filed_in_sent = true;
                 send.error = None;
+            }
+            Err(err) if no_sent_folder => {
+                send.filing_attempts += 1;
+                send.filing_abandoned = true;
+                send.error = Some(format!(
+                    "sent; its copy was not filed in Sent: {err} (create one to have copies filed)"
+                ));
+                tracing::warn!(send = %send.id, mailbox = %mailbox.address, "sent; its copy is not filed: {err}");
             }
             Err(err) => {
                 // Kept in the queue: filing is tried again with backoff, for a day.
@@ -668,7 +680,13 @@ impl SendQueue {
         let sent = self
             .within("listing folders", folders::find_sent(&mut session))
             .await?;
-        Ok(sent.map(|name| (session, name)))
+        match sent {
+            Some(name) => Ok(Some((session, name))),
+            None => {
+                let _ = self.within("logging out", session.logout()).await;
+                Ok(None)
+            }
+        }
     }
 
     /// One IMAP step, bounded by the connector's step timeout.

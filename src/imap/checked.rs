@@ -45,6 +45,8 @@ pub struct Fetched {
     pub modseq: Option<u64>,
     /// Gmail's `X-GM-LABELS`, when asked for.
     pub labels: Option<Vec<String>>,
+    /// Gmail's `X-GM-MSGID`, when asked for: the same in every folder.
+    pub gmail_msgid: Option<u64>,
 }
 
 impl Fetched {
@@ -60,6 +62,7 @@ impl Fetched {
                     message.flags = Some(flags.iter().map(|f| f.to_string()).collect());
                 }
                 AttributeValue::ModSeq(modseq) => message.modseq = Some(*modseq),
+                AttributeValue::GmailMsgId(msgid) => message.gmail_msgid = Some(*msgid),
                 AttributeValue::GmailLabels(labels) => {
                     // A set: Gmail's order is no change.
                     let mut labels: Vec<String> =

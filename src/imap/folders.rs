@@ -1,6 +1,7 @@
 //! Finding a mailbox's folders by role: INBOX is fixed; Sent is found by its
 //! SPECIAL-USE attribute (RFC 6154), else by the names clients commonly use;
-//! Trash likewise; listed folders are named by the operator.
+//! Trash likewise; listed folders are named by the operator. A folder LIST
+//! does not name is absent: a warning of its own, never the mailbox's error.
 
 use super::{
     checked::{self, CheckedError},
@@ -39,26 +40,45 @@ pub fn sent_among(folders: &[checked::Folder]) -> Option<String> {
     })
 }
 
-/// The IMAP name of the folder `role` stands for, if the mailbox has it;
-/// `listed` is the mailbox's operator-listed folders.
+/// The IMAP name of the folder `role` stands for among those LIST named,
+/// if the mailbox has it now; `listed` is the mailbox's operator-listed
+/// folders. A listed folder counts only while LIST names it: one deleted or
+/// renamed since the connect is absent, not an error of every session.
+pub fn name_among(
+    folders: &[checked::Folder],
+    role: FolderRole,
+    listed: &[String],
+) -> Option<String> {
+    match role {
+        FolderRole::Inbox => Some("INBOX".to_string()),
+        FolderRole::Sent => sent_among(folders),
+        FolderRole::All => folders
+            .iter()
+            .find(|f| f.is_all && !f.no_select)
+            .map(|f| f.name.clone()),
+        FolderRole::Listed(_) => {
+            let name = listed
+                .iter()
+                .find(|name| FolderRole::listed(name) == role)?;
+            folders
+                .iter()
+                .any(|f| &f.name == name && !f.no_select)
+                .then(|| name.clone())
+        }
+    }
+}
+
+/// The IMAP name of the folder `role` stands for, if the mailbox has it
+/// now (one LIST, except for INBOX). A refused LIST is an error.
 pub async fn name_of(
     session: &mut ImapSession,
     role: FolderRole,
     listed: &[String],
 ) -> Result<Option<String>, CheckedError> {
-    match role {
-        FolderRole::Inbox => Ok(Some("INBOX".to_string())),
-        FolderRole::Sent => find_sent(session).await,
-        FolderRole::All => Ok(checked::list_all(session)
-            .await?
-            .into_iter()
-            .find(|f| f.is_all && !f.no_select)
-            .map(|f| f.name)),
-        FolderRole::Listed(_) => Ok(listed
-            .iter()
-            .find(|name| FolderRole::listed(name) == role)
-            .cloned()),
+    if role == FolderRole::Inbox {
+        return Ok(Some("INBOX".to_string()));
     }
+    Ok(name_among(&checked::list_all(session).await?, role, listed))
 }
 
 /// The Trash folder's name, by its SPECIAL-USE attribute (`\\Trash`).

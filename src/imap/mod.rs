@@ -5,6 +5,7 @@
 pub mod checked;
 pub mod connection;
 pub mod folders;
+pub mod inbox_handoff;
 pub mod login_gate;
 pub mod session_group;
 pub mod watcher;
@@ -77,6 +78,7 @@ pub async fn sync_mailbox(
         })
         .collect();
     let provider = mailbox.provider;
+    let bridge_files_sent = mailbox.save_sent.bridge_appends(provider);
     let all_mail = roles.contains(&FolderRole::All);
     let listed: Arc<[String]> = std::mem::take(&mut mailbox.folders).into();
     // The record holds the decrypted credentials: not kept for the life of
@@ -87,7 +89,7 @@ pub async fn sync_mailbox(
     let mut set = JoinSet::new();
     let mut groups = std::collections::HashMap::new();
     let mut crashes: u32 = 0;
-    let inbox_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inbox = Arc::new(inbox_handoff::InboxHandoff::default());
     let warm = std::sync::Mutex::new(warm);
     let spawn = |set: &mut JoinSet<WatchEnd>, roles: &[FolderRole]| {
         let folders = roles
@@ -98,7 +100,7 @@ pub async fn sync_mailbox(
                 role,
                 listed: listed.clone(),
                 all_mail,
-                inbox_live: inbox_live.clone(),
+                inbox: inbox.clone(),
                 idle_period,
             })
             .collect();
@@ -109,7 +111,7 @@ pub async fn sync_mailbox(
         set.spawn(SessionGroup { folders, warm }.run(watchers.clone()))
             .id()
     };
-    ctx.status.starting(&address, &watched);
+    ctx.status.starting(&address, &watched, bridge_files_sent);
     drop(watched);
     // One session for every folder where the server may have NOTIFY (a
     // server without it says so at login, and each folder gets its own);

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     checked,
     connection::{ConnectError, ImapSession},
+    folders,
+    inbox_handoff::DownOnDrop,
     watcher::{FolderWatcher, MAX_LOOKS_IN_A_ROW, SessionError, WatchEnd},
 };
 use crate::{backoff, model::FolderRole};
@@ -69,20 +71,24 @@ impl SessionGroup {
         let (ctx, address) = (&lead.ctx, lead.address.as_str());
         let mut failures: u32 = 0;
         let mut handed_back = None;
+        let inbox = self.folders.iter().find(|f| f.role == FolderRole::Inbox);
+        // INBOX's watcher is down whenever this task is not in a session,
+        // however it ends (a panic too): All Mail then takes what is
+        // labelled `\Inbox` rather than wait for it.
+        let _inbox_down = DownOnDrop(inbox.map(|f| &*f.inbox));
         loop {
             let result = tokio::select! {
                 result = self.session(&cancel, &mut failures, warm.take(), &mut handed_back) => result,
                 _ = cancel.cancelled() => return WatchEnd::Cancelled,
             };
-            for folder in &self.folders {
-                if folder.role == FolderRole::Inbox {
-                    folder
-                        .inbox_live
-                        .store(false, std::sync::atomic::Ordering::Release);
-                }
+            if let Some(inbox) = inbox {
+                inbox.inbox.set_live(false);
             }
             let err = match result {
                 Ok(()) => return WatchEnd::Cancelled,
+                // A folder came back or went away: a new session with the
+                // folders there are now, no failure.
+                Err(SessionError::LookAgain) => continue,
                 Err(SessionError::NoNotify) => return WatchEnd::NoNotify(handed_back.take()),
                 Err(SessionError::TokenExpiring) => {
                     tracing::debug!(mailbox = address, folders = %self.roles(), "logging in again before the access token expires");
@@ -161,17 +167,37 @@ impl SessionGroup {
             *handed_back = Some(session);
             return Err(SessionError::NoNotify);
         }
+        // One LIST for every folder but INBOX, which is always there. A
+        // folder the server does not have now is absent: reported so, and
+        // looked for again now and then, while the others sync.
+        let listing = match self.folders.iter().any(|f| f.role != FolderRole::Inbox) {
+            true => {
+                Box::pin(lead.timed("listing folders", checked::list_all(&mut session))).await?
+            }
+            false => Vec::new(),
+        };
         let mut present: Vec<(&FolderWatcher, String)> = Vec::new();
+        let mut absent: Vec<&FolderWatcher> = Vec::new();
         for folder in &self.folders {
-            if let Some(name) = Box::pin(folder.resolve(&mut session)).await? {
-                present.push((folder, name));
+            match folder.resolve(&listing) {
+                Some(name) => present.push((folder, name)),
+                None => absent.push(folder),
             }
         }
+        drop(listing);
         let Some(((kept, kept_name), others)) = present.split_first() else {
             let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-            cancel.cancelled().await;
-            return Ok(());
+            return tokio::select! {
+                _ = tokio::time::sleep(lead.absent_check()) => Err(SessionError::LookAgain),
+                _ = cancel.cancelled() => Ok(()),
+            };
         };
+        // Absent folders are looked for again now and then; so are the
+        // present ones but INBOX: a folder renamed while a session has it
+        // selected may not end that session (Dovecot goes on serving it).
+        let mut folder_check_at = (!absent.is_empty()
+            || present.iter().any(|(f, _)| f.role != FolderRole::Inbox))
+        .then(|| tokio::time::Instant::now() + lead.absent_check());
         if !others.is_empty() {
             let names: Vec<String> = present.iter().map(|(_, name)| name.clone()).collect();
             kept.timed(
@@ -184,7 +210,11 @@ impl SessionGroup {
         let mut seen: HashMap<&str, checked::FolderFigures> = HashMap::new();
         // Other folders the server named in a STATUS of its own.
         let mut named: Vec<String> = Vec::new();
-        let mut selected = Box::pin(kept.select(&mut session, kept_name.clone(), features)).await?;
+        let mut selected =
+            match Box::pin(kept.select(&mut session, kept_name.clone(), features)).await {
+                Ok(selected) => selected,
+                Err(err) => return Err(unless_gone(lead, &mut session, kept, err).await),
+            };
         let mut rounds_in_a_row = 0;
         loop {
             Box::pin(kept.sync(&mut session, &mut selected, features, &mut named)).await?;
@@ -193,11 +223,15 @@ impl SessionGroup {
             let mut round = Vec::new();
             let mut kept_announced = false;
             for (folder, name) in others {
-                let status = Box::pin(kept.timed(
+                let status = match Box::pin(kept.timed(
                     "asking a folder's status",
                     checked::status(&mut session, name, features.condstore),
                 ))
-                .await?;
+                .await
+                {
+                    Ok(status) => status,
+                    Err(err) => return Err(unless_gone(lead, &mut session, folder, err).await),
+                };
                 kept_announced |= status.announced;
                 named.extend(status.named);
                 round.push((folder, name, status.figures));
@@ -231,7 +265,12 @@ impl SessionGroup {
                 for (folder, name, figures) in changed {
                     named.retain(|n| n != name);
                     let mut visit =
-                        Box::pin(folder.select(&mut session, name.clone(), features)).await?;
+                        match Box::pin(folder.select(&mut session, name.clone(), features)).await {
+                            Ok(visit) => visit,
+                            Err(err) => {
+                                return Err(unless_gone(lead, &mut session, folder, err).await);
+                            }
+                        };
                     Box::pin(folder.sync(&mut session, &mut visit, features, &mut named)).await?;
                     seen.insert(name, figures);
                 }
@@ -245,14 +284,38 @@ impl SessionGroup {
             named.clear();
             // What is still pending after the bound is looked at again soon,
             // not at the end of the IDLE period.
-            let period = if pending {
+            // So is a message All Mail holds for INBOX's watcher to read.
+            let holding = kept.role == FolderRole::All && kept.inbox.holding();
+            let mut period = if pending || holding {
                 PENDING_IDLE
             } else {
                 kept.idle_period
             };
+            if let Some(at) = folder_check_at {
+                period = period.min(at.saturating_duration_since(tokio::time::Instant::now()));
+            }
             let (back, woke) =
                 Box::pin(idle(kept, session, period, cancel, relogin_at, &mut named)).await?;
             session = back;
+            if let Some(at) = folder_check_at
+                && tokio::time::Instant::now() >= at
+            {
+                let listing =
+                    Box::pin(kept.timed("listing folders", checked::list_all(&mut session)))
+                        .await?;
+                let back = absent
+                    .iter()
+                    .any(|f| folders::name_among(&listing, f.role, &f.listed).is_some());
+                let moved = present.iter().any(|(f, name)| {
+                    folders::name_among(&listing, f.role, &f.listed).as_ref() != Some(name)
+                });
+                if back || moved {
+                    tracing::info!(mailbox = address, folders = %self.roles(), "a watched folder came back or went away: starting the session again");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+                    return Err(SessionError::LookAgain);
+                }
+                folder_check_at = Some(tokio::time::Instant::now() + lead.absent_check());
+            }
             // Only a session that caught up and went through IDLE counts as
             // working: a failure that repeats every session backs off to the cap.
             *failures = 0;
@@ -264,6 +327,40 @@ impl SessionGroup {
                 };
             }
         }
+    }
+}
+
+/// What a refused command on `folder` (its SELECT or STATUS) means: where
+/// the folder is gone from the server (deleted or renamed since this session
+/// listed it), the session ends to start again without it
+/// ([`SessionError::LookAgain`]; the next one reports it absent), and the
+/// rest of the mailbox goes on syncing; otherwise the refusal stands.
+async fn unless_gone(
+    lead: &FolderWatcher,
+    session: &mut ImapSession,
+    folder: &FolderWatcher,
+    err: SessionError,
+) -> SessionError {
+    let refused = matches!(
+        err,
+        SessionError::Checked(checked::CheckedError::Refused { .. })
+            | SessionError::Imap(
+                async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_)
+            )
+    );
+    if !refused {
+        return err;
+    }
+    match lead
+        .timed("listing folders", checked::list_all(session))
+        .await
+    {
+        Ok(listing) if folders::name_among(&listing, folder.role, &folder.listed).is_none() => {
+            tracing::info!(mailbox = %folder.address, folder = %folder.role, "the folder is gone from the server ({err}): starting the session again without it");
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+            SessionError::LookAgain
+        }
+        _ => err,
     }
 }
 

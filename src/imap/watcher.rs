@@ -6,7 +6,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_imap::types::UnsolicitedResponse;
 
-use super::{SyncContext, checked, connection::ConnectError, connection::ImapSession, folders};
+use super::{
+    SyncContext, checked, connection::ConnectError, connection::ImapSession, folders,
+    inbox_handoff::Verdict,
+};
 use crate::{
     event_data::{self, MessagePlace},
     ingest::{Found, Tried},
@@ -72,6 +75,10 @@ pub(super) enum SessionError {
     /// The access token is about to expire: log in again with a renewed one.
     #[error("renewing the login before the access token expires")]
     TokenExpiring,
+    /// A watched folder came back or went away: a new session with the
+    /// folders the server has now (no failure, no backoff).
+    #[error("a watched folder came back or went away")]
+    LookAgain,
     #[error("storage: {0}")]
     Store(#[from] crate::store::StoreError),
 }
@@ -91,10 +98,9 @@ pub struct FolderWatcher {
     pub listed: Arc<[String]>,
     /// Whether the mailbox's All Mail is watched too (Gmail).
     pub all_mail: bool,
-    /// Whether the mailbox's INBOX watcher is up and caught up: while it is
-    /// not, All Mail takes what is labelled `\Inbox` too (a message archived
-    /// before INBOX's watcher is back would otherwise never sync).
-    pub inbox_live: Arc<std::sync::atomic::AtomicBool>,
+    /// What INBOX's watcher read, for All Mail (Gmail): All Mail passes over
+    /// a message labelled `\Inbox` only once INBOX read past it.
+    pub inbox: Arc<super::inbox_handoff::InboxHandoff>,
     pub idle_period: Duration,
 }
 
@@ -146,34 +152,44 @@ impl FolderWatcher {
         })
     }
 
-    /// The folder's name on this server; `None`, reported as the folder's
-    /// error, where the server has no such folder.
-    pub(super) async fn resolve(
-        &self,
-        session: &mut ImapSession,
-    ) -> Result<Option<String>, SessionError> {
-        let found = self
-            .timed(
-                "listing folders",
-                folders::name_of(session, self.role, &self.listed),
-            )
-            .await?;
+    /// The folder's name among those LIST named (`folders`); `None`,
+    /// reported as the folder being absent (a warning, not an error), where
+    /// the server has no such folder now.
+    pub(super) fn resolve(&self, folders: &[checked::Folder]) -> Option<String> {
+        let found = folders::name_among(folders, self.role, &self.listed);
         if found.is_none() {
+            self.report_absent();
+        }
+        found
+    }
+
+    /// Reports the folder absent from the server, with what that keeps from
+    /// syncing; it is looked for again every `absent_folder_check_secs`.
+    pub(super) fn report_absent(&self) {
+        let name = match self.role {
+            FolderRole::Listed(_) => self
+                .listed
+                .iter()
+                .find(|name| FolderRole::listed(name) == self.role)
+                .map(String::as_str),
+            _ => None,
+        };
+        if !self.ctx.status.is_absent(&self.address, self.role) {
             tracing::warn!(
                 mailbox = %self.address,
                 folder = %self.role,
-                "no such folder: mail in it cannot sync"
-            );
-            self.ctx.status.failed(
-                &self.address,
-                self.role,
-                format!(
-                    "the server has no {} folder: mail in it cannot sync",
-                    self.role
-                ),
+                name,
+                "the server has no such folder now: mail in it cannot sync until it is back; the rest of the mailbox syncs"
             );
         }
-        Ok(found)
+        self.ctx
+            .status
+            .absent(&self.address, self.role, name, self.absent_check());
+    }
+
+    /// How often an absent folder is looked for again.
+    pub(super) fn absent_check(&self) -> Duration {
+        Duration::from_secs(self.ctx.sync.absent_folder_check_secs.max(1))
     }
 
     /// Selects the folder and settles its cursor: where the last session
@@ -349,8 +365,7 @@ impl FolderWatcher {
             }
             self.report_caught_up(folder);
             if self.role == FolderRole::Inbox {
-                self.inbox_live
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.inbox.set_live(true);
             }
             return Ok(());
         }
@@ -805,6 +820,9 @@ impl FolderWatcher {
         // those folders' watchers, and a draft never syncs: their labels are
         // asked for with the sizes, so their bodies are never downloaded here.
         let by_labels = self.role == FolderRole::All && gmail;
+        // INBOX names each message's X-GM-MSGID where All Mail is watched
+        // too, so All Mail learns what INBOX read past (the hand-off).
+        let hands_off = self.role == FolderRole::Inbox && gmail && self.all_mail;
         let listing = self
             .timed(
                 "listing new messages",
@@ -812,24 +830,24 @@ impl FolderWatcher {
                     session,
                     &format!("{}:*", cursor.next_uid),
                     if by_labels {
-                        "(UID RFC822.SIZE INTERNALDATE X-GM-LABELS)"
+                        "(UID RFC822.SIZE INTERNALDATE X-GM-LABELS X-GM-MSGID)"
+                    } else if hands_off {
+                        "(UID RFC822.SIZE INTERNALDATE X-GM-MSGID)"
                     } else {
                         "(UID RFC822.SIZE INTERNALDATE)"
                     },
                 ),
             )
             .await?;
-        let inbox_live = self.inbox_live.load(std::sync::atomic::Ordering::Acquire);
-        let elsewhere: std::collections::HashSet<u32> = listing
-            .messages
-            .iter()
-            .filter(|f| {
-                f.labels
-                    .as_ref()
-                    .is_some_and(|labels| labels.iter().any(|l| read_elsewhere(l, inbox_live)))
-            })
-            .map(|f| f.uid)
-            .collect();
+        let (elsewhere, held_at) = self.left_to_others(&listing.messages, cursor.next_uid);
+        let msgids: HashMap<u32, u64> = match hands_off {
+            true => listing
+                .messages
+                .iter()
+                .filter_map(|f| Some((f.uid, f.gmail_msgid?)))
+                .collect(),
+            false => HashMap::new(),
+        };
         // A flag change of another message comes as a FETCH with FLAGS or
         // MODSEQ, which the listing does not ask for: announced, so the
         // changes are read before IDLE (which would not repeat it).
@@ -848,6 +866,8 @@ impl FolderWatcher {
             .iter()
             .map(|f| (f.uid, f.size.unwrap_or(0)))
             .filter(|(uid, _)| *uid >= cursor.next_uid)
+            // Held for INBOX: not read past here this time.
+            .filter(|(uid, _)| held_at.is_none_or(|held| *uid < held))
             .collect();
         pending.sort_unstable();
         pending.dedup_by_key(|(uid, _)| *uid);
@@ -1032,8 +1052,57 @@ impl FolderWatcher {
                 cursor.next_uid = uid.saturating_add(1);
             }
             crate::offload::blocking(|| ingest.finish())?;
+            if hands_off {
+                // Committed (durable with the batch, or with the next flush,
+                // which comes before any later commit of All Mail's).
+                self.inbox.read_by_inbox(
+                    batch
+                        .iter()
+                        .filter(|(uid, _)| *uid < cursor.next_uid)
+                        .filter_map(|(uid, _)| msgids.get(uid).copied()),
+                );
+            }
+        }
+        if by_labels {
+            self.inbox.all_mail_at(cursor.next_uid, held_at.is_some());
         }
         Ok(announced)
+    }
+
+    /// Of the listed messages from `next_uid` on, those All Mail leaves to
+    /// other folders' watchers (Gmail): labelled `\Sent` or `\Draft`, or
+    /// `\Inbox` where INBOX's watcher read past them; and the first UID
+    /// labelled `\Inbox` that INBOX has not read yet and is waited for
+    /// (see [`super::inbox_handoff`]): the catch-up stops before it.
+    /// Elsewhere than Gmail's All Mail, nothing carries labels: none.
+    fn left_to_others(
+        &self,
+        listed: &[checked::Fetched],
+        next_uid: u32,
+    ) -> (std::collections::HashSet<u32>, Option<u32>) {
+        let mut elsewhere = std::collections::HashSet::new();
+        let mut labelled: Vec<(u32, Option<u64>, &[String])> = listed
+            .iter()
+            .filter(|f| f.uid >= next_uid)
+            .filter_map(|f| Some((f.uid, f.gmail_msgid, f.labels.as_deref()?)))
+            .collect();
+        labelled.sort_unstable_by_key(|(uid, _, _)| *uid);
+        labelled.dedup_by_key(|(uid, _, _)| *uid);
+        let wait = Duration::from_secs(self.ctx.sync.inbox_handoff_secs);
+        for (uid, msgid, labels) in labelled {
+            if labels.iter().any(|l| read_elsewhere(l)) {
+                elsewhere.insert(uid);
+            } else if labels.iter().any(|l| l.eq_ignore_ascii_case("\\Inbox")) {
+                match self.inbox.verdict(uid, msgid, wait) {
+                    Verdict::PassOver => {
+                        elsewhere.insert(uid);
+                    }
+                    Verdict::Take => {}
+                    Verdict::Hold => return (elsewhere, Some(uid)),
+                }
+            }
+        }
+        (elsewhere, None)
     }
 }
 
@@ -1091,9 +1160,9 @@ enum Whereabouts {
 }
 
 /// Whether a Gmail label puts a message in a folder watched on its own
-/// (`\Sent`; `\Inbox` while INBOX's watcher is live) or out of sync
-/// altogether (`\Draft`).
-fn read_elsewhere(label: &str, inbox_live: bool) -> bool {
+/// (`\Sent`) or out of sync altogether (`\Draft`). `\Inbox` is INBOX's only
+/// once INBOX's watcher read past the message (`left_to_others`).
+fn read_elsewhere(label: &str) -> bool {
     let is = |system: &str| label.eq_ignore_ascii_case(system);
-    is("\\Sent") || is("\\Draft") || (inbox_live && is("\\Inbox"))
+    is("\\Sent") || is("\\Draft")
 }

@@ -6,7 +6,9 @@
 //! next body FETCHes as Gmail does (`NO [UNAVAILABLE] Some messages could not
 //! be FETCHed`), or act as a server without some extensions (MOVE, CONDSTORE,
 //! QRESYNC: hidden from every CAPABILITY list and their commands refused
-//! with `BAD`, as a server that lacks them answers). It reads the client's
+//! with `BAD`, as a server that lacks them answers), or act as a server
+//! without some folders (not listed; `NO [NONEXISTENT]` to commands naming
+//! them). It reads the client's
 //! commands line by line (literals passed through whole) and copies the
 //! server's answers as they come (line by line while hiding extensions).
 
@@ -52,6 +54,8 @@ struct Script {
     append_refusals: usize,
     /// Capabilities the server is made to lack (upper case).
     hidden: Vec<String>,
+    /// Folders the server is made to lack.
+    hidden_folders: Vec<String>,
     /// Commands passed on, by verb (upper case; `UID FETCH` is `UID`).
     commands: std::collections::HashMap<String, usize>,
 }
@@ -111,6 +115,14 @@ impl ImapProxy {
     pub fn hide_capabilities(&self, hidden: &[&str]) {
         let mut script = self.script.lock().expect("proxy script");
         script.hidden = hidden.iter().map(|c| c.to_ascii_uppercase()).collect();
+    }
+
+    /// From now on the server lacks these folders: LIST leaves them out, and
+    /// SELECT, EXAMINE, STATUS and APPEND naming them are refused as
+    /// Dovecot refuses a folder that does not exist.
+    pub fn hide_folders(&self, folders: &[&str]) {
+        let mut script = self.script.lock().expect("proxy script");
+        script.hidden_folders = folders.iter().map(|f| f.to_string()).collect();
     }
 
     /// `{"host", "port", "security": "plain"}` for a connect request.
@@ -262,14 +274,20 @@ async fn serve(
                     if n == 0 {
                         return Ok::<_, std::io::Error>(());
                     }
-                    let hidden = hiding.lock().expect("proxy script").hidden.clone();
-                    if hidden.is_empty() && partial.is_empty() {
+                    let (hidden, hidden_folders) = {
+                        let script = hiding.lock().expect("proxy script");
+                        (script.hidden.clone(), script.hidden_folders.clone())
+                    };
+                    if hidden.is_empty() && hidden_folders.is_empty() && partial.is_empty() {
                         client_write.write_all(&buffer[..n]).await?;
                         continue;
                     }
                     partial.extend_from_slice(&buffer[..n]);
                     while let Some(end) = partial.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = partial.drain(..=end).collect();
+                        if lists_one_of(&line, &hidden_folders) {
+                            continue;
+                        }
                         client_write.write_all(&without_capabilities(&line, &hidden)).await?;
                     }
                 }
@@ -320,6 +338,15 @@ async fn serve(
             } else if verb == "APPEND" && script.append_refusals > 0 {
                 script.append_refusals -= 1;
                 Some("NO [UNAVAILABLE] Temporary failure, try again later".to_string())
+            } else if matches!(verb.as_str(), "SELECT" | "EXAMINE" | "STATUS" | "APPEND")
+                && text.split_whitespace().nth(2).is_some_and(|folder| {
+                    script
+                        .hidden_folders
+                        .iter()
+                        .any(|hidden| hidden == folder.trim_matches('"'))
+                })
+            {
+                Some("NO [NONEXISTENT] Mailbox doesn't exist. [proxy]".to_string())
             } else if refused_as_hidden(&upper, &script.hidden) {
                 Some("BAD Unknown command".to_string())
             } else if verb == "IDLE" && !script.idle_refusals.is_empty() {
@@ -412,6 +439,17 @@ fn without_capabilities(line: &[u8], hidden: &[String]) -> Vec<u8> {
     let mut out = kept.join(" ").into_bytes();
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Whether a server line is a LIST response naming one of `folders`.
+fn lists_one_of(line: &[u8], folders: &[String]) -> bool {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end();
+    text.to_ascii_uppercase().starts_with("* LIST ")
+        && text
+            .rsplit(' ')
+            .next()
+            .is_some_and(|name| folders.iter().any(|f| f == name.trim_matches('"')))
 }
 
 /// Whether a client command uses a hidden extension.

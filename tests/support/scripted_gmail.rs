@@ -12,6 +12,10 @@
 //! RFC822.SIZE, INTERNALDATE, FLAGS, X-GM-LABELS, BODY.PEEK[], CHANGEDSINCE),
 //! UID SEARCH (UID set, HEADER Message-ID), IDLE/DONE, NOOP, LOGOUT; the
 //! test changes its mail (deliver, archive, relabel) and sessions in IDLE hear of it.
+//! It can hide a folder as Gmail's "Show in IMAP" unticked does (not listed,
+//! `NO [NONEXISTENT]` to SELECT and STATUS), and stall the sessions that
+//! selected a folder (they answer nothing, and hear nothing in IDLE, until
+//! resumed), as a half-dead connection does.
 //! Anything else is answered `BAD`, never a panic. Plain TCP: the daemon
 //! allows `"security": "plain"` towards loopback only, which this is.
 
@@ -51,6 +55,8 @@ struct Stored {
     /// What `X-GM-LABELS` names (the selected folder's own label aside).
     labels: Vec<String>,
     modseq: u64,
+    /// `X-GM-MSGID`: the same for every copy of a message.
+    msgid: u64,
 }
 
 struct Folder {
@@ -69,6 +75,13 @@ struct Account {
     highest_modseq: u64,
     /// Bodies served, per folder: (folder, Message-ID).
     bodies_served: Vec<(String, String)>,
+    /// Labels served in listings of new mail, per folder: (folder, Message-ID, labels).
+    labels_served: Vec<(String, String, Vec<String>)>,
+    /// Folders not listed and not opened ("Show in IMAP" unticked).
+    hidden: Vec<String>,
+    /// Sessions that selected this folder answer nothing until resumed.
+    stalled: Option<String>,
+    next_msgid: u64,
 }
 
 impl Account {
@@ -121,6 +134,10 @@ impl ScriptedGmail {
             folders,
             highest_modseq: 917_752,
             bodies_served: Vec::new(),
+            labels_served: Vec::new(),
+            hidden: Vec::new(),
+            stalled: None,
+            next_msgid: 1_709_167_321_102_384_438,
         }));
         let (changed, _) = watch::channel(0u64);
         let accept = {
@@ -158,6 +175,8 @@ impl ScriptedGmail {
             .expect("a Message-ID");
         {
             let mut account = self.account.lock().expect("account");
+            account.next_msgid += 1;
+            let msgid = account.next_msgid;
             for name in folders.iter().chain(std::iter::once(&ALL_MAIL)) {
                 if name != &ALL_MAIL && !folders.contains(name) {
                     continue;
@@ -186,6 +205,7 @@ impl ScriptedGmail {
                         .map(|l| l.to_string())
                         .collect(),
                     modseq,
+                    msgid,
                 });
             }
         }
@@ -244,6 +264,47 @@ impl ScriptedGmail {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Hides a folder as Gmail does when its "Show in IMAP" is unticked.
+    pub fn hide_folder(&self, folder: &str) {
+        self.account
+            .lock()
+            .expect("account")
+            .hidden
+            .push(folder.to_string());
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Shows a hidden folder again.
+    pub fn show_folder(&self, folder: &str) {
+        self.account
+            .lock()
+            .expect("account")
+            .hidden
+            .retain(|f| f != folder);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Sessions that selected `folder` stop answering (commands wait, IDLE
+    /// hears nothing) until `resume`; other sessions go on.
+    pub fn stall(&self, folder: &str) {
+        self.account.lock().expect("account").stalled = Some(folder.to_string());
+    }
+
+    /// Stalled sessions answer again (and hear what changed meanwhile).
+    pub fn resume(&self) {
+        self.account.lock().expect("account").stalled = None;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Whether a listing of new mail in `folder` (`UID FETCH n:* (… RFC822.SIZE
+    /// … X-GM-LABELS)`, not a read of changes) gave this message with this label.
+    pub fn labels_served(&self, folder: &str, message_id: &str, label: &str) -> bool {
+        let account = self.account.lock().expect("account");
+        account.labels_served.iter().any(|(f, id, labels)| {
+            f == folder && id == message_id && labels.iter().any(|l| l == label)
+        })
+    }
+
     /// How many AUTHENTICATE commands (which carry an access token) began.
     pub fn authentications(&self) -> usize {
         self.account.lock().expect("account").authentications
@@ -258,6 +319,24 @@ impl ScriptedGmail {
             .filter(|(f, _)| f == folder)
             .map(|(_, id)| id.clone())
             .collect()
+    }
+}
+
+/// Waits while the session's folder is stalled (a half-dead connection:
+/// nothing is answered, nothing announced).
+async fn stalled_until_resumed(
+    account: &Mutex<Account>,
+    selected: &Option<String>,
+    changes: &mut watch::Receiver<u64>,
+) -> std::io::Result<()> {
+    loop {
+        let stalled = account.lock().expect("account").stalled.clone();
+        if selected.is_none() || stalled != *selected {
+            return Ok(());
+        }
+        if changes.changed().await.is_err() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
     }
 }
 
@@ -361,6 +440,7 @@ async fn serve(
             .get(1)
             .map(|v| v.to_ascii_uppercase())
             .unwrap_or_default();
+        stalled_until_resumed(&account, &selected, &mut changes).await?;
         // A session on a folder taken offline ends at its next command.
         let offline = account.lock().expect("account").offline.clone();
         if offline.is_some() && offline == selected {
@@ -410,7 +490,11 @@ async fn serve(
                 return Ok(());
             }
             "LIST" => {
+                let hidden = account.lock().expect("account").hidden.clone();
                 for (name, attributes) in FOLDERS {
+                    if hidden.iter().any(|h| h == name) {
+                        continue;
+                    }
                     out.push_str(&format!("* LIST ({attributes}) \"/\" {}\r\n", quoted(name)));
                 }
                 out.push_str(&format!("{tag} OK Success\r\n"));
@@ -418,7 +502,8 @@ async fn serve(
             "SELECT" | "EXAMINE" => {
                 let name = words.get(2).cloned().unwrap_or_default();
                 let account = account.lock().expect("account");
-                match account.folder(&name) {
+                let shown = |name: &str| !account.hidden.iter().any(|h| h == name);
+                match account.folder(&name).filter(|f| shown(&f.name)) {
                     Some(_) if account.offline.as_deref() == Some(name.as_str()) => {
                         out.push_str(&format!(
                             "{tag} NO [UNAVAILABLE] Temporary System Error (Failure)\r\n"
@@ -444,7 +529,8 @@ async fn serve(
             "STATUS" => {
                 let name = words.get(2).cloned().unwrap_or_default();
                 let account = account.lock().expect("account");
-                match account.folder(&name) {
+                let shown = !account.hidden.contains(&name);
+                match account.folder(&name).filter(|_| shown) {
                     Some(folder) => out.push_str(&format!(
                         "* STATUS {} (UIDNEXT {} UIDVALIDITY {})\r\n{tag} OK Success\r\n",
                         quoted(&name),
@@ -478,6 +564,7 @@ async fn serve(
                                 .and_then(|n| n.trim().parse::<u64>().ok())
                         });
                         let mut served = Vec::new();
+                        let mut labels_served = Vec::new();
                         if let Some(folder) = account.folder(&folder_name) {
                             let last = folder.messages.last().map_or(0, |m| m.uid);
                             for (index, message) in folder.messages.iter().enumerate() {
@@ -504,6 +591,17 @@ async fn serve(
                                         message.labels.iter().map(|l| quoted(l)).collect();
                                     parts.push(format!("X-GM-LABELS ({})", labels.join(" ")));
                                 }
+                                // A listing of new mail (sizes), not a read of changes.
+                                if items.contains("X-GM-LABELS") && items.contains("RFC822.SIZE") {
+                                    labels_served.push((
+                                        folder_name.clone(),
+                                        message.message_id.clone(),
+                                        message.labels.clone(),
+                                    ));
+                                }
+                                if items.contains("X-GM-MSGID") {
+                                    parts.push(format!("X-GM-MSGID {}", message.msgid));
+                                }
                                 if since.is_some() {
                                     parts.push(format!("MODSEQ ({})", message.modseq));
                                 }
@@ -523,6 +621,7 @@ async fn serve(
                             }
                         }
                         account.bodies_served.extend(served);
+                        account.labels_served.extend(labels_served);
                         out.push_str(&format!("{tag} OK Success\r\n"));
                     }
                     "SEARCH" => {
@@ -573,6 +672,7 @@ async fn serve(
                                 return Ok(());
                             }
                             if line.trim().eq_ignore_ascii_case("DONE") {
+                                stalled_until_resumed(&account, &selected, &mut changes).await?;
                                 break;
                             }
                         }
@@ -581,6 +681,10 @@ async fn serve(
                                 return Ok(());
                             }
                             changes.borrow_and_update();
+                            let stalled = account.lock().expect("account").stalled.clone();
+                            if stalled.is_some() && stalled == selected {
+                                continue;
+                            }
                             let offline = account.lock().expect("account").offline.clone();
                             if offline.is_some() && offline == selected {
                                 write.write_all(b"* BYE System Error\r\n").await?;
