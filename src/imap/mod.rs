@@ -101,6 +101,7 @@ pub async fn sync_mailbox(
                 inbox_live: inbox_live.clone(),
                 idle_period,
                 not_returned: Default::default(),
+                lookups: Default::default(),
             })
             .collect();
         let warm = warm
