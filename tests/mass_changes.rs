@@ -20,7 +20,9 @@ use support::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mass_move_never_keeps_new_mail_waiting_and_each_move_is_reported_once() {
     const MOVED: usize = 1500;
-    let w = World::connected(serde_json::json!({})).await;
+    // Only to see when the look-ups begin (their session EXAMINEs folders).
+    let proxy = support::imap_proxy::ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
     let mut session = w.stack.session(&w.me).await;
     for n in 0..MOVED {
         let raw = message(
@@ -58,12 +60,16 @@ async fn a_mass_move_never_keeps_new_mail_waiting_and_each_move_is_reported_once
     .await;
     assert_eq!(synced.len(), MOVED);
 
+    let examined = proxy.commands("EXAMINE");
     session.select("INBOX").await.expect("SELECT");
     session.uid_mv("1:*", "Archive").await.expect("MOVE");
     let moved = |r: &support::receiver::Received| {
         r.kind() == "message.updated" && r.data()["folder"] == "Archive"
     };
-    w.receiver.wait_for("the first move reported", moved).await;
+    support::eventually("the look-ups to begin", support::DEADLINE, async || {
+        (proxy.commands("EXAMINE") > examined).then_some(())
+    })
+    .await;
 
     // While the rest are looked for: a contact's new message.
     let id = new_message_id("new");

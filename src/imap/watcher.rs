@@ -779,18 +779,23 @@ impl FolderWatcher {
                     .entry(id.to_string())
                     .or_default()
                     .push((uid, located)),
-                None => {
-                    gone.extend(self.departure(folder, cursor, uid, &located, Whereabouts::Nowhere))
-                }
+                None => gone.push((uid, located, Whereabouts::Nowhere)),
             }
         }
-        if unfound.is_empty() {
-            self.commit_changes(folder, cursor, highest, &gone)?;
+        let settled = unfound.is_empty();
+        let mut announced = Box::pin(self.report_departures(
+            session,
+            folder,
+            gmail,
+            cursor,
+            gone,
+            highest.filter(|_| settled),
+        ))
+        .await?;
+        if settled {
             self.lookups_done();
-            return Ok(false);
+            return Ok(announced);
         }
-        self.commit_changes(folder, cursor, None, &gone)?;
-        let mut announced = false;
         let mut lookup = None;
         let searched = self
             .search_folders(
@@ -815,13 +820,59 @@ impl FolderWatcher {
             }
         }
         // No folder holds what is left: expunged.
-        let mut gone = Vec::new();
-        for (uid, located) in unfound.into_values().flatten() {
-            gone.extend(self.departure(folder, cursor, uid, &located, Whereabouts::Nowhere));
-        }
-        self.commit_changes(folder, cursor, highest, &gone)?;
+        let gone = unfound
+            .into_values()
+            .flatten()
+            .map(|(uid, located)| (uid, located, Whereabouts::Nowhere))
+            .collect();
+        announced |=
+            Box::pin(self.report_departures(session, folder, gmail, cursor, gone, highest)).await?;
         self.lookups_done();
         Ok(announced)
+    }
+
+    /// Reports where messages that left `folder` went, committed a slice
+    /// at a time; `highest` (the HIGHESTMODSEQ) moves with the last slice.
+    /// Before each slice, while the webhook is behind, the pass waits and
+    /// catches up new mail meanwhile: a mass change's reports never queue
+    /// far ahead of new mail's events (the outbox is delivered oldest first).
+    /// It waits at most [`REPORTS_WAIT`] a slice, so a webhook that is down
+    /// slows the pass but does not stop it. Returns whether the server
+    /// announced a change meanwhile.
+    async fn report_departures(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        departures: Vec<(u32, LocatedMessage, Whereabouts)>,
+        highest: Option<u64>,
+    ) -> Result<bool, SessionError> {
+        let mut announced = false;
+        let mut left = departures.into_iter().peekable();
+        loop {
+            let waiting_from = tokio::time::Instant::now();
+            while left.peek().is_some()
+                && self.ctx.store.outbox_len()? > REPORTS_AHEAD
+                && waiting_from.elapsed() < REPORTS_WAIT
+            {
+                tokio::time::sleep(REPORTS_POLL).await;
+                announced |= self.catch_up_now(session, folder, gmail, cursor).await?;
+            }
+            // Judged now, against the cursor as the catch-ups left it.
+            let slice: Vec<LocatedChange> = left
+                .by_ref()
+                .take(REPORTED_AT_ONCE)
+                .filter_map(|(uid, located, whereabouts)| {
+                    self.departure(folder, cursor, uid, &located, whereabouts)
+                })
+                .collect();
+            let last = left.peek().is_none();
+            self.commit_changes(folder, cursor, highest.filter(|_| last), &slice)?;
+            if last {
+                return Ok(announced);
+            }
+        }
     }
 
     /// The look-up pass of [`FolderWatcher::follow_vanished`]: what each
@@ -838,9 +889,16 @@ impl FolderWatcher {
         lookup: &mut Option<Lookup>,
         announced: &mut bool,
     ) -> Result<(), Failed> {
-        let opened = Box::pin(self.open_lookup(folder))
-            .await
-            .map_err(Failed::Lookup)?;
+        let opened = self
+            .catching_up(
+                session,
+                folder,
+                gmail,
+                cursor,
+                announced,
+                Box::pin(self.open_lookup(folder)),
+            )
+            .await?;
         let Lookup {
             session: looking,
             folders,
@@ -867,26 +925,43 @@ impl FolderWatcher {
             }
             // A folder the server will not open is no answer about the
             // messages, and must not stop the watch: it is passed over.
-            let opened = match tokio::time::timeout(
-                self.ctx.connector.step_timeout(),
-                looking.examine(&candidate.name),
-            )
-            .await
-            {
-                Ok(Ok(opened)) => opened,
-                Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
-                    continue;
+            let examine = async {
+                match tokio::time::timeout(
+                    self.ctx.connector.step_timeout(),
+                    looking.examine(&candidate.name),
+                )
+                .await
+                {
+                    Ok(Ok(opened)) => Ok(Some(opened)),
+                    Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
+                        Ok(None)
+                    }
+                    Ok(Err(err)) => Err(SessionError::from(err)),
+                    Err(_) => Err(SessionError::Timeout("opening a folder")),
                 }
-                Ok(Err(err)) => return Err(Failed::Lookup(err.into())),
-                Err(_) => return Err(Failed::Lookup(SessionError::Timeout("opening a folder"))),
+            };
+            let Some(opened) = self
+                .catching_up(session, folder, gmail, cursor, announced, examine)
+                .await?
+            else {
+                continue;
             };
             if opened.exists == 0 {
                 continue;
             }
             let ids: Vec<String> = unfound.keys().cloned().collect();
             for chunk in search_chunks(&ids) {
-                let held = self.held_in(looking, chunk).await.map_err(Failed::Lookup)?;
-                let mut changes = Vec::new();
+                let held = self
+                    .catching_up(
+                        session,
+                        folder,
+                        gmail,
+                        cursor,
+                        announced,
+                        self.held_in(looking, chunk),
+                    )
+                    .await?;
+                let mut departures = Vec::new();
                 for (id, uids) in held {
                     let Some(messages) = unfound.remove(&id) else {
                         continue;
@@ -915,18 +990,68 @@ impl FolderWatcher {
                                 _ => Whereabouts::Elsewhere(candidate.name.clone()),
                             }
                         };
-                        changes.extend(self.departure(folder, cursor, uid, &located, whereabouts));
+                        departures.push((uid, located, whereabouts));
                     }
                 }
-                self.commit_changes(folder, cursor, None, &changes)
-                    .map_err(Failed::Here)?;
+                *announced |= Box::pin(
+                    self.report_departures(session, folder, gmail, cursor, departures, None),
+                )
+                .await
+                .map_err(Failed::Here)?;
                 // New mail first again, before the next SEARCH.
-                *announced |= Box::pin(self.catch_up(session, folder, gmail, cursor))
+                *announced |= self
+                    .catch_up_now(session, folder, gmail, cursor)
                     .await
                     .map_err(Failed::Here)?;
             }
         }
         Ok(())
+    }
+
+    /// Runs `step`, a command of the look-up session, while new mail is
+    /// caught up on this one every [`REPORTS_POLL`]: a slow SEARCH (a large
+    /// folder, a cold server cache) never keeps new mail waiting. The
+    /// step's own timeout runs meanwhile.
+    async fn catching_up<T>(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        announced: &mut bool,
+        step: impl Future<Output = Result<T, SessionError>>,
+    ) -> Result<T, Failed> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut step => return done.map_err(Failed::Lookup),
+                _ = tokio::time::sleep(REPORTS_POLL) => {
+                    *announced |= self
+                        .catch_up_now(session, folder, gmail, cursor)
+                        .await
+                        .map_err(Failed::Here)?;
+                }
+            }
+        }
+    }
+
+    /// A catch-up, and at once another where the server announced new mail
+    /// in its answer (Dovecot names a message that arrived meanwhile after
+    /// the listing, which did not include it). Returns whether the server
+    /// announced a change.
+    async fn catch_up_now(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+    ) -> Result<bool, SessionError> {
+        let announced = Box::pin(self.catch_up(session, folder, gmail, cursor)).await?;
+        if announced {
+            Box::pin(self.catch_up(session, folder, gmail, cursor)).await?;
+        }
+        Ok(announced)
     }
 
     /// The second session of a look-up pass, with the mailbox's folders in
@@ -1343,6 +1468,16 @@ pub struct LookupRetry {
     failures: u32,
     not_before: Option<tokio::time::Instant>,
 }
+
+/// Reports of messages that left a folder committed at once, and the
+/// events the outbox may hold before a look-up pass commits more (see
+/// `report_departures`): new mail's event waits behind a few dozen at most.
+const REPORTED_AT_ONCE: usize = 20;
+const REPORTS_AHEAD: usize = 20;
+/// How long a look-up pass waits at most for the webhook before each slice.
+const REPORTS_WAIT: Duration = Duration::from_secs(5);
+/// How often new mail is caught up while a look-up pass waits.
+const REPORTS_POLL: Duration = Duration::from_millis(200);
 
 /// Message-IDs asked for in one SEARCH, and the most bytes of their terms:
 /// the command line stays well within the 8,000 bytes servers must take
