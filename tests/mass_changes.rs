@@ -197,3 +197,58 @@ async fn a_message_moved_out_and_back_before_the_catch_up_met_it_is_still_follow
     );
     w.daemon.stop().await;
 }
+
+/// Issue 21 item 2: a look-up pass that fails (here: its session cannot log
+/// in) ends only itself. The folder's session stays, new mail is forwarded
+/// while the look-ups keep failing, and the move is reported, once, when a
+/// look-up can run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_look_up_never_keeps_new_mail_waiting() {
+    use support::imap_proxy::{ImapProxy, UNAVAILABLE};
+    let proxy = ImapProxy::start(&support::stack::Stack::get()).await;
+    let w = World::connected(serde_json::json!({"imap": proxy.endpoint()})).await;
+    let (id, synced) = w.mail_synced("archived while looking fails").await;
+    let (refused_before, _) = proxy.counts();
+    // Every login through the proxy from now on is refused: only the
+    // look-ups log in, while the folder's session stays.
+    proxy.refuse_next(1000, UNAVAILABLE);
+    w.stack
+        .move_message(&w.me, "INBOX", &id, Some("Archive"))
+        .await;
+    support::eventually("a look-up refused", support::DEADLINE, async || {
+        (proxy.counts().0 > refused_before).then_some(())
+    })
+    .await;
+    mail(&w.stack, &w.ann, &w.me, "new while looking fails", None).await;
+    w.receiver
+        .wait_for("the new mail", |r| r.subject() == "new while looking fails")
+        .await;
+    let moved = |r: &support::receiver::Received| {
+        r.kind() == "message.updated" && r.data()["folder"] == "Archive"
+    };
+    assert_eq!(
+        w.receiver.distinct(moved),
+        0,
+        "the move cannot have been found while every look-up was refused"
+    );
+
+    proxy.stop_refusing();
+    let reported = w.receiver.wait_for("the move", moved).await;
+    assert_eq!(reported.data()["id"], synced.data()["id"]);
+    // A later change from the same folder: a repeat would have come first.
+    let later = mail(&w.stack, &w.ann, &w.me, "after the look-ups", None).await;
+    w.receiver
+        .wait_for("the later mail", |r| r.subject() == "after the look-ups")
+        .await;
+    w.stack
+        .store_flags(&w.me, "INBOX", &later, "+FLAGS (\\Seen)")
+        .await;
+    w.receiver
+        .wait_for("a later change", |r| {
+            r.kind() == "message.updated" && r.data()["message_id"] == later.as_str()
+        })
+        .await;
+    assert_eq!(w.receiver.distinct(moved), 1, "reported once");
+    assert_eq!(w.receiver.distinct(|r| r.kind() == "message.deleted"), 0);
+    w.daemon.stop().await;
+}
