@@ -1546,3 +1546,40 @@ fn read_elsewhere(label: &str, inbox_live: bool) -> bool {
     let is = |system: &str| label.eq_ignore_ascii_case(system);
     is("\\Sent") || is("\\Draft") || (inbox_live && is("\\Inbox"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_search_key_matches_any_of_its_terms() {
+        let terms = |n: usize| -> Vec<String> { (0..n).map(|i| format!("T{i}")).collect() };
+        assert_eq!(any_of(&terms(1)), "T0");
+        assert_eq!(any_of(&terms(2)), "OR T0 T1");
+        assert_eq!(any_of(&terms(3)), "OR T0 OR T1 T2");
+    }
+
+    /// Issue 21 item 2: many Message-IDs per SEARCH, every one asked for
+    /// once, and the command line stays short whatever their length.
+    #[test]
+    fn message_ids_are_searched_in_bounded_groups() {
+        let ids: Vec<String> = (0..250).map(|i| format!("<{i}@example.test>")).collect();
+        let chunks = search_chunks(&ids);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [100, 100, 50]
+        );
+        assert_eq!(chunks.concat(), ids);
+        let long: Vec<String> = (0..20)
+            .map(|i| format!("<{i}{}>", "x".repeat(990)))
+            .collect();
+        let chunks = search_chunks(&long);
+        assert!(chunks.iter().all(|c| {
+            !c.is_empty()
+                && (c.len() == 1
+                    || c.iter().map(|id| id.len() + 30).sum::<usize>() <= SEARCH_TERMS_BYTES)
+        }));
+        assert_eq!(chunks.concat(), long);
+        assert!(search_chunks(&[]).is_empty());
+    }
+}
