@@ -63,6 +63,7 @@ async fn a_mass_move_never_keeps_new_mail_waiting_and_each_move_is_reported_once
     let examined = proxy.commands("EXAMINE");
     session.select("INBOX").await.expect("SELECT");
     session.uid_mv("1:*", "Archive").await.expect("MOVE");
+    let moved_at = tokio::time::Instant::now();
     let moved = |r: &support::receiver::Received| {
         r.kind() == "message.updated" && r.data()["folder"] == "Archive"
     };
@@ -116,6 +117,10 @@ async fn a_mass_move_never_keeps_new_mail_waiting_and_each_move_is_reported_once
         },
     )
     .await;
+    println!(
+        "every move reported {:?} after the MOVE",
+        moved_at.elapsed()
+    );
     // A later change from the same mailbox: what was to come before it came.
     w.stack
         .store_flags(&w.me, "INBOX", &id, "+FLAGS (\\Seen)")
