@@ -814,6 +814,13 @@ impl FolderWatcher {
         match searched {
             Ok(()) => {}
             Err(Failed::Here(err)) => return Err(err),
+            // Dead credentials (R20) or a disconnected mailbox end every
+            // session of the mailbox, this one too.
+            Err(Failed::Lookup(
+                err @ SessionError::Connect(
+                    ConnectError::NeedsReauth(_) | ConnectError::Disconnected,
+                ),
+            )) => return Err(err),
             Err(Failed::Lookup(err)) => {
                 self.lookups_failed(&err, unfound.values().map(Vec::len).sum());
                 return Ok(announced);
