@@ -102,6 +102,7 @@ pub async fn sync_mailbox(
                 all_mail,
                 inbox: inbox.clone(),
                 idle_period,
+                lookups: Default::default(),
             })
             .collect();
         let warm = warm

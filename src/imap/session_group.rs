@@ -252,8 +252,10 @@ impl SessionGroup {
             // in its answer to a later folder's STATUS.
             let changed: Vec<_> = round
                 .into_iter()
-                .filter(|(_, name, figures)| {
-                    seen.get(name.as_str()) != Some(figures) || named.contains(name)
+                .filter(|(folder, name, figures)| {
+                    seen.get(name.as_str()) != Some(figures)
+                        || named.contains(name)
+                        || folder.lookups_due_in() == Some(Duration::ZERO)
                 })
                 .collect();
             let pending = !changed.is_empty() || kept_announced;
@@ -294,6 +296,11 @@ impl SessionGroup {
             if let Some(at) = folder_check_at {
                 period = period.min(at.saturating_duration_since(tokio::time::Instant::now()));
             }
+            // A look-up pass that failed is tried again when its backoff ends.
+            let period = present
+                .iter()
+                .filter_map(|(folder, _)| folder.lookups_due_in())
+                .fold(period, |period, due| period.min(due.max(PENDING_IDLE)));
             let (back, woke) =
                 Box::pin(idle(kept, session, period, cancel, relogin_at, &mut named)).await?;
             session = back;

@@ -102,6 +102,8 @@ pub struct FolderWatcher {
     /// a message labelled `\Inbox` only once INBOX read past it.
     pub inbox: Arc<super::inbox_handoff::InboxHandoff>,
     pub idle_period: Duration,
+    /// When a failed look-up pass may be tried again.
+    pub lookups: std::sync::Mutex<LookupRetry>,
 }
 
 impl FolderWatcher {
@@ -341,25 +343,44 @@ impl FolderWatcher {
                     named.push(mailbox);
                 }
             }
-            // Changes first: a message moved out and straight back is then
-            // known to be back before the catch-up meets it at its new UID.
-            let changed_meanwhile = self
-                .sync_flags(
+            // New mail first, and again between the look-ups of messages
+            // that left (see `follow_vanished`): a mass move never keeps it
+            // waiting. Flag changes are cheap, and committed at once.
+            let read = self
+                .read_changes(
                     session,
-                    folder,
                     features.tracking,
                     features.gmail,
                     cursor,
                     modseq_at_select.take(),
                 )
                 .await?;
-            let more = self
+            let changes = self.flag_changes(folder, cursor, read.changed)?;
+            // The HIGHESTMODSEQ moves once the messages that left are placed.
+            let settled = read.vanished.is_empty();
+            self.commit_changes(folder, cursor, read.highest.filter(|_| settled), &changes)?;
+            if settled {
+                self.lookups_done();
+            }
+            let mut more = read.announced;
+            more |= self
                 .catch_up(session, folder, features.gmail, cursor)
                 .await?;
+            if !settled {
+                more |= Box::pin(self.follow_vanished(
+                    session,
+                    folder,
+                    features.gmail,
+                    cursor,
+                    read.vanished,
+                    read.highest,
+                ))
+                .await?;
+            }
             // A change announced in the answer to one of our commands is not
             // repeated in IDLE: look again first. Bounded, so a server that
             // always says something cannot keep the session from IDLE.
-            if (more || changed_meanwhile) && looks_in_a_row < MAX_LOOKS_IN_A_ROW {
+            if more && looks_in_a_row < MAX_LOOKS_IN_A_ROW {
                 looks_in_a_row += 1;
                 continue;
             }
@@ -413,31 +434,29 @@ impl FolderWatcher {
         Ok((from - chrono::TimeDelta::days(1)).date_naive())
     }
 
-    /// Reports what happened to synced messages since the last look: flag
-    /// changes (\\Seen, \\Flagged, \\Answered) as `message.updated`, and
-    /// messages gone from the folder as `message.updated` (moved) or
-    /// `message.deleted`. Read as the server allows (see [`ChangeTracking`]);
-    /// the folder's HIGHESTMODSEQ moves with them in one commit. Returns
-    /// whether the server announced another change meanwhile.
-    async fn sync_flags(
+    /// Reads what happened to synced messages since the last look: flag
+    /// changes (\\Seen, \\Flagged, \\Answered), and which messages left the
+    /// folder. Read as the server allows (see [`ChangeTracking`]); nothing is
+    /// committed here.
+    async fn read_changes(
         &self,
         session: &mut ImapSession,
-        folder: &str,
         tracking: ChangeTracking,
         gmail: bool,
-        cursor: &mut FolderCursor,
+        cursor: &FolderCursor,
         modseq_at_select: Option<u64>,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<ReadChanges, SessionError> {
         let last_uid = cursor.next_uid.saturating_sub(1);
-        let mut announced = false;
-        let mut highest = cursor.highest_modseq;
-        // UID, flags, and Gmail labels where the server has them.
-        let mut changed: Vec<(u32, FlagState, Option<Vec<String>>)> = Vec::new();
-        let mut vanished: Vec<(u32, LocatedMessage)> = Vec::new();
+        let mut read = ReadChanges {
+            announced: false,
+            highest: cursor.highest_modseq,
+            changed: Vec::new(),
+            vanished: Vec::new(),
+        };
         match tracking {
             ChangeTracking::Qresync | ChangeTracking::Condstore => {
                 let Some(since) = cursor.highest_modseq else {
-                    return Ok(false);
+                    return Ok(read);
                 };
                 let (answer, gone) = self
                     .timed(
@@ -450,12 +469,16 @@ impl FolderWatcher {
                         ),
                     )
                     .await?;
-                announced |= answer.announced;
+                read.announced |= answer.announced;
                 for fetched in answer.messages {
-                    highest = highest.max(fetched.modseq);
+                    read.highest = read.highest.max(fetched.modseq);
                     // Newer ones are read, flags and all, by the next catch-up.
                     if let (Some(flags), true) = (&fetched.flags, fetched.uid <= last_uid) {
-                        changed.push((fetched.uid, FlagState::from_flags(flags), fetched.labels));
+                        read.changed.push((
+                            fetched.uid,
+                            FlagState::from_flags(flags),
+                            fetched.labels,
+                        ));
                     }
                 }
                 // Every change up to SELECT's HIGHESTMODSEQ was just read,
@@ -464,14 +487,14 @@ impl FolderWatcher {
                 // server's figure after one, and the folder would be
                 // visited again at every start to find nothing.
                 if tracking == ChangeTracking::Qresync {
-                    highest = highest.max(modseq_at_select);
+                    read.highest = read.highest.max(modseq_at_select);
                 }
                 for range in gone {
                     // A server may name a range high end first (`9:3`).
                     let first = (*range.start()).min(*range.end());
                     let last = (*range.start()).max(*range.end()).min(last_uid);
                     if first <= last {
-                        vanished.extend(self.ctx.store.located_in(
+                        read.vanished.extend(self.ctx.store.located_in(
                             &self.address,
                             self.role,
                             cursor.uid_validity,
@@ -504,17 +527,17 @@ impl FolderWatcher {
                                     ),
                                 )
                                 .await?;
-                            announced |= changed_meanwhile;
+                            read.announced |= changed_meanwhile;
                             present.extend(found);
                         }
-                        vanished
+                        read.vanished
                             .extend(latest.into_iter().filter(|(uid, _)| !present.contains(uid)));
                     }
                 }
             }
             ChangeTracking::Resync => {
                 if last_uid == 0 {
-                    return Ok(false);
+                    return Ok(read);
                 }
                 let latest = self.ctx.store.located_in(
                     &self.address,
@@ -524,7 +547,7 @@ impl FolderWatcher {
                     RECHECKED_MESSAGES,
                 )?;
                 if latest.is_empty() {
-                    return Ok(false);
+                    return Ok(read);
                 }
                 let uids: Vec<u32> = latest.iter().map(|(uid, _)| *uid).collect();
                 // A refused FETCH is an error, never "all gone".
@@ -536,7 +559,7 @@ impl FolderWatcher {
                             checked::uid_fetch(session, &checked::uid_set(chunk), "(UID FLAGS)"),
                         )
                         .await?;
-                    announced |= answer.announced;
+                    read.announced |= answer.announced;
                     returned.extend(
                         answer.messages.iter().filter_map(|f| {
                             Some((f.uid, FlagState::from_flags(f.flags.as_ref()?)))
@@ -545,66 +568,23 @@ impl FolderWatcher {
                 }
                 for (uid, located) in latest {
                     match returned.get(&uid) {
-                        Some(flags) => changed.push((uid, *flags, None)),
-                        None => vanished.push((uid, located)),
+                        Some(flags) => read.changed.push((uid, *flags, None)),
+                        None => read.vanished.push((uid, located)),
                     }
                 }
             }
         }
+        Ok(read)
+    }
 
-        let mut changes: Vec<LocatedChange> = Vec::new();
-        let mut lookup: Option<Lookup> = None;
-        let found = self.whereabouts_of(folder, vanished, &mut lookup).await;
-        if let Some(Lookup { mut session, .. }) = lookup {
-            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-        }
-        // A lookup that fails is no verdict: the session ends and the change
-        // is read again (HIGHESTMODSEQ has not moved).
-        for (uid, located, whereabouts) in found? {
-            let (kind, now_in, moved_to) = match whereabouts {
-                Whereabouts::Unchanged => continue,
-                // Moved out and straight back: the catch-up follows it from
-                // its new UID.
-                Whereabouts::Back => {
-                    changes.push(LocatedChange {
-                        uid_validity: cursor.uid_validity,
-                        uid,
-                        flags_before: located.flags,
-                        flags_after: None,
-                        labels_after: None,
-                        moved_to: None,
-                        events: Vec::new(),
-                    });
-                    continue;
-                }
-                // Followed in its new folder from here on; that folder's
-                // watcher knows it and does not report it again.
-                Whereabouts::Watched { name, at } => ("message.updated", Some(name), Some(at)),
-                Whereabouts::Elsewhere(name) => ("message.updated", Some(name), None),
-                Whereabouts::Binned(name) => ("message.deleted", Some(name), None),
-                Whereabouts::Nowhere => ("message.deleted", None, None),
-            };
-            let events = event_data::message_changed(
-                &crate::ingest::still_synced(self.ctx.store.as_ref(), &located)?,
-                kind,
-                &self.address,
-                MessagePlace {
-                    folder: now_in.as_deref(),
-                    previous_folder: Some(folder),
-                    flags: located.flags,
-                    labels: None,
-                },
-            );
-            changes.push(LocatedChange {
-                uid_validity: cursor.uid_validity,
-                uid,
-                flags_before: located.flags,
-                flags_after: None,
-                labels_after: None,
-                moved_to,
-                events,
-            });
-        }
+    /// The `message.updated` of each flag (or label) change read.
+    fn flag_changes(
+        &self,
+        folder: &str,
+        cursor: &FolderCursor,
+        changed: Vec<(u32, FlagState, Option<Vec<String>>)>,
+    ) -> Result<Vec<LocatedChange>, SessionError> {
+        let mut changes = Vec::new();
         for (uid, now, labels) in changed {
             let Some(located) =
                 self.ctx
@@ -638,77 +618,278 @@ impl FolderWatcher {
                 events,
             });
         }
-        if highest == cursor.highest_modseq && changes.is_empty() {
-            return Ok(announced);
+        Ok(changes)
+    }
+
+    /// Commits `changes` with their events, and the folder's HIGHESTMODSEQ
+    /// where `highest` moves it, at once.
+    fn commit_changes(
+        &self,
+        folder: &str,
+        cursor: &mut FolderCursor,
+        highest: Option<u64>,
+        changes: &[LocatedChange],
+    ) -> Result<(), SessionError> {
+        let moves_modseq = highest.is_some() && highest != cursor.highest_modseq;
+        if !moves_modseq && changes.is_empty() {
+            return Ok(());
         }
         let count: usize = changes.iter().map(|c| c.events.len()).sum();
+        let highest = if moves_modseq { highest } else { None };
         crate::offload::blocking(|| {
             self.ctx
                 .store
-                .commit_flag_changes(&self.address, self.role, *cursor, highest, &changes)
+                .commit_flag_changes(&self.address, self.role, *cursor, highest, changes)
         })?;
-        cursor.highest_modseq = highest;
+        if highest.is_some() {
+            cursor.highest_modseq = highest;
+        }
         if count > 0 {
             self.ctx.signal.notify();
             tracing::info!(mailbox = %self.address, folder, events = count, "synced messages changed");
         }
+        Ok(())
+    }
+
+    /// What the change of a message that left `folder` is, by where it is
+    /// now; None where nothing changed.
+    fn departure(
+        &self,
+        folder: &str,
+        cursor: &FolderCursor,
+        uid: u32,
+        located: &LocatedMessage,
+        whereabouts: Whereabouts,
+    ) -> Result<Option<LocatedChange>, SessionError> {
+        let (kind, now_in, moved_to) = match whereabouts {
+            Whereabouts::Unchanged => return Ok(None),
+            // Moved out and straight back, to a UID the catch-up has not
+            // reached: it follows the message from there (R21).
+            Whereabouts::Back(new_uid) if new_uid >= cursor.next_uid => {
+                return Ok(Some(LocatedChange {
+                    uid_validity: cursor.uid_validity,
+                    uid,
+                    flags_before: located.flags,
+                    flags_after: None,
+                    labels_after: None,
+                    moved_to: None,
+                    events: Vec::new(),
+                }));
+            }
+            // The catch-up passed its new UID while the message was still
+            // followed at its old one (and so did not follow it again):
+            // followed at the new one from here, as the catch-up would have.
+            Whereabouts::Back(new_uid) => (
+                "message.updated",
+                Some(folder.to_string()),
+                Some((self.role, cursor.uid_validity, new_uid)),
+            ),
+            // Followed in its new folder from here on; that folder's
+            // watcher knows it and does not report it again.
+            Whereabouts::Watched { name, at } => ("message.updated", Some(name), Some(at)),
+            Whereabouts::Elsewhere(name) => ("message.updated", Some(name), None),
+            Whereabouts::Binned(name) => ("message.deleted", Some(name), None),
+            Whereabouts::Nowhere => ("message.deleted", None, None),
+        };
+        let back = now_in.as_deref() == Some(folder);
+        let events = event_data::message_changed(
+            &crate::ingest::still_synced(self.ctx.store.as_ref(), located)?,
+            kind,
+            &self.address,
+            MessagePlace {
+                folder: now_in.as_deref(),
+                previous_folder: (!back).then_some(folder),
+                flags: located.flags,
+                labels: None,
+            },
+        );
+        Ok(Some(LocatedChange {
+            uid_validity: cursor.uid_validity,
+            uid,
+            flags_before: located.flags,
+            flags_after: None,
+            labels_after: None,
+            moved_to,
+            events,
+        }))
+    }
+
+    /// Finds where the `vanished` messages went and reports it, committed
+    /// chunk by chunk, with a catch-up of the folder's new mail after each
+    /// chunk: a mass move or delete never keeps new mail waiting. Each
+    /// folder of the mailbox is opened once per pass, over a second
+    /// session (this one stays on its folder), and searched for all the
+    /// Message-IDs still not found, many per SEARCH; Trash and Junk first,
+    /// All Mail and the rest last. The folder's HIGHESTMODSEQ moves to
+    /// `highest` only once every message is placed: a pass cut short is
+    /// taken up by the next look, which reads the same changes again and
+    /// finds the messages placed meanwhile no longer followed here.
+    ///
+    /// A failure of the second session ends the pass, not this session: it
+    /// is logged and the pass is tried again after a backoff (see
+    /// [`FolderWatcher::lookups_due_in`]). Returns whether the server
+    /// announced a change meanwhile.
+    async fn follow_vanished(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        vanished: Vec<(u32, LocatedMessage)>,
+        highest: Option<u64>,
+    ) -> Result<bool, SessionError> {
+        if self
+            .lookups_due_in()
+            .is_some_and(|wait| wait > Duration::ZERO)
+        {
+            return Ok(false);
+        }
+        // Without a Message-ID a message cannot be looked for: taken as
+        // gone. So is one that cannot go in a command (CR, LF): sending it
+        // would let a message's header write IMAP commands.
+        let mut unfound: std::collections::BTreeMap<String, Vec<(u32, LocatedMessage)>> =
+            Default::default();
+        let mut gone = Vec::new();
+        for (uid, located) in vanished {
+            match located
+                .message_id
+                .as_deref()
+                .filter(|id| checked::quoted(id).is_ok())
+            {
+                Some(id) => unfound
+                    .entry(id.to_string())
+                    .or_default()
+                    .push((uid, located)),
+                None => gone.push((uid, located, Whereabouts::Nowhere)),
+            }
+        }
+        let settled = unfound.is_empty();
+        let mut announced = Box::pin(self.report_departures(
+            session,
+            folder,
+            gmail,
+            cursor,
+            gone,
+            highest.filter(|_| settled),
+        ))
+        .await?;
+        if settled {
+            self.lookups_done();
+            return Ok(announced);
+        }
+        let mut lookup = None;
+        let searched = self
+            .search_folders(
+                session,
+                folder,
+                gmail,
+                cursor,
+                &mut unfound,
+                &mut lookup,
+                &mut announced,
+            )
+            .await;
+        if let Some(Lookup { mut session, .. }) = lookup {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+        }
+        match searched {
+            Ok(()) => {}
+            Err(Failed::Here(err)) => return Err(err),
+            // Dead credentials (R20) or a disconnected mailbox end every
+            // session of the mailbox, this one too.
+            Err(Failed::Lookup(
+                err @ SessionError::Connect(
+                    ConnectError::NeedsReauth(_) | ConnectError::Disconnected,
+                ),
+            )) => return Err(err),
+            Err(Failed::Lookup(err)) => {
+                self.lookups_failed(&err, unfound.values().map(Vec::len).sum());
+                return Ok(announced);
+            }
+        }
+        // No folder holds what is left: expunged.
+        let gone = unfound
+            .into_values()
+            .flatten()
+            .map(|(uid, located)| (uid, located, Whereabouts::Nowhere))
+            .collect();
+        announced |=
+            Box::pin(self.report_departures(session, folder, gmail, cursor, gone, highest)).await?;
+        self.lookups_done();
         Ok(announced)
     }
 
-    /// Where a message that left `folder` is now, by its Message-ID, looked
-    /// up over a second session (this one stays on its folder), Trash and
-    /// Junk first, All Mail and the folder itself last. The session and its
-    /// folder list are opened at the first look of a pass and shared by the
-    /// rest (a mass delete is one login, not one per message). An error is
-    /// no verdict: the caller tries again later.
-    async fn now_in(
+    /// Reports where messages that left `folder` went, committed a slice
+    /// at a time; `highest` (the HIGHESTMODSEQ) moves with the last slice.
+    /// Before each slice, while the webhook is behind, the pass waits and
+    /// catches up new mail meanwhile: a mass change's reports never queue
+    /// far ahead of new mail's events (the outbox is delivered oldest first).
+    /// It waits at most [`REPORTS_WAIT`] a slice, so a webhook that is down
+    /// slows the pass but does not stop it. Returns whether the server
+    /// announced a change meanwhile.
+    async fn report_departures(
         &self,
+        session: &mut ImapSession,
         folder: &str,
-        located_uid: u32,
-        located: &LocatedMessage,
-        lookup: &mut Option<Lookup>,
-    ) -> Result<Whereabouts, SessionError> {
-        // Without a Message-ID it cannot be looked for: taken as gone. So is
-        // one that cannot go in a command (CR, LF): sending it would let a
-        // message's header write IMAP commands.
-        let Some(quoted) = located
-            .message_id
-            .as_deref()
-            .and_then(|id| checked::quoted(id).ok())
-        else {
-            return Ok(Whereabouts::Nowhere);
-        };
-        if lookup.is_none() {
-            let mut session = self
-                .ctx
-                .auth
-                .open_imap(&self.ctx.connector, &self.address)
-                .await?;
-            let mut folders = self
-                .timed("listing folders", checked::list_all(&mut session))
-                .await?;
-            // Its own folder first (still there, or moved straight back),
-            // then Trash and Junk, the watched folders, Gmail's All Mail
-            // (which holds every message, and is where an archived one is),
-            // and the rest (Gmail's Important and Starred hold copies too).
-            let listed = &self.listed;
-            folders.sort_by_key(|f| {
-                let watched = f.name.eq_ignore_ascii_case("INBOX")
-                    || f.is_sent
-                    || listed.iter().any(|name| name == &f.name);
-                let rank = match (f.is_bin, watched, f.is_all) {
-                    (true, _, _) => 0,
-                    (_, true, _) => 1,
-                    (_, _, true) => 2,
-                    _ => 3,
-                };
-                (f.name != folder, rank)
-            });
-            *lookup = Some(Lookup { session, folders });
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        departures: Vec<(u32, LocatedMessage, Whereabouts)>,
+        highest: Option<u64>,
+    ) -> Result<bool, SessionError> {
+        let mut announced = false;
+        let mut left = departures.into_iter().peekable();
+        loop {
+            let waiting_from = tokio::time::Instant::now();
+            while left.peek().is_some()
+                && self.ctx.store.outbox_len()? > REPORTS_AHEAD
+                && waiting_from.elapsed() < REPORTS_WAIT
+            {
+                tokio::time::sleep(REPORTS_POLL).await;
+                announced |= self.catch_up_now(session, folder, gmail, cursor).await?;
+            }
+            // Judged now, against the cursor as the catch-ups left it.
+            let mut slice: Vec<LocatedChange> = Vec::new();
+            for (uid, located, whereabouts) in left.by_ref().take(REPORTED_AT_ONCE) {
+                if let Some(change) = self.departure(folder, cursor, uid, &located, whereabouts)? {
+                    slice.push(change);
+                }
+            }
+            let last = left.peek().is_none();
+            self.commit_changes(folder, cursor, highest.filter(|_| last), &slice)?;
+            if last {
+                return Ok(announced);
+            }
         }
-        let Some(Lookup { session, folders }) = lookup.as_mut() else {
-            return Ok(Whereabouts::Nowhere);
-        };
+    }
+
+    /// The look-up pass of [`FolderWatcher::follow_vanished`]: what each
+    /// folder holds of `unfound` is committed and taken out of it, with a
+    /// catch-up after each SEARCH.
+    #[allow(clippy::too_many_arguments)]
+    async fn search_folders(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        unfound: &mut std::collections::BTreeMap<String, Vec<(u32, LocatedMessage)>>,
+        lookup: &mut Option<Lookup>,
+        announced: &mut bool,
+    ) -> Result<(), Failed> {
+        let opened = self
+            .catching_up(
+                session,
+                folder,
+                gmail,
+                cursor,
+                announced,
+                Box::pin(self.open_lookup(folder)),
+            )
+            .await?;
+        let Lookup {
+            session: looking,
+            folders,
+        } = lookup.insert(opened);
         let sent = folders::sent_among(folders);
         let watched_role = |candidate: &checked::Folder| -> Option<FolderRole> {
             let name = candidate.name.as_str();
@@ -726,64 +907,261 @@ impl FolderWatcher {
             }
         };
         for candidate in folders.iter().filter(|f| !f.no_select) {
+            if unfound.is_empty() {
+                break;
+            }
             // A folder the server will not open is no answer about the
-            // message, and must not stop the watch: it is passed over.
-            let opened = match tokio::time::timeout(
-                self.ctx.connector.step_timeout(),
-                session.examine(&candidate.name),
-            )
-            .await
-            {
-                Ok(Ok(opened)) => opened,
-                Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
-                    continue;
-                }
-                Ok(Err(err)) => return Err(err.into()),
-                Err(_) => return Err(SessionError::Timeout("opening a folder")),
-            };
-            let hits = self
-                .timed(
-                    "looking for a moved message",
-                    checked::uid_search(session, &format!("HEADER Message-ID {quoted}")),
+            // messages, and must not stop the watch: it is passed over.
+            let examine = async {
+                match tokio::time::timeout(
+                    self.ctx.connector.step_timeout(),
+                    looking.examine(&candidate.name),
                 )
-                .await?;
-            let Some(new_uid) = hits.iter().max().copied() else {
+                .await
+                {
+                    Ok(Ok(opened)) => Ok(Some(opened)),
+                    Ok(Err(async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_))) => {
+                        Ok(None)
+                    }
+                    Ok(Err(err)) => Err(SessionError::from(err)),
+                    Err(_) => Err(SessionError::Timeout("opening a folder")),
+                }
+            };
+            let Some(opened) = self
+                .catching_up(session, folder, gmail, cursor, announced, examine)
+                .await?
+            else {
                 continue;
             };
-            if candidate.name == folder {
-                // Still at its UID: the server's earlier answer missed it.
-                if hits.contains(&located_uid) {
-                    return Ok(Whereabouts::Unchanged);
+            if opened.exists == 0 {
+                continue;
+            }
+            let ids: Vec<String> = unfound.keys().cloned().collect();
+            for chunk in search_chunks(&ids) {
+                let held = self
+                    .catching_up(
+                        session,
+                        folder,
+                        gmail,
+                        cursor,
+                        announced,
+                        self.held_in(looking, chunk),
+                    )
+                    .await?;
+                let mut departures = Vec::new();
+                for (id, uids) in held {
+                    let Some(messages) = unfound.remove(&id) else {
+                        continue;
+                    };
+                    let Some(new_uid) = uids.iter().max().copied() else {
+                        continue;
+                    };
+                    for (uid, located) in messages {
+                        let whereabouts = if candidate.name == folder {
+                            // Still at its UID: the server's earlier answer missed it.
+                            if uids.contains(&uid) {
+                                Whereabouts::Unchanged
+                            } else {
+                                Whereabouts::Back(new_uid)
+                            }
+                        } else if candidate.is_bin {
+                            Whereabouts::Binned(candidate.name.clone())
+                        } else {
+                            match (watched_role(candidate), opened.uid_validity) {
+                                (Some(role), Some(uid_validity)) if role != self.role => {
+                                    Whereabouts::Watched {
+                                        name: candidate.name.clone(),
+                                        at: (role, uid_validity, new_uid),
+                                    }
+                                }
+                                _ => Whereabouts::Elsewhere(candidate.name.clone()),
+                            }
+                        };
+                        departures.push((uid, located, whereabouts));
+                    }
                 }
-                return Ok(Whereabouts::Back);
+                *announced |= Box::pin(
+                    self.report_departures(session, folder, gmail, cursor, departures, None),
+                )
+                .await
+                .map_err(Failed::Here)?;
+                // New mail first again, before the next SEARCH.
+                *announced |= self
+                    .catch_up_now(session, folder, gmail, cursor)
+                    .await
+                    .map_err(Failed::Here)?;
             }
-            if candidate.is_bin {
-                return Ok(Whereabouts::Binned(candidate.name.clone()));
-            }
-            return Ok(match (watched_role(candidate), opened.uid_validity) {
-                (Some(role), Some(uid_validity)) if role != self.role => Whereabouts::Watched {
-                    name: candidate.name.clone(),
-                    at: (role, uid_validity, new_uid),
-                },
-                _ => Whereabouts::Elsewhere(candidate.name.clone()),
-            });
         }
-        Ok(Whereabouts::Nowhere)
+        Ok(())
     }
 
-    /// Where each of the `vanished` messages went, over one `lookup` session.
-    async fn whereabouts_of(
+    /// Runs `step`, a command of the look-up session, while new mail is
+    /// caught up on this one every [`REPORTS_POLL`]: a slow SEARCH (a large
+    /// folder, a cold server cache) never keeps new mail waiting. The
+    /// step's own timeout runs meanwhile.
+    async fn catching_up<T>(
         &self,
+        session: &mut ImapSession,
         folder: &str,
-        vanished: Vec<(u32, LocatedMessage)>,
-        lookup: &mut Option<Lookup>,
-    ) -> Result<Vec<(u32, LocatedMessage, Whereabouts)>, SessionError> {
-        let mut found = Vec::with_capacity(vanished.len());
-        for (uid, located) in vanished {
-            let whereabouts = self.now_in(folder, uid, &located, lookup).await?;
-            found.push((uid, located, whereabouts));
+        gmail: bool,
+        cursor: &mut FolderCursor,
+        announced: &mut bool,
+        step: impl Future<Output = Result<T, SessionError>>,
+    ) -> Result<T, Failed> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut step => return done.map_err(Failed::Lookup),
+                _ = tokio::time::sleep(REPORTS_POLL) => {
+                    *announced |= self
+                        .catch_up_now(session, folder, gmail, cursor)
+                        .await
+                        .map_err(Failed::Here)?;
+                }
+            }
         }
-        Ok(found)
+    }
+
+    /// A catch-up, and at once another where the server announced new mail
+    /// in its answer (Dovecot names a message that arrived meanwhile after
+    /// the listing, which did not include it). Returns whether the server
+    /// announced a change.
+    async fn catch_up_now(
+        &self,
+        session: &mut ImapSession,
+        folder: &str,
+        gmail: bool,
+        cursor: &mut FolderCursor,
+    ) -> Result<bool, SessionError> {
+        let announced = Box::pin(self.catch_up(session, folder, gmail, cursor)).await?;
+        if announced {
+            Box::pin(self.catch_up(session, folder, gmail, cursor)).await?;
+        }
+        Ok(announced)
+    }
+
+    /// The second session of a look-up pass, with the mailbox's folders in
+    /// the order they are searched: its own folder first (still there, or
+    /// moved straight back), then Trash and Junk, the watched folders,
+    /// Gmail's All Mail (which holds every message, and is where an
+    /// archived one is), and the rest (Gmail's Important and Starred hold
+    /// copies too).
+    async fn open_lookup(&self, folder: &str) -> Result<Lookup, SessionError> {
+        let mut session = self
+            .ctx
+            .auth
+            .open_imap(&self.ctx.connector, &self.address)
+            .await?;
+        let mut folders = self
+            .timed("listing folders", checked::list_all(&mut session))
+            .await?;
+        let listed = &self.listed;
+        folders.sort_by_key(|f| {
+            let watched = f.name.eq_ignore_ascii_case("INBOX")
+                || f.is_sent
+                || listed.iter().any(|name| name == &f.name);
+            let rank = match (f.is_bin, watched, f.is_all) {
+                (true, _, _) => 0,
+                (_, true, _) => 1,
+                (_, _, true) => 2,
+                _ => 3,
+            };
+            (f.name != folder, rank)
+        });
+        Ok(Lookup { session, folders })
+    }
+
+    /// Which of the Message-IDs `ids` the folder open on `looking` holds,
+    /// and at which UIDs: one SEARCH for them all, then their Message-ID
+    /// headers to tell which is which.
+    async fn held_in(
+        &self,
+        looking: &mut ImapSession,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<u32>>, SessionError> {
+        let terms: Vec<String> = ids
+            .iter()
+            .filter_map(|id| Some(format!("HEADER Message-ID {}", checked::quoted(id).ok()?)))
+            .collect();
+        let hits = self
+            .timed(
+                "looking for messages that left their folder",
+                checked::uid_search(looking, &any_of(&terms)),
+            )
+            .await?;
+        let mut held: HashMap<String, Vec<u32>> = HashMap::new();
+        if hits.is_empty() {
+            return Ok(held);
+        }
+        let lowered: Vec<(String, &String)> =
+            ids.iter().map(|id| (id.to_ascii_lowercase(), id)).collect();
+        let mut hits = hits;
+        hits.sort_unstable();
+        hits.dedup();
+        for chunk in hits.chunks(UIDS_PER_COMMAND) {
+            let answer = self
+                .timed(
+                    "reading the Message-IDs of messages found",
+                    checked::uid_fetch(
+                        looking,
+                        &checked::uid_set(chunk),
+                        "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+                    ),
+                )
+                .await?;
+            for fetched in answer.messages {
+                let Some(header) = &fetched.header else {
+                    continue;
+                };
+                // As the server's SEARCH matched it: a substring of the
+                // header, whatever the case.
+                let header = String::from_utf8_lossy(header).to_ascii_lowercase();
+                for (lower, id) in &lowered {
+                    if header.contains(lower.as_str()) {
+                        held.entry((*id).clone()).or_default().push(fetched.uid);
+                    }
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// After a look-up pass failed: how long until the next may start
+    /// (zero: now). None where no pass is waiting.
+    pub(super) fn lookups_due_in(&self) -> Option<Duration> {
+        let retry = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        retry
+            .not_before
+            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+    }
+
+    fn lookups_failed(&self, err: &SessionError, left: usize) {
+        let mut retry = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let wait = crate::backoff::delay(
+            retry.failures,
+            Duration::from_millis(self.ctx.sync.reconnect_min_ms),
+            Duration::from_millis(self.ctx.sync.reconnect_max_ms),
+        );
+        retry.failures = retry.failures.saturating_add(1);
+        retry.not_before = Some(tokio::time::Instant::now() + wait);
+        metrics::counter!("mailbridge_lookup_failures_total").increment(1);
+        tracing::warn!(mailbox = %self.address, folder = %self.role, "looking for {left} messages that left the folder failed, trying again in {wait:?}: {err:#}");
+    }
+
+    /// No look-up pass is waiting (any more).
+    fn lookups_done(&self) {
+        let mut retry = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *retry = LookupRetry::default();
     }
 
     /// The Message-ID of a message whose body the server does not return,
@@ -1140,12 +1518,90 @@ struct Lookup {
     folders: Vec<checked::Folder>,
 }
 
+/// What one read of a folder's changes found.
+struct ReadChanges {
+    /// The server announced another change meanwhile.
+    announced: bool,
+    /// The HIGHESTMODSEQ the changes read reach.
+    highest: Option<u64>,
+    /// UID, flags, and Gmail labels where the server has them.
+    changed: Vec<(u32, FlagState, Option<Vec<String>>)>,
+    /// Synced messages no longer at their UID.
+    vanished: Vec<(u32, LocatedMessage)>,
+}
+
+/// Which session a look-up pass failed on.
+enum Failed {
+    /// The folder's own: the session ends, as at any failure.
+    Here(SessionError),
+    /// The second one: only the pass ends.
+    Lookup(SessionError),
+}
+
+/// Look-up passes that failed in a row, and when the next may start.
+#[derive(Default)]
+pub struct LookupRetry {
+    failures: u32,
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// Reports of messages that left a folder committed at once, and the
+/// events the outbox may hold before a look-up pass commits more (see
+/// `report_departures`): new mail's event waits behind a few dozen at most.
+const REPORTED_AT_ONCE: usize = 20;
+const REPORTS_AHEAD: usize = 20;
+/// How long a look-up pass waits at most for the webhook before each slice.
+const REPORTS_WAIT: Duration = Duration::from_secs(5);
+/// How often new mail is caught up while a look-up pass waits.
+const REPORTS_POLL: Duration = Duration::from_millis(200);
+
+/// Message-IDs asked for in one SEARCH, and the most bytes of their terms:
+/// the command line stays well within the 8,000 bytes servers must take
+/// (RFC 7162 §4), and a SEARCH short enough that a catch-up follows soon.
+const IDS_PER_SEARCH: usize = 100;
+const SEARCH_TERMS_BYTES: usize = 6000;
+
+/// `ids` cut into the groups searched for together.
+fn search_chunks(ids: &[String]) -> Vec<&[String]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < ids.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while let Some(id) = ids.get(end) {
+            let term = id.len() + 30;
+            if end > start && (end - start >= IDS_PER_SEARCH || bytes + term > SEARCH_TERMS_BYTES) {
+                break;
+            }
+            bytes += term;
+            end += 1;
+        }
+        chunks.extend(ids.get(start..end));
+        start = end;
+    }
+    chunks
+}
+
+/// One SEARCH key matching any of `terms` (`OR a OR b c`).
+fn any_of(terms: &[String]) -> String {
+    let mut query = String::new();
+    for (n, term) in terms.iter().enumerate() {
+        if n + 1 < terms.len() {
+            query.push_str("OR ");
+        }
+        query.push_str(term);
+        query.push(' ');
+    }
+    query.truncate(query.trim_end().len());
+    query
+}
+
 /// Where a message that left its folder went.
 enum Whereabouts {
     /// It had not left: found at its own UID.
     Unchanged,
     /// Back in the same folder, under a new UID.
-    Back,
+    Back(u32),
     /// In another folder the mailbox's sync watches (role, UIDVALIDITY, UID).
     Watched {
         name: String,
@@ -1165,4 +1621,41 @@ enum Whereabouts {
 fn read_elsewhere(label: &str) -> bool {
     let is = |system: &str| label.eq_ignore_ascii_case(system);
     is("\\Sent") || is("\\Draft")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_search_key_matches_any_of_its_terms() {
+        let terms = |n: usize| -> Vec<String> { (0..n).map(|i| format!("T{i}")).collect() };
+        assert_eq!(any_of(&terms(1)), "T0");
+        assert_eq!(any_of(&terms(2)), "OR T0 T1");
+        assert_eq!(any_of(&terms(3)), "OR T0 OR T1 T2");
+    }
+
+    /// Issue 21 item 2: many Message-IDs per SEARCH, every one asked for
+    /// once, and the command line stays short whatever their length.
+    #[test]
+    fn message_ids_are_searched_in_bounded_groups() {
+        let ids: Vec<String> = (0..250).map(|i| format!("<{i}@example.test>")).collect();
+        let chunks = search_chunks(&ids);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [100, 100, 50]
+        );
+        assert_eq!(chunks.concat(), ids);
+        let long: Vec<String> = (0..20)
+            .map(|i| format!("<{i}{}>", "x".repeat(990)))
+            .collect();
+        let chunks = search_chunks(&long);
+        assert!(chunks.iter().all(|c| {
+            !c.is_empty()
+                && (c.len() == 1
+                    || c.iter().map(|id| id.len() + 30).sum::<usize>() <= SEARCH_TERMS_BYTES)
+        }));
+        assert_eq!(chunks.concat(), long);
+        assert!(search_chunks(&[]).is_empty());
+    }
 }

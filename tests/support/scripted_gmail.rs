@@ -9,8 +9,9 @@
 //!
 //! It keeps its mail in memory and serves what the bridge asks: LOGIN,
 //! CAPABILITY, LIST, SELECT/EXAMINE (with CONDSTORE), STATUS, UID FETCH (UID,
-//! RFC822.SIZE, INTERNALDATE, FLAGS, X-GM-LABELS, BODY.PEEK[], CHANGEDSINCE),
-//! UID SEARCH (UID set, HEADER Message-ID), IDLE/DONE, NOOP, LOGOUT; the
+//! RFC822.SIZE, INTERNALDATE, FLAGS, X-GM-LABELS, BODY.PEEK[], the Message-ID
+//! header, CHANGEDSINCE),
+//! UID SEARCH (UID set, HEADER Message-ID alone or under OR), IDLE/DONE, NOOP, LOGOUT; the
 //! test changes its mail (deliver, archive, relabel) and sessions in IDLE hear of it.
 //! It can hide a folder as Gmail's "Show in IMAP" unticked does (not listed,
 //! `NO [NONEXISTENT]` to SELECT and STATUS), and stall the sessions that
@@ -614,6 +615,16 @@ async fn serve(
                                     body_literals.extend_from_slice(&message.raw);
                                     body_literals.extend_from_slice(b")\r\n");
                                     served.push((folder_name.clone(), message.message_id.clone()));
+                                } else if items.contains("HEADER.FIELDS (MESSAGE-ID)") {
+                                    let header =
+                                        format!("Message-ID: {}\r\n\r\n", message.message_id);
+                                    body_literals.extend_from_slice(
+                                        format!(
+                                            "{head} BODY[HEADER.FIELDS (MESSAGE-ID)] {{{}}}\r\n{header})\r\n",
+                                            header.len()
+                                        )
+                                        .as_bytes(),
+                                    );
                                 } else {
                                     body_literals
                                         .extend_from_slice(format!("{head})\r\n").as_bytes());
@@ -627,6 +638,18 @@ async fn serve(
                     "SEARCH" => {
                         let criteria: Vec<String> =
                             rest.iter().map(|w| w.to_ascii_uppercase()).collect();
+                        // `HEADER Message-ID x`, alone or several under OR:
+                        // a message with any of them.
+                        let ids: Vec<&String> = criteria
+                            .iter()
+                            .enumerate()
+                            .filter(|(at, word)| {
+                                *word == "HEADER"
+                                    && criteria.get(at + 1).map(String::as_str)
+                                        == Some("MESSAGE-ID")
+                            })
+                            .filter_map(|(at, _)| rest.get(at + 2))
+                            .collect();
                         let folder = account.folder(&folder_name);
                         let last = folder.and_then(|f| f.messages.last()).map_or(0, |m| m.uid);
                         let hits: Vec<String> = folder
@@ -637,11 +660,8 @@ async fn serve(
                                 Some("UID") => {
                                     rest.get(1).is_some_and(|set| in_set(set, m.uid, last))
                                 }
-                                Some("HEADER")
-                                    if criteria.get(1).map(String::as_str)
-                                        == Some("MESSAGE-ID") =>
-                                {
-                                    rest.get(2).is_some_and(|id| &m.message_id == id)
+                                Some("HEADER" | "OR") if !ids.is_empty() => {
+                                    ids.iter().any(|id| **id == m.message_id)
                                 }
                                 Some("ALL") | None => true,
                                 _ => false,
