@@ -145,16 +145,27 @@ pub async fn start(
 /// Sign-ins whose person never came back: their state expired, so their
 /// nonce can go (at most one per start in the last 10 minutes stays).
 fn forget_abandoned_flows(state: &AppState) -> Result<(), ApiError> {
-    let now = Utc::now().timestamp();
-    for (name, value) in state.store.settings_with_prefix(FLOW_SETTING)? {
+    forget_expired_flows(state.store.as_ref(), Utc::now().timestamp())?;
+    Ok(())
+}
+
+/// Removes the nonces of sign-ins whose state expired before `now_secs`
+/// (issue 21: also on the retention sweep's timer, so a bridge where no
+/// sign-in starts again keeps none); returns how many.
+pub fn forget_expired_flows(
+    store: &dyn crate::store::Store,
+    now_secs: i64,
+) -> crate::store::StoreResult<usize> {
+    let mut removed = 0;
+    for (name, value) in store.settings_with_prefix(FLOW_SETTING)? {
         let expires_at = <[u8; 8]>::try_from(value.as_slice())
             .map(i64::from_be_bytes)
             .unwrap_or(0);
-        if expires_at < now {
-            state.store.take_setting(&name)?;
+        if expires_at < now_secs && store.take_setting(&name)?.is_some() {
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// What the provider sends back (RFC 6749 §4.1.2).

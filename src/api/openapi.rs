@@ -101,6 +101,7 @@ impl Described {
             )
             .routes(routes!(dead_letters::list))
             .routes(routes!(dead_letters::retry))
+            .routes(routes!(dead_letters::delete))
             .routes(routes!(mailboxes::list));
         require_key(keyed.get_openapi_mut());
         // The provider sends the person's browser here: the signed state
