@@ -348,3 +348,40 @@ async fn connect_from_code(
     tracing::info!(location = %flow.location_id, user = %flow.user_id, mailbox = %email, "connected through OAuth sign-in");
     Ok(email)
 }
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+    use crate::store::Store as _;
+
+    /// Issue 21 item 1: an abandoned sign-in's nonce goes once its state
+    /// expired (10 minutes), a live one stays.
+    #[test]
+    fn expired_sign_in_nonces_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(
+            dir.path(),
+            crate::store::secret_box::SecretBox::from_key(&[1; 32]),
+        )
+        .unwrap();
+        let now = 1_900_000_000_i64;
+        let started = |nonce: &str, expires_at: i64| {
+            store
+                .put_setting(&format!("{FLOW_SETTING}{nonce}"), &expires_at.to_be_bytes())
+                .unwrap();
+        };
+        started("flow_old", now - 1);
+        started("flow_live", now + STATE_LIFETIME_SECS);
+        store.put_setting("unrelated", b"kept").unwrap();
+        assert_eq!(forget_expired_flows(&store, now).unwrap(), 1);
+        let left: Vec<String> = store
+            .settings_with_prefix(FLOW_SETTING)
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(left, vec![format!("{FLOW_SETTING}flow_live")]);
+        assert!(store.setting("unrelated").unwrap().is_some());
+        assert_eq!(forget_expired_flows(&store, now).unwrap(), 0);
+    }
+}
