@@ -2242,12 +2242,14 @@ fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
     commit.history = vec![record.clone()];
     commit.located = Some((1, 1, located_entry(&record)));
     commit.synced = Some(("<b@x>".into(), l1u1.clone()));
-    commit.events = vec![event(
-        "evt_updated",
-        "thr_c",
-        serde_json::json!({"id": record.id, "seen": true}),
-    )];
     store.commit_ingest(&commit, None).unwrap();
+    let none = |_: u64| false;
+    let deliver_all = || {
+        for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+            store.complete_outbox(sequence).unwrap();
+        }
+    };
+    deliver_all();
 
     store.sweep(in_secs(2), &retention_of(1)).unwrap();
     assert!(
@@ -2256,6 +2258,13 @@ fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
     );
     assert_eq!(store.synced_to("<b@x>", &l1u1).unwrap(), l1u1);
 
+    store
+        .enqueue(&[event(
+            "evt_updated",
+            "thr_c",
+            serde_json::json!({"id": record.id, "seen": true}),
+        )])
+        .unwrap();
     store
         .set_cursor(
             "me@x.test",
@@ -2269,10 +2278,7 @@ fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
     assert_eq!(report.records, 0, "an undelivered event names it");
     assert!(store.record_info(&record.id).unwrap().is_some());
 
-    let none = |_: u64| false;
-    for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
-        store.complete_outbox(sequence).unwrap();
-    }
+    deliver_all();
     let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
     assert_eq!((report.records, report.synced), (0, 0), "not old yet");
     let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
