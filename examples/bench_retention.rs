@@ -238,6 +238,10 @@ fn main() {
                 on_disk as f64 / 1e6,
                 swept.load(Ordering::Relaxed),
             );
+            for part in ["db", "source-segments", "messages", "event-bodies"] {
+                let (apparent, _) = folder_size(&dir.path().join(part));
+                println!("          {part}: {:.1} MB", apparent as f64 / 1e6);
+            }
         }
     }
     stop.store(true, Ordering::Relaxed);
