@@ -27,6 +27,160 @@ pub struct Config {
     pub log: LogConfig,
     pub auto_bcc: AutoBccConfig,
     pub network: NetworkConfig,
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: how long what grows is kept (docs/architecture.md lists
+/// every stored tree and file set with its rule). Durations read like
+/// `"30d"`, `"12h"`, `"1h30m"`, `"10s"`; `"0"` or `"forever"` keeps for good.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Message sources (for `/raw` and attachments). Unset:
+    /// `storage.raw_retention_days`.
+    pub messages: Option<HumanDuration>,
+    /// History records, and what is known of synced messages no longer in
+    /// a watched folder (their records, R21 marks and threads).
+    pub history: HumanDuration,
+    /// Settled CRM sends.
+    pub sends: HumanDuration,
+    pub dead_letters: HumanDuration,
+    /// How often the sweep runs.
+    pub sweep_every: HumanDuration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            messages: None,
+            history: HumanDuration(Duration::from_secs(400 * DAY)),
+            sends: HumanDuration(Duration::from_secs(30 * DAY)),
+            dead_letters: HumanDuration(Duration::from_secs(30 * DAY)),
+            sweep_every: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl Config {
+    /// The store's retention rules: `[retention]`, with `messages` from
+    /// `storage.raw_retention_days` when unset.
+    pub fn retention(&self) -> crate::store::Retention {
+        let keep = |duration: Duration| (!duration.is_zero()).then_some(duration);
+        let messages = match &self.retention.messages {
+            Some(messages) => messages.0,
+            None => Duration::from_secs(self.storage.raw_retention_days.saturating_mul(24 * 3600)),
+        };
+        crate::store::Retention {
+            messages: keep(messages),
+            history: keep(self.retention.history.0),
+            sends: keep(self.retention.sends.0),
+            dead_letters: keep(self.retention.dead_letters.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// A duration written for people: `"400d"`, `"1h30m"`, `"10s"`, `"250ms"`
+/// (units ms, s, m, h, d, w), `"0"` or `"forever"` for none; a TOML integer
+/// is seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "0" || text.eq_ignore_ascii_case("forever") {
+            return Ok(Self(Duration::ZERO));
+        }
+        let wrong = || {
+            format!(
+                "{text:?} is not a duration: write a number and a unit (ms, s, m, h, d, w), as in \"30d\" or \"1h30m\""
+            )
+        };
+        let mut total = Duration::ZERO;
+        let mut rest = text;
+        if rest.is_empty() {
+            return Err(wrong());
+        }
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let number: u64 = rest[..digits].parse().map_err(|_| wrong())?;
+            rest = rest[digits..].trim_start();
+            let unit_len = rest
+                .find(|c: char| !c.is_ascii_alphabetic())
+                .unwrap_or(rest.len());
+            let unit_ms: u64 = match &rest[..unit_len] {
+                "ms" => 1,
+                "s" | "sec" | "secs" => 1_000,
+                "m" | "min" | "mins" => 60_000,
+                "h" | "hour" | "hours" => 3_600_000,
+                "d" | "day" | "days" => 86_400_000,
+                "w" | "week" | "weeks" => 7 * 86_400_000,
+                _ => return Err(wrong()),
+            };
+            rest = rest[unit_len..].trim_start();
+            let part = number.checked_mul(unit_ms).ok_or_else(wrong)?;
+            total = total
+                .checked_add(Duration::from_millis(part))
+                .ok_or_else(wrong)?;
+        }
+        Ok(Self(total))
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return f.write_str("0");
+        }
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms.is_multiple_of(size) {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"30d\", \"12h\" or \"10s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                text.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, secs: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Duration::from_secs(secs)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, secs: i64) -> Result<HumanDuration, E> {
+                u64::try_from(secs)
+                    .map(|secs| HumanDuration(Duration::from_secs(secs)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Where the bridge may connect (see `egress`).
@@ -130,7 +284,8 @@ impl Default for ServerConfig {
 pub struct StorageConfig {
     pub path: PathBuf,
     /// Days the source of synced and sent messages is kept for `/raw` and
-    /// attachment downloads (0 keeps it forever).
+    /// attachment downloads (0 keeps it forever); `[retention] messages`,
+    /// when set, wins.
     pub raw_retention_days: u64,
     /// 32 bytes, base64, that encrypt credentials at rest. When unset, a key is
     /// generated on first start and kept in `encryption_key_file`.
@@ -608,6 +763,89 @@ impl Config {
             self.sync.change_workers > 0,
             "sync.change_workers must be at least 1"
         );
+        anyhow::ensure!(
+            !self.retention.sweep_every.0.is_zero(),
+            "retention.sweep_every must be longer than 0"
+        );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("mailbridge.toml");
+        std::fs::write(&file, toml)?;
+        Config::load(Some(&file))
+    }
+
+    /// Issue 21 item 1: durations as people write them, down to seconds.
+    #[test]
+    fn durations_read_as_written_and_nonsense_is_refused() {
+        let parse = |text: &str| text.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse("2 s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse("forever"), Ok(Duration::ZERO));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        for wrong in ["", "30", "d", "3x", "-1d", "99999999999999999999d"] {
+            assert!(parse(wrong).is_err(), "{wrong:?} is refused");
+        }
+        for shown in ["400d", "1h", "90m", "10s", "1500ms", "0"] {
+            assert_eq!(
+                parse(shown).unwrap(),
+                parse(&HumanDuration(parse(shown).unwrap()).to_string()).unwrap()
+            );
+            assert_eq!(HumanDuration(parse(shown).unwrap()).to_string(), shown);
+        }
+    }
+
+    /// Issue 21 item 1: `[retention]` with its defaults, and
+    /// `storage.raw_retention_days` still read when `messages` is unset.
+    #[test]
+    fn retention_reads_its_section_and_the_older_days_key() {
+        let day = Duration::from_secs(86_400);
+        let defaults = load("").unwrap().retention();
+        assert_eq!(defaults.messages, Some(30 * day));
+        assert_eq!(defaults.history, Some(400 * day));
+        assert_eq!(defaults.sends, Some(30 * day));
+        assert_eq!(defaults.dead_letters, Some(30 * day));
+        assert_eq!(
+            load("").unwrap().retention.sweep_every.0,
+            Duration::from_secs(3600)
+        );
+
+        let older = load("[storage]\nraw_retention_days = 7\n")
+            .unwrap()
+            .retention();
+        assert_eq!(older.messages, Some(7 * day));
+        let forever = load("[storage]\nraw_retention_days = 0\n")
+            .unwrap()
+            .retention();
+        assert_eq!(forever.messages, None);
+
+        let config = load(
+            "[storage]\nraw_retention_days = 7\n[retention]\nmessages = \"2s\"\nhistory = \"3s\"\nsends = \"forever\"\ndead_letters = 5\nsweep_every = \"1s\"\n",
+        )
+        .unwrap();
+        let retention = config.retention();
+        assert_eq!(
+            retention.messages,
+            Some(Duration::from_secs(2)),
+            "the new key wins"
+        );
+        assert_eq!(retention.history, Some(Duration::from_secs(3)));
+        assert_eq!(retention.sends, None);
+        assert_eq!(retention.dead_letters, Some(Duration::from_secs(5)));
+        assert_eq!(config.retention.sweep_every.0, Duration::from_secs(1));
+
+        let wrong = load("[retention]\nhistory = \"a year\"\n").unwrap_err();
+        assert!(format!("{wrong:#}").contains("not a duration"), "{wrong:#}");
+        let never = load("[retention]\nsweep_every = \"0\"\n").unwrap_err();
+        assert!(format!("{never:#}").contains("sweep_every"), "{never:#}");
     }
 }

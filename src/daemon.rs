@@ -76,27 +76,48 @@ fn api_key_hashes(config: &Config, store: &dyn Store) -> anyhow::Result<Vec<[u8;
     Ok(hashes)
 }
 
-/// Removes message sources older than the retention period, hourly. Copies of
-/// sends still to be submitted are kept whatever their age.
-async fn prune_message_sources(store: Arc<dyn Store>, days: u64, shutdown: CancellationToken) {
-    if days == 0 {
-        return;
-    }
-    let keep = Duration::from_secs(days.saturating_mul(24 * 3600));
+/// The retention sweep, every `every` (issue 21): what the store's rules
+/// let go, and expired OAuth sign-in nonces, counted per kind in
+/// `mailbridge_retention_removed_total`. A pass that stopped at its batch
+/// is followed by the next at once.
+async fn sweep_on_timer(
+    store: Arc<dyn Store>,
+    retention: crate::store::Retention,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.prune_message_sources(keep)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::info!(
-                removed,
-                "removed message sources past storage.raw_retention_days"
-            ),
-            Ok(Err(err)) => tracing::warn!("pruning message sources failed: {err:#}"),
-            Err(err) => tracing::warn!("pruning message sources stopped: {err}"),
+        let pass_store = store.clone();
+        let rules = retention.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            let mut report = pass_store.sweep(now.timestamp_millis(), &rules)?;
+            let nonces =
+                crate::api::oauth::forget_expired_flows(pass_store.as_ref(), now.timestamp())?;
+            report.oauth_nonces = nonces;
+            Ok::<_, crate::store::StoreError>(report)
+        })
+        .await;
+        let mut again_at_once = false;
+        match pass {
+            Ok(Ok(report)) => {
+                metrics::counter!("mailbridge_retention_sweeps_total").increment(1);
+                for (kind, removed) in report.kinds() {
+                    metrics::counter!("mailbridge_retention_removed_total", "kind" => kind)
+                        .increment(removed as u64);
+                }
+                if report.removed() > 0 {
+                    tracing::info!(removed = report.removed(), ?report, "retention sweep");
+                }
+                again_at_once = report.more;
+            }
+            Ok(Err(err)) => tracing::warn!("the retention sweep failed: {err:#}"),
+            Err(err) => tracing::warn!("the retention sweep stopped: {err}"),
         }
+        let wait = if again_at_once { Duration::ZERO } else { every };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -253,9 +274,10 @@ pub async fn run(
             move || mailbox_changes.clone().run(shutdown.clone())
         },
     ));
-    let retention = tokio::spawn(prune_message_sources(
+    let retention = tokio::spawn(sweep_on_timer(
         store.clone(),
-        config.storage.raw_retention_days,
+        config.retention(),
+        config.retention.sweep_every.0,
         sending_shutdown.clone(),
     ));
 

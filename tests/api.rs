@@ -48,6 +48,7 @@ async fn every_v1_route_needs_the_api_key_and_health_does_not() {
         ),
         (Method::GET, "/v1/dead-letters"),
         (Method::POST, "/v1/dead-letters/1/retry"),
+        (Method::DELETE, "/v1/dead-letters/1"),
         (Method::GET, "/v1/locations/L1/users/u1/auto-bcc"),
         (Method::PUT, "/v1/auto-bcc/mailbox"),
         (Method::GET, "/v1/auto-bcc/mailbox"),

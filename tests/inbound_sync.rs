@@ -486,6 +486,92 @@ async fn r21_an_event_set_aside_is_listed_and_replayed_under_its_own_id() {
     w.daemon.stop().await;
 }
 
+/// Issue 21 item 1: `DELETE /v1/dead-letters/{id}` removes one (404 for an
+/// unknown id), and the retention sweep, on its own timer, removes one
+/// older than `[retention] dead_letters`, counted in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_deleted_on_request_and_swept_after_its_retention() {
+    let w = World::started_with(|config| {
+        config.delivery.give_up_after_hours = 0;
+        config.retention.dead_letters = "5s".parse().unwrap();
+        config.retention.sweep_every = "1s".parse().unwrap();
+    })
+    .await;
+    w.api
+        .put_contact("L1", "c-ann", &w.ann.address, &["u1"])
+        .await;
+    w.api.connect("L1", "u1", &w.stack, &w.me).await;
+    w.api.wait_active("L1", "u1").await;
+    w.receiver.set_failing(true);
+    let letter_of = async |subject: &str| {
+        support::eventually("the dead letter", support::DEADLINE, async || {
+            let (_, body) = w
+                .api
+                .send(reqwest::Method::GET, "/v1/dead-letters", None)
+                .await;
+            body["dead_letters"]
+                .as_array()?
+                .iter()
+                .find(|d| d["event"]["data"]["subject"] == subject)
+                .map(|d| d["id"].as_str().unwrap().to_string())
+        })
+        .await
+    };
+    let listed = async || {
+        let (_, body) = w
+            .api
+            .send(reqwest::Method::GET, "/v1/dead-letters", None)
+            .await;
+        body["dead_letters"].as_array().unwrap().len()
+    };
+
+    mail(&w.stack, &w.ann, &w.me, "deleted by hand", None).await;
+    let deleted = letter_of("deleted by hand").await;
+    let path = format!("/v1/dead-letters/{deleted}");
+    let (status, body) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(listed().await, 0);
+    let (status, body) = w.api.send(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 404, "already gone: {body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    for unknown in ["999999", "not-a-number", "-1"] {
+        let (status, _) = w
+            .api
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/v1/dead-letters/{unknown}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 404, "{unknown}");
+    }
+
+    mail(&w.stack, &w.ann, &w.me, "swept by retention", None).await;
+    letter_of("swept by retention").await;
+    support::eventually(
+        "the sweep to remove the dead letter",
+        support::DEADLINE,
+        async || (listed().await == 0).then_some(()),
+    )
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", w.daemon.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let swept: u64 = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("mailbridge_retention_removed_total")
+                && line.contains("kind=\"dead_letters\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(swept >= 1, "counted in /metrics:\n{metrics}");
+    w.daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r01_mail_announced_while_catching_up_is_fetched_at_once_not_at_the_next_idle() {
     let proxy = support::imap_proxy::ImapProxy::start(&Stack::get()).await;

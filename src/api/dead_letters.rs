@@ -1,6 +1,6 @@
-//! Events the bridge gave up on: listed for an operator, and replayed on
+//! Events the bridge gave up on: listed for an operator, replayed on
 //! request (with their original `webhook-id`, so the CRM can still drop a
-//! repeat).
+//! repeat), or removed; `[retention] dead_letters` removes them after a while.
 
 use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
@@ -136,5 +136,30 @@ pub async fn retry(
             "this dead letter's stored entry could not be read; there is nothing to send",
         )),
         Replay::NotFound => Err(not_found()),
+    }
+}
+
+/// Removes a dead letter for good: it is not delivered. Dead letters older
+/// than `[retention] dead_letters` go on their own.
+#[utoipa::path(
+    delete,
+    path = "/dead-letters/{id}",
+    tag = "dead-letters",
+    params(("id" = String, Path)),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+    ),
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
+    let number: u64 = id.parse().map_err(|_| not_found())?;
+    if state.store.delete_dead_letter(number)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found())
     }
 }

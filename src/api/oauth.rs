@@ -145,16 +145,27 @@ pub async fn start(
 /// Sign-ins whose person never came back: their state expired, so their
 /// nonce can go (at most one per start in the last 10 minutes stays).
 fn forget_abandoned_flows(state: &AppState) -> Result<(), ApiError> {
-    let now = Utc::now().timestamp();
-    for (name, value) in state.store.settings_with_prefix(FLOW_SETTING)? {
+    forget_expired_flows(state.store.as_ref(), Utc::now().timestamp())?;
+    Ok(())
+}
+
+/// Removes the nonces of sign-ins whose state expired before `now_secs`
+/// (issue 21: also on the retention sweep's timer, so a bridge where no
+/// sign-in starts again keeps none); returns how many.
+pub fn forget_expired_flows(
+    store: &dyn crate::store::Store,
+    now_secs: i64,
+) -> crate::store::StoreResult<usize> {
+    let mut removed = 0;
+    for (name, value) in store.settings_with_prefix(FLOW_SETTING)? {
         let expires_at = <[u8; 8]>::try_from(value.as_slice())
             .map(i64::from_be_bytes)
             .unwrap_or(0);
-        if expires_at < now {
-            state.store.take_setting(&name)?;
+        if expires_at < now_secs && store.take_setting(&name)?.is_some() {
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// What the provider sends back (RFC 6749 §4.1.2).
@@ -336,4 +347,41 @@ async fn connect_from_code(
         .map_err(|err| err.message)?;
     tracing::info!(location = %flow.location_id, user = %flow.user_id, mailbox = %email, "connected through OAuth sign-in");
     Ok(email)
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+    use crate::store::Store as _;
+
+    /// Issue 21 item 1: an abandoned sign-in's nonce goes once its state
+    /// expired (10 minutes), a live one stays.
+    #[test]
+    fn expired_sign_in_nonces_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(
+            dir.path(),
+            crate::store::secret_box::SecretBox::from_key(&[1; 32]),
+        )
+        .unwrap();
+        let now = 1_900_000_000_i64;
+        let started = |nonce: &str, expires_at: i64| {
+            store
+                .put_setting(&format!("{FLOW_SETTING}{nonce}"), &expires_at.to_be_bytes())
+                .unwrap();
+        };
+        started("flow_old", now - 1);
+        started("flow_live", now + STATE_LIFETIME_SECS);
+        store.put_setting("unrelated", b"kept").unwrap();
+        assert_eq!(forget_expired_flows(&store, now).unwrap(), 1);
+        let left: Vec<String> = store
+            .settings_with_prefix(FLOW_SETTING)
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(left, vec![format!("{FLOW_SETTING}flow_live")]);
+        assert!(store.setting("unrelated").unwrap().is_some());
+        assert_eq!(forget_expired_flows(&store, now).unwrap(), 0);
+    }
 }

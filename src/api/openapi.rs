@@ -102,6 +102,7 @@ impl Described {
             )
             .routes(routes!(dead_letters::list))
             .routes(routes!(dead_letters::retry))
+            .routes(routes!(dead_letters::delete))
             .routes(routes!(mailboxes::list))
             .routes(routes!(skipped::list));
         require_key(keyed.get_openapi_mut());

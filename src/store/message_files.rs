@@ -70,6 +70,22 @@ impl MessageFiles {
         }
     }
 
+    /// The send ids of the submission copies on disk, with when each was written.
+    pub fn submission_copies(&self) -> Vec<(String, std::time::SystemTime)> {
+        let Ok(entries) = std::fs::read_dir(&self.folder) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let send_id = name.strip_suffix(".submit.eml")?.to_string();
+                let written = entry.metadata().and_then(|m| m.modified()).ok()?;
+                Some((send_id, written))
+            })
+            .collect()
+    }
+
     /// Removes filed copies last written more than `older_than` ago; returns
     /// how many. Submission copies stay: their send is not settled.
     pub fn prune(&self, older_than: Duration) -> usize {

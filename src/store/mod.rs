@@ -15,6 +15,7 @@ use crate::model::{
 pub mod group_flush;
 pub mod message_files;
 mod outbox_index;
+pub mod retention;
 pub mod secret_box;
 mod sled_durability;
 pub mod sled_store;
@@ -23,6 +24,7 @@ mod source_segments;
 mod suite;
 
 pub use message_files::{SourceCopy, write_durably};
+pub use retention::{Retention, SweepReport};
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -494,6 +496,8 @@ pub trait Store: Send + Sync + 'static {
     fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
     /// Puts a dead letter back at the end of the outbox.
     fn replay_dead_letter(&self, id: u64) -> StoreResult<Replay>;
+    /// Removes a dead letter for good; false when there is none by that id.
+    fn delete_dead_letter(&self, id: u64) -> StoreResult<bool>;
 
     // --- CRM sends (R5, R14, R21)
     /// Checks the idempotency key and the mailbox's daily limit and, when both
@@ -544,6 +548,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes filed sources older than `older_than` (not the copies of
     /// sends still to be submitted); returns how many.
     fn prune_message_sources(&self, older_than: std::time::Duration) -> StoreResult<usize>;
+    /// One retention pass as of `now_ms` (see `retention`): removes what
+    /// its rules let go, at most `retention.batch` items of each kind, and
+    /// never a record something still refers to.
+    fn sweep(&self, now_ms: i64, retention: &Retention) -> StoreResult<SweepReport>;
 
     // --- small settings (the generated API key's hash, …)
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;

@@ -25,6 +25,8 @@ use crate::model::{
     UnprocessableMessage,
 };
 
+mod sweep;
+
 /// A dead letter in either stored form; never fails (an unreadable one says so).
 fn read_dead_letter(id: u64, value: &[u8], store: &SledStore) -> DeadLetter {
     if let Ok(stored) = decode::<StoredDeadLetter>(value) {
@@ -2223,6 +2225,14 @@ impl Store for SledStore {
         } else {
             Replay::NotFound
         })
+    }
+
+    fn delete_dead_letter(&self, id: u64) -> StoreResult<bool> {
+        self.remove_dead_letter(id)
+    }
+
+    fn sweep(&self, now_ms: i64, retention: &super::Retention) -> StoreResult<super::SweepReport> {
+        self.sweep_pass(now_ms, retention)
     }
 
     fn outbox_len(&self) -> StoreResult<usize> {

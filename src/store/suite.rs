@@ -2027,3 +2027,562 @@ fn failed_tries_are_counted_and_a_message_is_listed_only_once_set_aside() {
         assert!(store.set_aside_messages("me@x.test").unwrap().is_empty());
     }
 }
+
+// --- retention (issue 21 item 1): one test per rule; the sweep takes `now`,
+// so seconds-long retentions are seen without waiting.
+
+/// Every rule at `secs` seconds (message sources: none, unless a test says).
+fn retention_of(secs: u64) -> Retention {
+    let keep = Some(std::time::Duration::from_secs(secs));
+    Retention {
+        messages: None,
+        history: keep,
+        sends: keep,
+        dead_letters: keep,
+        batch: 10_000,
+    }
+}
+
+/// Unix ms `secs` seconds from now.
+fn in_secs(secs: i64) -> i64 {
+    Utc::now().timestamp_millis() + secs * 1_000
+}
+
+/// A synced message's history record under a fresh (time-minted) record id.
+fn synced_record() -> MessageEventData {
+    MessageEventData {
+        id: crate::model::new_id("msg"),
+        thread_id: "thr_c".into(),
+        ..send_record("x", None).data
+    }
+}
+
+/// Issue 21 item 1, history: a history record goes after `history`, except
+/// while an event not yet delivered holds its data there.
+#[test]
+fn retention_history_goes_after_its_time_but_not_while_an_event_needs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let start = FolderCursor::new(1, 1);
+    connect_inbox_at(&store, start);
+    let delivered = synced_record();
+    let pending = synced_record();
+    let mut first = ingest_commit(start, None, l1_thread("L1", &[]));
+    first.thread = None;
+    first.history = vec![delivered.clone()];
+    first.events = vec![];
+    store.commit_ingest(&first, None).unwrap();
+    let mut second = ingest_commit(first.cursor, None, l1_thread("L1", &[]));
+    second.thread = None;
+    second.history = vec![pending.clone()];
+    second.events = vec![event(
+        "evt_pending",
+        "thr_c",
+        serde_json::to_value(&pending).unwrap(),
+    )];
+    store.commit_ingest(&second, None).unwrap();
+    let ids = |store: &SledStore| -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .history("L1", "c1", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|record| record.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut both = vec![delivered.id.clone(), pending.id.clone()];
+    both.sort();
+
+    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+    assert_eq!(report.history, 0, "nothing is old yet");
+    assert_eq!(ids(&store), both);
+
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!(report.history, 1);
+    assert_eq!(
+        ids(&store),
+        vec![pending.id.clone()],
+        "the undelivered event keeps its record"
+    );
+    let none = |_: u64| false;
+    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+    assert_eq!(
+        due.entries[0].1.event.data,
+        serde_json::to_value(&pending).unwrap(),
+        "and still reads its data from it"
+    );
+    store.complete_outbox(due.entries[0].0).unwrap();
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!(report.history, 1);
+    assert!(ids(&store).is_empty(), "delivered, it goes");
+}
+
+/// Issue 21 item 1, dead letters: they go `dead_letters` after they were
+/// set aside, and `delete_dead_letter` removes one at once.
+#[test]
+fn retention_dead_letters_go_after_their_time_or_when_deleted() {
+    for (_dir, store) in engines() {
+        store
+            .enqueue(&[
+                event("evt_a", "k", serde_json::json!({"n": 1})),
+                event("evt_b", "k2", serde_json::json!({"n": 2})),
+            ])
+            .unwrap();
+        let none = |_: u64| false;
+        for (sequence, entry) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+            store.bury_outbox(sequence, &entry).unwrap();
+        }
+        let letters = store.dead_letters(None, 10).unwrap();
+        assert_eq!(letters.len(), 2);
+
+        assert!(store.delete_dead_letter(letters[0].id).unwrap());
+        assert!(!store.delete_dead_letter(letters[0].id).unwrap(), "gone");
+        assert_eq!(store.dead_letters(None, 10).unwrap().len(), 1);
+
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(report.dead_letters, 0);
+        assert_eq!(store.dead_letters(None, 10).unwrap().len(), 1);
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.dead_letters, 1);
+        assert!(store.dead_letters(None, 10).unwrap().is_empty());
+    }
+}
+
+/// Issue 21 item 1, sends: a settled send goes after `sends` with its index
+/// entries; one not settled stays whatever its age.
+#[test]
+fn retention_settled_sends_go_after_their_time_and_unsettled_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let now = Utc::now().timestamp_millis();
+    let queued = send_record("msg_queued", None);
+    let mut sent = send_record("msg_sent", None);
+    accept(&store, &queued, &send_thread(), None, now).unwrap();
+    accept(&store, &sent, &send_thread(), None, now).unwrap();
+    sent.status = crate::model::SendStatus::Sent;
+    sent.filed_in_sent = true;
+    store.update_send(&sent, &[]).unwrap();
+
+    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+    assert_eq!(report.sends, 0);
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!(report.sends, 1);
+    assert_eq!(store.send("msg_sent").unwrap(), None);
+    assert!(
+        !store
+            .is_crm_message("me@x.test", "<msg_sent@x.test>")
+            .unwrap()
+    );
+    assert!(
+        store.send("msg_queued").unwrap().is_some(),
+        "an unsettled send stays"
+    );
+    assert!(
+        store
+            .is_crm_message("me@x.test", "<msg_queued@x.test>")
+            .unwrap()
+    );
+    assert_eq!(store.unsettled_sends().unwrap().len(), 1);
+}
+
+/// Issue 21 item 1, idempotency keys: kept 48 hours, then removed (not
+/// only ignored).
+#[test]
+fn retention_idempotency_keys_go_after_48_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let now = Utc::now().timestamp_millis();
+    accept(
+        &store,
+        &send_record("msg_k", Some("key")),
+        &send_thread(),
+        None,
+        now,
+    )
+    .unwrap();
+    assert_eq!(store.stored_count("idempotency"), 1);
+    let forever = Retention {
+        history: None,
+        sends: None,
+        dead_letters: None,
+        ..retention_of(1)
+    };
+    let report = store
+        .sweep(now + IDEMPOTENCY_WINDOW_MS - 1_000, &forever)
+        .unwrap();
+    assert_eq!(report.idempotency_keys, 0);
+    match accept(
+        &store,
+        &send_record("msg_again", Some("key")),
+        &send_thread(),
+        None,
+        now,
+    ) {
+        Ok(SendAcceptance::Repeat(first)) => assert_eq!(first.id, "msg_k"),
+        other => panic!("within 48 hours the key still answers: {other:?}"),
+    }
+    let report = store
+        .sweep(now + IDEMPOTENCY_WINDOW_MS + 1_000, &forever)
+        .unwrap();
+    assert_eq!(report.idempotency_keys, 1);
+    assert_eq!(store.stored_count("idempotency"), 0);
+    assert!(
+        store.send("msg_k").unwrap().is_some(),
+        "the send is not the key's to remove"
+    );
+}
+
+/// Issue 21 item 1, quota: entries past the rolling window go, even for a
+/// mailbox that never sends again (and so never reads its own).
+#[test]
+fn retention_quota_entries_go_past_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let now = Utc::now().timestamp_millis();
+    accept(
+        &store,
+        &send_record("msg_q", None),
+        &send_thread(),
+        None,
+        now,
+    )
+    .unwrap();
+    assert_eq!(store.stored_count("quota"), 1);
+    let report = store
+        .sweep(now + QUOTA_WINDOW_MS - 1_000, &retention_of(3600 * 1000))
+        .unwrap();
+    assert_eq!(report.quota, 0);
+    let report = store
+        .sweep(now + QUOTA_WINDOW_MS + 1_000, &retention_of(3600 * 1000))
+        .unwrap();
+    assert_eq!(report.quota, 1);
+    assert_eq!(store.stored_count("quota"), 0);
+}
+
+/// The LocatedMessage of a synced record in thread `thr_c`.
+fn located_entry(record: &MessageEventData) -> crate::model::LocatedMessage {
+    crate::model::LocatedMessage {
+        record_id: record.id.clone(),
+        message_id: Some("<b@x>".into()),
+        thread_id: "thr_c".into(),
+        routes: l1_thread("L1", &[]).routes,
+        flags: FlagState::default(),
+        labels: None,
+    }
+}
+
+/// Issue 21 item 1, located messages: the places under a folder's old
+/// UIDVALIDITY go once its cursor has a new one.
+#[test]
+fn retention_places_under_an_old_uidvalidity_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let start = FolderCursor::new(1, 1);
+    connect_inbox_at(&store, start);
+    let record = synced_record();
+    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+    commit.history = vec![record.clone()];
+    commit.located = Some((1, 1, located_entry(&record)));
+    store.commit_ingest(&commit, None).unwrap();
+
+    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+    assert_eq!(report.located, 0, "under the current UIDVALIDITY it stays");
+    assert!(store.locate_record(&record.id).unwrap().is_some());
+
+    store
+        .set_cursor(
+            "me@x.test",
+            FolderRole::Inbox,
+            Some(commit.cursor),
+            FolderCursor::new(2, 1),
+        )
+        .unwrap();
+    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+    assert_eq!(report.located, 1);
+    assert_eq!(
+        store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
+        None
+    );
+    assert_eq!(store.locate_record(&record.id).unwrap(), None);
+    assert_eq!(store.stored_count("record_locations"), 0);
+    assert!(
+        store.record_info(&record.id).unwrap().is_some(),
+        "what is known of it stays for `history`"
+    );
+}
+
+/// Issue 21 item 1, message records and R21 marks: a record no longer in a
+/// watched folder goes after `history` with its "already synced" marks;
+/// while located, or named by an undelivered event, it stays.
+#[test]
+fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let start = FolderCursor::new(1, 1);
+    connect_inbox_at(&store, start);
+    let record = synced_record();
+    let l1u1 = vec![("L1".to_string(), "u1".to_string())];
+    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+    commit.history = vec![record.clone()];
+    commit.located = Some((1, 1, located_entry(&record)));
+    commit.synced = Some(("<b@x>".into(), l1u1.clone()));
+    store.commit_ingest(&commit, None).unwrap();
+    let none = |_: u64| false;
+    let deliver_all = || {
+        for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+            store.complete_outbox(sequence).unwrap();
+        }
+    };
+    deliver_all();
+
+    store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert!(
+        store.record_info(&record.id).unwrap().is_some(),
+        "located: kept"
+    );
+    assert_eq!(store.synced_to("<b@x>", &l1u1).unwrap(), l1u1);
+
+    store
+        .enqueue(&[event(
+            "evt_updated",
+            "thr_c",
+            serde_json::json!({"id": record.id, "seen": true}),
+        )])
+        .unwrap();
+    store
+        .set_cursor(
+            "me@x.test",
+            FolderRole::Inbox,
+            Some(commit.cursor),
+            FolderCursor::new(2, 1),
+        )
+        .unwrap();
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!(report.located, 1);
+    assert_eq!(report.records, 0, "an undelivered event names it");
+    assert!(store.record_info(&record.id).unwrap().is_some());
+
+    deliver_all();
+    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+    assert_eq!((report.records, report.synced), (0, 0), "not old yet");
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!((report.records, report.synced), (1, 1));
+    assert_eq!(store.record_info(&record.id).unwrap(), None);
+    assert!(store.synced_to("<b@x>", &l1u1).unwrap().is_empty());
+}
+
+/// Issue 21 item 1, threads: a thread stays while anything names it (here
+/// a located message), then goes with its thread keys, never leaving one
+/// that leads nowhere.
+#[test]
+fn retention_a_thread_stays_while_named_then_goes_with_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let start = FolderCursor::new(1, 1);
+    connect_inbox_at(&store, start);
+    let record = synced_record();
+    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+    commit.history = vec![record.clone()];
+    commit.located = Some((1, 1, located_entry(&record)));
+    commit.answers = vec!["<a@x>".into()];
+    store.commit_ingest(&commit, None).unwrap();
+    let none = |_: u64| false;
+    for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+        store.complete_outbox(sequence).unwrap();
+    }
+    assert_eq!(store.stored_count("thread_keys"), 2);
+
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!(report.history, 1, "its history went");
+    assert_eq!(
+        report.threads, 0,
+        "the located message still names the thread"
+    );
+    assert!(
+        store
+            .thread_of("me@x.test", &["<b@x>".into()])
+            .unwrap()
+            .is_some()
+    );
+
+    store
+        .set_cursor(
+            "me@x.test",
+            FolderRole::Inbox,
+            Some(commit.cursor),
+            FolderCursor::new(2, 1),
+        )
+        .unwrap();
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!((report.threads, report.thread_keys), (1, 2));
+    assert_eq!(store.thread("thr_c").unwrap(), None);
+    assert_eq!(
+        store.thread_of("me@x.test", &["<b@x>".into()]).unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .thread_answering("me@x.test", &["<a@x>".into()])
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.stored_count("thread_keys"), 0);
+}
+
+/// Issue 21 item 1, a send's thread: kept while the send is, whatever its age.
+#[test]
+fn retention_a_send_keeps_its_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let old_thread = Thread {
+        created_at: Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
+        ..send_thread()
+    };
+    let now = Utc::now().timestamp_millis();
+    accept(&store, &send_record("msg_t", None), &old_thread, None, now).unwrap();
+    let keep_sends = Retention {
+        sends: None,
+        ..retention_of(1)
+    };
+    let report = store.sweep(in_secs(2), &keep_sends).unwrap();
+    assert_eq!(report.threads, 0);
+    assert!(store.thread("thr_s").unwrap().is_some());
+    let mut settled = store.send("msg_t").unwrap().unwrap();
+    settled.status = crate::model::SendStatus::Failed;
+    store.update_send(&settled, &[]).unwrap();
+    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+    assert_eq!((report.sends, report.threads), (1, 1));
+    assert_eq!(store.thread("thr_s").unwrap(), None);
+}
+
+/// Issue 21 item 1, `.submit.eml` copies: one no send can use any more (a
+/// crash between its write and its send's commit) goes; a queued send's
+/// stays whatever its age.
+#[test]
+fn retention_orphaned_submission_copies_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    accept(
+        &store,
+        &send_record("msg_live", None),
+        &send_thread(),
+        None,
+        0,
+    )
+    .unwrap();
+    let orphan = dir.path().join("messages").join("send_orphan.submit.eml");
+    std::fs::write(&orphan, b"left by a crash").unwrap();
+    let grace = retention::ORPHAN_GRACE.as_secs() as i64;
+
+    let report = store
+        .sweep(in_secs(grace - 60), &retention_of(3600 * 1000))
+        .unwrap();
+    assert_eq!(
+        report.submission_copies, 0,
+        "within its grace a copy may be a commit under way"
+    );
+    assert!(orphan.exists());
+    let report = store
+        .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
+        .unwrap();
+    assert_eq!(report.submission_copies, 1);
+    assert!(!orphan.exists());
+    assert!(
+        store
+            .message_source("msg_live", SourceCopy::Submission)
+            .unwrap()
+            .is_some(),
+        "a queued send keeps its copy"
+    );
+}
+
+/// Issue 21 item 1, event bodies: a body file no outbox entry refers to
+/// (its commit failed) goes; one an entry refers to stays.
+#[test]
+fn retention_orphaned_event_bodies_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_when_free(dir.path());
+    let large = "x".repeat(64 * 1024);
+    store
+        .enqueue(&[event(
+            "evt_large",
+            "k",
+            serde_json::json!({ "body": large }),
+        )])
+        .unwrap();
+    let bodies = dir.path().join("event-bodies");
+    let orphan = bodies.join("evt_orphan.json");
+    std::fs::write(&orphan, b"{}").unwrap();
+    assert_eq!(std::fs::read_dir(&bodies).unwrap().count(), 2);
+    let grace = retention::ORPHAN_GRACE.as_secs() as i64;
+    let report = store
+        .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
+        .unwrap();
+    assert_eq!(report.event_bodies, 1);
+    assert!(!orphan.exists());
+    let none = |_: u64| false;
+    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+    assert_eq!(
+        due.entries[0].1.event.data["body"],
+        serde_json::json!(large)
+    );
+}
+
+/// Issue 21 item 1, message sources: the sweep applies `messages`.
+#[test]
+fn retention_the_sweep_prunes_message_sources() {
+    for (_dir, store) in engines() {
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(store.as_ref(), start);
+        let record = synced_record();
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record.clone()];
+        store.commit_ingest(&commit, Some(b"a source")).unwrap();
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(
+            report.message_sources, 0,
+            "no `messages` rule, nothing pruned"
+        );
+        let rules = Retention {
+            messages: Some(std::time::Duration::ZERO),
+            ..retention_of(3600)
+        };
+        let report = store.sweep(in_secs(0), &rules).unwrap();
+        assert_eq!(report.message_sources, 1);
+        assert_eq!(
+            store.message_source(&record.id, SourceCopy::Filed).unwrap(),
+            None
+        );
+    }
+}
+
+/// Issue 21 item 1: a backlog is worked off `batch` items at a time, the
+/// report saying more is left.
+#[test]
+fn retention_a_pass_stops_at_its_batch_and_says_more_is_left() {
+    for (_dir, store) in engines() {
+        store
+            .enqueue(&[
+                event("evt_1", "k1", serde_json::json!({})),
+                event("evt_2", "k2", serde_json::json!({})),
+                event("evt_3", "k3", serde_json::json!({})),
+            ])
+            .unwrap();
+        let none = |_: u64| false;
+        for (sequence, entry) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+            store.bury_outbox(sequence, &entry).unwrap();
+        }
+        let rules = Retention {
+            batch: 2,
+            ..retention_of(1)
+        };
+        let first = store.sweep(in_secs(2), &rules).unwrap();
+        assert_eq!(first.dead_letters, 2);
+        assert!(first.more);
+        let second = store.sweep(in_secs(2), &rules).unwrap();
+        assert_eq!(second.dead_letters, 1);
+        assert!(!second.more);
+        assert!(store.dead_letters(None, 10).unwrap().is_empty());
+    }
+}
