@@ -1208,7 +1208,6 @@ pub fn still_synced(store: &dyn Store, located: &LocatedMessage) -> StoreResult<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Credentials, Endpoint, Mailbox, MailboxState, Provider, Security};
     use crate::store::{secret_box::SecretBox, sled_store::SledStore};
 
     const ME: &str = "me@x.test";
@@ -1216,28 +1215,7 @@ mod tests {
     fn connected_store(dir: &std::path::Path) -> Arc<dyn Store> {
         let store: Arc<dyn Store> =
             Arc::new(SledStore::open(dir, SecretBox::from_key(&[1; 32])).unwrap());
-        let endpoint = Endpoint {
-            host: "127.0.0.1".into(),
-            port: 993,
-            security: Security::Tls,
-        };
-        let mailbox = Mailbox {
-            address: ME.into(),
-            provider: Provider::Imap,
-            credentials: Credentials::Password {
-                username: ME.into(),
-                password: "secret".into(),
-            },
-            imap: endpoint.clone(),
-            smtp: endpoint,
-            daily_send_limit: None,
-            save_sent: Default::default(),
-            state: MailboxState::Connecting,
-            last_error: None,
-            connected_at: Utc::now(),
-            generation: 0,
-            folders: Vec::new(),
-        };
+        let mailbox = crate::store::suite::mailbox(ME);
         let integration = Integration {
             location_id: "L1".into(),
             user_id: "u1".into(),

@@ -15,20 +15,53 @@ use support::{
 
 const MESSAGES: usize = 50;
 
+/// A child daemon with me connected as L1/u1 and ann its contact.
+struct Crashable {
+    stack: Stack,
+    receiver: Receiver,
+    dir: tempfile::TempDir,
+    config: mailbridge::config::Config,
+    me: support::stack::User,
+    ann: support::stack::User,
+    daemon: ChildDaemon,
+}
+
+impl Crashable {
+    async fn connected() -> Crashable {
+        let stack = Stack::get();
+        let receiver = Receiver::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = test_config(&dir.path().join("data"), &stack, &receiver);
+        let me = stack.new_user("me").await;
+        let ann = stack.new_user("ann").await;
+        let daemon = ChildDaemon::start(&config, dir.path()).await;
+        let api = Api::new(&daemon.base);
+        api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
+        api.connect("L1", "u1", &stack, &me).await;
+        api.wait_active("L1", "u1").await;
+        Crashable {
+            stack,
+            receiver,
+            dir,
+            config,
+            me,
+            ann,
+            daemon,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_sigkill_while_50_messages_arrive_loses_and_doubles_nothing() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = test_config(&dir.path().join("data"), &stack, &receiver);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-
-    let daemon = ChildDaemon::start(&config, dir.path()).await;
-    let api = Api::new(&daemon.base);
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
+    let Crashable {
+        stack,
+        receiver,
+        dir,
+        config,
+        me,
+        ann,
+        daemon,
+    } = Crashable::connected().await;
 
     let sender = {
         let (stack, ann, me) = (Stack::get(), ann.clone(), me.clone());
@@ -136,18 +169,16 @@ async fn copies_of(
 /// interrupted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r21_sigkill_right_after_the_202s_of_a_send_a_patch_and_a_delete_each_takes_effect_once() {
-    let stack = Stack::get();
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = test_config(&dir.path().join("data"), &stack, &receiver);
-    let me = stack.new_user("me").await;
-    let ann = stack.new_user("ann").await;
-
-    let daemon = ChildDaemon::start(&config, dir.path()).await;
+    let Crashable {
+        stack,
+        receiver,
+        dir,
+        config,
+        me,
+        ann,
+        daemon,
+    } = Crashable::connected().await;
     let api = Api::new(&daemon.base);
-    api.put_contact("L1", "c-ann", &ann.address, &["u1"]).await;
-    api.connect("L1", "u1", &stack, &me).await;
-    api.wait_active("L1", "u1").await;
     let mut synced = HashMap::new();
     for subject in ["to star", "to delete"] {
         let id = new_message_id("k");

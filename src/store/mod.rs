@@ -21,7 +21,7 @@ mod sled_durability;
 pub mod sled_store;
 mod source_segments;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 
 pub use message_files::{SourceCopy, write_durably};
 pub use retention::{Retention, SweepReport};

@@ -43,7 +43,7 @@ fn contact(id: &str, emails: &[&str]) -> Contact {
     }
 }
 
-fn mailbox(address: &str) -> Mailbox {
+pub(crate) fn mailbox(address: &str) -> Mailbox {
     let endpoint = Endpoint {
         host: "127.0.0.1".into(),
         port: 993,
