@@ -1076,11 +1076,8 @@ impl IngestBatch<'_> {
         };
         // Something may have been committed before it: flushed with the rest.
         self.needs_flush = true;
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".to_string());
+        let why =
+            crate::panics::payload_text(panic.as_ref()).unwrap_or_else(|| "no message".to_string());
         tracing::error!(
             mailbox = found.mailbox,
             folder = found.folder_name,

@@ -236,17 +236,15 @@ impl MailboxChanges {
                         })
                 }
             };
-            if let Err(Failure::Transient(_)) = &applied {
+            if let Err(failure @ Failure::Transient(_)) = &applied {
                 // A step that failed leaves the session in doubt (a timeout
                 // on a silent server): what is left of the pass waits too,
                 // rather than a login each.
-                let failure = applied.clone().err();
+                let failure = failure.clone();
                 waiting.insert(change.record_id.clone());
                 self.record(sequence, change, applied);
-                if let Some(failure) = failure {
-                    for (sequence, change) in rest.by_ref() {
-                        self.record(sequence, change, Err(failure.clone()));
-                    }
+                for (sequence, change) in rest.by_ref() {
+                    self.record(sequence, change, Err(failure.clone()));
                 }
                 session = None;
                 break;

@@ -47,12 +47,7 @@ fn record(info: &std::panic::PanicHookInfo<'_>) {
         .location()
         .map(|at| format!("{}:{}:{}", at.file(), at.line(), at.column()))
         .unwrap_or_default();
-    let payload = info.payload();
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|text| (*text).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let message = payload_text(info.payload()).unwrap_or_default();
     // A panic while another thread panics with the lock held must not make
     // this one wait or panic again.
     keep(Panic {
@@ -83,6 +78,15 @@ pub fn note_unexpected_end(worker: &str) {
         place: format!("the {worker}"),
         message: "stopped by itself".into(),
     });
+}
+
+/// What a panic said, where it said it in words (`panic!` with a literal
+/// or a formatted message).
+pub fn payload_text(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
 }
 
 /// How many panics (and unexpected ends) the process has had since the

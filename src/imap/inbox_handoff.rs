@@ -93,9 +93,6 @@ impl InboxHandoff {
             && let Some(at) = state.read.iter().position(|read| *read == msgid)
         {
             state.read.remove(at);
-            if state.read.is_empty() {
-                state.read = VecDeque::new();
-            }
             state.waiting.remove(&uid);
             return Verdict::PassOver;
         }
@@ -117,9 +114,6 @@ impl InboxHandoff {
     pub fn all_mail_at(&self, next_uid: u32, holding: bool) {
         let mut state = self.state();
         state.waiting.retain(|uid, _| *uid >= next_uid);
-        if state.waiting.is_empty() {
-            state.waiting = HashMap::new();
-        }
         state.holding = holding;
     }
 
