@@ -622,7 +622,7 @@ impl SledStore {
     /// write and the send's commit, or between its settling and the
     /// copy's removal.
     fn sweep_submission_copies(&self, now_ms: i64, budget: &mut Budget) -> StoreResult<usize> {
-        let written_before = now_ms - i64::try_from(ORPHAN_GRACE.as_millis()).unwrap_or(0);
+        let written_before = super::super::retention::cutoff_ms(now_ms, ORPHAN_GRACE);
         let mut removed = 0;
         for (send_id, written) in self.sources.submission_copies() {
             if unix_ms(written) >= written_before {
@@ -652,7 +652,7 @@ impl SledStore {
         references: &References,
         budget: &mut Budget,
     ) -> StoreResult<usize> {
-        let written_before = now_ms - i64::try_from(ORPHAN_GRACE.as_millis()).unwrap_or(0);
+        let written_before = super::super::retention::cutoff_ms(now_ms, ORPHAN_GRACE);
         let Ok(entries) = std::fs::read_dir(&self.bodies) else {
             return Ok(0);
         };
