@@ -14,6 +14,7 @@ use crate::model::{
 
 pub mod group_flush;
 pub mod message_files;
+pub mod engine;
 mod outbox_index;
 pub mod retention;
 pub mod secret_box;
