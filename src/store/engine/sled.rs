@@ -4,10 +4,7 @@
 
 use std::{ops::Bound, path::Path};
 
-use sled::{
-    Transactional as _,
-    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
-};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::{Direction, Engine, Entries, Tree, Tx, TxError, TxResult};
 use crate::store::{
