@@ -18,6 +18,8 @@ use super::{StoreError, StoreResult};
 
 pub mod postgres;
 pub mod sled;
+#[cfg(test)]
+mod conformance;
 
 /// A keyspace of the store. The discriminant is stable: PostgreSQL keeps it
 /// in every row, so a value is never reused or renumbered.
