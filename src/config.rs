@@ -294,6 +294,90 @@ pub struct StorageConfig {
     /// by default `<path>/secret.key`; elsewhere (another disk, a secrets
     /// mount), a copy of the data folder alone does not open the credentials.
     pub encryption_key_file: Option<PathBuf>,
+    /// Where the store keeps its records: the embedded sled database in
+    /// `path` (the default: nothing else to install), or PostgreSQL.
+    pub backend: StorageBackend,
+    /// `[storage.postgres]`, read when `backend = "postgres"`.
+    pub postgres: PostgresConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user[:password]@host:port/database[?sslmode=require]`,
+    /// or libpq's key=value form.
+    pub url: Option<String>,
+    /// A file holding the URL (for one that carries a password: a secrets
+    /// mount rather than the configuration file).
+    pub url_file: Option<PathBuf>,
+    /// Connections to the database.
+    pub pool_size: usize,
+    /// The schema the store's tables live in (created when missing).
+    pub schema: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            pool_size: 8,
+            schema: "mailbridge".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("url_file", &self.url_file)
+            .field("pool_size", &self.pool_size)
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// The URL, from `url` or read from `url_file`.
+    pub fn connection_url(&self) -> anyhow::Result<String> {
+        match (&self.url, &self.url_file) {
+            (Some(url), None) => Ok(url.clone()),
+            (None, Some(file)) => {
+                let url = std::fs::read_to_string(file).map_err(|err| {
+                    anyhow::anyhow!(
+                        "reading storage.postgres.url_file {}: {err}",
+                        file.display()
+                    )
+                })?;
+                let url = url.trim();
+                anyhow::ensure!(
+                    !url.is_empty(),
+                    "storage.postgres.url_file {} is empty",
+                    file.display()
+                );
+                Ok(url.to_string())
+            }
+            (Some(_), Some(_)) => {
+                anyhow::bail!(
+                    "storage.postgres.url and storage.postgres.url_file are both set: keep one"
+                )
+            }
+            (None, None) => anyhow::bail!(
+                "storage.backend is \"postgres\" but storage.postgres.url (or url_file, or \
+                 MAILBRIDGE_STORAGE__POSTGRES__URL) is not set"
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -306,6 +390,8 @@ impl std::fmt::Debug for StorageConfig {
                 &self.encryption_key.as_ref().map(|_| "<redacted>"),
             )
             .field("encryption_key_file", &self.encryption_key_file)
+            .field("backend", &self.backend)
+            .field("postgres", &self.postgres)
             .finish()
     }
 }
@@ -326,6 +412,8 @@ impl Default for StorageConfig {
             raw_retention_days: 30,
             encryption_key: None,
             encryption_key_file: None,
+            backend: StorageBackend::Sled,
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -742,6 +830,23 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.storage.backend == StorageBackend::Postgres {
+            let postgres = &self.storage.postgres;
+            anyhow::ensure!(
+                postgres.url.is_some() != postgres.url_file.is_some(),
+                "storage.backend is \"postgres\": set one of storage.postgres.url \
+                 (or MAILBRIDGE_STORAGE__POSTGRES__URL) and storage.postgres.url_file"
+            );
+            anyhow::ensure!(
+                postgres.pool_size >= 1,
+                "storage.postgres.pool_size must be at least 1"
+            );
+            anyhow::ensure!(
+                crate::store::engine::postgres::valid_schema_name(&postgres.schema),
+                "storage.postgres.schema {:?} must be a plain lower-case name (letters, digits, _)",
+                postgres.schema
+            );
+        }
         anyhow::ensure!(
             self.storage.encryption_key.is_none() || self.storage.encryption_key_file.is_none(),
             "storage.encryption_key and storage.encryption_key_file are both set: keep one"
@@ -847,5 +952,54 @@ mod tests {
         assert!(format!("{wrong:#}").contains("not a duration"), "{wrong:#}");
         let never = load("[retention]\nsweep_every = \"0\"\n").unwrap_err();
         assert!(format!("{never:#}").contains("sweep_every"), "{never:#}");
+    }
+
+    /// Issue 22 item 1: the backend and its PostgreSQL settings, from the
+    /// file or the environment; sled stays the default.
+    #[test]
+    fn storage_backend_and_postgres_settings() {
+        let default = load("").unwrap();
+        assert_eq!(default.storage.backend, StorageBackend::Sled);
+        let postgres = load(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://u:pw-9f3k@db:5432/m\"\npool_size = 3\nschema = \"bridge\"\n",
+        )
+        .unwrap();
+        assert_eq!(postgres.storage.backend, StorageBackend::Postgres);
+        assert_eq!(postgres.storage.postgres.pool_size, 3);
+        assert_eq!(postgres.storage.postgres.schema, "bridge");
+        assert_eq!(
+            postgres.storage.postgres.connection_url().unwrap(),
+            "postgres://u:pw-9f3k@db:5432/m"
+        );
+        assert!(
+            !format!("{postgres:?}").contains("pw-9f3k"),
+            "the URL's password stays out of the debug output"
+        );
+        let missing = load("[storage]\nbackend = \"postgres\"\n").unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("storage.postgres.url"),
+            "{missing:#}"
+        );
+        let bad_schema = load(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"postgres://db/m\"\nschema = \"x; DROP\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{bad_schema:#}").contains("schema"),
+            "{bad_schema:#}"
+        );
+        assert!(load("[storage]\nbackend = \"mysql\"\n").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://from-file/m\n").unwrap();
+        let from_file = load(&format!(
+            "[storage]\nbackend = \"postgres\"\n[storage.postgres]\nurl_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            from_file.storage.postgres.connection_url().unwrap(),
+            "postgres://from-file/m"
+        );
     }
 }

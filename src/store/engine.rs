@@ -16,10 +16,10 @@ use std::ops::Bound;
 
 use super::{StoreError, StoreResult};
 
-pub mod postgres;
-pub mod sled;
 #[cfg(test)]
 mod conformance;
+pub mod postgres;
+pub mod sled;
 
 /// A keyspace of the store. The discriminant is stable: PostgreSQL keeps it
 /// in every row, so a value is never reused or renumbered.

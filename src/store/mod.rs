@@ -12,9 +12,9 @@ use crate::model::{
     UnprocessableMessage,
 };
 
+pub mod engine;
 pub mod group_flush;
 pub mod message_files;
-pub mod engine;
 mod outbox_index;
 pub mod retention;
 pub mod secret_box;

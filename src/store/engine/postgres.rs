@@ -100,9 +100,7 @@ impl Statements {
             get: prepare(format!(
                 "SELECT value FROM {kv} WHERE tree = $1 AND key = $2"
             ))?,
-            exists: prepare(format!(
-                "SELECT 1 FROM {kv} WHERE tree = $1 AND key = $2"
-            ))?,
+            exists: prepare(format!("SELECT 1 FROM {kv} WHERE tree = $1 AND key = $2"))?,
             // The old value is read in the statement's own snapshot, before
             // the write.
             upsert: prepare(format!(
@@ -517,8 +515,8 @@ fn remove_on(connection: &Connection, tree: Tree, key: &[u8]) -> Result<Option<V
 }
 
 fn next_id_on(connection: &Connection) -> Result<u64, Failure> {
-    let id: i64 =
-        connection.run(|client, statements| Ok(client.query_one(&statements.next_id, &[])?.get(0)))?;
+    let id: i64 = connection
+        .run(|client, statements| Ok(client.query_one(&statements.next_id, &[])?.get(0)))?;
     u64::try_from(id).map_err(|_| Failure::Engine(format!("the id sequence gave {id}")))
 }
 
@@ -567,17 +565,15 @@ impl PagedRange<'_> {
         );
         let rows: Vec<Entry> = self.engine.run(move |client, statements| {
             let rows = match (direction, &upper) {
-                (Direction::Forward, Some(upper)) => client.query(
-                    &statements.forward_to,
-                    &[&tree, &lower, upper, &PAGE_ROWS],
-                )?,
+                (Direction::Forward, Some(upper)) => {
+                    client.query(&statements.forward_to, &[&tree, &lower, upper, &PAGE_ROWS])?
+                }
                 (Direction::Forward, None) => {
                     client.query(&statements.forward_open, &[&tree, &lower, &PAGE_ROWS])?
                 }
-                (Direction::Reverse, Some(upper)) => client.query(
-                    &statements.reverse_to,
-                    &[&tree, &lower, upper, &PAGE_ROWS],
-                )?,
+                (Direction::Reverse, Some(upper)) => {
+                    client.query(&statements.reverse_to, &[&tree, &lower, upper, &PAGE_ROWS])?
+                }
                 (Direction::Reverse, None) => {
                     client.query(&statements.reverse_open, &[&tree, &lower, &PAGE_ROWS])?
                 }
@@ -694,7 +690,11 @@ impl Engine for PostgresEngine {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> StoreResult<bool> {
-        let (key, old, new) = (key.to_vec(), old.map(<[u8]>::to_vec), new.map(<[u8]>::to_vec));
+        let (key, old, new) = (
+            key.to_vec(),
+            old.map(<[u8]>::to_vec),
+            new.map(<[u8]>::to_vec),
+        );
         self.run(move |client, statements| {
             let tree = tree_number(tree);
             Ok(match (old, new) {
@@ -814,7 +814,9 @@ pub(crate) mod testing {
                     .map(str::to_string)
             });
         if url.is_none() && std::env::var_os("MAILBRIDGE_REQUIRE_POSTGRES").is_some() {
-            panic!("MAILBRIDGE_REQUIRE_POSTGRES is set, but no test database: run scripts/postgres/start.sh");
+            panic!(
+                "MAILBRIDGE_REQUIRE_POSTGRES is set, but no test database: run scripts/postgres/start.sh"
+            );
         }
         url
     }
