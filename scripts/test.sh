@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test against a real mail stack: installs and starts Dovecot +
-# Postfix on loopback (scripts/mailstack/start.sh, needs root) and the OAuth2
-# provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh),
-# runs the test suite, the 100-mailbox scale smoke, schemathesis against the live daemon's OpenAPI
+# Postfix on loopback (scripts/mailstack/start.sh, needs root), the OAuth2
+# provider whose tokens Dovecot accepts (scripts/oauth-test-server/start.sh)
+# and a private PostgreSQL (scripts/postgres/start.sh), runs the test suite
+# (the store's on both engines), the integration tests once more on
+# PostgreSQL, the 100-mailbox scale smoke, schemathesis against the live daemon's OpenAPI
 # document (scripts/api-check.sh), then the tests that restart the stack (one
 # at a time, after the rest), and stops both again, pass or fail.
 #
@@ -20,12 +22,17 @@ SUDO=""
 
 $SUDO scripts/mailstack/start.sh
 stop_stack() {
+    $SUDO scripts/postgres/stop.sh || true
     $SUDO scripts/oauth-test-server/stop.sh || true
     $SUDO scripts/mailstack/stop.sh || true
 }
 trap stop_stack EXIT
 # writes its key into the stack's runtime dir, so it starts second
 $SUDO scripts/oauth-test-server/start.sh
+$SUDO scripts/postgres/start.sh
+# The store's tests and the second integration pass use it; without it
+# they fail rather than skip the engine.
+export MAILBRIDGE_REQUIRE_POSTGRES=1
 
 if [ "${1:-}" = "--soak" ]; then
     shift
@@ -69,6 +76,9 @@ if [ $# -gt 0 ]; then
 fi
 
 counted cargo test --all-targets
+# The integration tests again, each daemon on PostgreSQL (a schema of its
+# own); the store's suite already ran on both engines above.
+MAILBRIDGE_TEST_BACKEND=postgres counted cargo test --test '*'
 # The vendored crates' own tests (their fixes are ours to keep): async-imap
 # with the runtime and the imap-proto the daemon builds it with.
 counted cargo test --manifest-path vendor/imap-proto/Cargo.toml --target-dir target/vendored

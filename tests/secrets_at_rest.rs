@@ -109,6 +109,7 @@ fn the_configuration_prints_no_secret() {
     }];
     config.storage.encryption_key = Some("c2VjcmV0LWtleS0zMi1ieXRlcy1sb25nLW9rLW9rIQ==".into());
     config.providers.gmail.oauth.client_secret = Some("oauth-client-secret-xyz".into());
+    config.storage.postgres.url = Some("postgres://bridge:pg-password-789@db/m".into());
     let printed = format!("{config:?}");
     for secret in [
         API_KEY,
@@ -117,6 +118,7 @@ fn the_configuration_prints_no_secret() {
         "url-password-456",
         "c2VjcmV0LWtleS0zMi1ieXRlcy1sb25nLW9rLW9rIQ==",
         "oauth-client-secret-xyz",
+        "pg-password-789",
     ] {
         assert!(!printed.contains(secret), "{secret} in {printed}");
     }
