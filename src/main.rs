@@ -58,6 +58,28 @@ enum Command {
     /// Print the HTTP API's OpenAPI 3.1 document (what `GET /openapi.json`
     /// serves), for generating a client without a running daemon.
     Openapi,
+    /// Copy a stopped install's sled store into an empty PostgreSQL schema
+    /// (run again after a crash midway to finish it). Message sources and
+    /// the encryption key stay where they are: start the daemon on
+    /// PostgreSQL with the same storage.path and key.
+    Migrate {
+        /// The data folder of the stopped sled install (storage.path).
+        #[arg(long)]
+        from: PathBuf,
+        /// The target database: postgres://user@host:port/database.
+        #[arg(
+            long,
+            env = "MAILBRIDGE_STORAGE__POSTGRES__URL",
+            hide_env_values = true
+        )]
+        to: String,
+        /// The schema to fill (created when missing; must hold no data).
+        #[arg(long, default_value = "mailbridge")]
+        schema: String,
+        /// TOML config file, for [tls] extra_roots to trust the database's certificate.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -124,7 +146,96 @@ fn main() -> ExitCode {
             api,
         } => inspect_routing(&file, json, &mailbox, folder.into(), config, api),
         Command::Openapi => print_openapi(),
+        Command::Migrate {
+            from,
+            to,
+            schema,
+            config,
+        } => match migrate(&from, to, schema, config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("mailbridge migrate: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// Shows the copy's progress on a terminal (indicatif draws nothing when
+/// stderr is not one).
+struct ProgressBar(indicatif::ProgressBar);
+
+impl mailbridge::store::migrate::Progress for ProgressBar {
+    fn total(&self, entries: u64) {
+        self.0.set_length(entries);
+    }
+    fn tree(&self, tree: mailbridge::store::engine::Tree) {
+        self.0.set_message(tree.name());
+    }
+    fn copied(&self, entries: u64) {
+        self.0.inc(entries);
+    }
+}
+
+fn migrate(
+    from: &std::path::Path,
+    url: String,
+    schema: String,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use mailbridge::store::engine::{
+        postgres::{PostgresEngine, PostgresOptions},
+        sled::SledEngine,
+    };
+    let config = Config::load(config_file.as_deref())?;
+    let database = from.join("db");
+    anyhow::ensure!(
+        database.join("conf").exists(),
+        "{} holds no mailbridge sled database (no db/ folder): name the data folder (storage.path)",
+        from.display()
+    );
+    let source = SledEngine::open(&database).map_err(|err| {
+        if format!("{err:#}").contains("could not acquire lock") {
+            anyhow::anyhow!(
+                "the data folder {} is in use: stop the daemon before migrating",
+                from.display()
+            )
+        } else {
+            err
+        }
+    })?;
+    let target = PostgresEngine::open(PostgresOptions {
+        url,
+        pool_size: 2,
+        schema: schema.clone(),
+        tls: mailbridge::tls::client_config(&config.tls.extra_roots)?,
+    })?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>20} [{bar:40}] {pos}/{len} entries ({eta} left)",
+        )
+        .context("the progress bar's template")?,
+    );
+    let progress = ProgressBar(bar);
+    let migrated = mailbridge::store::migrate::copy_store(&source, &target, &progress)?;
+    progress.0.finish_and_clear();
+    if migrated.resumed {
+        println!("an unfinished earlier migration into schema {schema} was completed");
+    }
+    let total: usize = migrated.trees.iter().map(|(_, n)| n).sum();
+    println!("copied {total} entries into schema {schema}; counts checked:");
+    for (tree, copied) in &migrated.trees {
+        if *copied > 0 {
+            println!("  {:<22} {copied}", tree.name());
+        }
+    }
+    println!(
+        "next: start the daemon with [storage] backend = \"postgres\", the same storage.path \
+         ({}, which keeps message sources and event bodies) and the same encryption key",
+        from.display()
+    );
+    Ok(())
 }
 
 fn print_openapi() -> ExitCode {

@@ -15,6 +15,7 @@ use crate::model::{
 pub mod engine;
 pub mod group_flush;
 pub mod message_files;
+pub mod migrate;
 mod outbox_index;
 pub mod retention;
 pub mod secret_box;

@@ -385,6 +385,24 @@ impl PostgresEngine {
         &self.schema
     }
 
+    /// Moves the id sequence so that every id it gives from now on is
+    /// above `issued` (after a migration: ids order the outbox).
+    pub fn advance_ids_past(&self, issued: u64) -> StoreResult<()> {
+        let issued = i64::try_from(issued).map_err(|_| {
+            StoreError::Engine(format!("id {issued} is beyond PostgreSQL's bigint"))
+        })?;
+        let schema = self.schema.clone();
+        self.run(move |client, _| {
+            client.execute(
+                &format!(
+                    "SELECT setval('{schema}.ids', GREATEST($1, (SELECT last_value FROM {schema}.ids)))"
+                ),
+                &[&issued],
+            )?;
+            Ok(())
+        })
+    }
+
     fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Client, &Statements) -> Result<T, postgres::Error> + Send + 'static,
