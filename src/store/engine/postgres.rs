@@ -624,11 +624,12 @@ impl Iterator for PagedRange<'_> {
     type Item = StoreResult<Entry>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.page.is_empty() && !self.finished {
-            if let Err(err) = self.next_page() {
-                self.finished = true;
-                return Some(Err(err));
-            }
+        if self.page.is_empty()
+            && !self.finished
+            && let Err(err) = self.next_page()
+        {
+            self.finished = true;
+            return Some(Err(err));
         }
         self.page.pop_front().map(Ok)
     }
