@@ -352,7 +352,9 @@ impl std::fmt::Debug for PostgresEngine {
 
 impl PostgresEngine {
     /// Connects, creates the schema where it is missing, and refuses a
-    /// database whose layout is newer than this build's.
+    /// database whose layout is newer than this build's. Blocks; callable
+    /// from inside a runtime (the first connection is made on a thread of
+    /// its own, like every later one).
     pub fn open(options: PostgresOptions) -> anyhow::Result<Self> {
         anyhow::ensure!(
             valid_schema_name(&options.schema),
@@ -360,14 +362,21 @@ impl PostgresEngine {
             options.schema
         );
         let schema = options.schema.clone();
-        let mut client = connect(&options).map_err(|err| {
-            anyhow::anyhow!(
-                "connecting to PostgreSQL (storage.postgres.url): {}",
-                words(&err)
-            )
+        let first = options.clone();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> anyhow::Result<()> {
+                    let mut client = connect(&first).map_err(|err| {
+                        anyhow::anyhow!(
+                            "connecting to PostgreSQL (storage.postgres.url): {}",
+                            words(&err)
+                        )
+                    })?;
+                    bootstrap(&mut client, &first.schema)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("connecting to PostgreSQL panicked")))
         })?;
-        bootstrap(&mut client, &schema)?;
-        drop(client);
         let connections = (0..options.pool_size.max(1))
             .map(|number| Connection::start(options.clone(), number))
             .collect::<std::io::Result<Vec<_>>>()?;
