@@ -2638,7 +2638,7 @@ mod tests {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "store::sled_store::tests::a_failed_fsync_ends_the_process_with_exit_code_74",
+                "store::kv_store::tests::a_failed_fsync_ends_the_process_with_exit_code_74",
                 "--nocapture",
             ])
             .env(CHILD, "1")
