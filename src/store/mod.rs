@@ -12,21 +12,21 @@ use crate::model::{
     UnprocessableMessage,
 };
 
-pub mod group_flush;
-pub mod message_files;
 pub mod engine;
+pub mod group_flush;
+pub mod kv_store;
+pub mod message_files;
 mod outbox_index;
 pub mod retention;
 pub mod secret_box;
 mod sled_durability;
-pub mod kv_store;
 mod source_segments;
 #[cfg(test)]
 pub(crate) mod suite;
 
+pub use kv_store::SledStore;
 pub use message_files::{SourceCopy, write_durably};
 pub use retention::{Retention, SweepReport};
-pub use kv_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -2201,7 +2201,7 @@ fn retention_idempotency_keys_go_after_48_hours() {
         now,
     )
     .unwrap();
-    assert_eq!(store.stored_count("idempotency"), 1);
+    assert_eq!(store.stored_count(engine::Tree::Idempotency), 1);
     let forever = Retention {
         history: None,
         sends: None,
@@ -2226,7 +2226,7 @@ fn retention_idempotency_keys_go_after_48_hours() {
         .sweep(now + IDEMPOTENCY_WINDOW_MS + 1_000, &forever)
         .unwrap();
     assert_eq!(report.idempotency_keys, 1);
-    assert_eq!(store.stored_count("idempotency"), 0);
+    assert_eq!(store.stored_count(engine::Tree::Idempotency), 0);
     assert!(
         store.send("msg_k").unwrap().is_some(),
         "the send is not the key's to remove"
@@ -2248,7 +2248,7 @@ fn retention_quota_entries_go_past_the_window() {
         now,
     )
     .unwrap();
-    assert_eq!(store.stored_count("quota"), 1);
+    assert_eq!(store.stored_count(engine::Tree::Quota), 1);
     let report = store
         .sweep(now + QUOTA_WINDOW_MS - 1_000, &retention_of(3600 * 1000))
         .unwrap();
@@ -2257,7 +2257,7 @@ fn retention_quota_entries_go_past_the_window() {
         .sweep(now + QUOTA_WINDOW_MS + 1_000, &retention_of(3600 * 1000))
         .unwrap();
     assert_eq!(report.quota, 1);
-    assert_eq!(store.stored_count("quota"), 0);
+    assert_eq!(store.stored_count(engine::Tree::Quota), 0);
 }
 
 /// The LocatedMessage of a synced record in thread `thr_c`.
@@ -2305,7 +2305,7 @@ fn retention_places_under_an_old_uidvalidity_go() {
         None
     );
     assert_eq!(store.locate_record(&record.id).unwrap(), None);
-    assert_eq!(store.stored_count("record_locations"), 0);
+    assert_eq!(store.stored_count(engine::Tree::RecordLocations), 0);
     assert!(
         store.record_info(&record.id).unwrap().is_some(),
         "what is known of it stays for `history`"
@@ -2391,7 +2391,7 @@ fn retention_a_thread_stays_while_named_then_goes_with_its_keys() {
     for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
         store.complete_outbox(sequence).unwrap();
     }
-    assert_eq!(store.stored_count("thread_keys"), 2);
+    assert_eq!(store.stored_count(engine::Tree::ThreadKeys), 2);
 
     let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
     assert_eq!(report.history, 1, "its history went");
@@ -2427,7 +2427,7 @@ fn retention_a_thread_stays_while_named_then_goes_with_its_keys() {
             .unwrap(),
         None
     );
-    assert_eq!(store.stored_count("thread_keys"), 0);
+    assert_eq!(store.stored_count(engine::Tree::ThreadKeys), 0);
 }
 
 /// Issue 21 item 1, a send's thread: kept while the send is, whatever its age.

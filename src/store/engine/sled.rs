@@ -87,7 +87,10 @@ impl SledTx<'_> {
             .position(|named| *named == tree)
             .and_then(|position| self.views.get(position))
             .ok_or_else(|| {
-                TxError::Engine(format!("tree {} is not part of the transaction", tree.name()))
+                TxError::Engine(format!(
+                    "tree {} is not part of the transaction",
+                    tree.name()
+                ))
             })
     }
 }
@@ -131,7 +134,9 @@ impl Tx for SledTx<'_> {
             .views
             .first()
             .ok_or_else(|| TxError::Engine("a transaction over no tree".into()))?;
-        first.generate_id().map_err(|e| TxError::Engine(e.to_string()))
+        first
+            .generate_id()
+            .map_err(|e| TxError::Engine(e.to_string()))
     }
 }
 
@@ -178,7 +183,11 @@ impl Engine for SledEngine {
     }
 
     fn get(&self, tree: Tree, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        Ok(self.tree(tree).get(key).map_err(engine)?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(tree)
+            .get(key)
+            .map_err(engine)?
+            .map(|v| v.to_vec()))
     }
 
     fn contains_key(&self, tree: Tree, key: &[u8]) -> StoreResult<bool> {
