@@ -539,6 +539,40 @@ pub(super) fn send_thread() -> Thread {
     }
 }
 
+/// Issue 22 item 2: a contact's history reads newest first, before a time
+/// and up to a limit, as `Store::history` says, on every engine (the engine
+/// interface reads the contact's keys backwards as a range), and never
+/// another contact's.
+#[test]
+fn history_reads_newest_first_before_a_time_up_to_a_limit() {
+    for (_dir, store) in engines() {
+        let records = [
+            ("msg_a", "c1", 1_000),
+            ("msg_b", "c1", 2_000),
+            ("msg_c", "c1", 3_000),
+        ];
+        for (id, contact, at_ms) in records.into_iter().chain([("msg_other", "c2", 4_000)]) {
+            let mut sent = send_record(id, None);
+            sent.status = crate::model::SendStatus::Sent;
+            sent.created_at = Utc.timestamp_millis_opt(at_ms).unwrap();
+            sent.data.contact_id = contact.into();
+            store.update_send(&sent, &[]).unwrap();
+        }
+        let ids = |before_ms: Option<i64>, limit: usize| -> Vec<String> {
+            store
+                .history("L1", "c1", before_ms, limit)
+                .unwrap()
+                .into_iter()
+                .map(|record| record.id)
+                .collect()
+        };
+        assert_eq!(ids(None, 10), ["msg_c", "msg_b", "msg_a"]);
+        assert_eq!(ids(None, 2), ["msg_c", "msg_b"]);
+        assert_eq!(ids(Some(3_000), 10), ["msg_b", "msg_a"]);
+        assert_eq!(ids(Some(3_000), 1), ["msg_b"]);
+    }
+}
+
 #[test]
 fn sends_respect_idempotency_and_the_rolling_limit_and_settle() {
     use crate::model::SendStatus;
