@@ -2351,6 +2351,75 @@ fn located_entry(record: &MessageEventData) -> crate::model::LocatedMessage {
     }
 }
 
+/// Issue 22 item 2: an operator's listing pages through mailboxes in address
+/// order, each page starting after the last address of the one before, on
+/// every engine; what `keep` refuses takes no room on a page.
+#[test]
+fn mailbox_summaries_page_in_address_order_after_an_address() {
+    for (_dir, store) in engines() {
+        for (n, address) in ["c@x.test", "a@x.test", "d@x.test", "b@x.test"]
+            .into_iter()
+            .enumerate()
+        {
+            store
+                .connect(
+                    &mailbox(address),
+                    &integration("L1", &format!("u{n}"), address),
+                    &[],
+                    &[],
+                    &[],
+                )
+                .unwrap();
+        }
+        let page = |after: Option<&str>, limit: usize, skip: &str| {
+            store
+                .mailbox_summaries_after(after, limit, &mut |summary| summary.address != skip)
+                .unwrap()
+                .into_iter()
+                .map(|summary| summary.address)
+                .collect::<Vec<String>>()
+        };
+        assert_eq!(page(None, 2, ""), ["a@x.test", "b@x.test"]);
+        assert_eq!(page(Some("b@x.test"), 2, ""), ["c@x.test", "d@x.test"]);
+        assert_eq!(page(Some("b@x"), 1, ""), ["b@x.test"]);
+        assert_eq!(page(Some("d@x.test"), 2, ""), Vec::<String>::new());
+        assert_eq!(page(None, 2, "b@x.test"), ["a@x.test", "c@x.test"]);
+    }
+}
+
+/// Issue 22 item 2: a folder's synced messages within a UID range come back
+/// in UID order, at most the `latest` highest, on every engine (the engine
+/// interface reads the range backwards), never another UIDVALIDITY's.
+#[test]
+fn located_in_reads_the_latest_of_a_uid_range_in_uid_order() {
+    for (_dir, store) in engines() {
+        let mut cursor = FolderCursor::new(1, 1);
+        connect_inbox_at(store.as_ref(), cursor);
+        for (uid_validity, uid) in [(1, 3), (1, 5), (1, 7), (1, 9), (2, 4)] {
+            let mut commit = ingest_commit(cursor, None, l1_thread("L1", &[]));
+            commit.thread = None;
+            commit.events = vec![];
+            commit.located = Some((uid_validity, uid, located_entry(&synced_record())));
+            store.commit_ingest(&commit, None).unwrap();
+            cursor = commit.cursor;
+        }
+        let uids = |uid_validity: u32, range: std::ops::RangeInclusive<u32>, latest: usize| {
+            store
+                .located_in("me@x.test", FolderRole::Inbox, uid_validity, range, latest)
+                .unwrap()
+                .into_iter()
+                .map(|(uid, _)| uid)
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(uids(1, 1..=9, 10), [3, 5, 7, 9]);
+        assert_eq!(uids(1, 1..=9, 2), [7, 9], "the latest, in UID order");
+        assert_eq!(uids(1, 4..=7, 10), [5, 7]);
+        assert_eq!(uids(1, 4..=8, 1), [7]);
+        assert_eq!(uids(1, 1..=u32::MAX, 10), [3, 5, 7, 9]);
+        assert_eq!(uids(2, 1..=9, 10), [4]);
+    }
+}
+
 /// Issue 21 item 1, located messages: the places under a folder's old
 /// UIDVALIDITY go once its cursor has a new one.
 #[test]
