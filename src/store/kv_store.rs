@@ -57,7 +57,7 @@ fn read_dead_letter<E: Engine>(id: u64, value: &[u8], store: &KvStore<E>) -> Dea
     }
 }
 
-/// Event data above this size is kept in a file instead of in sled.
+/// Event data above this size is kept in a file instead of in the engine.
 const INLINE_EVENT_LIMIT: usize = 32 * 1024;
 
 /// The store over the engine `E`. The trees it uses, by [`Tree`]:
@@ -259,7 +259,7 @@ struct StoredEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_file: Option<String>,
     /// The data is that of the history entry under this key (hex): a
-    /// synced message's event carries its history record, which sled then
+    /// synced message's event carries its history record, which the engine then
     /// holds once, not twice (and not in the outbox, where values churn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_in_history: Option<String>,
@@ -363,8 +363,9 @@ impl<E: Engine> KvStore<E> {
     }
 
     /// Keeps filed copies of synced messages: appended to a segment and
-    /// durable before their places are written, since sled also flushes on
-    /// its own and a commit must never refer to a source a crash can lose.
+    /// durable before their places are written, since an engine may flush on
+    /// its own (sled does) and a commit must never refer to a source a crash
+    /// can lose.
     fn keep_sources(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
         let bytes: Vec<&[u8]> = sources.iter().map(|(_, source)| *source).collect();
         let places = self.segments.append_durably(&bytes)?;
