@@ -1205,7 +1205,7 @@ pub fn still_synced(store: &dyn Store, located: &LocatedMessage) -> StoreResult<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{secret_box::SecretBox, sled_store::SledStore};
+    use crate::store::{kv_store::SledStore, secret_box::SecretBox};
 
     const ME: &str = "me@x.test";
 

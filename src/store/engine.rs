@@ -21,6 +21,8 @@ mod conformance;
 pub mod postgres;
 pub mod sled;
 
+pub use self::sled::SledEngine;
+
 /// A keyspace of the store. The discriminant is stable: PostgreSQL keeps it
 /// in every row, so a value is never reused or renumbered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

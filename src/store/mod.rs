@@ -1,5 +1,5 @@
 //! Everything the bridge must remember, behind one narrow trait. The sled engine
-//! lives in [`sled_store`]; the trait's test suite in [`suite`] runs against it.
+//! lives in [`kv_store`]; the trait's test suite in [`suite`] runs against it.
 //!
 //! Durability contract: when a method that changes state returns `Ok`, the change
 //! is on disk (flushed). Callers acknowledge to the outside world only after that.
@@ -14,20 +14,20 @@ use crate::model::{
 
 pub mod engine;
 pub mod group_flush;
+pub mod kv_store;
 pub mod message_files;
 pub mod migrate;
 mod outbox_index;
 pub mod retention;
 pub mod secret_box;
 mod sled_durability;
-pub mod sled_store;
 mod source_segments;
 #[cfg(test)]
 pub(crate) mod suite;
 
+pub use kv_store::SledStore;
 pub use message_files::{SourceCopy, write_durably};
 pub use retention::{Retention, SweepReport};
-pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

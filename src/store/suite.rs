@@ -8,26 +8,61 @@ use crate::model::{
     Provider, Security, Thread, ThreadRoute,
 };
 
-fn engines() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])).unwrap();
-    vec![(dir, Box::new(store))]
+/// A store as the suite sees it: the trait, and what the tests read of the
+/// trees beneath it (every `KvStore` is one, whatever its engine).
+pub(super) trait SuiteStore: Store {
+    fn stored_count(&self, tree: engine::Tree) -> usize;
+    fn outbox_values_as_stored(&self) -> Vec<Vec<u8>>;
 }
 
-/// Opens the store at `path` again: sled lets go of its lock a moment
-/// after the last handle of an earlier open is dropped.
-fn open_when_free(path: &std::path::Path) -> SledStore {
+impl<E: engine::Engine> SuiteStore for kv_store::KvStore<E> {
+    fn stored_count(&self, tree: engine::Tree) -> usize {
+        kv_store::KvStore::stored_count(self, tree)
+    }
+
+    fn outbox_values_as_stored(&self) -> Vec<Vec<u8>> {
+        kv_store::KvStore::outbox_values_as_stored(self)
+    }
+}
+
+/// Opens an engine's store on a data folder; the same folder again
+/// reopens what was stored there. An error is the store's refusal of the
+/// data, never an earlier open still letting go.
+type Opener = fn(&std::path::Path) -> anyhow::Result<Box<dyn SuiteStore>>;
+
+/// Every engine the suite runs against, one opener each: the tests that
+/// reopen a store (or look beneath it) loop over these, the others over
+/// [`engines`].
+fn openers() -> Vec<Opener> {
+    vec![open_sled]
+}
+
+/// A fresh store on every engine, each in a folder of its own.
+fn engines() -> Vec<(tempfile::TempDir, Box<dyn SuiteStore>)> {
+    openers()
+        .into_iter()
+        .map(|open| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path()).unwrap();
+            (dir, store)
+        })
+        .collect()
+}
+
+/// The sled store at `path`: sled lets go of its lock a moment after the
+/// last handle of an earlier open is dropped, so a reopen waits for that.
+fn open_sled(path: &std::path::Path) -> anyhow::Result<Box<dyn SuiteStore>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match SledStore::open(path, secret_box::SecretBox::from_key(&[1; 32])) {
-            Ok(store) => return store,
+            Ok(store) => return Ok(Box::new(store)),
             Err(err)
                 if err.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::yield_now();
             }
-            Err(err) => panic!("the store does not open again: {err:#}"),
+            Err(err) => return Err(err),
         }
     }
 }
@@ -407,21 +442,23 @@ fn outbox_keeps_order_updates_and_large_bodies() {
 
 #[test]
 fn state_survives_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open_when_free(dir.path());
-        store
-            .put_contacts(&[contact("c1", &["ann@x.test"]).into()])
-            .unwrap();
-        store
-            .enqueue(&[event("evt_1", "t", serde_json::json!({}))])
-            .unwrap();
-        store.put_setting("k", b"v").unwrap();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path()).unwrap();
+            store
+                .put_contacts(&[contact("c1", &["ann@x.test"]).into()])
+                .unwrap();
+            store
+                .enqueue(&[event("evt_1", "t", serde_json::json!({}))])
+                .unwrap();
+            store.put_setting("k", b"v").unwrap();
+        }
+        let store = open(dir.path()).unwrap();
+        assert!(store.contact("L1", "c1").unwrap().is_some());
+        assert_eq!(store.outbox_len().unwrap(), 1);
+        assert_eq!(store.setting("k").unwrap().as_deref(), Some(&b"v"[..]));
     }
-    let store = open_when_free(dir.path());
-    assert!(store.contact("L1", "c1").unwrap().is_some());
-    assert_eq!(store.outbox_len().unwrap(), 1);
-    assert_eq!(store.setting("k").unwrap().as_deref(), Some(&b"v"[..]));
 }
 
 fn walk(dir: &std::path::Path) -> Vec<u8> {
@@ -499,6 +536,40 @@ pub(super) fn send_thread() -> Thread {
         created_at: Utc::now(),
         message_ids: vec![],
         subject: None,
+    }
+}
+
+/// Issue 22 item 2: a contact's history reads newest first, before a time
+/// and up to a limit, as `Store::history` says, on every engine (the engine
+/// interface reads the contact's keys backwards as a range), and never
+/// another contact's.
+#[test]
+fn history_reads_newest_first_before_a_time_up_to_a_limit() {
+    for (_dir, store) in engines() {
+        let records = [
+            ("msg_a", "c1", 1_000),
+            ("msg_b", "c1", 2_000),
+            ("msg_c", "c1", 3_000),
+        ];
+        for (id, contact, at_ms) in records.into_iter().chain([("msg_other", "c2", 4_000)]) {
+            let mut sent = send_record(id, None);
+            sent.status = crate::model::SendStatus::Sent;
+            sent.created_at = Utc.timestamp_millis_opt(at_ms).unwrap();
+            sent.data.contact_id = contact.into();
+            store.update_send(&sent, &[]).unwrap();
+        }
+        let ids = |before_ms: Option<i64>, limit: usize| -> Vec<String> {
+            store
+                .history("L1", "c1", before_ms, limit)
+                .unwrap()
+                .into_iter()
+                .map(|record| record.id)
+                .collect()
+        };
+        assert_eq!(ids(None, 10), ["msg_c", "msg_b", "msg_a"]);
+        assert_eq!(ids(None, 2), ["msg_c", "msg_b"]);
+        assert_eq!(ids(Some(3_000), 10), ["msg_b", "msg_a"]);
+        assert_eq!(ids(Some(3_000), 1), ["msg_b"]);
     }
 }
 
@@ -1207,7 +1278,7 @@ fn r10_an_update_without_created_at_keeps_the_stored_one() {
 #[test]
 fn r10_concurrent_upserts_of_one_contact_keep_the_index_whole() {
     for (_dir, store) in engines() {
-        let store: std::sync::Arc<dyn Store> = std::sync::Arc::from(store);
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::<dyn SuiteStore>::from(store);
         store
             .put_contacts(&[contact("c1", &["a@x.test"]).into()])
             .unwrap();
@@ -1664,57 +1735,59 @@ fn a_removal_of_a_message_no_longer_located_queues_nothing() {
 /// the index is rebuilt from what was committed when the store opens again.
 #[test]
 fn the_outbox_hands_out_each_threads_oldest_entry_when_due_and_after_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let open = || open_when_free(dir.path());
-    let ids = |due: &OutboxDue| -> Vec<String> {
-        due.entries
-            .iter()
-            .map(|(_, e)| e.event.id.clone())
-            .collect()
-    };
-    let none = |_: u64| false;
-    {
-        let store = open();
-        store
-            .enqueue(&[
-                event("a1", "thread-a", serde_json::json!({})),
-                event("a2", "thread-a", serde_json::json!({})),
-                event("b1", "thread-b", serde_json::json!({})),
-            ])
-            .unwrap();
-        let due = store.outbox_due(0, 10, &none).unwrap();
-        assert_eq!(ids(&due), ["a1", "b1"]);
-        assert_eq!(due.pending, 3);
-        assert_eq!(due.next_due_ms, None);
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let reopen = || open(dir.path()).unwrap();
+        let ids = |due: &OutboxDue| -> Vec<String> {
+            due.entries
+                .iter()
+                .map(|(_, e)| e.event.id.clone())
+                .collect()
+        };
+        let none = |_: u64| false;
+        {
+            let store = reopen();
+            store
+                .enqueue(&[
+                    event("a1", "thread-a", serde_json::json!({})),
+                    event("a2", "thread-a", serde_json::json!({})),
+                    event("b1", "thread-b", serde_json::json!({})),
+                ])
+                .unwrap();
+            let due = store.outbox_due(0, 10, &none).unwrap();
+            assert_eq!(ids(&due), ["a1", "b1"]);
+            assert_eq!(due.pending, 3);
+            assert_eq!(due.next_due_ms, None);
 
-        // a1 fails and is retried at 5,000: a2 waits behind it.
-        let (a1, mut entry) = due.entries[0].clone();
-        entry.next_attempt_ms = 5_000;
-        store.update_outbox(a1, &entry).unwrap();
-        let b1 = due.entries[1].0;
-        store.complete_outbox(b1).unwrap();
+            // a1 fails and is retried at 5,000: a2 waits behind it.
+            let (a1, mut entry) = due.entries[0].clone();
+            entry.next_attempt_ms = 5_000;
+            store.update_outbox(a1, &entry).unwrap();
+            let b1 = due.entries[1].0;
+            store.complete_outbox(b1).unwrap();
+            let due = store.outbox_due(1_000, 10, &none).unwrap();
+            assert!(due.entries.is_empty());
+            assert_eq!(due.next_due_ms, Some(5_000));
+            assert_eq!(store.outbox_len().unwrap(), 2);
+        }
+        let store = reopen();
+        assert_eq!(store.outbox_len().unwrap(), 2, "rebuilt from the outbox");
         let due = store.outbox_due(1_000, 10, &none).unwrap();
-        assert!(due.entries.is_empty());
-        assert_eq!(due.next_due_ms, Some(5_000));
-        assert_eq!(store.outbox_len().unwrap(), 2);
+        assert_eq!(due.next_due_ms, Some(5_000), "the retry time was kept");
+        let due = store.outbox_due(5_000, 10, &none).unwrap();
+        assert_eq!(ids(&due), ["a1"]);
+        assert!(
+            store
+                .outbox_due(5_000, 10, &|s| s == due.entries[0].0)
+                .unwrap()
+                .entries
+                .is_empty(),
+            "an entry in flight is not handed out again, nor the next of its thread"
+        );
+        store.complete_outbox(due.entries[0].0).unwrap();
+        let due = store.outbox_due(5_000, 10, &none).unwrap();
+        assert_eq!(ids(&due), ["a2"]);
     }
-    let store = open();
-    assert_eq!(store.outbox_len().unwrap(), 2, "rebuilt from the outbox");
-    let due = store.outbox_due(1_000, 10, &none).unwrap();
-    assert_eq!(due.next_due_ms, Some(5_000), "the retry time was kept");
-    let due = store.outbox_due(5_000, 10, &none).unwrap();
-    assert_eq!(ids(&due), ["a1"]);
-    assert!(
-        store
-            .outbox_due(5_000, 10, &|s| s == due.entries[0].0)
-            .unwrap()
-            .entries
-            .is_empty(),
-        "an entry in flight is not handed out again, nor the next of its thread"
-    );
-    store.complete_outbox(due.entries[0].0).unwrap();
-    let due = store.outbox_due(5_000, 10, &none).unwrap();
-    assert_eq!(ids(&due), ["a2"]);
 }
 
 /// Issue 11 item 5: a catch-up batch commits each message at once (the
@@ -1813,54 +1886,56 @@ fn sources_written_ahead_stay_until_dropped() {
 /// entry keeps it too. (The sled store holds it once, under history.)
 #[test]
 fn a_synced_messages_event_carries_its_history_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let open = || open_when_free(dir.path());
-    let none = |_: u64| false;
-    let record = MessageEventData {
-        id: "msg_kept_once".into(),
-        text: Some("the body, once".into()),
-        ..send_record("x", None).data
-    };
-    let record_data = serde_json::to_value(&record).unwrap();
-    {
-        let store = open();
-        let start = FolderCursor::new(1, 1);
-        connect_inbox_at(&store, start);
-        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
-        commit.history = vec![record.clone()];
-        commit.events = vec![
-            event("evt_message", "thr_c", record_data.clone()),
-            event("evt_other", "thr_d", serde_json::json!({"n": 2})),
-        ];
-        store.commit_ingest(&commit, None).unwrap();
-        let stored = store.outbox_values_as_stored();
-        let holds = |value: &[u8], text: &str| {
-            value
-                .windows(text.len())
-                .any(|window| window == text.as_bytes())
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let reopen = || open(dir.path()).unwrap();
+        let none = |_: u64| false;
+        let record = MessageEventData {
+            id: "msg_kept_once".into(),
+            text: Some("the body, once".into()),
+            ..send_record("x", None).data
         };
-        assert!(!holds(&stored[0], "the body, once"), "no second copy");
-        assert!(holds(&stored[1], "\"n\":2"), "other data stays inline");
+        let record_data = serde_json::to_value(&record).unwrap();
+        {
+            let store = reopen();
+            let start = FolderCursor::new(1, 1);
+            connect_inbox_at(&*store, start);
+            let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+            commit.history = vec![record.clone()];
+            commit.events = vec![
+                event("evt_message", "thr_c", record_data.clone()),
+                event("evt_other", "thr_d", serde_json::json!({"n": 2})),
+            ];
+            store.commit_ingest(&commit, None).unwrap();
+            let stored = store.outbox_values_as_stored();
+            let holds = |value: &[u8], text: &str| {
+                value
+                    .windows(text.len())
+                    .any(|window| window == text.as_bytes())
+            };
+            assert!(!holds(&stored[0], "the body, once"), "no second copy");
+            assert!(holds(&stored[1], "\"n\":2"), "other data stays inline");
 
+            let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+            let (sequence, mut entry) = due.entries[0].clone();
+            assert_eq!(entry.event.data, record_data);
+            entry.next_attempt_ms = 5;
+            entry.last_error = Some("502".into());
+            store.update_outbox(sequence, &entry).unwrap();
+        }
+        let store = reopen();
         let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
-        let (sequence, mut entry) = due.entries[0].clone();
-        assert_eq!(entry.event.data, record_data);
-        entry.next_attempt_ms = 5;
-        entry.last_error = Some("502".into());
-        store.update_outbox(sequence, &entry).unwrap();
+        let (sequence, entry) = due
+            .entries
+            .into_iter()
+            .find(|(_, entry)| entry.event.id == "evt_message")
+            .unwrap();
+        assert_eq!(entry.event.data, record_data, "after a retry and a reopen");
+        assert_eq!(entry.last_error.as_deref(), Some("502"));
+        store.bury_outbox(sequence, &entry).unwrap();
+        let buried = store.dead_letters(None, 10).unwrap();
+        assert_eq!(buried[0].entry.as_ref().unwrap().event.data, record_data);
     }
-    let store = open();
-    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
-    let (sequence, entry) = due
-        .entries
-        .into_iter()
-        .find(|(_, entry)| entry.event.id == "evt_message")
-        .unwrap();
-    assert_eq!(entry.event.data, record_data, "after a retry and a reopen");
-    assert_eq!(entry.last_error.as_deref(), Some("502"));
-    store.bury_outbox(sequence, &entry).unwrap();
-    let buried = store.dead_letters(None, 10).unwrap();
-    assert_eq!(buried[0].entry.as_ref().unwrap().event.data, record_data);
 }
 
 /// Two users of one location whose mailboxes both get a message from the
@@ -1921,26 +1996,22 @@ fn two_users_of_one_location_each_keep_their_own_record_of_a_message() {
 /// misread (an older build delivered events without their data).
 #[test]
 fn data_from_a_newer_build_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open_when_free(dir.path());
-        store
-            .put_setting("\u{0}store-format", &99u64.to_be_bytes())
-            .unwrap();
-    }
-    let refused = loop {
-        match SledStore::open(dir.path(), secret_box::SecretBox::from_key(&[1; 32])) {
-            Err(err) if err.to_string().contains("could not acquire lock") => {
-                std::thread::yield_now()
-            }
-            Err(err) => break err,
-            Ok(_) => panic!("a newer format was opened"),
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path()).unwrap();
+            store
+                .put_setting("\u{0}store-format", &99u64.to_be_bytes())
+                .unwrap();
         }
-    };
-    assert!(
-        refused.to_string().contains("newer mailbridge"),
-        "{refused:#}"
-    );
+        let Err(refused) = open(dir.path()) else {
+            panic!("a newer format was opened");
+        };
+        assert!(
+            refused.to_string().contains("newer mailbridge"),
+            "{refused:#}"
+        );
+    }
 }
 
 /// Issue 21 item 6: failed tries at a message are counted across calls
@@ -2061,61 +2132,63 @@ fn synced_record() -> MessageEventData {
 /// while an event not yet delivered holds its data there.
 #[test]
 fn retention_history_goes_after_its_time_but_not_while_an_event_needs_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let start = FolderCursor::new(1, 1);
-    connect_inbox_at(&store, start);
-    let delivered = synced_record();
-    let pending = synced_record();
-    let mut first = ingest_commit(start, None, l1_thread("L1", &[]));
-    first.thread = None;
-    first.history = vec![delivered.clone()];
-    first.events = vec![];
-    store.commit_ingest(&first, None).unwrap();
-    let mut second = ingest_commit(first.cursor, None, l1_thread("L1", &[]));
-    second.thread = None;
-    second.history = vec![pending.clone()];
-    second.events = vec![event(
-        "evt_pending",
-        "thr_c",
-        serde_json::to_value(&pending).unwrap(),
-    )];
-    store.commit_ingest(&second, None).unwrap();
-    let ids = |store: &SledStore| -> Vec<String> {
-        let mut ids: Vec<String> = store
-            .history("L1", "c1", None, 10)
-            .unwrap()
-            .into_iter()
-            .map(|record| record.id)
-            .collect();
-        ids.sort();
-        ids
-    };
-    let mut both = vec![delivered.id.clone(), pending.id.clone()];
-    both.sort();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(&*store, start);
+        let delivered = synced_record();
+        let pending = synced_record();
+        let mut first = ingest_commit(start, None, l1_thread("L1", &[]));
+        first.thread = None;
+        first.history = vec![delivered.clone()];
+        first.events = vec![];
+        store.commit_ingest(&first, None).unwrap();
+        let mut second = ingest_commit(first.cursor, None, l1_thread("L1", &[]));
+        second.thread = None;
+        second.history = vec![pending.clone()];
+        second.events = vec![event(
+            "evt_pending",
+            "thr_c",
+            serde_json::to_value(&pending).unwrap(),
+        )];
+        store.commit_ingest(&second, None).unwrap();
+        let ids = |store: &dyn SuiteStore| -> Vec<String> {
+            let mut ids: Vec<String> = store
+                .history("L1", "c1", None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|record| record.id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        let mut both = vec![delivered.id.clone(), pending.id.clone()];
+        both.sort();
 
-    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
-    assert_eq!(report.history, 0, "nothing is old yet");
-    assert_eq!(ids(&store), both);
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(report.history, 0, "nothing is old yet");
+        assert_eq!(ids(&*store), both);
 
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!(report.history, 1);
-    assert_eq!(
-        ids(&store),
-        vec![pending.id.clone()],
-        "the undelivered event keeps its record"
-    );
-    let none = |_: u64| false;
-    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
-    assert_eq!(
-        due.entries[0].1.event.data,
-        serde_json::to_value(&pending).unwrap(),
-        "and still reads its data from it"
-    );
-    store.complete_outbox(due.entries[0].0).unwrap();
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!(report.history, 1);
-    assert!(ids(&store).is_empty(), "delivered, it goes");
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.history, 1);
+        assert_eq!(
+            ids(&*store),
+            vec![pending.id.clone()],
+            "the undelivered event keeps its record"
+        );
+        let none = |_: u64| false;
+        let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+        assert_eq!(
+            due.entries[0].1.event.data,
+            serde_json::to_value(&pending).unwrap(),
+            "and still reads its data from it"
+        );
+        store.complete_outbox(due.entries[0].0).unwrap();
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.history, 1);
+        assert!(ids(&*store).is_empty(), "delivered, it goes");
+    }
 }
 
 /// Issue 21 item 1, dead letters: they go `dead_letters` after they were
@@ -2153,111 +2226,117 @@ fn retention_dead_letters_go_after_their_time_or_when_deleted() {
 /// entries; one not settled stays whatever its age.
 #[test]
 fn retention_settled_sends_go_after_their_time_and_unsettled_ones_stay() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let now = Utc::now().timestamp_millis();
-    let queued = send_record("msg_queued", None);
-    let mut sent = send_record("msg_sent", None);
-    accept(&store, &queued, &send_thread(), None, now).unwrap();
-    accept(&store, &sent, &send_thread(), None, now).unwrap();
-    sent.status = crate::model::SendStatus::Sent;
-    sent.filed_in_sent = true;
-    store.update_send(&sent, &[]).unwrap();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let queued = send_record("msg_queued", None);
+        let mut sent = send_record("msg_sent", None);
+        accept(&*store, &queued, &send_thread(), None, now).unwrap();
+        accept(&*store, &sent, &send_thread(), None, now).unwrap();
+        sent.status = crate::model::SendStatus::Sent;
+        sent.filed_in_sent = true;
+        store.update_send(&sent, &[]).unwrap();
 
-    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
-    assert_eq!(report.sends, 0);
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!(report.sends, 1);
-    assert_eq!(store.send("msg_sent").unwrap(), None);
-    assert!(
-        !store
-            .is_crm_message("me@x.test", "<msg_sent@x.test>")
-            .unwrap()
-    );
-    assert!(
-        store.send("msg_queued").unwrap().is_some(),
-        "an unsettled send stays"
-    );
-    assert!(
-        store
-            .is_crm_message("me@x.test", "<msg_queued@x.test>")
-            .unwrap()
-    );
-    assert_eq!(store.unsettled_sends().unwrap().len(), 1);
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(report.sends, 0);
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.sends, 1);
+        assert_eq!(store.send("msg_sent").unwrap(), None);
+        assert!(
+            !store
+                .is_crm_message("me@x.test", "<msg_sent@x.test>")
+                .unwrap()
+        );
+        assert!(
+            store.send("msg_queued").unwrap().is_some(),
+            "an unsettled send stays"
+        );
+        assert!(
+            store
+                .is_crm_message("me@x.test", "<msg_queued@x.test>")
+                .unwrap()
+        );
+        assert_eq!(store.unsettled_sends().unwrap().len(), 1);
+    }
 }
 
 /// Issue 21 item 1, idempotency keys: kept 48 hours, then removed (not
 /// only ignored).
 #[test]
 fn retention_idempotency_keys_go_after_48_hours() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let now = Utc::now().timestamp_millis();
-    accept(
-        &store,
-        &send_record("msg_k", Some("key")),
-        &send_thread(),
-        None,
-        now,
-    )
-    .unwrap();
-    assert_eq!(store.stored_count("idempotency"), 1);
-    let forever = Retention {
-        history: None,
-        sends: None,
-        dead_letters: None,
-        ..retention_of(1)
-    };
-    let report = store
-        .sweep(now + IDEMPOTENCY_WINDOW_MS - 1_000, &forever)
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        accept(
+            &*store,
+            &send_record("msg_k", Some("key")),
+            &send_thread(),
+            None,
+            now,
+        )
         .unwrap();
-    assert_eq!(report.idempotency_keys, 0);
-    match accept(
-        &store,
-        &send_record("msg_again", Some("key")),
-        &send_thread(),
-        None,
-        now,
-    ) {
-        Ok(SendAcceptance::Repeat(first)) => assert_eq!(first.id, "msg_k"),
-        other => panic!("within 48 hours the key still answers: {other:?}"),
+        assert_eq!(store.stored_count(engine::Tree::Idempotency), 1);
+        let forever = Retention {
+            history: None,
+            sends: None,
+            dead_letters: None,
+            ..retention_of(1)
+        };
+        let report = store
+            .sweep(now + IDEMPOTENCY_WINDOW_MS - 1_000, &forever)
+            .unwrap();
+        assert_eq!(report.idempotency_keys, 0);
+        match accept(
+            &*store,
+            &send_record("msg_again", Some("key")),
+            &send_thread(),
+            None,
+            now,
+        ) {
+            Ok(SendAcceptance::Repeat(first)) => assert_eq!(first.id, "msg_k"),
+            other => panic!("within 48 hours the key still answers: {other:?}"),
+        }
+        let report = store
+            .sweep(now + IDEMPOTENCY_WINDOW_MS + 1_000, &forever)
+            .unwrap();
+        assert_eq!(report.idempotency_keys, 1);
+        assert_eq!(store.stored_count(engine::Tree::Idempotency), 0);
+        assert!(
+            store.send("msg_k").unwrap().is_some(),
+            "the send is not the key's to remove"
+        );
     }
-    let report = store
-        .sweep(now + IDEMPOTENCY_WINDOW_MS + 1_000, &forever)
-        .unwrap();
-    assert_eq!(report.idempotency_keys, 1);
-    assert_eq!(store.stored_count("idempotency"), 0);
-    assert!(
-        store.send("msg_k").unwrap().is_some(),
-        "the send is not the key's to remove"
-    );
 }
 
 /// Issue 21 item 1, quota: entries past the rolling window go, even for a
 /// mailbox that never sends again (and so never reads its own).
 #[test]
 fn retention_quota_entries_go_past_the_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let now = Utc::now().timestamp_millis();
-    accept(
-        &store,
-        &send_record("msg_q", None),
-        &send_thread(),
-        None,
-        now,
-    )
-    .unwrap();
-    assert_eq!(store.stored_count("quota"), 1);
-    let report = store
-        .sweep(now + QUOTA_WINDOW_MS - 1_000, &retention_of(3600 * 1000))
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        accept(
+            &*store,
+            &send_record("msg_q", None),
+            &send_thread(),
+            None,
+            now,
+        )
         .unwrap();
-    assert_eq!(report.quota, 0);
-    let report = store
-        .sweep(now + QUOTA_WINDOW_MS + 1_000, &retention_of(3600 * 1000))
-        .unwrap();
-    assert_eq!(report.quota, 1);
-    assert_eq!(store.stored_count("quota"), 0);
+        assert_eq!(store.stored_count(engine::Tree::Quota), 1);
+        let report = store
+            .sweep(now + QUOTA_WINDOW_MS - 1_000, &retention_of(3600 * 1000))
+            .unwrap();
+        assert_eq!(report.quota, 0);
+        let report = store
+            .sweep(now + QUOTA_WINDOW_MS + 1_000, &retention_of(3600 * 1000))
+            .unwrap();
+        assert_eq!(report.quota, 1);
+        assert_eq!(store.stored_count(engine::Tree::Quota), 0);
+    }
 }
 
 /// The LocatedMessage of a synced record in thread `thr_c`.
@@ -2272,44 +2351,115 @@ fn located_entry(record: &MessageEventData) -> crate::model::LocatedMessage {
     }
 }
 
+/// Issue 22 item 2: an operator's listing pages through mailboxes in address
+/// order, each page starting after the last address of the one before, on
+/// every engine; what `keep` refuses takes no room on a page.
+#[test]
+fn mailbox_summaries_page_in_address_order_after_an_address() {
+    for (_dir, store) in engines() {
+        for (n, address) in ["c@x.test", "a@x.test", "d@x.test", "b@x.test"]
+            .into_iter()
+            .enumerate()
+        {
+            store
+                .connect(
+                    &mailbox(address),
+                    &integration("L1", &format!("u{n}"), address),
+                    &[],
+                    &[],
+                    &[],
+                )
+                .unwrap();
+        }
+        let page = |after: Option<&str>, limit: usize, skip: &str| {
+            store
+                .mailbox_summaries_after(after, limit, &mut |summary| summary.address != skip)
+                .unwrap()
+                .into_iter()
+                .map(|summary| summary.address)
+                .collect::<Vec<String>>()
+        };
+        assert_eq!(page(None, 2, ""), ["a@x.test", "b@x.test"]);
+        assert_eq!(page(Some("b@x.test"), 2, ""), ["c@x.test", "d@x.test"]);
+        assert_eq!(page(Some("b@x"), 1, ""), ["b@x.test"]);
+        assert_eq!(page(Some("d@x.test"), 2, ""), Vec::<String>::new());
+        assert_eq!(page(None, 2, "b@x.test"), ["a@x.test", "c@x.test"]);
+    }
+}
+
+/// Issue 22 item 2: a folder's synced messages within a UID range come back
+/// in UID order, at most the `latest` highest, on every engine (the engine
+/// interface reads the range backwards), never another UIDVALIDITY's.
+#[test]
+fn located_in_reads_the_latest_of_a_uid_range_in_uid_order() {
+    for (_dir, store) in engines() {
+        let mut cursor = FolderCursor::new(1, 1);
+        connect_inbox_at(store.as_ref(), cursor);
+        for (uid_validity, uid) in [(1, 3), (1, 5), (1, 7), (1, 9), (2, 4)] {
+            let mut commit = ingest_commit(cursor, None, l1_thread("L1", &[]));
+            commit.thread = None;
+            commit.events = vec![];
+            commit.located = Some((uid_validity, uid, located_entry(&synced_record())));
+            store.commit_ingest(&commit, None).unwrap();
+            cursor = commit.cursor;
+        }
+        let uids = |uid_validity: u32, range: std::ops::RangeInclusive<u32>, latest: usize| {
+            store
+                .located_in("me@x.test", FolderRole::Inbox, uid_validity, range, latest)
+                .unwrap()
+                .into_iter()
+                .map(|(uid, _)| uid)
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(uids(1, 1..=9, 10), [3, 5, 7, 9]);
+        assert_eq!(uids(1, 1..=9, 2), [7, 9], "the latest, in UID order");
+        assert_eq!(uids(1, 4..=7, 10), [5, 7]);
+        assert_eq!(uids(1, 4..=8, 1), [7]);
+        assert_eq!(uids(1, 1..=u32::MAX, 10), [3, 5, 7, 9]);
+        assert_eq!(uids(2, 1..=9, 10), [4]);
+    }
+}
+
 /// Issue 21 item 1, located messages: the places under a folder's old
 /// UIDVALIDITY go once its cursor has a new one.
 #[test]
 fn retention_places_under_an_old_uidvalidity_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let start = FolderCursor::new(1, 1);
-    connect_inbox_at(&store, start);
-    let record = synced_record();
-    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
-    commit.history = vec![record.clone()];
-    commit.located = Some((1, 1, located_entry(&record)));
-    store.commit_ingest(&commit, None).unwrap();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(&*store, start);
+        let record = synced_record();
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record.clone()];
+        commit.located = Some((1, 1, located_entry(&record)));
+        store.commit_ingest(&commit, None).unwrap();
 
-    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
-    assert_eq!(report.located, 0, "under the current UIDVALIDITY it stays");
-    assert!(store.locate_record(&record.id).unwrap().is_some());
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(report.located, 0, "under the current UIDVALIDITY it stays");
+        assert!(store.locate_record(&record.id).unwrap().is_some());
 
-    store
-        .set_cursor(
-            "me@x.test",
-            FolderRole::Inbox,
-            Some(commit.cursor),
-            FolderCursor::new(2, 1),
-        )
-        .unwrap();
-    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
-    assert_eq!(report.located, 1);
-    assert_eq!(
-        store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
-        None
-    );
-    assert_eq!(store.locate_record(&record.id).unwrap(), None);
-    assert_eq!(store.stored_count("record_locations"), 0);
-    assert!(
-        store.record_info(&record.id).unwrap().is_some(),
-        "what is known of it stays for `history`"
-    );
+        store
+            .set_cursor(
+                "me@x.test",
+                FolderRole::Inbox,
+                Some(commit.cursor),
+                FolderCursor::new(2, 1),
+            )
+            .unwrap();
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!(report.located, 1);
+        assert_eq!(
+            store.located("me@x.test", FolderRole::Inbox, 1, 1).unwrap(),
+            None
+        );
+        assert_eq!(store.locate_record(&record.id).unwrap(), None);
+        assert_eq!(store.stored_count(engine::Tree::RecordLocations), 0);
+        assert!(
+            store.record_info(&record.id).unwrap().is_some(),
+            "what is known of it stays for `history`"
+        );
+    }
 }
 
 /// Issue 21 item 1, message records and R21 marks: a record no longer in a
@@ -2317,59 +2467,61 @@ fn retention_places_under_an_old_uidvalidity_go() {
 /// while located, or named by an undelivered event, it stays.
 #[test]
 fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let start = FolderCursor::new(1, 1);
-    connect_inbox_at(&store, start);
-    let record = synced_record();
-    let l1u1 = vec![("L1".to_string(), "u1".to_string())];
-    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
-    commit.history = vec![record.clone()];
-    commit.located = Some((1, 1, located_entry(&record)));
-    commit.synced = Some(("<b@x>".into(), l1u1.clone()));
-    store.commit_ingest(&commit, None).unwrap();
-    let none = |_: u64| false;
-    let deliver_all = || {
-        for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
-            store.complete_outbox(sequence).unwrap();
-        }
-    };
-    deliver_all();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(&*store, start);
+        let record = synced_record();
+        let l1u1 = vec![("L1".to_string(), "u1".to_string())];
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record.clone()];
+        commit.located = Some((1, 1, located_entry(&record)));
+        commit.synced = Some(("<b@x>".into(), l1u1.clone()));
+        store.commit_ingest(&commit, None).unwrap();
+        let none = |_: u64| false;
+        let deliver_all = || {
+            for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+                store.complete_outbox(sequence).unwrap();
+            }
+        };
+        deliver_all();
 
-    store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert!(
-        store.record_info(&record.id).unwrap().is_some(),
-        "located: kept"
-    );
-    assert_eq!(store.synced_to("<b@x>", &l1u1).unwrap(), l1u1);
+        store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert!(
+            store.record_info(&record.id).unwrap().is_some(),
+            "located: kept"
+        );
+        assert_eq!(store.synced_to("<b@x>", &l1u1).unwrap(), l1u1);
 
-    store
-        .enqueue(&[event(
-            "evt_updated",
-            "thr_c",
-            serde_json::json!({"id": record.id, "seen": true}),
-        )])
-        .unwrap();
-    store
-        .set_cursor(
-            "me@x.test",
-            FolderRole::Inbox,
-            Some(commit.cursor),
-            FolderCursor::new(2, 1),
-        )
-        .unwrap();
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!(report.located, 1);
-    assert_eq!(report.records, 0, "an undelivered event names it");
-    assert!(store.record_info(&record.id).unwrap().is_some());
+        store
+            .enqueue(&[event(
+                "evt_updated",
+                "thr_c",
+                serde_json::json!({"id": record.id, "seen": true}),
+            )])
+            .unwrap();
+        store
+            .set_cursor(
+                "me@x.test",
+                FolderRole::Inbox,
+                Some(commit.cursor),
+                FolderCursor::new(2, 1),
+            )
+            .unwrap();
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.located, 1);
+        assert_eq!(report.records, 0, "an undelivered event names it");
+        assert!(store.record_info(&record.id).unwrap().is_some());
 
-    deliver_all();
-    let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
-    assert_eq!((report.records, report.synced), (0, 0), "not old yet");
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!((report.records, report.synced), (1, 1));
-    assert_eq!(store.record_info(&record.id).unwrap(), None);
-    assert!(store.synced_to("<b@x>", &l1u1).unwrap().is_empty());
+        deliver_all();
+        let report = store.sweep(in_secs(0), &retention_of(3600)).unwrap();
+        assert_eq!((report.records, report.synced), (0, 0), "not old yet");
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!((report.records, report.synced), (1, 1));
+        assert_eq!(store.record_info(&record.id).unwrap(), None);
+        assert!(store.synced_to("<b@x>", &l1u1).unwrap().is_empty());
+    }
 }
 
 /// Issue 21 item 1, threads: a thread stays while anything names it (here
@@ -2377,83 +2529,87 @@ fn retention_records_and_synced_marks_go_once_nothing_holds_them() {
 /// that leads nowhere.
 #[test]
 fn retention_a_thread_stays_while_named_then_goes_with_its_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let start = FolderCursor::new(1, 1);
-    connect_inbox_at(&store, start);
-    let record = synced_record();
-    let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
-    commit.history = vec![record.clone()];
-    commit.located = Some((1, 1, located_entry(&record)));
-    commit.answers = vec!["<a@x>".into()];
-    store.commit_ingest(&commit, None).unwrap();
-    let none = |_: u64| false;
-    for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
-        store.complete_outbox(sequence).unwrap();
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let start = FolderCursor::new(1, 1);
+        connect_inbox_at(&*store, start);
+        let record = synced_record();
+        let mut commit = ingest_commit(start, None, l1_thread("L1", &[]));
+        commit.history = vec![record.clone()];
+        commit.located = Some((1, 1, located_entry(&record)));
+        commit.answers = vec!["<a@x>".into()];
+        store.commit_ingest(&commit, None).unwrap();
+        let none = |_: u64| false;
+        for (sequence, _) in store.outbox_due(i64::MAX, 10, &none).unwrap().entries {
+            store.complete_outbox(sequence).unwrap();
+        }
+        assert_eq!(store.stored_count(engine::Tree::ThreadKeys), 2);
+
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!(report.history, 1, "its history went");
+        assert_eq!(
+            report.threads, 0,
+            "the located message still names the thread"
+        );
+        assert!(
+            store
+                .thread_of("me@x.test", &["<b@x>".into()])
+                .unwrap()
+                .is_some()
+        );
+
+        store
+            .set_cursor(
+                "me@x.test",
+                FolderRole::Inbox,
+                Some(commit.cursor),
+                FolderCursor::new(2, 1),
+            )
+            .unwrap();
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!((report.threads, report.thread_keys), (1, 2));
+        assert_eq!(store.thread("thr_c").unwrap(), None);
+        assert_eq!(
+            store.thread_of("me@x.test", &["<b@x>".into()]).unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .thread_answering("me@x.test", &["<a@x>".into()])
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.stored_count(engine::Tree::ThreadKeys), 0);
     }
-    assert_eq!(store.stored_count("thread_keys"), 2);
-
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!(report.history, 1, "its history went");
-    assert_eq!(
-        report.threads, 0,
-        "the located message still names the thread"
-    );
-    assert!(
-        store
-            .thread_of("me@x.test", &["<b@x>".into()])
-            .unwrap()
-            .is_some()
-    );
-
-    store
-        .set_cursor(
-            "me@x.test",
-            FolderRole::Inbox,
-            Some(commit.cursor),
-            FolderCursor::new(2, 1),
-        )
-        .unwrap();
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!((report.threads, report.thread_keys), (1, 2));
-    assert_eq!(store.thread("thr_c").unwrap(), None);
-    assert_eq!(
-        store.thread_of("me@x.test", &["<b@x>".into()]).unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .thread_answering("me@x.test", &["<a@x>".into()])
-            .unwrap(),
-        None
-    );
-    assert_eq!(store.stored_count("thread_keys"), 0);
 }
 
 /// Issue 21 item 1, a send's thread: kept while the send is, whatever its age.
 #[test]
 fn retention_a_send_keeps_its_thread() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let old_thread = Thread {
-        created_at: Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
-        ..send_thread()
-    };
-    let now = Utc::now().timestamp_millis();
-    accept(&store, &send_record("msg_t", None), &old_thread, None, now).unwrap();
-    let keep_sends = Retention {
-        sends: None,
-        ..retention_of(1)
-    };
-    let report = store.sweep(in_secs(2), &keep_sends).unwrap();
-    assert_eq!(report.threads, 0);
-    assert!(store.thread("thr_s").unwrap().is_some());
-    let mut settled = store.send("msg_t").unwrap().unwrap();
-    settled.status = crate::model::SendStatus::Failed;
-    store.update_send(&settled, &[]).unwrap();
-    let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
-    assert_eq!((report.sends, report.threads), (1, 1));
-    assert_eq!(store.thread("thr_s").unwrap(), None);
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let old_thread = Thread {
+            created_at: Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
+            ..send_thread()
+        };
+        let now = Utc::now().timestamp_millis();
+        accept(&*store, &send_record("msg_t", None), &old_thread, None, now).unwrap();
+        let keep_sends = Retention {
+            sends: None,
+            ..retention_of(1)
+        };
+        let report = store.sweep(in_secs(2), &keep_sends).unwrap();
+        assert_eq!(report.threads, 0);
+        assert!(store.thread("thr_s").unwrap().is_some());
+        let mut settled = store.send("msg_t").unwrap().unwrap();
+        settled.status = crate::model::SendStatus::Failed;
+        store.update_send(&settled, &[]).unwrap();
+        let report = store.sweep(in_secs(2), &retention_of(1)).unwrap();
+        assert_eq!((report.sends, report.threads), (1, 1));
+        assert_eq!(store.thread("thr_s").unwrap(), None);
+    }
 }
 
 /// Issue 21 item 1, `.submit.eml` copies: one no send can use any more (a
@@ -2461,72 +2617,76 @@ fn retention_a_send_keeps_its_thread() {
 /// stays whatever its age.
 #[test]
 fn retention_orphaned_submission_copies_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    accept(
-        &store,
-        &send_record("msg_live", None),
-        &send_thread(),
-        None,
-        0,
-    )
-    .unwrap();
-    let orphan = dir.path().join("messages").join("send_orphan.submit.eml");
-    std::fs::write(&orphan, b"left by a crash").unwrap();
-    let grace = retention::ORPHAN_GRACE.as_secs() as i64;
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        accept(
+            &*store,
+            &send_record("msg_live", None),
+            &send_thread(),
+            None,
+            0,
+        )
+        .unwrap();
+        let orphan = dir.path().join("messages").join("send_orphan.submit.eml");
+        std::fs::write(&orphan, b"left by a crash").unwrap();
+        let grace = retention::ORPHAN_GRACE.as_secs() as i64;
 
-    let report = store
-        .sweep(in_secs(grace - 60), &retention_of(3600 * 1000))
-        .unwrap();
-    assert_eq!(
-        report.submission_copies, 0,
-        "within its grace a copy may be a commit under way"
-    );
-    assert!(orphan.exists());
-    let report = store
-        .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
-        .unwrap();
-    assert_eq!(report.submission_copies, 1);
-    assert!(!orphan.exists());
-    assert!(
-        store
-            .message_source("msg_live", SourceCopy::Submission)
-            .unwrap()
-            .is_some(),
-        "a queued send keeps its copy"
-    );
+        let report = store
+            .sweep(in_secs(grace - 60), &retention_of(3600 * 1000))
+            .unwrap();
+        assert_eq!(
+            report.submission_copies, 0,
+            "within its grace a copy may be a commit under way"
+        );
+        assert!(orphan.exists());
+        let report = store
+            .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
+            .unwrap();
+        assert_eq!(report.submission_copies, 1);
+        assert!(!orphan.exists());
+        assert!(
+            store
+                .message_source("msg_live", SourceCopy::Submission)
+                .unwrap()
+                .is_some(),
+            "a queued send keeps its copy"
+        );
+    }
 }
 
 /// Issue 21 item 1, event bodies: a body file no outbox entry refers to
 /// (its commit failed) goes; one an entry refers to stays.
 #[test]
 fn retention_orphaned_event_bodies_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_when_free(dir.path());
-    let large = "x".repeat(64 * 1024);
-    store
-        .enqueue(&[event(
-            "evt_large",
-            "k",
-            serde_json::json!({ "body": large }),
-        )])
-        .unwrap();
-    let bodies = dir.path().join("event-bodies");
-    let orphan = bodies.join("evt_orphan.json");
-    std::fs::write(&orphan, b"{}").unwrap();
-    assert_eq!(std::fs::read_dir(&bodies).unwrap().count(), 2);
-    let grace = retention::ORPHAN_GRACE.as_secs() as i64;
-    let report = store
-        .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
-        .unwrap();
-    assert_eq!(report.event_bodies, 1);
-    assert!(!orphan.exists());
-    let none = |_: u64| false;
-    let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
-    assert_eq!(
-        due.entries[0].1.event.data["body"],
-        serde_json::json!(large)
-    );
+    for open in openers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).unwrap();
+        let large = "x".repeat(64 * 1024);
+        store
+            .enqueue(&[event(
+                "evt_large",
+                "k",
+                serde_json::json!({ "body": large }),
+            )])
+            .unwrap();
+        let bodies = dir.path().join("event-bodies");
+        let orphan = bodies.join("evt_orphan.json");
+        std::fs::write(&orphan, b"{}").unwrap();
+        assert_eq!(std::fs::read_dir(&bodies).unwrap().count(), 2);
+        let grace = retention::ORPHAN_GRACE.as_secs() as i64;
+        let report = store
+            .sweep(in_secs(grace + 60), &retention_of(3600 * 1000))
+            .unwrap();
+        assert_eq!(report.event_bodies, 1);
+        assert!(!orphan.exists());
+        let none = |_: u64| false;
+        let due = store.outbox_due(i64::MAX, 10, &none).unwrap();
+        assert_eq!(
+            due.entries[0].1.event.data["body"],
+            serde_json::json!(large)
+        );
+    }
 }
 
 /// Issue 21 item 1, message sources: the sweep applies `messages`.

@@ -1,19 +1,20 @@
-//! The [`Store`] on sled. Keys join their parts with a NUL byte (the API refuses
-//! ids that contain control characters). Large event bodies live in files beside
-//! the database, because sled leaks space when big values churn.
+//! The [`Store`] over any [`Engine`]: every rule of the store (what is
+//! checked, what is written together, what a sweep may remove) is written
+//! here once, and an engine only keeps bytes in named trees. Keys join their
+//! parts with a NUL byte (the API refuses ids that contain control
+//! characters). Large event bodies live in files beside the database, because
+//! sled leaks space when big values churn.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use serde::{Serialize, de::DeserializeOwned};
-use sled::{
-    Transactional as _,
-    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
-};
 
 use super::{
     ContactUpsert, DeadLetter, Disconnected, IDEMPOTENCY_WINDOW_MS, IngestCommit, KeptSource,
     LocatedChange, MailboxSummary, NewSend, OutboxDue, OutboxEntry, QUOTA_WINDOW_MS, Replay,
     SendAcceptance, SourceCopy, Store, StoreError, StoreResult,
+    engine::{Direction, Engine, SledEngine, Tree, Tx, TxError, TxResult, prefix_end},
     message_files::MessageFiles,
     outbox_index::OutboxIndex,
     secret_box::SecretBox,
@@ -28,7 +29,7 @@ use crate::model::{
 mod sweep;
 
 /// A dead letter in either stored form; never fails (an unreadable one says so).
-fn read_dead_letter(id: u64, value: &[u8], store: &SledStore) -> DeadLetter {
+fn read_dead_letter<E: Engine>(id: u64, value: &[u8], store: &KvStore<E>) -> DeadLetter {
     if let Ok(stored) = decode::<StoredDeadLetter>(value) {
         return DeadLetter {
             id,
@@ -56,51 +57,28 @@ fn read_dead_letter(id: u64, value: &[u8], store: &SledStore) -> DeadLetter {
     }
 }
 
-/// Event data above this size is kept in a file instead of in sled.
+/// Event data above this size is kept in a file instead of in the engine.
 const INLINE_EVENT_LIMIT: usize = 32 * 1024;
 
-#[derive(Clone)]
-pub struct SledStore {
-    db: sled::Db,
-    contacts: sled::Tree,
-    contact_emails: sled::Tree,
-    mailboxes: sled::Tree,
-    integrations: sled::Tree,
-    mailbox_integrations: sled::Tree,
-    cursors: sled::Tree,
-    threads: sled::Tree,
-    thread_keys: sled::Tree,
-    outbox: sled::Tree,
-    dead_letters: sled::Tree,
-    settings: sled::Tree,
-    sends: sled::Tree,
-    /// Sends not yet sent or failed, in acceptance order (key → send id).
-    unsettled: sled::Tree,
-    idempotency: sled::Tree,
-    quota: sled::Tree,
-    crm_message_ids: sled::Tree,
-    history: sled::Tree,
-    /// location \0 user \0 identity → message record id.
-    synced: sled::Tree,
-    /// mailbox \0 folder \0 UIDVALIDITY UID (big-endian) → LocatedMessage.
-    located: sled::Tree,
-    /// record id → MessageLocation of a located message.
-    record_locations: sled::Tree,
-    /// record id → LocatedMessage, kept when it leaves its folder.
-    record_info: sled::Tree,
-    /// The CRM's changes to make in mailboxes, in order (sequence → MailboxChange).
-    mailbox_changes: sled::Tree,
-    /// mailbox \0 folder \0 UIDVALIDITY UID (big-endian) →
-    /// UnprocessableMessage: failed tries at a message, and those set aside.
-    unprocessable: sled::Tree,
+/// The store over the engine `E`. The trees it uses, by [`Tree`]:
+/// `UnsettledSends` holds the sends not yet sent or failed, in acceptance
+/// order (key → send id); `Synced`, location \0 user \0 identity → message
+/// record id; `Located`, mailbox \0 folder \0 UIDVALIDITY UID (big-endian) →
+/// LocatedMessage; `RecordLocations`, record id → MessageLocation of a
+/// located message; `RecordInfo`, record id → LocatedMessage, kept when it
+/// leaves its folder; `MailboxChanges`, the CRM's changes to make in
+/// mailboxes, in order (sequence → MailboxChange); `Unprocessable`, keyed as
+/// `Located` → UnprocessableMessage: failed tries at a message, and those set
+/// aside; `SourcePlaces`, record id → SourcePlace of its filed copy in
+/// `segments`.
+pub struct KvStore<E: Engine> {
+    engine: E,
     secrets: SecretBox,
     /// Sources kept as files of their own: CRM sends (both copies), and
     /// synced messages' filed copies from before `segments`.
     sources: MessageFiles,
     /// Synced messages' filed copies, appended to segment files.
     segments: std::sync::Arc<SourceSegments>,
-    /// record id → SourcePlace of its filed copy in `segments`.
-    source_places: sled::Tree,
     bodies: PathBuf,
     /// Connect and disconnect read the mailbox's other integrations before they
     /// write; one at a time keeps that read true.
@@ -110,8 +88,6 @@ pub struct SledStore {
     /// What is deliverable when (see `outbox_index`).
     outbox_index: std::sync::Arc<std::sync::Mutex<OutboxIndex>>,
     group_flush: std::sync::Arc<super::group_flush::GroupFlush>,
-    /// What sled's flush leaves out (see `sled_durability`).
-    durability: std::sync::Arc<super::sled_durability::SledDurability>,
     /// Outbox entries of deferred commits, handed to the index by the first
     /// flush that covers them (see `flush`).
     undelivered_until_flushed: std::sync::Arc<std::sync::Mutex<Vec<PreparedEntry>>>,
@@ -153,31 +129,8 @@ type ContactRecord = (Vec<u8>, Vec<u8>, Vec<Vec<u8>>);
 const STORE_FORMAT: u64 = 2;
 const STORE_FORMAT_KEY: &str = "\u{0}store-format";
 
-/// sled's page cache.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// An `fsync` of the database failed. Linux may have dropped the pages it
-/// could not write and marked them clean, so no later flush can say what is
-/// on disk, while the process would go on delivering events of commits that
-/// may be lost. The process ends instead (as PostgreSQL does); its restart
-/// reads back what the disk holds, and sync resumes from the durable cursors.
-fn durability_lost(words: &str) -> ! {
-    tracing::error!(
-        "syncing the database to disk failed ({words}): stopping, so that a restart reads back what the disk holds"
-    );
-    std::process::exit(74)
-}
-
-fn engine(err: sled::Error) -> StoreError {
-    StoreError::Engine(err.to_string())
-}
-
-fn tx_error(err: TransactionError<StoreError>) -> StoreError {
-    match err {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => engine(e),
-    }
-}
+/// The store on sled, as the daemon runs it.
+pub type SledStore = KvStore<SledEngine>;
 
 fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -202,6 +155,24 @@ fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
     k
+}
+
+/// The bounds of the keys that start with `prefix`, for a range read.
+fn prefix_bounds(prefix: &[u8]) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    (
+        Bound::Included(prefix.to_vec()),
+        prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded),
+    )
+}
+
+/// The keys of `entries`, errors kept.
+fn keys(entries: super::engine::Entries<'_>) -> impl Iterator<Item = StoreResult<Vec<u8>>> + '_ {
+    entries.map(|entry| entry.map(|(k, _)| k))
+}
+
+/// The values of `entries`, errors kept.
+fn values(entries: super::engine::Entries<'_>) -> impl Iterator<Item = StoreResult<Vec<u8>>> + '_ {
+    entries.map(|entry| entry.map(|(_, v)| v))
 }
 
 /// `parts…\0<time, big-endian>\0suffix`: keys that sort by time within a prefix.
@@ -288,80 +259,45 @@ struct StoredEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_file: Option<String>,
     /// The data is that of the history entry under this key (hex): a
-    /// synced message's event carries its history record, which sled then
+    /// synced message's event carries its history record, which the engine then
     /// holds once, not twice (and not in the outbox, where values churn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_in_history: Option<String>,
 }
 
 impl SledStore {
-    /// Whether integrations other than `integration` use the mailbox.
-    fn used_by_others(&self, address: &str, integration: &Integration) -> StoreResult<bool> {
-        let own = key(&[address, &integration.location_id, &integration.user_id]);
-        for k in self
-            .mailbox_integrations
-            .scan_prefix(prefix(&[address]))
-            .keys()
-        {
-            if k.map_err(engine)? != own {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
+    /// Opens (or creates) the store in `path`: the sled database under
+    /// `path/db`, the files beside it.
     pub fn open(path: &Path, secrets: SecretBox) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)
             .map_err(|e| anyhow::anyhow!("creating data folder {}: {e}", path.display()))?;
-        let db = sled::Config::new()
-            .path(path.join("db"))
-            // sled's default page cache is 1 GiB: a daemon beside a CRM must
-            // not grow toward that. Hot records fit in far less.
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
-        let durability = super::sled_durability::SledDurability::open(path.join("db"))
-            .map_err(|e| anyhow::anyhow!("opening the database log in {}: {e}", path.display()))?;
+        let engine = SledEngine::open(&path.join("db"))?;
+        Self::with_engine(engine, path, secrets)
+    }
+}
+
+impl<E: Engine> KvStore<E> {
+    /// The store over `engine`, with its files in `data_folder`: checks the
+    /// data's format and rebuilds the outbox's due index from what is
+    /// committed.
+    pub fn with_engine(engine: E, data_folder: &Path, secrets: SecretBox) -> anyhow::Result<Self> {
+        let path = data_folder;
+        std::fs::create_dir_all(path)
+            .map_err(|e| anyhow::anyhow!("creating data folder {}: {e}", path.display()))?;
         let bodies = path.join("event-bodies");
         std::fs::create_dir_all(&bodies)?;
         let sources = MessageFiles::open(path.join("messages"))?;
         let segments = std::sync::Arc::new(SourceSegments::open(path.join("source-segments"))?);
-        let tree = |name: &str| db.open_tree(name);
         let store = Self {
-            contacts: tree("contacts")?,
-            contact_emails: tree("contact_emails")?,
-            mailboxes: tree("mailboxes")?,
-            integrations: tree("integrations")?,
-            mailbox_integrations: tree("mailbox_integrations")?,
-            cursors: tree("cursors")?,
-            threads: tree("threads")?,
-            thread_keys: tree("thread_keys")?,
-            outbox: tree("outbox")?,
-            dead_letters: tree("dead_letters")?,
-            settings: tree("settings")?,
-            sends: tree("sends")?,
-            unsettled: tree("unsettled_sends")?,
-            idempotency: tree("idempotency")?,
-            quota: tree("quota")?,
-            crm_message_ids: tree("crm_message_ids")?,
-            history: tree("history")?,
-            synced: tree("synced")?,
-            located: tree("located")?,
-            record_locations: tree("record_locations")?,
-            record_info: tree("record_info")?,
-            mailbox_changes: tree("mailbox_changes")?,
-            unprocessable: tree("unprocessable")?,
-            source_places: tree("source_places")?,
+            engine,
             sources,
             segments,
-            db,
             secrets,
             bodies,
             lifecycle: Default::default(),
             directory: Default::default(),
             outbox_index: Default::default(),
             group_flush: Default::default(),
-            durability: std::sync::Arc::new(durability),
             undelivered_until_flushed: Default::default(),
         };
         store.check_format(path)?;
@@ -369,14 +305,36 @@ impl SledStore {
         Ok(store)
     }
 
+    /// The engine the store keeps its bytes in.
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// Whether integrations other than `integration` use the mailbox.
+    fn used_by_others(&self, address: &str, integration: &Integration) -> StoreResult<bool> {
+        let own = key(&[address, &integration.location_id, &integration.user_id]);
+        for k in keys(
+            self.engine
+                .scan_prefix(Tree::MailboxIntegrations, &prefix(&[address])),
+        ) {
+            if k? != own {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Refuses data written by a newer build, which this one would misread
     /// (an older build reads an outbox event that refers to its history
     /// record as an event without data), and marks the data as this
     /// build's format otherwise.
     fn check_format(&self, path: &Path) -> anyhow::Result<()> {
-        let stored = match self.settings.get(STORE_FORMAT_KEY)? {
+        let stored = match self
+            .engine
+            .get(Tree::Settings, STORE_FORMAT_KEY.as_bytes())?
+        {
             None => None,
-            Some(value) => match <[u8; 8]>::try_from(value.as_ref()) {
+            Some(value) => match <[u8; 8]>::try_from(value.as_slice()) {
                 Ok(bytes) => Some(u64::from_be_bytes(bytes)),
                 Err(_) => anyhow::bail!(
                     "the data in {} carries a store format mark this build cannot read",
@@ -393,26 +351,32 @@ impl SledStore {
             Some(format) if format == STORE_FORMAT => Ok(()),
             // Older data, marked or not: read as it is, marked as this build's.
             _ => {
-                self.settings
-                    .insert(STORE_FORMAT_KEY, &STORE_FORMAT.to_be_bytes())?;
-                self.db.flush()?;
+                self.engine.insert(
+                    Tree::Settings,
+                    STORE_FORMAT_KEY.as_bytes(),
+                    &STORE_FORMAT.to_be_bytes(),
+                )?;
+                self.engine.flush()?;
                 Ok(())
             }
         }
     }
 
     /// Keeps filed copies of synced messages: appended to a segment and
-    /// durable before their places are written, since sled also flushes on
-    /// its own and a commit must never refer to a source a crash can lose.
+    /// durable before their places are written, since an engine may flush on
+    /// its own (sled does) and a commit must never refer to a source a crash
+    /// can lose.
     fn keep_sources(&self, sources: &[(&str, &[u8])]) -> StoreResult<()> {
         let bytes: Vec<&[u8]> = sources.iter().map(|(_, source)| *source).collect();
         let places = self.segments.append_durably(&bytes)?;
         // One by one: each place stands alone, and a sled batch (like a
         // transaction) writes its log buffer out on its own.
         for ((record_id, _), place) in sources.iter().zip(places) {
-            self.source_places
-                .insert(record_id.as_bytes(), &place.encode()[..])
-                .map_err(engine)?;
+            self.engine.insert(
+                Tree::SourcePlaces,
+                record_id.as_bytes(),
+                &place.encode()[..],
+            )?;
         }
         Ok(())
     }
@@ -420,7 +384,7 @@ impl SledStore {
     /// Forgets a kept source no commit refers to; its bytes go with their
     /// segment.
     fn forget_source(&self, record_id: &str) {
-        if let Err(err) = self.source_places.remove(record_id) {
+        if let Err(err) = self.engine.remove(Tree::SourcePlaces, record_id.as_bytes()) {
             tracing::warn!(
                 record = record_id,
                 "forgetting a message source failed: {err}"
@@ -451,7 +415,7 @@ impl SledStore {
     ///
     /// The entries of deferred commits made before the flush started are
     /// indexed after it: their events go out no sooner. After a failed flush
-    /// (a failed fsync ends the process, see `durability_lost`; any other
+    /// (a failed fsync ends the process, see `Engine::flush`; any other
     /// error is retried by the next flush) they wait for the next one that
     /// works, as every commit's entries do (`flush_then_index`): an event
     /// must never reach the CRM before the commit behind it is on disk.
@@ -459,19 +423,8 @@ impl SledStore {
         crate::offload::blocking(|| {
             self.group_flush.flush(|| {
                 let covered = std::mem::take(&mut *self.undelivered());
-                let flushed =
-                    self.db
-                        .flush()
-                        .map_err(engine)
-                        .and_then(|_| match self.durability.sync() {
-                            Ok(_) => Ok(()),
-                            Err(super::sled_durability::SyncError::Lost(words)) => {
-                                durability_lost(&words)
-                            }
-                            Err(super::sled_durability::SyncError::Io(err)) => {
-                                Err(StoreError::Io(err))
-                            }
-                        });
+                // A failed fsync ends the process in the engine.
+                let flushed = self.engine.flush();
                 // Not durable, not deliverable: they wait for the next flush
                 // that works, and nothing of theirs overtakes them meanwhile
                 // (entries are indexed in sequence order).
@@ -585,7 +538,7 @@ impl SledStore {
                 };
                 let value = encode(&stored)?;
                 Ok(PreparedEntry {
-                    sequence: self.db.generate_id().map_err(engine)?,
+                    sequence: self.engine.generate_id()?,
                     value,
                     ordering_key: event.ordering_key.clone(),
                     due_ms: 0,
@@ -710,93 +663,73 @@ impl SledStore {
             }
             _ => false,
         };
-        let committed = (
-            &self.cursors,
-            &self.threads,
-            &self.thread_keys,
-            &self.outbox,
-            &self.history,
-            &self.synced,
-            &self.contacts,
-            &self.contact_emails,
-            &self.located,
-            &self.record_locations,
-            &self.record_info,
-        )
-            .transaction(
-                |(
-                    cursors,
-                    threads,
-                    thread_keys,
-                    outbox,
-                    history,
-                    synced,
-                    contacts,
-                    contact_emails,
-                    located,
-                    record_locations,
-                    record_info,
-                )| {
-                    for (record_key, value, index_keys) in &contact_values {
-                        if contacts.get(record_key.as_slice())?.is_some() {
-                            return Err(ConflictableTransactionError::Abort(
-                                StoreError::DirectoryChanged,
-                            ));
-                        }
-                        contacts.insert(record_key.as_slice(), value.as_slice())?;
-                        for index_key in index_keys {
-                            contact_emails.insert(index_key.as_slice(), &[][..])?;
-                        }
+        let committed = self.engine.transaction(
+            &[
+                Tree::Cursors,
+                Tree::Threads,
+                Tree::ThreadKeys,
+                Tree::Outbox,
+                Tree::History,
+                Tree::Synced,
+                Tree::Contacts,
+                Tree::ContactEmails,
+                Tree::Located,
+                Tree::RecordLocations,
+                Tree::RecordInfo,
+            ],
+            &|tx| {
+                for (record_key, value, index_keys) in &contact_values {
+                    if tx.get(Tree::Contacts, record_key)?.is_some() {
+                        return Err(TxError::Abort(StoreError::DirectoryChanged));
                     }
-                    if !cursor_stands_at(cursors, &cursor_at, &commit.cursor_before)? {
-                        return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                    tx.insert(Tree::Contacts, record_key, value)?;
+                    for index_key in index_keys {
+                        tx.insert(Tree::ContactEmails, index_key, &[])?;
                     }
-                    if commit.thread.is_some()
-                        && thread_seen_tx(threads, thread_keys, commit)? != commit.thread_seen
-                    {
-                        return Err(ConflictableTransactionError::Abort(
-                            StoreError::ThreadChanged,
-                        ));
+                }
+                if !cursor_stands_at(tx, &cursor_at, &commit.cursor_before)? {
+                    return Err(TxError::Abort(StoreError::CursorMoved));
+                }
+                if commit.thread.is_some() && thread_seen_tx(tx, commit)? != commit.thread_seen {
+                    return Err(TxError::Abort(StoreError::ThreadChanged));
+                }
+                // Checked inside the commit: two folders' watchers may race
+                // with the same message.
+                for k in &synced_keys {
+                    if tx.insert(Tree::Synced, k, record_id.as_bytes())?.is_some() {
+                        return Err(TxError::Abort(StoreError::AlreadySynced));
                     }
-                    // Checked inside the commit: two folders' watchers may race
-                    // with the same message.
-                    for k in &synced_keys {
-                        if synced.insert(k.as_slice(), record_id.as_bytes())?.is_some() {
-                            return Err(ConflictableTransactionError::Abort(
-                                StoreError::AlreadySynced,
-                            ));
-                        }
+                }
+                tx.insert(Tree::Cursors, &cursor_at, &cursor_value)?;
+                for (k, v) in &history_values {
+                    tx.insert(Tree::History, k, v)?;
+                }
+                if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
+                    tx.insert(Tree::Threads, thread.id.as_bytes(), value)?;
+                    for message_id in &commit.message_ids {
+                        tx.insert(
+                            Tree::ThreadKeys,
+                            &key(&[&commit.thread_mailbox, message_id]),
+                            thread.id.as_bytes(),
+                        )?;
                     }
-                    cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
-                    for (k, v) in &history_values {
-                        history.insert(*k, v.as_slice())?;
-                    }
-                    if let (Some(thread), Some(value)) = (&commit.thread, &thread_value) {
-                        threads.insert(thread.id.as_bytes(), value.as_slice())?;
-                        for message_id in &commit.message_ids {
-                            thread_keys.insert(
-                                key(&[&commit.thread_mailbox, message_id]),
-                                thread.id.as_bytes(),
-                            )?;
-                        }
-                        // The first thread to answer a message keeps it.
-                        for message_id in &commit.answers {
-                            let answered = answered_key(&commit.thread_mailbox, message_id);
-                            if thread_keys.get(answered.as_slice())?.is_none() {
-                                thread_keys.insert(answered, thread.id.as_bytes())?;
-                            }
+                    // The first thread to answer a message keeps it.
+                    for message_id in &commit.answers {
+                        let answered = answered_key(&commit.thread_mailbox, message_id);
+                        if tx.get(Tree::ThreadKeys, &answered)?.is_none() {
+                            tx.insert(Tree::ThreadKeys, &answered, thread.id.as_bytes())?;
                         }
                     }
-                    if let Some((key, value, record_id, location)) = &located_value {
-                        located.insert(key.as_slice(), value.as_slice())?;
-                        record_locations.insert(record_id.as_bytes(), location.as_slice())?;
-                        record_info.insert(record_id.as_bytes(), value.as_slice())?;
-                    }
-                    Self::put_outbox_tx(outbox, &outbox_values)?;
-                    Ok(())
-                },
-            )
-            .map_err(tx_error);
+                }
+                if let Some((key, value, record_id, location)) = &located_value {
+                    tx.insert(Tree::Located, key, value)?;
+                    tx.insert(Tree::RecordLocations, record_id.as_bytes(), location)?;
+                    tx.insert(Tree::RecordInfo, record_id.as_bytes(), value)?;
+                }
+                put_outbox_tx(tx, &outbox_values)?;
+                Ok(())
+            },
+        );
         if committed.is_err() && source_kept {
             self.forget_source(&record_id);
         }
@@ -827,9 +760,8 @@ impl SledStore {
         let mut index = self.index();
         for entry in prepared {
             if self
-                .outbox
-                .contains_key(entry.sequence.to_be_bytes())
-                .map_err(engine)?
+                .engine
+                .contains_key(Tree::Outbox, &entry.sequence.to_be_bytes())?
             {
                 index.add(entry.sequence, &entry.ordering_key, entry.due_ms);
             }
@@ -848,9 +780,9 @@ impl SledStore {
     fn rebuild_outbox_index(&self) -> StoreResult<()> {
         let mut unreadable = Vec::new();
         let mut index = OutboxIndex::default();
-        for item in self.outbox.iter() {
-            let (k, v) = item.map_err(engine)?;
-            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+        for item in self.engine.iter(Tree::Outbox) {
+            let (k, v) = item?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
                 continue;
             };
@@ -866,33 +798,34 @@ impl SledStore {
         }
         *self.index() = index;
         for (k, v, reason) in unreadable {
-            self.set_aside_unreadable(k, v, &reason)?;
+            self.set_aside_unreadable(&k, &v, &reason)?;
         }
         Ok(())
     }
 
     /// Moves an outbox entry that cannot be read to the dead letters, with the reason.
-    fn set_aside_unreadable(&self, k: sled::IVec, v: sled::IVec, reason: &str) -> StoreResult<()> {
+    fn set_aside_unreadable(&self, k: &[u8], v: &[u8], reason: &str) -> StoreResult<()> {
         tracing::error!("an outbox entry cannot be read; set aside as a dead letter: {reason}");
         let value = encode(&StoredDeadLetter {
             v: 2,
             entry: None,
-            raw: Some(String::from_utf8_lossy(&v).into_owned()),
+            raw: Some(String::from_utf8_lossy(v).into_owned()),
             reason: format!("unreadable: {reason}"),
             buried_at: chrono::Utc::now(),
         })?;
-        (&self.outbox, &self.dead_letters)
-            .transaction(|(outbox, dead)| {
+        self.engine
+            .transaction(&[Tree::Outbox, Tree::DeadLetters], &|tx| {
                 // Only the value that was read, and never over a dead
                 // letter buried meanwhile (whose body file this read missed).
-                if outbox.get(&k)?.as_deref() != Some(v.as_ref()) || dead.get(&k)?.is_some() {
+                if tx.get(Tree::Outbox, k)?.as_deref() != Some(v)
+                    || tx.get(Tree::DeadLetters, k)?.is_some()
+                {
                     return Ok(());
                 }
-                outbox.remove(&k)?;
-                dead.insert(&k, value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(tx_error)?;
+                tx.remove(Tree::Outbox, k)?;
+                tx.insert(Tree::DeadLetters, k, &value)?;
+                Ok(())
+            })?;
         self.flush()
     }
 
@@ -903,8 +836,8 @@ impl SledStore {
         };
         self.index()
             .remove(sequence, &stored.entry.event.ordering_key, |next| {
-                self.outbox
-                    .get(next.to_be_bytes())
+                self.engine
+                    .get(Tree::Outbox, &next.to_be_bytes())
                     .ok()
                     .flatten()
                     .and_then(|v| decode::<StoredEntry>(&v).ok())
@@ -915,12 +848,7 @@ impl SledStore {
     /// The outbox's values as stored, in order.
     #[cfg(test)]
     pub(super) fn outbox_values_as_stored(&self) -> Vec<Vec<u8>> {
-        self.outbox
-            .iter()
-            .values()
-            .flatten()
-            .map(|v| v.to_vec())
-            .collect()
+        values(self.engine.iter(Tree::Outbox)).flatten().collect()
     }
 
     fn load_entry(&self, bytes: &[u8]) -> StoreResult<OutboxEntry> {
@@ -943,8 +871,8 @@ impl SledStore {
             // A failed read is tried again later, like a body file's; only
             // a missing record sets the event aside.
             let data = self
-                .history
-                .get(history_key)
+                .engine
+                .get(Tree::History, &history_key)
                 .map_err(|err| StoreError::Io(std::io::Error::other(err.to_string())))?;
             entry.event.data = decode(&data.ok_or_else(missing)?)?;
         }
@@ -995,7 +923,7 @@ impl SledStore {
             .as_ref()
             .map(|k| key(&[&send.location_id, &send.user_id, k]));
         if let Some(k) = &idempotency_key
-            && let Some(existing) = self.idempotency.get(k).map_err(engine)?
+            && let Some(existing) = self.engine.get(Tree::Idempotency, k)?
         {
             let entry: IdempotencyEntry = decode(&existing)?;
             if now_ms - entry.created_ms < IDEMPOTENCY_WINDOW_MS
@@ -1024,125 +952,97 @@ impl SledStore {
         let quota_key = timed_key(&[&send.mailbox], now_ms, &send.id);
         let message_key = key(&[&send.mailbox, &send.message_id]);
         let unsettled_key = unsettled_key(send);
-        (
-            &self.sends,
-            &self.idempotency,
-            &self.quota,
-            &self.threads,
-            &self.thread_keys,
-            &self.crm_message_ids,
-            &self.unsettled,
-            &self.outbox,
-        )
-            .transaction(
-                |(sends, idempotency, quota, threads, thread_keys, crm_ids, unsettled, outbox)| {
-                    // R12/R13: the pin holds only over the thread as it was read.
-                    if thread_tx(threads, thread.id.as_bytes())?.as_ref() != new.thread_before {
-                        return Err(ConflictableTransactionError::Abort(
-                            StoreError::ThreadChanged,
-                        ));
-                    }
-                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
-                    unsettled.insert(unsettled_key.as_slice(), send.id.as_bytes())?;
-                    if let Some(k) = &idempotency_key {
-                        idempotency.insert(k.as_slice(), idempotency_value.as_slice())?;
-                    }
-                    quota.insert(quota_key.as_slice(), send.id.as_bytes())?;
-                    threads.insert(thread.id.as_bytes(), thread_value.as_slice())?;
-                    thread_keys.insert(message_key.as_slice(), thread.id.as_bytes())?;
-                    crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
-                    Self::put_outbox_tx(outbox, &outbox_values)?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                },
-            )
-            .map_err(tx_error)?;
+        self.engine.transaction(
+            &[
+                Tree::Sends,
+                Tree::Idempotency,
+                Tree::Quota,
+                Tree::Threads,
+                Tree::ThreadKeys,
+                Tree::CrmMessageIds,
+                Tree::UnsettledSends,
+                Tree::Outbox,
+            ],
+            &|tx| {
+                // R12/R13: the pin holds only over the thread as it was read.
+                if thread_tx(tx, thread.id.as_bytes())?.as_ref() != new.thread_before {
+                    return Err(TxError::Abort(StoreError::ThreadChanged));
+                }
+                tx.insert(Tree::Sends, send.id.as_bytes(), &send_value)?;
+                tx.insert(Tree::UnsettledSends, &unsettled_key, send.id.as_bytes())?;
+                if let Some(k) = &idempotency_key {
+                    tx.insert(Tree::Idempotency, k, &idempotency_value)?;
+                }
+                tx.insert(Tree::Quota, &quota_key, send.id.as_bytes())?;
+                tx.insert(Tree::Threads, thread.id.as_bytes(), &thread_value)?;
+                tx.insert(Tree::ThreadKeys, &message_key, thread.id.as_bytes())?;
+                tx.insert(Tree::CrmMessageIds, &message_key, send.id.as_bytes())?;
+                put_outbox_tx(tx, &outbox_values)?;
+                Ok(())
+            },
+        )?;
         Ok(RecordedSend::Committed(
             self.flush_then_index(&outbox_values),
         ))
     }
+}
 
-    fn put_outbox_tx(
-        outbox: &TransactionalTree,
-        entries: &[PreparedEntry],
-    ) -> Result<(), ConflictableTransactionError<StoreError>> {
-        for entry in entries {
-            outbox.insert(&entry.sequence.to_be_bytes(), entry.value.as_slice())?;
-        }
-        Ok(())
+/// Inserts prepared outbox entries inside a transaction.
+fn put_outbox_tx(tx: &dyn Tx, entries: &[PreparedEntry]) -> TxResult<()> {
+    for entry in entries {
+        tx.insert(Tree::Outbox, &entry.sequence.to_be_bytes(), &entry.value)?;
     }
+    Ok(())
 }
 
 /// The thread an ingest commit's lookup leads to now, read inside its
 /// transaction: by its thread keys, else as answered by a synced thread.
-fn thread_seen_tx(
-    threads: &TransactionalTree,
-    thread_keys: &TransactionalTree,
-    commit: &IngestCommit,
-) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
-    let by_keys = thread_of_tx(
-        threads,
-        thread_keys,
-        &commit.thread_mailbox,
-        &commit.thread_keys_seen,
-    )?;
+fn thread_seen_tx(tx: &dyn Tx, commit: &IngestCommit) -> TxResult<Option<Thread>> {
+    let by_keys = thread_of_tx(tx, &commit.thread_mailbox, &commit.thread_keys_seen)?;
     if by_keys.is_some() {
         return Ok(by_keys);
     }
     for message_id in &commit.answered_seen {
-        if let Some(thread_id) =
-            thread_keys.get(answered_key(&commit.thread_mailbox, message_id))?
-        {
-            return thread_tx(threads, &thread_id);
+        if let Some(thread_id) = tx.get(
+            Tree::ThreadKeys,
+            &answered_key(&commit.thread_mailbox, message_id),
+        )? {
+            return thread_tx(tx, &thread_id);
         }
     }
     Ok(None)
 }
 
 /// The thread the keys lead to now, read inside a transaction.
-fn thread_of_tx(
-    threads: &TransactionalTree,
-    thread_keys: &TransactionalTree,
-    mailbox: &str,
-    message_ids: &[String],
-) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
+fn thread_of_tx(tx: &dyn Tx, mailbox: &str, message_ids: &[String]) -> TxResult<Option<Thread>> {
     for message_id in message_ids {
-        if let Some(thread_id) = thread_keys.get(key(&[mailbox, message_id]))? {
-            return thread_tx(threads, &thread_id);
+        if let Some(thread_id) = tx.get(Tree::ThreadKeys, &key(&[mailbox, message_id]))? {
+            return thread_tx(tx, &thread_id);
         }
     }
     Ok(None)
 }
 
-fn thread_tx(
-    threads: &TransactionalTree,
-    thread_id: &[u8],
-) -> Result<Option<Thread>, ConflictableTransactionError<StoreError>> {
-    match threads.get(thread_id)? {
-        Some(value) => decode(&value)
-            .map(Some)
-            .map_err(ConflictableTransactionError::Abort),
+fn thread_tx(tx: &dyn Tx, thread_id: &[u8]) -> TxResult<Option<Thread>> {
+    match tx.get(Tree::Threads, thread_id)? {
+        Some(value) => Ok(Some(decode(&value)?)),
         None => Ok(None),
     }
 }
 
 /// Whether a stored cursor stands where a writer expects: same UIDVALIDITY
 /// and next UID (when it last moved does not matter).
-fn cursor_stands_at(
-    cursors: &TransactionalTree,
-    at: &[u8],
-    expected: &FolderCursor,
-) -> Result<bool, ConflictableTransactionError<StoreError>> {
-    Ok(match cursors.get(at)? {
+fn cursor_stands_at(tx: &dyn Tx, at: &[u8], expected: &FolderCursor) -> TxResult<bool> {
+    Ok(match tx.get(Tree::Cursors, at)? {
         Some(value) => {
-            let stored: FolderCursor =
-                decode(&value).map_err(ConflictableTransactionError::Abort)?;
+            let stored: FolderCursor = decode(&value)?;
             stored.uid_validity == expected.uid_validity && stored.next_uid == expected.next_uid
         }
         None => false,
     })
 }
 
-impl Store for SledStore {
+impl<E: Engine> Store for KvStore<E> {
     fn put_contacts(&self, upserts: &[ContactUpsert]) -> StoreResult<Vec<Contact>> {
         // Each upsert reads the old record to drop its stale index entries;
         // two at once could drop an entry the other just wrote.
@@ -1150,8 +1050,8 @@ impl Store for SledStore {
         // Index entries first, records second: a lookup checks the record, so a
         // crash in between leaves at worst a harmless stale index entry, and
         // repeating the upsert repairs everything.
-        let mut index = sled::Batch::default();
-        let mut records = sled::Batch::default();
+        let mut index: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(upserts.len());
         let mut stored = Vec::with_capacity(upserts.len());
         // A contact given twice in one call: the later one wins, over the earlier.
         let mut pending: std::collections::HashMap<Vec<u8>, Contact> = Default::default();
@@ -1161,9 +1061,8 @@ impl Store for SledStore {
             let old = match pending.get(&record_key) {
                 Some(earlier) => Some(earlier.clone()),
                 None => self
-                    .contacts
-                    .get(&record_key)
-                    .map_err(engine)?
+                    .engine
+                    .get(Tree::Contacts, &record_key)?
                     .map(|value| decode::<Contact>(&value))
                     .transpose()?,
             };
@@ -1172,26 +1071,28 @@ impl Store for SledStore {
                     contact.created_at = old.created_at;
                 }
                 for email in old.emails.iter().filter(|e| !contact.has_email(e)) {
-                    index.remove(key(&[&old.location_id, email, &old.id]));
+                    index.push((key(&[&old.location_id, email, &old.id]), None));
                 }
             }
             for email in &contact.emails {
-                index.insert(key(&[&contact.location_id, email, &contact.id]), &[][..]);
+                index.push((
+                    key(&[&contact.location_id, email, &contact.id]),
+                    Some(Vec::new()),
+                ));
             }
-            records.insert(record_key.clone(), encode(&contact)?);
+            records.push((record_key.clone(), Some(encode(&contact)?)));
             pending.insert(record_key, contact.clone());
             stored.push(contact);
         }
-        self.contact_emails.apply_batch(index).map_err(engine)?;
-        self.contacts.apply_batch(records).map_err(engine)?;
+        self.engine.apply_batch(Tree::ContactEmails, &index)?;
+        self.engine.apply_batch(Tree::Contacts, &records)?;
         self.flush()?;
         Ok(stored)
     }
 
     fn contact(&self, location_id: &str, contact_id: &str) -> StoreResult<Option<Contact>> {
-        self.contacts
-            .get(key(&[location_id, contact_id]))
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Contacts, &key(&[location_id, contact_id]))?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -1199,17 +1100,15 @@ impl Store for SledStore {
     fn delete_contact(&self, location_id: &str, contact_id: &str) -> StoreResult<bool> {
         let _one_at_a_time = self.directory_lock();
         let Some(old) = self
-            .contacts
-            .remove(key(&[location_id, contact_id]))
-            .map_err(engine)?
+            .engine
+            .remove(Tree::Contacts, &key(&[location_id, contact_id]))?
         else {
             return Ok(false);
         };
         let old: Contact = decode(&old)?;
         for email in &old.emails {
-            self.contact_emails
-                .remove(key(&[location_id, email, contact_id]))
-                .map_err(engine)?;
+            self.engine
+                .remove(Tree::ContactEmails, &key(&[location_id, email, contact_id]))?;
         }
         self.flush()?;
         Ok(true)
@@ -1218,8 +1117,8 @@ impl Store for SledStore {
     fn contacts_by_email(&self, location_id: &str, email: &str) -> StoreResult<Vec<Contact>> {
         let mut found = Vec::new();
         let scan = prefix(&[location_id, email]);
-        for item in self.contact_emails.scan_prefix(&scan) {
-            let (index_key, _) = item.map_err(engine)?;
+        for index_key in keys(self.engine.scan_prefix(Tree::ContactEmails, &scan)) {
+            let index_key = index_key?;
             let contact_id = String::from_utf8_lossy(&index_key[scan.len()..]).into_owned();
             if let Some(contact) = self.contact(location_id, &contact_id)?
                 && contact.has_email(email)
@@ -1258,7 +1157,7 @@ impl Store for SledStore {
         // Only sends still queued fail: one claimed for submission is on its
         // way (claim_send takes the same lock).
         let mut failed_values: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut refunds: Vec<sled::IVec> = Vec::new();
+        let mut refunds: Vec<Vec<u8>> = Vec::new();
         let mut all_events = events.to_vec();
         for (send, failed_event) in failed_sends {
             if !self
@@ -1271,10 +1170,10 @@ impl Store for SledStore {
             all_events.push(failed_event.clone());
             // A send that never left gives its unit of quota back.
             refunds.extend(
-                self.quota
-                    .scan_prefix(prefix(&[&send.mailbox]))
+                self.engine
+                    .scan_prefix(Tree::Quota, &prefix(&[&send.mailbox]))
                     .filter_map(Result::ok)
-                    .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
+                    .filter(|(_, v)| v.as_slice() == send.id.as_bytes())
                     .map(|(k, _)| k),
             );
         }
@@ -1289,8 +1188,11 @@ impl Store for SledStore {
             Some(old) => {
                 let own = key(&[old, &integration.location_id, &integration.user_id]);
                 let mut others = false;
-                for k in self.mailbox_integrations.scan_prefix(prefix(&[old])).keys() {
-                    if k.map_err(engine)? != own {
+                for k in keys(
+                    self.engine
+                        .scan_prefix(Tree::MailboxIntegrations, &prefix(&[old])),
+                ) {
+                    if k? != own {
                         others = true;
                         break;
                     }
@@ -1318,68 +1220,57 @@ impl Store for SledStore {
                 }
             }
         }
-        (
-            &self.mailboxes,
-            &self.integrations,
-            &self.mailbox_integrations,
-            &self.cursors,
-            &self.outbox,
-            &self.sends,
-            &self.unsettled,
-            &self.quota,
-        )
-            .transaction(
-                |(
-                    mailboxes,
-                    integrations,
-                    by_mailbox,
-                    cursors,
-                    outbox,
-                    sends,
-                    unsettled,
-                    quota,
-                )| {
-                    if let Some(old) = &moved_from {
-                        by_mailbox.remove(key(&[
-                            old,
-                            &integration.location_id,
-                            &integration.user_id,
-                        ]))?;
-                    }
-                    if let Some(old) = &released {
-                        mailboxes.remove(old.as_bytes())?;
-                    }
-                    for forgotten in &forgotten_cursors {
-                        cursors.remove(forgotten.as_slice())?;
-                    }
-                    mailboxes.insert(mailbox.address.as_bytes(), mailbox_value.as_slice())?;
-                    integrations
-                        .insert(integration_key.as_slice(), integration_value.as_slice())?;
-                    by_mailbox.insert(
-                        key(&[
-                            &mailbox.address,
-                            &integration.location_id,
-                            &integration.user_id,
-                        ]),
-                        &[][..],
+        self.engine.transaction(
+            &[
+                Tree::Mailboxes,
+                Tree::Integrations,
+                Tree::MailboxIntegrations,
+                Tree::Cursors,
+                Tree::Outbox,
+                Tree::Sends,
+                Tree::UnsettledSends,
+                Tree::Quota,
+            ],
+            &|tx| {
+                if let Some(old) = &moved_from {
+                    tx.remove(
+                        Tree::MailboxIntegrations,
+                        &key(&[old, &integration.location_id, &integration.user_id]),
                     )?;
-                    for (cursor_key, value) in &cursor_values {
-                        if cursors.get(cursor_key)?.is_none() {
-                            cursors.insert(cursor_key.as_slice(), value.as_slice())?;
-                        }
+                }
+                if let Some(old) = &released {
+                    tx.remove(Tree::Mailboxes, old.as_bytes())?;
+                }
+                for forgotten in &forgotten_cursors {
+                    tx.remove(Tree::Cursors, forgotten)?;
+                }
+                tx.insert(Tree::Mailboxes, mailbox.address.as_bytes(), &mailbox_value)?;
+                tx.insert(Tree::Integrations, &integration_key, &integration_value)?;
+                tx.insert(
+                    Tree::MailboxIntegrations,
+                    &key(&[
+                        &mailbox.address,
+                        &integration.location_id,
+                        &integration.user_id,
+                    ]),
+                    &[],
+                )?;
+                for (cursor_key, value) in &cursor_values {
+                    if tx.get(Tree::Cursors, cursor_key)?.is_none() {
+                        tx.insert(Tree::Cursors, cursor_key, value)?;
                     }
-                    for (id, value, unsettled_key) in &failed_values {
-                        sends.insert(id.as_bytes(), value.as_slice())?;
-                        unsettled.remove(unsettled_key.as_slice())?;
-                    }
-                    for k in &refunds {
-                        quota.remove(k)?;
-                    }
-                    Self::put_outbox_tx(outbox, &outbox_values)?;
-                    Ok(())
-                },
-            )
-            .map_err(tx_error)?;
+                }
+                for (id, value, unsettled_key) in &failed_values {
+                    tx.insert(Tree::Sends, id.as_bytes(), value)?;
+                    tx.remove(Tree::UnsettledSends, unsettled_key)?;
+                }
+                for k in &refunds {
+                    tx.remove(Tree::Quota, k)?;
+                }
+                put_outbox_tx(tx, &outbox_values)?;
+                Ok(())
+            },
+        )?;
         self.flush_then_index(&outbox_values)?;
         for (id, _, _) in &failed_values {
             self.sources.remove(id, SourceCopy::Submission);
@@ -1390,8 +1281,8 @@ impl Store for SledStore {
     fn threads_of_mailbox(&self, mailbox: &str) -> StoreResult<Vec<Thread>> {
         // Only "update email" asks, rarely: a scan beats keeping another index.
         let mut found = Vec::new();
-        for value in self.threads.iter().values() {
-            let thread: Thread = decode(&value.map_err(engine)?)?;
+        for value in values(self.engine.iter(Tree::Threads)) {
+            let thread: Thread = decode(&value?)?;
             if thread.mailbox == mailbox {
                 found.push(thread);
             }
@@ -1416,12 +1307,11 @@ impl Store for SledStore {
         let address = integration.mailbox.clone();
         let own_key = key(&[&address, location_id, user_id]);
         let mut others = false;
-        for k in self
-            .mailbox_integrations
-            .scan_prefix(prefix(&[&address]))
-            .keys()
-        {
-            if k.map_err(engine)? != own_key {
+        for k in keys(
+            self.engine
+                .scan_prefix(Tree::MailboxIntegrations, &prefix(&[&address])),
+        ) {
+            if k? != own_key {
                 others = true;
                 break;
             }
@@ -1430,46 +1320,43 @@ impl Store for SledStore {
             Some(stored) => stored.roles(),
             None => FolderRole::FIXED.to_vec(),
         };
-        (
-            &self.mailboxes,
-            &self.integrations,
-            &self.mailbox_integrations,
-            &self.cursors,
-            &self.outbox,
-        )
-            .transaction(|(mailboxes, integrations, by_mailbox, cursors, outbox)| {
-                integrations.remove(integration_key.as_slice())?;
-                by_mailbox.remove(own_key.as_slice())?;
+        self.engine.transaction(
+            &[
+                Tree::Mailboxes,
+                Tree::Integrations,
+                Tree::MailboxIntegrations,
+                Tree::Cursors,
+                Tree::Outbox,
+            ],
+            &|tx| {
+                tx.remove(Tree::Integrations, &integration_key)?;
+                tx.remove(Tree::MailboxIntegrations, &own_key)?;
                 if !others {
-                    mailboxes.remove(address.as_bytes())?;
+                    tx.remove(Tree::Mailboxes, address.as_bytes())?;
                     for role in &roles {
-                        cursors.remove(cursor_key(&address, *role))?;
+                        tx.remove(Tree::Cursors, &cursor_key(&address, *role))?;
                     }
                 }
-                Self::put_outbox_tx(outbox, &outbox_values)?;
+                put_outbox_tx(tx, &outbox_values)?;
                 Ok(())
-            })
-            .map_err(tx_error)?;
+            },
+        )?;
         // A released mailbox's synced messages are no longer watched, and
         // what it set aside no longer matters.
         if !others {
-            for k in self.located.scan_prefix(prefix(&[&address])).keys() {
-                self.located.remove(k.map_err(engine)?).map_err(engine)?;
-            }
-            for k in self.unprocessable.scan_prefix(prefix(&[&address])).keys() {
-                self.unprocessable
-                    .remove(k.map_err(engine)?)
-                    .map_err(engine)?;
+            for tree in [Tree::Located, Tree::Unprocessable] {
+                for k in keys(self.engine.scan_prefix(tree, &prefix(&[&address]))) {
+                    self.engine.remove(tree, &k?)?;
+                }
             }
         }
         // What this integration received no longer matters: a reconnect
         // starts from its new baseline (R19).
-        for k in self
-            .synced
-            .scan_prefix(prefix(&[location_id, user_id]))
-            .keys()
-        {
-            self.synced.remove(k.map_err(engine)?).map_err(engine)?;
+        for k in keys(
+            self.engine
+                .scan_prefix(Tree::Synced, &prefix(&[location_id, user_id])),
+        ) {
+            self.engine.remove(Tree::Synced, &k?)?;
         }
         let result = Some(Disconnected {
             integration,
@@ -1480,18 +1367,15 @@ impl Store for SledStore {
     }
 
     fn mailbox(&self, address: &str) -> StoreResult<Option<Mailbox>> {
-        self.mailboxes
-            .get(address.as_bytes())
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Mailboxes, address.as_bytes())?
             .map(|v| self.open_mailbox(&v))
             .transpose()
     }
 
     fn mailboxes(&self) -> StoreResult<Vec<Mailbox>> {
-        self.mailboxes
-            .iter()
-            .values()
-            .map(|v| self.open_mailbox(&v.map_err(engine)?))
+        values(self.engine.iter(Tree::Mailboxes))
+            .map(|v| self.open_mailbox(&v?))
             .collect()
     }
 
@@ -1501,22 +1385,22 @@ impl Store for SledStore {
         limit: usize,
         keep: &mut dyn FnMut(&MailboxSummary) -> bool,
     ) -> StoreResult<Vec<MailboxSummary>> {
-        use std::ops::Bound;
         let from = match after {
             Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
         let mut page = Vec::new();
-        for value in self
-            .mailboxes
-            .range::<Vec<u8>, _>((from, Bound::Unbounded))
-            .values()
+        for value in
+            values(
+                self.engine
+                    .range(Tree::Mailboxes, from, Bound::Unbounded, Direction::Forward),
+            )
         {
             if page.len() >= limit {
                 break;
             }
             // The public fields only: the sealed credentials stay shut.
-            let mailbox: MailboxSummary = decode(&value.map_err(engine)?)?;
+            let mailbox: MailboxSummary = decode(&value?)?;
             if keep(&mailbox) {
                 page.push(mailbox);
             }
@@ -1542,13 +1426,12 @@ impl Store for SledStore {
         mailbox.state = MailboxState::NeedsReauth;
         mailbox.last_error = Some(reason.to_string());
         let mailbox_value = self.seal_mailbox(&mailbox)?;
-        (&self.mailboxes, &self.outbox)
-            .transaction(|(mailboxes, outbox)| {
-                mailboxes.insert(address.as_bytes(), mailbox_value.as_slice())?;
-                Self::put_outbox_tx(outbox, &outbox_values)?;
+        self.engine
+            .transaction(&[Tree::Mailboxes, Tree::Outbox], &|tx| {
+                tx.insert(Tree::Mailboxes, address.as_bytes(), &mailbox_value)?;
+                put_outbox_tx(tx, &outbox_values)?;
                 Ok(())
-            })
-            .map_err(tx_error)?;
+            })?;
         self.flush_then_index(&outbox_values)?;
         Ok(true)
     }
@@ -1567,17 +1450,18 @@ impl Store for SledStore {
             return Ok(false);
         }
         mailbox.credentials = new.clone();
-        self.mailboxes
-            .insert(address.as_bytes(), self.seal_mailbox(&mailbox)?)
-            .map_err(engine)?;
+        self.engine.insert(
+            Tree::Mailboxes,
+            address.as_bytes(),
+            &self.seal_mailbox(&mailbox)?,
+        )?;
         self.flush()?;
         Ok(true)
     }
 
     fn integration(&self, location_id: &str, user_id: &str) -> StoreResult<Option<Integration>> {
-        self.integrations
-            .get(key(&[location_id, user_id]))
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Integrations, &key(&[location_id, user_id]))?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -1585,8 +1469,8 @@ impl Store for SledStore {
     fn integrations_of_mailbox(&self, address: &str) -> StoreResult<Vec<Integration>> {
         let scan = prefix(&[address]);
         let mut found = Vec::new();
-        for item in self.mailbox_integrations.scan_prefix(&scan) {
-            let (k, _) = item.map_err(engine)?;
+        for k in keys(self.engine.scan_prefix(Tree::MailboxIntegrations, &scan)) {
+            let k = k?;
             let rest = String::from_utf8_lossy(&k[scan.len()..]).into_owned();
             let Some((location_id, user_id)) = rest.split_once('\0') else {
                 continue;
@@ -1601,9 +1485,8 @@ impl Store for SledStore {
     }
 
     fn cursor(&self, mailbox: &str, folder: FolderRole) -> StoreResult<Option<FolderCursor>> {
-        self.cursors
-            .get(cursor_key(mailbox, folder))
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Cursors, &cursor_key(mailbox, folder))?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -1617,32 +1500,30 @@ impl Store for SledStore {
     ) -> StoreResult<()> {
         let at = cursor_key(mailbox, folder);
         let value = encode(&cursor)?;
-        (&self.cursors, &self.mailboxes)
-            .transaction(|(cursors, mailboxes)| {
+        self.engine
+            .transaction(&[Tree::Cursors, Tree::Mailboxes], &|tx| {
                 let stands = match &expected {
-                    Some(expected) => cursor_stands_at(cursors, &at, expected)?,
+                    Some(expected) => cursor_stands_at(tx, &at, expected)?,
                     None => {
-                        cursors.get(at.as_slice())?.is_none()
-                            && mailboxes.get(mailbox.as_bytes())?.is_some()
+                        tx.get(Tree::Cursors, &at)?.is_none()
+                            && tx.get(Tree::Mailboxes, mailbox.as_bytes())?.is_some()
                     }
                 };
                 if !stands {
-                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                    return Err(TxError::Abort(StoreError::CursorMoved));
                 }
-                cursors.insert(at.as_slice(), value.as_slice())?;
+                tx.insert(Tree::Cursors, &at, &value)?;
                 Ok(())
-            })
-            .map_err(tx_error)?;
+            })?;
         self.flush()
     }
 
     fn thread_of(&self, mailbox: &str, message_ids: &[String]) -> StoreResult<Option<Thread>> {
         for message_id in message_ids {
             if let Some(thread_id) = self
-                .thread_keys
-                .get(key(&[mailbox, message_id]))
-                .map_err(engine)?
-                && let Some(thread) = self.threads.get(&thread_id).map_err(engine)?
+                .engine
+                .get(Tree::ThreadKeys, &key(&[mailbox, message_id]))?
+                && let Some(thread) = self.engine.get(Tree::Threads, &thread_id)?
             {
                 return Ok(Some(decode(&thread)?));
             }
@@ -1658,11 +1539,10 @@ impl Store for SledStore {
         // As the commit's check reads it: the first id filed decides.
         for message_id in message_ids {
             if let Some(thread_id) = self
-                .thread_keys
-                .get(answered_key(mailbox, message_id))
-                .map_err(engine)?
+                .engine
+                .get(Tree::ThreadKeys, &answered_key(mailbox, message_id))?
             {
-                return match self.threads.get(&thread_id).map_err(engine)? {
+                return match self.engine.get(Tree::Threads, &thread_id)? {
                     Some(thread) => Ok(Some(decode(&thread)?)),
                     None => Ok(None),
                 };
@@ -1722,17 +1602,18 @@ impl Store for SledStore {
         uid_validity: u32,
         uid: u32,
     ) -> StoreResult<Option<LocatedMessage>> {
-        self.located
-            .get(located_key(mailbox, folder, uid_validity, uid))
-            .map_err(engine)?
+        self.engine
+            .get(
+                Tree::Located,
+                &located_key(mailbox, folder, uid_validity, uid),
+            )?
             .map(|v| decode(&v))
             .transpose()
     }
 
     fn record_info(&self, record_id: &str) -> StoreResult<Option<LocatedMessage>> {
-        self.record_info
-            .get(record_id.as_bytes())
-            .map_err(engine)?
+        self.engine
+            .get(Tree::RecordInfo, record_id.as_bytes())?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -1744,9 +1625,8 @@ impl Store for SledStore {
     ) -> StoreResult<Option<String>> {
         for (location, user) in integrations {
             if let Some(record) = self
-                .synced
-                .get(key(&[location, user, identity]))
-                .map_err(engine)?
+                .engine
+                .get(Tree::Synced, &key(&[location, user, identity]))?
             {
                 return Ok(Some(String::from_utf8_lossy(&record).into_owned()));
             }
@@ -1759,9 +1639,8 @@ impl Store for SledStore {
         record_id: &str,
     ) -> StoreResult<Option<(MessageLocation, LocatedMessage)>> {
         let Some(value) = self
-            .record_locations
-            .get(record_id.as_bytes())
-            .map_err(engine)?
+            .engine
+            .get(Tree::RecordLocations, record_id.as_bytes())?
         else {
             return Ok(None);
         };
@@ -1780,16 +1659,16 @@ impl Store for SledStore {
         let at = &change.location;
         let key = located_key(&at.mailbox, at.folder, at.uid_validity, at.uid);
         let value = encode(change)?;
-        let queued = (&self.located, &self.record_locations, &self.mailbox_changes)
-            .transaction(|(located, record_locations, changes)| {
-                let Some(stored) = located.get(key.as_slice())? else {
+        let queued = self.engine.transaction(
+            &[Tree::Located, Tree::RecordLocations, Tree::MailboxChanges],
+            &|tx| {
+                let Some(stored) = tx.get(Tree::Located, &key)? else {
                     return Ok(false);
                 };
-                let mut entry: LocatedMessage =
-                    decode(&stored).map_err(ConflictableTransactionError::Abort)?;
+                let mut entry: LocatedMessage = decode(&stored)?;
                 if change.to_trash {
-                    located.remove(key.as_slice())?;
-                    record_locations.remove(entry.record_id.as_bytes())?;
+                    tx.remove(Tree::Located, &key)?;
+                    tx.remove(Tree::RecordLocations, entry.record_id.as_bytes())?;
                 } else {
                     if let Some(seen) = change.seen {
                         entry.flags.seen = seen;
@@ -1797,14 +1676,13 @@ impl Store for SledStore {
                     if let Some(flagged) = change.flagged {
                         entry.flags.flagged = flagged;
                     }
-                    let updated = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
-                    located.insert(key.as_slice(), updated)?;
+                    tx.insert(Tree::Located, &key, &encode(&entry)?)?;
                 }
-                let sequence = changes.generate_id()?;
-                changes.insert(&sequence.to_be_bytes(), value.as_slice())?;
+                let sequence = tx.generate_id()?;
+                tx.insert(Tree::MailboxChanges, &sequence.to_be_bytes(), &value)?;
                 Ok(true)
-            })
-            .map_err(tx_error)?;
+            },
+        )?;
         self.flush()?;
         Ok(queued)
     }
@@ -1817,15 +1695,18 @@ impl Store for SledStore {
         let key = located_key(&at.mailbox, at.folder, at.uid_validity, at.uid);
         let value = encode(&info)?;
         let location = encode(at)?;
-        (&self.located, &self.record_locations)
-            .transaction(|(located, record_locations)| {
-                if located.get(key.as_slice())?.is_none() {
-                    located.insert(key.as_slice(), value.as_slice())?;
-                    record_locations.insert(change.record_id.as_bytes(), location.as_slice())?;
+        self.engine
+            .transaction(&[Tree::Located, Tree::RecordLocations], &|tx| {
+                if tx.get(Tree::Located, &key)?.is_none() {
+                    tx.insert(Tree::Located, &key, &value)?;
+                    tx.insert(
+                        Tree::RecordLocations,
+                        change.record_id.as_bytes(),
+                        &location,
+                    )?;
                 }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(tx_error)?;
+                Ok(())
+            })?;
         self.flush()
     }
 
@@ -1837,7 +1718,7 @@ impl Store for SledStore {
             failed.uid,
         );
         let earlier: Option<UnprocessableMessage> =
-            match self.unprocessable.get(&key).map_err(engine)? {
+            match self.engine.get(Tree::Unprocessable, &key)? {
                 Some(stored) => decode(&stored).ok(),
                 None => None,
             };
@@ -1853,9 +1734,8 @@ impl Store for SledStore {
             set_aside_at: None,
             ..failed.clone()
         };
-        self.unprocessable
-            .insert(key, encode(&counted)?)
-            .map_err(engine)?;
+        self.engine
+            .insert(Tree::Unprocessable, &key, &encode(&counted)?)?;
         self.flush()?;
         Ok(counted)
     }
@@ -1871,17 +1751,16 @@ impl Store for SledStore {
         // message is met again and set aside again, its event going out
         // with that commit only.
         let earlier = self
-            .unprocessable
-            .insert(key.as_slice(), encode(record)?)
-            .map_err(engine)?;
+            .engine
+            .insert(Tree::Unprocessable, &key, &encode(record)?)?;
         if let Err(err) = self.commit_ingest(commit, None) {
             // A stale watcher's commit: the message was not set aside.
             let restored = match earlier {
                 Some(earlier) => self
-                    .unprocessable
-                    .insert(key.as_slice(), earlier)
+                    .engine
+                    .insert(Tree::Unprocessable, &key, &earlier)
                     .map(|_| ()),
-                None => self.unprocessable.remove(key.as_slice()).map(|_| ()),
+                None => self.engine.remove(Tree::Unprocessable, &key).map(|_| ()),
             };
             if let Err(restore) = restored {
                 tracing::error!("restoring a message's failed tries failed: {restore:#}");
@@ -1893,8 +1772,11 @@ impl Store for SledStore {
 
     fn set_aside_messages(&self, mailbox: &str) -> StoreResult<Vec<UnprocessableMessage>> {
         let mut found = Vec::new();
-        for item in self.unprocessable.scan_prefix(prefix(&[mailbox])) {
-            let (_, value) = item.map_err(engine)?;
+        for value in values(
+            self.engine
+                .scan_prefix(Tree::Unprocessable, &prefix(&[mailbox])),
+        ) {
+            let value = value?;
             match decode::<UnprocessableMessage>(&value) {
                 Ok(record) if record.set_aside_at.is_some() => found.push(record),
                 Ok(_) => {}
@@ -1906,9 +1788,9 @@ impl Store for SledStore {
 
     fn mailbox_changes(&self) -> StoreResult<Vec<(u64, MailboxChange)>> {
         let mut found = Vec::new();
-        for item in self.mailbox_changes.iter() {
-            let (k, v) = item.map_err(engine)?;
-            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+        for item in self.engine.iter(Tree::MailboxChanges) {
+            let (k, v) = item?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 continue;
             };
             match decode(&v) {
@@ -1928,14 +1810,15 @@ impl Store for SledStore {
     ) -> StoreResult<()> {
         match change {
             Some(change) => {
-                self.mailbox_changes
-                    .insert(sequence.to_be_bytes(), encode(change)?)
-                    .map_err(engine)?;
+                self.engine.insert(
+                    Tree::MailboxChanges,
+                    &sequence.to_be_bytes(),
+                    &encode(change)?,
+                )?;
             }
             None => {
-                self.mailbox_changes
-                    .remove(sequence.to_be_bytes())
-                    .map_err(engine)?;
+                self.engine
+                    .remove(Tree::MailboxChanges, &sequence.to_be_bytes())?;
             }
         }
         self.flush()
@@ -1952,8 +1835,17 @@ impl Store for SledStore {
         let first = located_key(mailbox, folder, uid_validity, *uids.start());
         let last = located_key(mailbox, folder, uid_validity, *uids.end());
         let mut found = Vec::new();
-        for item in self.located.range(first..=last).rev().take(latest) {
-            let (k, v) = item.map_err(engine)?;
+        for item in self
+            .engine
+            .range(
+                Tree::Located,
+                Bound::Included(first),
+                Bound::Included(last),
+                Direction::Reverse,
+            )
+            .take(latest)
+        {
+            let (k, v) = item?;
             let uid = k
                 .len()
                 .checked_sub(4)
@@ -2001,52 +1893,53 @@ impl Store for SledStore {
                 ))
             })
             .collect::<StoreResult<_>>()?;
-        (
-            &self.cursors,
-            &self.located,
-            &self.outbox,
-            &self.record_locations,
-        )
-            .transaction(|(cursors, located, outbox, record_locations)| {
-                if !cursor_stands_at(cursors, &cursor_at, &cursor_before)? {
-                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+        self.engine.transaction(
+            &[
+                Tree::Cursors,
+                Tree::Located,
+                Tree::Outbox,
+                Tree::RecordLocations,
+            ],
+            &|tx| {
+                if !cursor_stands_at(tx, &cursor_at, &cursor_before)? {
+                    return Err(TxError::Abort(StoreError::CursorMoved));
                 }
-                let Some(stored) = cursors.get(cursor_at.as_slice())? else {
-                    return Err(ConflictableTransactionError::Abort(StoreError::CursorMoved));
+                let Some(stored) = tx.get(Tree::Cursors, &cursor_at)? else {
+                    return Err(TxError::Abort(StoreError::CursorMoved));
                 };
-                let mut cursor: FolderCursor =
-                    decode(&stored).map_err(ConflictableTransactionError::Abort)?;
+                let mut cursor: FolderCursor = decode(&stored)?;
                 if highest_modseq.is_some() {
                     cursor.highest_modseq = highest_modseq;
                 }
-                let cursor_value = encode(&cursor).map_err(ConflictableTransactionError::Abort)?;
+                let cursor_value = encode(&cursor)?;
                 for (key, change, outbox_values, moved_to) in &change_keys {
                     let Some(flags) = change.flags_after else {
                         // Gone meanwhile (the CRM's DELETE took it): its own
                         // change, not reported back.
-                        let Some(gone) = located.remove(key.as_slice())? else {
+                        let Some(gone) = tx.remove(Tree::Located, key)? else {
                             continue;
                         };
-                        let entry: LocatedMessage =
-                            decode(&gone).map_err(ConflictableTransactionError::Abort)?;
+                        let entry: LocatedMessage = decode(&gone)?;
                         match moved_to {
                             Some((new_key, location)) => {
-                                located.insert(new_key.as_slice(), gone)?;
-                                record_locations
-                                    .insert(entry.record_id.as_bytes(), location.as_slice())?;
+                                tx.insert(Tree::Located, new_key, &gone)?;
+                                tx.insert(
+                                    Tree::RecordLocations,
+                                    entry.record_id.as_bytes(),
+                                    location,
+                                )?;
                             }
                             None => {
-                                record_locations.remove(entry.record_id.as_bytes())?;
+                                tx.remove(Tree::RecordLocations, entry.record_id.as_bytes())?;
                             }
                         }
-                        Self::put_outbox_tx(outbox, outbox_values)?;
+                        put_outbox_tx(tx, outbox_values)?;
                         continue;
                     };
-                    let Some(value) = located.get(key.as_slice())? else {
+                    let Some(value) = tx.get(Tree::Located, key)? else {
                         continue;
                     };
-                    let mut entry: LocatedMessage =
-                        decode(&value).map_err(ConflictableTransactionError::Abort)?;
+                    let mut entry: LocatedMessage = decode(&value)?;
                     if entry.flags != change.flags_before {
                         continue;
                     }
@@ -2054,14 +1947,13 @@ impl Store for SledStore {
                     if let Some(labels) = &change.labels_after {
                         entry.labels = Some(labels.clone());
                     }
-                    let value = encode(&entry).map_err(ConflictableTransactionError::Abort)?;
-                    located.insert(key.as_slice(), value)?;
-                    Self::put_outbox_tx(outbox, outbox_values)?;
+                    tx.insert(Tree::Located, key, &encode(&entry)?)?;
+                    put_outbox_tx(tx, outbox_values)?;
                 }
-                cursors.insert(cursor_at.as_slice(), cursor_value.as_slice())?;
+                tx.insert(Tree::Cursors, &cursor_at, &cursor_value)?;
                 Ok(())
-            })
-            .map_err(tx_error)?;
+            },
+        )?;
         let outbox_values: Vec<PreparedEntry> = change_keys
             .iter()
             .flat_map(|(_, _, outbox_values, _)| outbox_values.iter().cloned())
@@ -2077,9 +1969,8 @@ impl Store for SledStore {
         let mut found = Vec::new();
         for (location, user) in integrations {
             if self
-                .synced
-                .contains_key(key(&[location, user, identity]))
-                .map_err(engine)?
+                .engine
+                .contains_key(Tree::Synced, &key(&[location, user, identity]))?
             {
                 found.push((location.clone(), user.clone()));
             }
@@ -2089,9 +1980,8 @@ impl Store for SledStore {
 
     fn enqueue(&self, events: &[Event]) -> StoreResult<()> {
         let values = self.stored_entries(events)?;
-        self.outbox
-            .transaction(|outbox| Self::put_outbox_tx(outbox, &values))
-            .map_err(tx_error)?;
+        self.engine
+            .transaction(&[Tree::Outbox], &|tx| put_outbox_tx(tx, &values))?;
         self.flush_then_index(&values)
     }
 
@@ -2104,9 +1994,18 @@ impl Store for SledStore {
         let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
         let mut page = Vec::new();
         let mut unreadable = Vec::new();
-        for item in self.outbox.range(start.to_be_bytes()..).take(limit) {
-            let (k, v) = item.map_err(engine)?;
-            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+        for item in self
+            .engine
+            .range(
+                Tree::Outbox,
+                Bound::Included(start.to_be_bytes().to_vec()),
+                Bound::Unbounded,
+                Direction::Forward,
+            )
+            .take(limit)
+        {
+            let (k, v) = item?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
                 continue;
             };
@@ -2123,26 +2022,25 @@ impl Store for SledStore {
             }
         }
         for (k, v, reason) in unreadable {
-            self.set_aside_unreadable(k, v, &reason)?;
+            self.set_aside_unreadable(&k, &v, &reason)?;
         }
         Ok(page)
     }
 
     fn update_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()> {
         let k = sequence.to_be_bytes();
-        let Some(previous) = self.outbox.get(k).map_err(engine)? else {
+        let Some(previous) = self.engine.get(Tree::Outbox, &k)? else {
             return Ok(());
         };
-        self.outbox
-            .insert(k, self.save_entry(entry, &previous)?)
-            .map_err(engine)?;
+        self.engine
+            .insert(Tree::Outbox, &k, &self.save_entry(entry, &previous)?)?;
         let flushed = self.flush();
         self.index().reschedule(sequence, entry.next_attempt_ms);
         flushed
     }
 
     fn complete_outbox(&self, sequence: u64) -> StoreResult<()> {
-        if let Some(previous) = self.outbox.remove(sequence.to_be_bytes()).map_err(engine)? {
+        if let Some(previous) = self.engine.remove(Tree::Outbox, &sequence.to_be_bytes())? {
             // Out of the index whatever the flush says: the row is gone.
             let flushed = self.flush();
             self.unindex(sequence, &previous);
@@ -2154,7 +2052,7 @@ impl Store for SledStore {
 
     fn bury_outbox(&self, sequence: u64, entry: &OutboxEntry) -> StoreResult<()> {
         let k = sequence.to_be_bytes();
-        let previous = self.outbox.get(k).map_err(engine)?;
+        let previous = self.engine.get(Tree::Outbox, &k)?;
         let value = encode(&StoredDeadLetter {
             v: 2,
             entry: Some(entry.clone()),
@@ -2165,13 +2063,12 @@ impl Store for SledStore {
                 .unwrap_or_else(|| "set aside".into()),
             buried_at: chrono::Utc::now(),
         })?;
-        (&self.outbox, &self.dead_letters)
-            .transaction(|(outbox, dead)| {
-                outbox.remove(&k)?;
-                dead.insert(&k, value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(tx_error)?;
+        self.engine
+            .transaction(&[Tree::Outbox, Tree::DeadLetters], &|tx| {
+                tx.remove(Tree::Outbox, &k)?;
+                tx.insert(Tree::DeadLetters, &k, &value)?;
+                Ok(())
+            })?;
         let flushed = self.flush();
         if let Some(previous) = &previous {
             self.unindex(sequence, previous);
@@ -2187,9 +2084,18 @@ impl Store for SledStore {
     fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
         let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
         let mut found = Vec::new();
-        for item in self.dead_letters.range(start.to_be_bytes()..).take(limit) {
-            let (k, v) = item.map_err(engine)?;
-            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+        for item in self
+            .engine
+            .range(
+                Tree::DeadLetters,
+                Bound::Included(start.to_be_bytes().to_vec()),
+                Bound::Unbounded,
+                Direction::Forward,
+            )
+            .take(limit)
+        {
+            let (k, v) = item?;
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 continue;
             };
             found.push(read_dead_letter(u64::from_be_bytes(bytes), &v, self));
@@ -2199,7 +2105,7 @@ impl Store for SledStore {
 
     fn replay_dead_letter(&self, id: u64) -> StoreResult<Replay> {
         let k = id.to_be_bytes();
-        let Some(value) = self.dead_letters.get(k).map_err(engine)? else {
+        let Some(value) = self.engine.get(Tree::DeadLetters, &k)? else {
             return Ok(Replay::NotFound);
         };
         let Some(entry) = read_dead_letter(id, &value, self).entry else {
@@ -2209,16 +2115,16 @@ impl Store for SledStore {
         let mut entry = OutboxEntry::new(entry.event);
         entry.last_error = None;
         let outbox_values = self.stored_entries(std::slice::from_ref(&entry.event))?;
-        let requeued = (&self.outbox, &self.dead_letters)
-            .transaction(|(outbox, dead)| {
+        let requeued = self
+            .engine
+            .transaction(&[Tree::Outbox, Tree::DeadLetters], &|tx| {
                 // Of two replays at once, one requeues it.
-                if dead.remove(&k)?.is_none() {
+                if tx.remove(Tree::DeadLetters, &k)?.is_none() {
                     return Ok(false);
                 }
-                Self::put_outbox_tx(outbox, &outbox_values)?;
+                put_outbox_tx(tx, &outbox_values)?;
                 Ok(true)
-            })
-            .map_err(tx_error)?;
+            })?;
         self.flush_then_index(&outbox_values)?;
         Ok(if requeued {
             Replay::Requeued
@@ -2254,7 +2160,7 @@ impl Store for SledStore {
         let mut entries = Vec::with_capacity(ready.len());
         for sequence in ready {
             let k = sequence.to_be_bytes();
-            let Some(value) = self.outbox.get(k).map_err(engine)? else {
+            let Some(value) = self.engine.get(Tree::Outbox, &k)? else {
                 // Not in the outbox (it never was, or left it): forgotten.
                 self.index().forget(sequence);
                 continue;
@@ -2271,11 +2177,7 @@ impl Store for SledStore {
                     next_due_ms = Some(next_due_ms.map_or(soon, |due| due.min(soon)));
                 }
                 Err(err) => {
-                    self.set_aside_unreadable(
-                        k.as_slice().into(),
-                        value.clone(),
-                        &err.to_string(),
-                    )?;
+                    self.set_aside_unreadable(&k, &value, &err.to_string())?;
                     self.unindex(sequence, &value);
                 }
             }
@@ -2322,9 +2224,8 @@ impl Store for SledStore {
     }
 
     fn send(&self, id: &str) -> StoreResult<Option<SendRecord>> {
-        self.sends
-            .get(id.as_bytes())
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Sends, id.as_bytes())?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -2340,11 +2241,11 @@ impl Store for SledStore {
             _ => None,
         };
         // A send that never left gives its unit of quota back.
-        let refund: Vec<sled::IVec> = if send.status == SendStatus::Failed {
-            self.quota
-                .scan_prefix(prefix(&[&send.mailbox]))
+        let refund: Vec<Vec<u8>> = if send.status == SendStatus::Failed {
+            self.engine
+                .scan_prefix(Tree::Quota, &prefix(&[&send.mailbox]))
                 .filter_map(Result::ok)
-                .filter(|(_, v)| v.as_ref() == send.id.as_bytes())
+                .filter(|(_, v)| v.as_slice() == send.id.as_bytes())
                 .map(|(k, _)| k)
                 .collect()
         } else {
@@ -2358,44 +2259,42 @@ impl Store for SledStore {
         let message_key = key(&[&send.mailbox, &send.message_id]);
         let adopts_message_id =
             send.submitted_message_id.is_some() && send.status == SendStatus::Sent;
-        (
-            &self.sends,
-            &self.outbox,
-            &self.history,
-            &self.quota,
-            &self.unsettled,
-            &self.threads,
-            &self.thread_keys,
-            &self.crm_message_ids,
-        )
-            .transaction(
-                |(sends, outbox, history, quota, unsettled, threads, thread_keys, crm_ids)| {
-                    // Read and changed in the one commit, so an ingest or a
-                    // pin on the thread meanwhile is not undone.
-                    if adopts_message_id
-                        && let Some(mut thread) = thread_tx(threads, send.thread_id.as_bytes())?
-                    {
-                        thread.remember(Some(&send.message_id), None);
-                        let value = encode(&thread).map_err(ConflictableTransactionError::Abort)?;
-                        threads.insert(send.thread_id.as_bytes(), value)?;
-                        thread_keys.insert(message_key.as_slice(), send.thread_id.as_bytes())?;
-                        crm_ids.insert(message_key.as_slice(), send.id.as_bytes())?;
-                    }
-                    sends.insert(send.id.as_bytes(), send_value.as_slice())?;
-                    if settled {
-                        unsettled.remove(unsettled_key.as_slice())?;
-                    }
-                    if let Some((k, v)) = &history_value {
-                        history.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for k in &refund {
-                        quota.remove(k)?;
-                    }
-                    Self::put_outbox_tx(outbox, &outbox_values)?;
-                    Ok(())
-                },
-            )
-            .map_err(tx_error)?;
+        self.engine.transaction(
+            &[
+                Tree::Sends,
+                Tree::Outbox,
+                Tree::History,
+                Tree::Quota,
+                Tree::UnsettledSends,
+                Tree::Threads,
+                Tree::ThreadKeys,
+                Tree::CrmMessageIds,
+            ],
+            &|tx| {
+                // Read and changed in the one commit, so an ingest or a
+                // pin on the thread meanwhile is not undone.
+                if adopts_message_id
+                    && let Some(mut thread) = thread_tx(tx, send.thread_id.as_bytes())?
+                {
+                    thread.remember(Some(&send.message_id), None);
+                    tx.insert(Tree::Threads, send.thread_id.as_bytes(), &encode(&thread)?)?;
+                    tx.insert(Tree::ThreadKeys, &message_key, send.thread_id.as_bytes())?;
+                    tx.insert(Tree::CrmMessageIds, &message_key, send.id.as_bytes())?;
+                }
+                tx.insert(Tree::Sends, send.id.as_bytes(), &send_value)?;
+                if settled {
+                    tx.remove(Tree::UnsettledSends, &unsettled_key)?;
+                }
+                if let Some((k, v)) = &history_value {
+                    tx.insert(Tree::History, k, v)?;
+                }
+                for k in &refund {
+                    tx.remove(Tree::Quota, k)?;
+                }
+                put_outbox_tx(tx, &outbox_values)?;
+                Ok(())
+            },
+        )?;
         self.flush_then_index(&outbox_values)?;
         if matches!(send.status, SendStatus::Sent | SendStatus::Failed) {
             self.sources.remove(&send.id, SourceCopy::Submission);
@@ -2414,9 +2313,8 @@ impl Store for SledStore {
         if !(still_queued && still_from_here) {
             return Ok(false);
         }
-        self.sends
-            .insert(send.id.as_bytes(), encode(send)?)
-            .map_err(engine)?;
+        self.engine
+            .insert(Tree::Sends, send.id.as_bytes(), &encode(send)?)?;
         self.flush()?;
         Ok(true)
     }
@@ -2425,9 +2323,8 @@ impl Store for SledStore {
         // The index holds only unsettled sends, in acceptance order: the queue
         // never walks the history of everything ever sent.
         let mut found: Vec<SendRecord> = Vec::new();
-        for id in self.unsettled.iter().values() {
-            let id = id.map_err(engine)?;
-            if let Some(value) = self.sends.get(&id).map_err(engine)? {
+        for id in values(self.engine.iter(Tree::UnsettledSends)) {
+            if let Some(value) = self.engine.get(Tree::Sends, &id?)? {
                 let send: SendRecord = decode(&value)?;
                 if !send.is_settled() {
                     found.push(send);
@@ -2438,12 +2335,9 @@ impl Store for SledStore {
     }
 
     fn crm_send_of(&self, mailbox: &str, message_id: &str) -> StoreResult<Option<String>> {
-        self.crm_message_ids
-            .get(key(&[mailbox, message_id]))
-            .map_err(engine)?
-            .map(|id| {
-                String::from_utf8(id.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
+        self.engine
+            .get(Tree::CrmMessageIds, &key(&[mailbox, message_id]))?
+            .map(|id| String::from_utf8(id).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
     }
 
@@ -2453,8 +2347,8 @@ impl Store for SledStore {
         let mut used = 0u32;
         let mut oldest = None;
         let mut expired = Vec::new();
-        for item in self.quota.scan_prefix(&scan) {
-            let (k, _) = item.map_err(engine)?;
+        for k in keys(self.engine.scan_prefix(Tree::Quota, &scan)) {
+            let k = k?;
             let Some(time) = time_of_timed_key(&k, scan.len()) else {
                 continue;
             };
@@ -2467,15 +2361,14 @@ impl Store for SledStore {
         }
         // Entries older than the window never count again.
         for k in expired {
-            self.quota.remove(k).map_err(engine)?;
+            self.engine.remove(Tree::Quota, &k)?;
         }
         Ok((used, oldest))
     }
 
     fn thread(&self, thread_id: &str) -> StoreResult<Option<Thread>> {
-        self.threads
-            .get(thread_id.as_bytes())
-            .map_err(engine)?
+        self.engine
+            .get(Tree::Threads, thread_id.as_bytes())?
             .map(|v| decode(&v))
             .transpose()
     }
@@ -2489,8 +2382,12 @@ impl Store for SledStore {
     ) -> StoreResult<Vec<MessageEventData>> {
         let scan = prefix(&[location_id, contact_id]);
         let mut found = Vec::new();
-        for item in self.history.scan_prefix(&scan).rev() {
-            let (k, v) = item.map_err(engine)?;
+        let (from, to) = prefix_bounds(&scan);
+        for item in self
+            .engine
+            .range(Tree::History, from, to, Direction::Reverse)
+        {
+            let (k, v) = item?;
             if let (Some(before), Some(time)) = (before_ms, time_of_timed_key(&k, scan.len()))
                 && time >= before
             {
@@ -2506,7 +2403,7 @@ impl Store for SledStore {
 
     fn message_source(&self, record_id: &str, copy: SourceCopy) -> StoreResult<Option<Vec<u8>>> {
         if copy == SourceCopy::Filed
-            && let Some(value) = self.source_places.get(record_id).map_err(engine)?
+            && let Some(value) = self.engine.get(Tree::SourcePlaces, record_id.as_bytes())?
         {
             let place = SourcePlace::decode(&value)
                 .ok_or_else(|| StoreError::Corrupt(format!("the place of {record_id}'s source")))?;
@@ -2522,10 +2419,10 @@ impl Store for SledStore {
         };
         // Keyed by record id, so the whole index is read: hourly at most,
         // and only when a segment went.
-        for entry in self.source_places.iter() {
-            let (record_id, value) = entry.map_err(engine)?;
+        for entry in self.engine.iter(Tree::SourcePlaces) {
+            let (record_id, value) = entry?;
             if SourcePlace::decode(&value).is_none_or(|place| place.segment() < first_kept) {
-                self.source_places.remove(record_id).map_err(engine)?;
+                self.engine.remove(Tree::SourcePlaces, &record_id)?;
                 removed += 1;
             }
         }
@@ -2533,35 +2430,35 @@ impl Store for SledStore {
     }
 
     fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        Ok(self.settings.get(name).map_err(engine)?.map(|v| v.to_vec()))
+        self.engine.get(Tree::Settings, name.as_bytes())
     }
 
     fn put_setting(&self, name: &str, value: &[u8]) -> StoreResult<()> {
-        self.settings.insert(name, value).map_err(engine)?;
+        self.engine.insert(Tree::Settings, name.as_bytes(), value)?;
         self.flush()
     }
 
     fn settings_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
-        self.settings
-            .scan_prefix(prefix)
+        self.engine
+            .scan_prefix(Tree::Settings, prefix.as_bytes())
             .map(|item| {
-                let (name, value) = item.map_err(engine)?;
-                Ok((String::from_utf8_lossy(&name).into_owned(), value.to_vec()))
+                let (name, value) = item?;
+                Ok((String::from_utf8_lossy(&name).into_owned(), value))
             })
             .collect()
     }
 
     fn take_setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        let taken = self.settings.remove(name).map_err(engine)?;
+        let taken = self.engine.remove(Tree::Settings, name.as_bytes())?;
         if taken.is_some() {
             self.flush()?;
         }
-        Ok(taken.map(|v| v.to_vec()))
+        Ok(taken)
     }
 
     fn secret_key(&self, name: &str) -> StoreResult<[u8; 32]> {
         let _one_at_a_time = self.one_at_a_time();
-        if let Some(sealed) = self.settings.get(name).map_err(engine)? {
+        if let Some(sealed) = self.engine.get(Tree::Settings, name.as_bytes())? {
             let sealed = String::from_utf8_lossy(&sealed).into_owned();
             return <[u8; 32]>::try_from(self.secrets.open(&sealed)?.as_slice())
                 .map_err(|_| StoreError::Corrupt(format!("setting {name} is not a 32-byte key")));
@@ -2569,9 +2466,11 @@ impl Store for SledStore {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)
             .map_err(|e| StoreError::Engine(format!("no randomness for a key: {e}")))?;
-        self.settings
-            .insert(name, self.secrets.seal(&key)?.as_bytes())
-            .map_err(engine)?;
+        self.engine.insert(
+            Tree::Settings,
+            name.as_bytes(),
+            self.secrets.seal(&key)?.as_bytes(),
+        )?;
         self.flush()?;
         Ok(key)
     }
@@ -2607,10 +2506,13 @@ mod tests {
             data: serde_json::json!({"subject": "waits"}),
         };
         // Every commit's flush ends with an fdatasync of sled's log.
-        let syncs = store.durability.log_syncs();
+        let syncs = store.engine().durability().log_syncs();
         store.put_setting("a", b"1").unwrap();
-        assert!(store.durability.log_syncs() > syncs, "the log is synced");
-        store.durability.fail_next_without_loss();
+        assert!(
+            store.engine().durability().log_syncs() > syncs,
+            "the log is synced"
+        );
+        store.engine().durability().fail_next_without_loss();
         assert!(store.enqueue(std::slice::from_ref(&event)).is_err());
         assert_eq!(deliverable(&store), 0, "not durable, not deliverable");
         store.make_durable().unwrap();
@@ -2630,7 +2532,7 @@ mod tests {
                 super::super::secret_box::SecretBox::from_key(&[1; 32]),
             )
             .unwrap();
-            store.durability.fail_next_with_loss();
+            store.engine().durability().fail_next_with_loss();
             let _ = store.put_setting("a", b"1");
             // Reached only when the failed fsync did not end the process.
             std::process::exit(0);
@@ -2638,7 +2540,7 @@ mod tests {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "store::sled_store::tests::a_failed_fsync_ends_the_process_with_exit_code_74",
+                "store::kv_store::tests::a_failed_fsync_ends_the_process_with_exit_code_74",
                 "--nocapture",
             ])
             .env(CHILD, "1")
@@ -2659,7 +2561,7 @@ mod tests {
         .unwrap();
         let send = super::super::suite::send_record("msg_kept", None);
         let thread = super::super::suite::send_thread();
-        store.durability.fail_next_without_loss();
+        store.engine().durability().fail_next_without_loss();
         let accepted = super::super::suite::accept(&store, &send, &thread, None, 0);
         assert!(accepted.is_err(), "the failed flush is reported");
         store.make_durable().unwrap();

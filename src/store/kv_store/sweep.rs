@@ -1,5 +1,5 @@
-//! The sled engine's retention sweep (`Store::sweep`): each rule of
-//! `store::retention` over the trees and files it governs. No rule takes a
+//! The store's retention sweep (`Store::sweep`), for every engine: each rule
+//! of `store::retention` over the trees and files it governs. No rule takes a
 //! store-wide lock: removals are compare-and-swap or small transactions that
 //! check, in the commit, that what made the item removable still holds, so a
 //! commit racing with the sweep is never undone. Reads walk whole trees;
@@ -8,14 +8,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use sled::Transactional as _;
-use sled::transaction::ConflictableTransactionError;
-
 use super::{
-    IdempotencyEntry, SledStore, StoredDeadLetter, StoredEntry, decode, encode, engine, key,
-    read_dead_letter, tx_error, unsettled_key,
+    IdempotencyEntry, KvStore, StoredDeadLetter, StoredEntry, decode, encode, key, keys,
+    read_dead_letter, unsettled_key, values,
 };
 use crate::model::{FolderCursor, MessageLocation, SendRecord, SendStatus, Thread};
+use crate::store::engine::{Engine, Tree};
 use crate::store::retention::{ORPHAN_GRACE, Retention, SweepReport, cutoff_ms, minted_at_ms};
 use crate::store::{IDEMPOTENCY_WINDOW_MS, QUOTA_WINDOW_MS, SourceCopy, Store as _, StoreResult};
 
@@ -92,7 +90,7 @@ fn time_of_history_key(history_key: &[u8]) -> Option<i64> {
     super::time_of_timed_key(history_key, prefix_len)
 }
 
-impl SledStore {
+impl<E: Engine> KvStore<E> {
     pub(super) fn sweep_pass(
         &self,
         now_ms: i64,
@@ -156,7 +154,7 @@ impl SledStore {
     }
 
     pub(super) fn remove_dead_letter(&self, id: u64) -> StoreResult<bool> {
-        let Some(previous) = self.dead_letters.remove(id.to_be_bytes()).map_err(engine)? else {
+        let Some(previous) = self.engine.remove(Tree::DeadLetters, &id.to_be_bytes())? else {
             return Ok(false);
         };
         self.flush()?;
@@ -177,8 +175,8 @@ impl SledStore {
         let cutoff = cutoff_ms(now_ms, keep);
         let now = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_else(chrono::Utc::now);
         let mut removed = 0;
-        for item in self.dead_letters.iter() {
-            let (k, v) = item.map_err(engine)?;
+        for item in self.engine.iter(Tree::DeadLetters) {
+            let (k, v) = item?;
             match decode::<StoredDeadLetter>(&v) {
                 Ok(stored) => {
                     if stored.buried_at.timestamp_millis() >= cutoff {
@@ -189,16 +187,14 @@ impl SledStore {
                     }
                     // Not over a replay or a rewrite meanwhile.
                     if self
-                        .dead_letters
-                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
-                        .map_err(engine)?
-                        .is_ok()
+                        .engine
+                        .compare_and_swap(Tree::DeadLetters, &k, Some(&v), None)?
                     {
                         removed += 1;
                     }
                 }
                 Err(_) => {
-                    let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                    let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                         continue;
                     };
                     let letter = read_dead_letter(u64::from_be_bytes(bytes), &v, self);
@@ -212,12 +208,12 @@ impl SledStore {
                         reason: letter.reason,
                         buried_at: now,
                     })?;
-                    if self
-                        .dead_letters
-                        .compare_and_swap(&k, Some(&v), Some(rewritten))
-                        .map_err(engine)?
-                        .is_ok()
-                    {
+                    if self.engine.compare_and_swap(
+                        Tree::DeadLetters,
+                        &k,
+                        Some(&v),
+                        Some(&rewritten),
+                    )? {
                         // Made durable before its body file goes.
                         self.flush()?;
                         self.remove_body_file(&v);
@@ -231,8 +227,8 @@ impl SledStore {
     /// Reads the outbox and the queued CRM changes for what they refer to.
     fn references(&self) -> StoreResult<References> {
         let mut found = References::default();
-        for value in self.outbox.iter().values() {
-            let value = value.map_err(engine)?;
+        for value in values(self.engine.iter(Tree::Outbox)) {
+            let value = value?;
             // An unreadable entry is set aside by the deliverer; it names nothing.
             let Ok(stored) = decode::<StoredEntry>(&value) else {
                 continue;
@@ -272,16 +268,16 @@ impl SledStore {
         budget: &mut Budget,
     ) -> StoreResult<usize> {
         let mut removed = 0;
-        for k in self.history.iter().keys() {
-            let k = k.map_err(engine)?;
+        for k in keys(self.engine.iter(Tree::History)) {
+            let k = k?;
             let old = time_of_history_key(&k).is_some_and(|time| time < cutoff);
-            if !old || references.history_keys.contains(k.as_ref()) {
+            if !old || references.history_keys.contains(&k) {
                 continue;
             }
             if !budget.take() {
                 break;
             }
-            self.history.remove(&k).map_err(engine)?;
+            self.engine.remove(Tree::History, &k)?;
             removed += 1;
         }
         Ok(removed)
@@ -294,8 +290,8 @@ impl SledStore {
     fn sweep_located(&self, budget: &mut Budget) -> StoreResult<usize> {
         let mut cursors: HashMap<Vec<u8>, Option<u32>> = HashMap::new();
         let mut removed = 0;
-        for item in self.located.iter() {
-            let (k, v) = item.map_err(engine)?;
+        for item in self.engine.iter(Tree::Located) {
+            let (k, v) = item?;
             // mailbox \0 folder \0 UIDVALIDITY UID: the cursor's key, then the place.
             let Some(place_at) = k.len().checked_sub(8) else {
                 continue;
@@ -311,9 +307,8 @@ impl SledStore {
                 Some(current) => *current,
                 None => {
                     let current = self
-                        .cursors
-                        .get(cursor_key)
-                        .map_err(engine)?
+                        .engine
+                        .get(Tree::Cursors, cursor_key)?
                         .and_then(|value| decode::<FolderCursor>(&value).ok())
                         .map(|cursor| cursor.uid_validity);
                     cursors.insert(cursor_key.to_vec(), current);
@@ -328,31 +323,31 @@ impl SledStore {
             }
             let Ok(entry) = decode::<crate::model::LocatedMessage>(&v) else {
                 // Unreadable: nothing can use it.
-                self.located.remove(&k).map_err(engine)?;
+                self.engine.remove(Tree::Located, &k)?;
                 removed += 1;
                 continue;
             };
             let mailbox =
                 String::from_utf8_lossy(cursor_key.split(|b| *b == 0).next().unwrap_or_default())
                     .into_owned();
-            let gone = (&self.located, &self.record_locations)
-                .transaction(|(located, record_locations)| {
-                    if located.get(&k)?.as_deref() != Some(v.as_ref()) {
+            let gone = self
+                .engine
+                .transaction(&[Tree::Located, Tree::RecordLocations], &|tx| {
+                    if tx.get(Tree::Located, &k)?.as_deref() != Some(v.as_slice()) {
                         return Ok(false);
                     }
-                    located.remove(&k)?;
-                    if let Some(at) = record_locations.get(entry.record_id.as_bytes())?
+                    tx.remove(Tree::Located, &k)?;
+                    if let Some(at) = tx.get(Tree::RecordLocations, entry.record_id.as_bytes())?
                         && let Ok(at) = decode::<MessageLocation>(&at)
                         && at.mailbox == mailbox
                         && at.uid_validity == uid_validity
                         && at.uid == uid
                         && cursor_key.ends_with(at.folder.key().as_bytes())
                     {
-                        record_locations.remove(entry.record_id.as_bytes())?;
+                        tx.remove(Tree::RecordLocations, entry.record_id.as_bytes())?;
                     }
-                    Ok::<_, ConflictableTransactionError<crate::store::StoreError>>(true)
-                })
-                .map_err(tx_error)?;
+                    Ok(true)
+                })?;
             if gone {
                 removed += 1;
             }
@@ -376,28 +371,28 @@ impl SledStore {
                 && !references.records.contains(record)
         };
         let mut records = 0;
-        for k in self.record_info.iter().keys() {
-            let k = k.map_err(engine)?;
+        for k in keys(self.engine.iter(Tree::RecordInfo)) {
+            let k = k?;
             if !removable(&String::from_utf8_lossy(&k)) {
                 continue;
             }
             if !budget.take() {
                 break;
             }
-            if self.remove_unless_located(&self.record_info, &k, &k)? {
+            if self.remove_unless_located(Tree::RecordInfo, &k, &k)? {
                 records += 1;
             }
         }
         let mut synced = 0;
-        for item in self.synced.iter() {
-            let (k, record) = item.map_err(engine)?;
+        for item in self.engine.iter(Tree::Synced) {
+            let (k, record) = item?;
             if !removable(&String::from_utf8_lossy(&record)) {
                 continue;
             }
             if !budget.take() {
                 break;
             }
-            if self.remove_unless_located(&self.synced, &k, &record)? {
+            if self.remove_unless_located(Tree::Synced, &k, &record)? {
                 synced += 1;
             }
         }
@@ -405,20 +400,14 @@ impl SledStore {
     }
 
     /// Removes `k` from `tree` in a commit that finds `record` not located.
-    fn remove_unless_located(
-        &self,
-        tree: &sled::Tree,
-        k: &[u8],
-        record: &[u8],
-    ) -> StoreResult<bool> {
-        (tree, &self.record_locations)
-            .transaction(|(tree, record_locations)| {
-                if record_locations.get(record)?.is_some() {
+    fn remove_unless_located(&self, tree: Tree, k: &[u8], record: &[u8]) -> StoreResult<bool> {
+        self.engine
+            .transaction(&[tree, Tree::RecordLocations], &|tx| {
+                if tx.get(Tree::RecordLocations, record)?.is_some() {
                     return Ok(false);
                 }
-                Ok(tree.remove(k)?.is_some())
+                Ok(tx.remove(tree, k)?.is_some())
             })
-            .map_err(tx_error)
     }
 
     /// Settled sends made before `cutoff`, with their index entries and,
@@ -426,8 +415,8 @@ impl SledStore {
     /// being submitted or waiting to be filed stays whatever its age.
     fn sweep_sends(&self, now_ms: i64, cutoff: i64, budget: &mut Budget) -> StoreResult<usize> {
         let mut removed = 0;
-        for item in self.sends.iter() {
-            let (k, v) = item.map_err(engine)?;
+        for item in self.engine.iter(Tree::Sends) {
+            let (k, v) = item?;
             let Ok(send) = decode::<SendRecord>(&v) else {
                 continue;
             };
@@ -446,36 +435,37 @@ impl SledStore {
                 .as_ref()
                 .map(|idempotency| key(&[&send.location_id, &send.user_id, idempotency]));
             let unsettled_at = unsettled_key(&send);
-            let gone = (
-                &self.sends,
-                &self.crm_message_ids,
-                &self.unsettled,
-                &self.idempotency,
-            )
-                .transaction(|(sends, crm_ids, unsettled, idempotency)| {
-                    if sends.get(&k)?.as_deref() != Some(v.as_ref()) {
+            let gone = self.engine.transaction(
+                &[
+                    Tree::Sends,
+                    Tree::CrmMessageIds,
+                    Tree::UnsettledSends,
+                    Tree::Idempotency,
+                ],
+                &|tx| {
+                    if tx.get(Tree::Sends, &k)?.as_deref() != Some(v.as_slice()) {
                         return Ok(false);
                     }
-                    sends.remove(&k)?;
+                    tx.remove(Tree::Sends, &k)?;
                     for message_key in &message_keys {
-                        if crm_ids.get(message_key.as_slice())?.as_deref()
+                        if tx.get(Tree::CrmMessageIds, message_key)?.as_deref()
                             == Some(send.id.as_bytes())
                         {
-                            crm_ids.remove(message_key.as_slice())?;
+                            tx.remove(Tree::CrmMessageIds, message_key)?;
                         }
                     }
-                    unsettled.remove(unsettled_at.as_slice())?;
+                    tx.remove(Tree::UnsettledSends, &unsettled_at)?;
                     if let Some(at) = &idempotency_key
-                        && let Some(value) = idempotency.get(at.as_slice())?
+                        && let Some(value) = tx.get(Tree::Idempotency, at)?
                         && let Ok(entry) = decode::<IdempotencyEntry>(&value)
                         && entry.send_id == send.id
                         && now_ms - entry.created_ms >= IDEMPOTENCY_WINDOW_MS
                     {
-                        idempotency.remove(at.as_slice())?;
+                        tx.remove(Tree::Idempotency, at)?;
                     }
-                    Ok::<_, ConflictableTransactionError<crate::store::StoreError>>(true)
-                })
-                .map_err(tx_error)?;
+                    Ok(true)
+                },
+            )?;
             if gone {
                 self.sources.remove(&send.id, SourceCopy::Submission);
                 removed += 1;
@@ -495,9 +485,9 @@ impl SledStore {
         references: &References,
         budget: &mut Budget,
     ) -> StoreResult<(usize, usize)> {
-        let mut candidates: HashMap<Vec<u8>, sled::IVec> = HashMap::new();
-        for item in self.threads.iter() {
-            let (k, v) = item.map_err(engine)?;
+        let mut candidates: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for item in self.engine.iter(Tree::Threads) {
+            let (k, v) = item?;
             let Ok(thread) = decode::<Thread>(&v) else {
                 continue;
             };
@@ -508,14 +498,14 @@ impl SledStore {
                     budget.more = true;
                     break;
                 }
-                candidates.insert(k.to_vec(), v);
+                candidates.insert(k, v);
             }
         }
         let mut thread_keys = 0;
         if !candidates.is_empty() {
-            for tree in [&self.history, &self.record_info, &self.located, &self.sends] {
-                for value in tree.iter().values() {
-                    let value = value.map_err(engine)?;
+            for tree in [Tree::History, Tree::RecordInfo, Tree::Located, Tree::Sends] {
+                for value in values(self.engine.iter(tree)) {
+                    let value = value?;
                     if let Ok(names) = decode::<NamesThread>(&value) {
                         candidates.remove(names.thread_id.as_bytes());
                     }
@@ -523,18 +513,16 @@ impl SledStore {
             }
         }
         // Which keys lead to each thread that goes; keys of missing threads go now.
-        let mut keys_of: HashMap<Vec<u8>, Vec<sled::IVec>> = HashMap::new();
-        for item in self.thread_keys.iter() {
-            let (k, thread_id) = item.map_err(engine)?;
-            if candidates.contains_key(thread_id.as_ref()) {
-                keys_of.entry(thread_id.to_vec()).or_default().push(k);
-            } else if !self.threads.contains_key(&thread_id).map_err(engine)?
+        let mut keys_of: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+        for item in self.engine.iter(Tree::ThreadKeys) {
+            let (k, thread_id) = item?;
+            if candidates.contains_key(&thread_id) {
+                keys_of.entry(thread_id).or_default().push(k);
+            } else if !self.engine.contains_key(Tree::Threads, &thread_id)?
                 && budget.take()
                 && self
-                    .thread_keys
-                    .compare_and_swap(&k, Some(&thread_id), None as Option<&[u8]>)
-                    .map_err(engine)?
-                    .is_ok()
+                    .engine
+                    .compare_and_swap(Tree::ThreadKeys, &k, Some(&thread_id), None)?
             {
                 thread_keys += 1;
             }
@@ -545,22 +533,22 @@ impl SledStore {
                 break;
             }
             let keys = keys_of.remove(&thread_id).unwrap_or_default();
-            let gone = (&self.threads, &self.thread_keys)
-                .transaction(|(threads, thread_keys)| {
-                    if threads.get(&thread_id)?.as_deref() != Some(value.as_ref()) {
+            let gone = self
+                .engine
+                .transaction(&[Tree::Threads, Tree::ThreadKeys], &|tx| {
+                    if tx.get(Tree::Threads, &thread_id)?.as_deref() != Some(value.as_slice()) {
                         return Ok(0);
                     }
-                    threads.remove(thread_id.as_slice())?;
+                    tx.remove(Tree::Threads, &thread_id)?;
                     let mut removed = 0;
                     for k in &keys {
-                        if thread_keys.get(k)?.as_deref() == Some(thread_id.as_slice()) {
-                            thread_keys.remove(k)?;
+                        if tx.get(Tree::ThreadKeys, k)?.as_deref() == Some(thread_id.as_slice()) {
+                            tx.remove(Tree::ThreadKeys, k)?;
                             removed += 1;
                         }
                     }
-                    Ok::<_, ConflictableTransactionError<crate::store::StoreError>>(removed + 1)
-                })
-                .map_err(tx_error)?;
+                    Ok(removed + 1)
+                })?;
             if gone > 0 {
                 threads += 1;
                 thread_keys += gone - 1;
@@ -573,8 +561,8 @@ impl SledStore {
     /// longer kept.
     fn sweep_idempotency(&self, now_ms: i64, budget: &mut Budget) -> StoreResult<usize> {
         let mut removed = 0;
-        for item in self.idempotency.iter() {
-            let (k, v) = item.map_err(engine)?;
+        for item in self.engine.iter(Tree::Idempotency) {
+            let (k, v) = item?;
             let expired = decode::<IdempotencyEntry>(&v)
                 .is_ok_and(|entry| now_ms - entry.created_ms >= IDEMPOTENCY_WINDOW_MS);
             if !expired {
@@ -584,10 +572,8 @@ impl SledStore {
                 break;
             }
             if self
-                .idempotency
-                .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
-                .map_err(engine)?
-                .is_ok()
+                .engine
+                .compare_and_swap(Tree::Idempotency, &k, Some(&v), None)?
             {
                 removed += 1;
             }
@@ -600,8 +586,8 @@ impl SledStore {
     fn sweep_quota(&self, now_ms: i64, budget: &mut Budget) -> StoreResult<usize> {
         let since = now_ms - QUOTA_WINDOW_MS;
         let mut removed = 0;
-        for k in self.quota.iter().keys() {
-            let k = k.map_err(engine)?;
+        for k in keys(self.engine.iter(Tree::Quota)) {
+            let k = k?;
             let Some(prefix_len) = k.iter().position(|b| *b == 0).map(|at| at + 1) else {
                 continue;
             };
@@ -611,7 +597,7 @@ impl SledStore {
             if !budget.take() {
                 break;
             }
-            self.quota.remove(&k).map_err(engine)?;
+            self.engine.remove(Tree::Quota, &k)?;
             removed += 1;
         }
         Ok(removed)
@@ -682,9 +668,9 @@ impl SledStore {
 
     /// Whether an outbox entry or an older dead letter keeps its data in this file.
     fn body_file_in_use(&self, name: &str) -> StoreResult<bool> {
-        for tree in [&self.outbox, &self.dead_letters] {
-            for value in tree.iter().values() {
-                let value = value.map_err(engine)?;
+        for tree in [Tree::Outbox, Tree::DeadLetters] {
+            for value in values(self.engine.iter(tree)) {
+                let value = value?;
                 if let Ok(stored) = decode::<StoredEntry>(&value)
                     && stored.data_file.as_deref() == Some(name)
                 {
@@ -697,9 +683,9 @@ impl SledStore {
 }
 
 #[cfg(test)]
-impl SledStore {
+impl<E: Engine> KvStore<E> {
     /// How many items a tree holds, for the retention tests.
-    pub(in crate::store) fn stored_count(&self, tree: &str) -> usize {
-        self.db.open_tree(tree).map_or(0, |tree| tree.len())
+    pub(in crate::store) fn stored_count(&self, tree: Tree) -> usize {
+        self.engine.len(tree).unwrap_or(0)
     }
 }
