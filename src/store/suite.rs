@@ -34,7 +34,30 @@ type Opener = fn(&std::path::Path) -> anyhow::Result<Box<dyn SuiteStore>>;
 /// reopen a store (or look beneath it) loop over these, the others over
 /// [`engines`].
 fn openers() -> Vec<Opener> {
-    vec![open_sled]
+    let mut openers: Vec<Opener> = vec![open_sled];
+    if engine::postgres::testing::database_url().is_some() {
+        openers.push(open_postgres);
+    }
+    openers
+}
+
+/// The store on the test PostgreSQL (scripts/postgres/start.sh), in a
+/// schema named after the data folder, so the same folder reopens the same
+/// data; files (sources, bodies) stay in the folder, as on sled.
+fn open_postgres(path: &std::path::Path) -> anyhow::Result<Box<dyn SuiteStore>> {
+    use sha2::Digest as _;
+    let url = engine::postgres::testing::database_url()
+        .ok_or_else(|| anyhow::anyhow!("no test PostgreSQL"))?;
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    let schema = format!("s_{}", &data_encoding::HEXLOWER.encode(&digest)[..24]);
+    let engine = engine::postgres::PostgresEngine::open(engine::postgres::testing::options(
+        &url, &schema,
+    ))?;
+    Ok(Box::new(kv_store::KvStore::with_engine(
+        engine,
+        path,
+        secret_box::SecretBox::from_key(&[1; 32]),
+    )?))
 }
 
 /// A fresh store on every engine, each in a folder of its own.
