@@ -164,6 +164,42 @@ fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store on the configured engine: sled in the data folder, or
+/// PostgreSQL (files still in the data folder).
+fn open_store(
+    config: &Config,
+    secrets: SecretBox,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    use crate::{
+        config::StorageBackend,
+        store::{
+            engine::postgres::{PostgresEngine, PostgresOptions},
+            kv_store::KvStore,
+        },
+    };
+    Ok(match config.storage.backend {
+        StorageBackend::Sled => Arc::new(
+            SledStore::open(&config.storage.path, secrets).context("opening the data folder")?,
+        ),
+        StorageBackend::Postgres => {
+            let postgres = &config.storage.postgres;
+            let engine = crate::offload::blocking(|| {
+                PostgresEngine::open(PostgresOptions {
+                    url: postgres.connection_url()?,
+                    pool_size: postgres.pool_size,
+                    schema: postgres.schema.clone(),
+                    tls,
+                })
+            })?;
+            Arc::new(
+                KvStore::with_engine(engine, &config.storage.path, secrets)
+                    .context("opening the store on PostgreSQL")?,
+            )
+        }
+    })
+}
+
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then stops
 /// within the configured grace period.
 pub async fn run(
@@ -179,9 +215,7 @@ pub async fn run(
         config.storage.encryption_key.as_deref(),
         &config.storage.key_file(),
     )?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.storage.path, secrets).context("opening the data folder")?,
-    );
+    let store = open_store(&config, secrets, tls.clone())?;
     let key_hashes = api_key_hashes(&config, store.as_ref())?;
     let signal = OutboxSignal::default();
     let egress = config.network.egress();
