@@ -31,8 +31,9 @@ trap stop_stack EXIT
 $SUDO scripts/oauth-test-server/start.sh
 $SUDO scripts/postgres/start.sh
 # The store's tests and the second integration pass use it; without it
-# they fail rather than skip the engine.
-export MAILBRIDGE_REQUIRE_POSTGRES=1
+# they fail rather than skip the engine. (Test variables never start with
+# MAILBRIDGE_: the daemon reads every such variable as configuration.)
+export TEST_REQUIRE_POSTGRES=1
 
 if [ "${1:-}" = "--soak" ]; then
     shift
@@ -78,7 +79,7 @@ fi
 counted cargo test --all-targets
 # The integration tests again, each daemon on PostgreSQL (a schema of its
 # own); the store's suite already ran on both engines above.
-MAILBRIDGE_TEST_BACKEND=postgres counted cargo test --test '*'
+TEST_STORE_BACKEND=postgres counted cargo test --test '*'
 # The vendored crates' own tests (their fixes are ours to keep): async-imap
 # with the runtime and the imap-proto the daemon builds it with.
 counted cargo test --manifest-path vendor/imap-proto/Cargo.toml --target-dir target/vendored

@@ -65,6 +65,9 @@ pub struct SendQueue {
 /// in Sent before the send is reported failed as "outcome unknown".
 pub const OUTCOME_CHECKS: u32 = 6;
 
+/// How long a submitted send's outcome is offered to a store that refuses it.
+const KNOWN_OUTCOME_PATIENCE: Duration = Duration::from_secs(300);
+
 /// A send's copy found in the Sent folder.
 struct SentCopy {
     message_id: Option<String>,
@@ -204,6 +207,38 @@ impl SendQueue {
         }
     }
 
+    /// Records an outcome only this task knows (the server's 250): a store
+    /// that refuses it now (a database restarting) is asked again, for up
+    /// to [`KNOWN_OUTCOME_PATIENCE`], rather than leaving the send
+    /// `submitting`, which a later pass would settle as interrupted (failed
+    /// where the bridge files Sent itself) though it was sent. A write that
+    /// went through but answered an error is not written twice: the stored
+    /// send already has the status.
+    async fn record_known_outcome(&self, send: &SendRecord, events: &[Event]) {
+        let started = std::time::Instant::now();
+        let mut wait = self.retry_min;
+        loop {
+            let err = match self.store.update_send(send, events) {
+                Ok(()) => break,
+                Err(err) => err,
+            };
+            if matches!(self.store.send(&send.id), Ok(Some(stored)) if stored.status == send.status)
+            {
+                break;
+            }
+            if started.elapsed() >= KNOWN_OUTCOME_PATIENCE {
+                tracing::error!(send = %send.id, "recording the send's outcome failed for {KNOWN_OUTCOME_PATIENCE:?}; a restart settles it from Sent: {err:#}");
+                return;
+            }
+            tracing::warn!(send = %send.id, "recording the send's outcome failed, trying again in {wait:?}: {err:#}");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(self.retry_max);
+        }
+        if !events.is_empty() {
+            self.outbox.notify();
+        }
+    }
+
     fn fail(&self, mut send: SendRecord, error: String) {
         tracing::warn!(send = %send.id, mailbox = %send.mailbox, "send failed: {error}");
         metrics::counter!("mailbridge_sends_failed_total").increment(1);
@@ -308,7 +343,7 @@ impl SendQueue {
                 send.sent_at = Some(Utc::now());
                 send.filed_in_sent = !mailbox.save_sent.bridge_appends(mailbox.provider);
                 let event = Self::sent_event(&send);
-                self.record(&send, &[event]);
+                self.record_known_outcome(&send, &[event]).await;
                 tracing::info!(send = %send.id, mailbox = %send.mailbox, "sent");
                 if !send.filed_in_sent {
                     self.file_in_sent(&mailbox, &mut send).await;

@@ -4,17 +4,17 @@
 # system service is used or assumed. Installs the `postgresql` package when
 # its binaries are missing (needs root then).
 #
-#   MAILBRIDGE_PG_RUNTIME   where the cluster lives
+#   TEST_POSTGRES_RUNTIME   where the cluster lives
 #                           (default: $TMPDIR/mailbridge-postgres)
-#   MAILBRIDGE_PG_PORT      its loopback port (default 55432)
+#   TEST_POSTGRES_PORT      its loopback port (default 55432)
 #
-# Writes $MAILBRIDGE_PG_RUNTIME/postgres.env with MAILBRIDGE_TEST_POSTGRES_URL,
+# Writes $TEST_POSTGRES_RUNTIME/postgres.env with TEST_POSTGRES_URL,
 # which the tests read (tests/support and src/store/suite.rs find it there).
 # Stop with stop.sh; starting again on a running cluster is harmless.
 set -euo pipefail
 
-RT=${MAILBRIDGE_PG_RUNTIME:-${TMPDIR:-/tmp}/mailbridge-postgres}
-PORT=${MAILBRIDGE_PG_PORT:-55432}
+RT=${TEST_POSTGRES_RUNTIME:-${TMPDIR:-/tmp}/mailbridge-postgres}
+PORT=${TEST_POSTGRES_PORT:-55432}
 log() { printf '[postgres] %s\n' "$*" >&2; }
 
 bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
@@ -67,9 +67,9 @@ fi
 
 URL="postgres://mailbridge@127.0.0.1:$PORT/mailbridge_test"
 cat > "$RT/postgres.env" <<ENV
-MAILBRIDGE_TEST_POSTGRES_URL=$URL
-MAILBRIDGE_PG_BIN=$BIN
-MAILBRIDGE_PG_DATA=$DATA
+TEST_POSTGRES_URL=$URL
+TEST_POSTGRES_BIN=$BIN
+TEST_POSTGRES_DATA=$DATA
 ENV
 chmod 644 "$RT/postgres.env"
 log "running: $URL"

@@ -3,7 +3,7 @@
 # Safe to run when nothing is running.
 set -uo pipefail
 
-RT=${MAILBRIDGE_PG_RUNTIME:-${TMPDIR:-/tmp}/mailbridge-postgres}
+RT=${TEST_POSTGRES_RUNTIME:-${TMPDIR:-/tmp}/mailbridge-postgres}
 [ -d "$RT/data" ] || exit 0
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 RUN=()

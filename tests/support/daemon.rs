@@ -36,12 +36,12 @@ pub fn test_config(data: &Path, stack: &Stack, receiver: &Receiver) -> Config {
     config
 }
 
-/// `MAILBRIDGE_TEST_BACKEND=postgres` (scripts/test.sh's second pass) puts
+/// `TEST_STORE_BACKEND=postgres` (scripts/test.sh's second pass) puts
 /// the daemon's store on the test PostgreSQL, in a schema of its own, so
 /// every integration test runs on both engines. Files (sources, event
 /// bodies) stay in the data folder either way.
 pub fn on_the_chosen_engine(config: &mut Config) {
-    if std::env::var("MAILBRIDGE_TEST_BACKEND").as_deref() != Ok("postgres") {
+    if std::env::var("TEST_STORE_BACKEND").as_deref() != Ok("postgres") {
         return;
     }
     config.storage.backend = mailbridge::config::StorageBackend::Postgres;
@@ -50,21 +50,21 @@ pub fn on_the_chosen_engine(config: &mut Config) {
     config.storage.postgres.pool_size = 4;
 }
 
-/// The URL scripts/postgres/start.sh wrote, or `MAILBRIDGE_TEST_POSTGRES_URL`.
+/// The URL scripts/postgres/start.sh wrote, or `TEST_POSTGRES_URL`.
 pub fn test_postgres_url() -> String {
-    if let Ok(url) = std::env::var("MAILBRIDGE_TEST_POSTGRES_URL") {
+    if let Ok(url) = std::env::var("TEST_POSTGRES_URL") {
         return url;
     }
-    let runtime = std::env::var("MAILBRIDGE_PG_RUNTIME").unwrap_or_else(|_| {
+    let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
         format!(
             "{}/mailbridge-postgres",
             std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
         )
     });
     let env = std::fs::read_to_string(format!("{runtime}/postgres.env"))
-        .expect("MAILBRIDGE_TEST_BACKEND=postgres needs scripts/postgres/start.sh to have run");
+        .expect("TEST_STORE_BACKEND=postgres needs scripts/postgres/start.sh to have run");
     env.lines()
-        .find_map(|line| line.strip_prefix("MAILBRIDGE_TEST_POSTGRES_URL="))
+        .find_map(|line| line.strip_prefix("TEST_POSTGRES_URL="))
         .expect("postgres.env names the URL")
         .to_string()
 }

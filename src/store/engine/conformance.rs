@@ -1,6 +1,6 @@
 //! What the store's logic relies on from an engine, tried on each: sled
 //! always, PostgreSQL when a test database runs (scripts/postgres/start.sh;
-//! required when `MAILBRIDGE_REQUIRE_POSTGRES` is set). Issue 22 item 2.
+//! required when `TEST_REQUIRE_POSTGRES` is set). Issue 22 item 2.
 
 use std::{ops::Bound, sync::Arc};
 

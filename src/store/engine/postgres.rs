@@ -822,15 +822,15 @@ impl Engine for PostgresEngine {
 pub(crate) mod testing {
     use super::*;
 
-    /// The test database's URL: `MAILBRIDGE_TEST_POSTGRES_URL`, else what
+    /// The test database's URL: `TEST_POSTGRES_URL`, else what
     /// start.sh wrote. None when there is none, unless
-    /// `MAILBRIDGE_REQUIRE_POSTGRES` is set (scripts/test.sh sets it): then
+    /// `TEST_REQUIRE_POSTGRES` is set (scripts/test.sh sets it): then
     /// a missing database fails the test instead of skipping the engine.
     pub(crate) fn database_url() -> Option<String> {
-        let url = std::env::var("MAILBRIDGE_TEST_POSTGRES_URL")
+        let url = std::env::var("TEST_POSTGRES_URL")
             .ok()
             .or_else(|| {
-                let runtime = std::env::var("MAILBRIDGE_PG_RUNTIME").unwrap_or_else(|_| {
+                let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
                     format!(
                         "{}/mailbridge-postgres",
                         std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
@@ -838,12 +838,12 @@ pub(crate) mod testing {
                 });
                 let env = std::fs::read_to_string(format!("{runtime}/postgres.env")).ok()?;
                 env.lines()
-                    .find_map(|line| line.strip_prefix("MAILBRIDGE_TEST_POSTGRES_URL="))
+                    .find_map(|line| line.strip_prefix("TEST_POSTGRES_URL="))
                     .map(str::to_string)
             });
-        if url.is_none() && std::env::var_os("MAILBRIDGE_REQUIRE_POSTGRES").is_some() {
+        if url.is_none() && std::env::var_os("TEST_REQUIRE_POSTGRES").is_some() {
             panic!(
-                "MAILBRIDGE_REQUIRE_POSTGRES is set, but no test database: run scripts/postgres/start.sh"
+                "TEST_REQUIRE_POSTGRES is set, but no test database: run scripts/postgres/start.sh"
             );
         }
         url
