@@ -318,6 +318,12 @@ impl SledStore {
             // sled's default page cache is 1 GiB: a daemon beside a CRM must
             // not grow toward that. Hot records fit in far less.
             .cache_capacity(CACHE_BYTES)
+            // sled's flusher thread drains at most one segment of its log per
+            // tick: at the default 500 ms sustained ingest outgrew what it
+            // reclaimed and the file never stopped growing (issue 21 item 1,
+            // BENCHMARKS.md "Retention"). An idle tick is an fsync of a clean
+            // file, tens of µs.
+            .flush_every_ms(Some(20))
             .open()
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", path.display()))?;
         let durability = super::sled_durability::SledDurability::open(path.join("db"))
