@@ -2,9 +2,11 @@
 //! through one mailbox's store by the real ingest path, the CRM taking
 //! every event, the user keeping the latest `kept` in INBOX (older ones
 //! move out), and the retention sweep on a 1-second timer with every rule
-//! at a few seconds. Prints the data folder's size at 10%, 50% and 100%.
+//! at a few seconds. Prints the data folder's size at 10%, 50% and 100%
+//! (every `BENCH_CHECKPOINTS` messages when set), split by part, with what
+//! sled holds (keys and bytes per tree) beside its files.
 //!
-//!     cargo run --release --example bench_retention -- [messages] [kept] [retention_secs]
+//!     [BENCH_CHECKPOINTS=10000] cargo run --release --example bench_retention -- [messages] [kept] [retention_secs]
 
 use std::{
     path::Path,
@@ -64,6 +66,52 @@ fn folder_size(path: &Path) -> (u64, u64) {
         }
     }
     total
+}
+
+/// What sled holds (keys and bytes per tree, its own `size_on_disk`)
+/// beside its files: live data flat while the files grow is space sled
+/// does not reclaim; a tree growing is data the sweep leaves.
+fn print_live_data(store: &SledStore, db: &Path) {
+    let (trees, size_on_disk) = store.engine().live_data().expect("the trees");
+    let live: u64 = trees.iter().map(|tree| tree.bytes).sum();
+    let keys: usize = trees.iter().map(|tree| tree.keys).sum();
+    println!(
+        "          live data: {:.2} MB in {keys} keys; sled size_on_disk {:.1} MB",
+        live as f64 / 1e6,
+        size_on_disk as f64 / 1e6
+    );
+    let mut trees = trees;
+    trees.sort_by_key(|tree| std::cmp::Reverse(tree.bytes));
+    let listed: Vec<String> = trees
+        .iter()
+        .filter(|tree| tree.keys > 0)
+        .map(|tree| {
+            format!(
+                "{} {}/{:.0}kB",
+                tree.name,
+                tree.keys,
+                tree.bytes as f64 / 1e3
+            )
+        })
+        .collect();
+    println!("          trees: {}", listed.join(", "));
+    let mut files: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(db).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_dir() {
+            let count = std::fs::read_dir(&path).map_or(0, |entries| entries.count());
+            files.push(format!(
+                "{name}/ {count} files {:.1} MB",
+                folder_size(&path).0 as f64 / 1e6
+            ));
+        } else {
+            let len = entry.metadata().map_or(0, |meta| meta.len());
+            files.push(format!("{name} {:.1} MB", len as f64 / 1e6));
+        }
+    }
+    files.sort();
+    println!("          db/: {}", files.join(", "));
 }
 
 fn connect(store: &dyn Store) {
@@ -144,8 +192,9 @@ fn main() {
     let kept: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let secs: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().expect("a scratch folder");
-    let store: Arc<dyn Store> =
+    let sled =
         Arc::new(SledStore::open(dir.path(), SecretBox::from_key(&[7; 32])).expect("the store"));
+    let store: Arc<dyn Store> = sled.clone();
     connect(store.as_ref());
     let smart = SmartAddresses::new("bcc-{token}@bench.test", [3; 32]).expect("smart addresses");
     let ingest = Ingest::new(
@@ -185,7 +234,15 @@ fn main() {
         "{total} messages through {ME}, {kept} kept in INBOX, every retention {secs} s, sweep every 1 s"
     );
     println!("messages  elapsed_s  msg_per_s  folder_mb  on_disk_mb  removed_by_sweeps");
-    let checkpoints = [total / 10, total / 2, total];
+    let checkpoints: Vec<u32> = match std::env::var("BENCH_CHECKPOINTS") {
+        Ok(every) => {
+            let every: u32 = every
+                .parse()
+                .expect("BENCH_CHECKPOINTS: a number of messages");
+            (1..=total / every).map(|n| n * every).collect()
+        }
+        Err(_) => vec![total / 10, total / 2, total],
+    };
     let started = Instant::now();
     for uid in 1..=total {
         let raw = message(uid);
@@ -242,6 +299,7 @@ fn main() {
                 let (apparent, _) = folder_size(&dir.path().join(part));
                 println!("          {part}: {:.1} MB", apparent as f64 / 1e6);
             }
+            print_live_data(&sled, &dir.path().join("db"));
         }
     }
     stop.store(true, Ordering::Relaxed);

@@ -4,9 +4,10 @@
 //! size and new blocks are metadata), and it writes an item too large for
 //! its log (over a quarter of a segment, a node with many large values) to
 //! a blob file of its own with no sync at all. Only its background thread
-//! calls `fsync`, every 500 ms. Until then a commit reported durable can be
-//! lost with the power. `sync` here is an `fdatasync` of the log, and of
-//! any blob file written since the last sync, with the blob folder.
+//! calls `fsync`, on a timer (every 20 ms as the store opens it). Until then
+//! a commit reported durable can be lost with the power. `sync` here is an
+//! `fdatasync` of the log, and of any blob file written since the last
+//! sync, with the blob folder.
 //!
 //! A failed `fdatasync` is final: Linux may mark the pages it could not
 //! write clean, so a later one succeeds without them. Every sync after a

@@ -46,6 +46,12 @@ impl SledEngine {
             // sled's default page cache is 1 GiB: a daemon beside a CRM must
             // not grow toward that. Hot records fit in far less.
             .cache_capacity(CACHE_BYTES)
+            // sled's flusher thread drains at most one segment of its log per
+            // tick: at the default 500 ms sustained ingest outgrew what it
+            // reclaimed and the file never stopped growing (issue 21 item 1,
+            // BENCHMARKS.md "Retention"). An idle tick is an fsync of a clean
+            // file, tens of µs.
+            .flush_every_ms(Some(20))
             .open()
             .map_err(|e| anyhow::anyhow!("opening the database in {}: {e}", folder.display()))?;
         let durability = SledDurability::open(folder.to_path_buf()).map_err(|e| {
@@ -72,6 +78,39 @@ impl SledEngine {
     #[allow(dead_code)] // until the store's own tests reach it through the engine
     pub(crate) fn durability(&self) -> &SledDurability {
         &self.durability
+    }
+}
+
+/// One sled tree's live data: what a sweep leaves, beside what the files hold.
+#[derive(Debug, Clone)]
+pub struct TreeUsage {
+    pub name: String,
+    pub keys: usize,
+    /// Keys and values, in bytes.
+    pub bytes: u64,
+}
+
+impl SledEngine {
+    /// Every tree's keys and bytes, and sled's own `size_on_disk`: whether
+    /// the database folder's growth is data kept or space not reclaimed
+    /// (issue 21 item 1's benchmark). Reads every tree: for diagnosis.
+    pub fn live_data(&self) -> StoreResult<(Vec<TreeUsage>, u64)> {
+        let mut usage = Vec::new();
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name).map_err(engine)?;
+            let (mut keys, mut bytes) = (0, 0);
+            for item in tree.iter() {
+                let (k, v) = item.map_err(engine)?;
+                keys += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+            usage.push(TreeUsage {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                keys,
+                bytes,
+            });
+        }
+        Ok((usage, self.db.size_on_disk().map_err(engine)?))
     }
 }
 
