@@ -156,8 +156,7 @@ fn crash_postgres() {
 }
 
 fn start_postgres() {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres/start.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres/start.sh");
     let status = Command::new(&script).status().unwrap();
     assert!(status.success(), "{}: {status}", script.display());
 }
@@ -181,8 +180,7 @@ async fn i22_5_a_database_crash_loses_nothing_and_doubles_nothing() {
         |config| {
             config.storage.backend = mailbridge::config::StorageBackend::Postgres;
             config.storage.postgres.url = Some(support::daemon::test_postgres_url());
-            config.storage.postgres.schema =
-                format!("crash_{}", uuid::Uuid::new_v4().simple());
+            config.storage.postgres.schema = format!("crash_{}", uuid::Uuid::new_v4().simple());
             config.storage.postgres.pool_size = 4;
         },
         serde_json::json!({}),

@@ -88,7 +88,10 @@ async fn i22_6_a_sled_install_moves_to_postgres_with_nothing_lost_or_repeated() 
         let delivered = receiver
             .wait_for(subject, |r| r.subject() == subject.as_str())
             .await;
-        assert_eq!(&delivered.webhook_id, webhook_id, "{subject}: its original webhook-id");
+        assert_eq!(
+            &delivered.webhook_id, webhook_id,
+            "{subject}: its original webhook-id"
+        );
     }
     api.wait_active("L1", "u1").await;
     // Anchored: a later message through the same mailbox, then count.

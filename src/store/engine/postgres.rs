@@ -219,6 +219,9 @@ impl Connection {
 enum Failure {
     /// A serialization failure or deadlock: the transaction starts over.
     Conflict,
+    /// The connection was gone (the server restarted, a network cut): the
+    /// next call connects again. Nothing of an open transaction committed.
+    Closed(String),
     Engine(String),
 }
 
@@ -231,8 +234,19 @@ impl From<postgres::Error> for Failure {
             {
                 Failure::Conflict
             }
+            _ if err.is_closed() => Failure::Closed(words(&err)),
             _ => Failure::Engine(words(&err)),
         }
+    }
+}
+
+/// Runs `attempt` again once when the connection it used turned out closed:
+/// for calls that are safe to repeat (reads, upserts, batches of them). A
+/// pooled connection learns that the server went away only on its next use.
+fn again_if_closed<T>(attempt: impl Fn() -> Result<T, Failure>) -> Result<T, Failure> {
+    match attempt() {
+        Err(Failure::Closed(_)) => attempt(),
+        other => other,
     }
 }
 
@@ -263,7 +277,7 @@ impl From<Failure> for StoreError {
             Failure::Conflict => {
                 StoreError::Engine("PostgreSQL: a serialization failure on a single write".into())
             }
-            Failure::Engine(words) => StoreError::Engine(words),
+            Failure::Closed(words) | Failure::Engine(words) => StoreError::Engine(words),
         }
     }
 }
@@ -271,7 +285,9 @@ impl From<Failure> for StoreError {
 impl From<Failure> for TxError {
     fn from(failure: Failure) -> Self {
         match failure {
-            Failure::Conflict => TxError::Conflict,
+            // The server ended the transaction with the connection: run it
+            // again on a new one.
+            Failure::Conflict | Failure::Closed(_) => TxError::Conflict,
             Failure::Engine(words) => TxError::Engine(words),
         }
     }
@@ -590,25 +606,28 @@ impl PagedRange<'_> {
             self.upper.clone(),
             self.direction,
         );
-        let rows: Vec<Entry> = self.engine.run(move |client, statements| {
-            let rows = match (direction, &upper) {
-                (Direction::Forward, Some(upper)) => {
-                    client.query(&statements.forward_to, &[&tree, &lower, upper, &PAGE_ROWS])?
-                }
-                (Direction::Forward, None) => {
-                    client.query(&statements.forward_open, &[&tree, &lower, &PAGE_ROWS])?
-                }
-                (Direction::Reverse, Some(upper)) => {
-                    client.query(&statements.reverse_to, &[&tree, &lower, upper, &PAGE_ROWS])?
-                }
-                (Direction::Reverse, None) => {
-                    client.query(&statements.reverse_open, &[&tree, &lower, &PAGE_ROWS])?
-                }
-            };
-            Ok(rows
-                .into_iter()
-                .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)))
-                .collect())
+        let lent = self.engine.pool.lend();
+        let rows: Vec<Entry> = again_if_closed(|| {
+            let (lower, upper) = (lower.clone(), upper.clone());
+            lent.connection().run(move |client, statements| {
+                let rows =
+                    match (direction, &upper) {
+                        (Direction::Forward, Some(upper)) => client
+                            .query(&statements.forward_to, &[&tree, &lower, upper, &PAGE_ROWS])?,
+                        (Direction::Forward, None) => {
+                            client.query(&statements.forward_open, &[&tree, &lower, &PAGE_ROWS])?
+                        }
+                        (Direction::Reverse, Some(upper)) => client
+                            .query(&statements.reverse_to, &[&tree, &lower, upper, &PAGE_ROWS])?,
+                        (Direction::Reverse, None) => {
+                            client.query(&statements.reverse_open, &[&tree, &lower, &PAGE_ROWS])?
+                        }
+                    };
+                Ok(rows
+                    .into_iter()
+                    .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)))
+                    .collect())
+            })
         })?;
         if (rows.len() as i64) < PAGE_ROWS {
             self.finished = true;
@@ -652,8 +671,15 @@ impl Engine for PostgresEngine {
     ) -> StoreResult<R> {
         let mut lent = self.pool.lend();
         for _ in 0..MAX_TRANSACTION_TRIES {
-            lent.connection()
-                .run(|client, _| client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE"))?;
+            match lent
+                .connection()
+                .run(|client, _| client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE"))
+            {
+                Ok(()) => {}
+                // Nothing began: begin on a new connection.
+                Err(Failure::Closed(_)) => continue,
+                Err(failure) => return Err(failure.into()),
+            }
             lent.in_transaction = true;
             let outcome = work(&PostgresTx {
                 connection: lent.connection(),
@@ -665,11 +691,21 @@ impl Engine for PostgresEngine {
                     .run(|client, _| client.batch_execute("COMMIT"))
                 {
                     Ok(()) => Ok(value),
+                    // The COMMIT may or may not have taken effect.
+                    Err(Failure::Closed(words)) => Err(TxError::Engine(format!(
+                        "{words} (the connection closed during COMMIT: whether it committed is unknown)"
+                    ))),
                     Err(failure) => Err(TxError::from(failure)),
                 },
                 Err(err) => {
-                    lent.connection()
-                        .run(|client, _| client.batch_execute("ROLLBACK"))?;
+                    // On a closed connection there is nothing to roll back.
+                    match lent
+                        .connection()
+                        .run(|client, _| client.batch_execute("ROLLBACK"))
+                    {
+                        Ok(()) | Err(Failure::Closed(_)) => {}
+                        Err(failure) => return Err(failure.into()),
+                    }
                     Err(err)
                 }
             };
@@ -689,21 +725,26 @@ impl Engine for PostgresEngine {
 
     fn get(&self, tree: Tree, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         let lent = self.pool.lend();
-        Ok(get_on(lent.connection(), tree, key)?)
+        Ok(again_if_closed(|| get_on(lent.connection(), tree, key))?)
     }
 
     fn contains_key(&self, tree: Tree, key: &[u8]) -> StoreResult<bool> {
-        let key = key.to_vec();
-        self.run(move |client, statements| {
-            Ok(client
-                .query_opt(&statements.exists, &[&tree_number(tree), &key])?
-                .is_some())
-        })
+        let lent = self.pool.lend();
+        Ok(again_if_closed(|| {
+            let key = key.to_vec();
+            lent.connection().run(move |client, statements| {
+                Ok(client
+                    .query_opt(&statements.exists, &[&tree_number(tree), &key])?
+                    .is_some())
+            })
+        })?)
     }
 
     fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         let lent = self.pool.lend();
-        Ok(insert_on(lent.connection(), tree, key, value)?)
+        Ok(again_if_closed(|| {
+            insert_on(lent.connection(), tree, key, value)
+        })?)
     }
 
     fn remove(&self, tree: Tree, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
@@ -743,22 +784,25 @@ impl Engine for PostgresEngine {
     }
 
     fn apply_batch(&self, tree: Tree, batch: &[(Vec<u8>, Option<Vec<u8>>)]) -> StoreResult<()> {
-        let batch = batch.to_vec();
-        self.run(move |client, statements| {
-            let tree = tree_number(tree);
-            let mut transaction = client.transaction()?;
-            for (key, value) in &batch {
-                match value {
-                    Some(value) => {
-                        transaction.execute(&statements.upsert, &[&tree, key, value])?;
-                    }
-                    None => {
-                        transaction.execute(&statements.remove, &[&tree, key])?;
+        let lent = self.pool.lend();
+        Ok(again_if_closed(|| {
+            let batch = batch.to_vec();
+            lent.connection().run(move |client, statements| {
+                let tree = tree_number(tree);
+                let mut transaction = client.transaction()?;
+                for (key, value) in &batch {
+                    match value {
+                        Some(value) => {
+                            transaction.execute(&statements.upsert, &[&tree, key, value])?;
+                        }
+                        None => {
+                            transaction.execute(&statements.remove, &[&tree, key])?;
+                        }
                     }
                 }
-            }
-            transaction.commit()
-        })
+                transaction.commit()
+            })
+        })?)
     }
 
     fn range(
@@ -799,17 +843,20 @@ impl Engine for PostgresEngine {
     }
 
     fn len(&self, tree: Tree) -> StoreResult<usize> {
-        let count: i64 = self.run(move |client, statements| {
-            Ok(client
-                .query_one(&statements.count, &[&tree_number(tree)])?
-                .get(0))
+        let lent = self.pool.lend();
+        let count: i64 = again_if_closed(|| {
+            lent.connection().run(move |client, statements| {
+                Ok(client
+                    .query_one(&statements.count, &[&tree_number(tree)])?
+                    .get(0))
+            })
         })?;
         Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     fn generate_id(&self) -> StoreResult<u64> {
         let lent = self.pool.lend();
-        Ok(next_id_on(lent.connection())?)
+        Ok(again_if_closed(|| next_id_on(lent.connection()))?)
     }
 
     fn flush(&self) -> StoreResult<()> {
@@ -827,20 +874,18 @@ pub(crate) mod testing {
     /// `TEST_REQUIRE_POSTGRES` is set (scripts/test.sh sets it): then
     /// a missing database fails the test instead of skipping the engine.
     pub(crate) fn database_url() -> Option<String> {
-        let url = std::env::var("TEST_POSTGRES_URL")
-            .ok()
-            .or_else(|| {
-                let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
-                    format!(
-                        "{}/mailbridge-postgres",
-                        std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
-                    )
-                });
-                let env = std::fs::read_to_string(format!("{runtime}/postgres.env")).ok()?;
-                env.lines()
-                    .find_map(|line| line.strip_prefix("TEST_POSTGRES_URL="))
-                    .map(str::to_string)
+        let url = std::env::var("TEST_POSTGRES_URL").ok().or_else(|| {
+            let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
+                format!(
+                    "{}/mailbridge-postgres",
+                    std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
+                )
             });
+            let env = std::fs::read_to_string(format!("{runtime}/postgres.env")).ok()?;
+            env.lines()
+                .find_map(|line| line.strip_prefix("TEST_POSTGRES_URL="))
+                .map(str::to_string)
+        });
         if url.is_none() && std::env::var_os("TEST_REQUIRE_POSTGRES").is_some() {
             panic!(
                 "TEST_REQUIRE_POSTGRES is set, but no test database: run scripts/postgres/start.sh"
