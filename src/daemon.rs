@@ -165,8 +165,9 @@ fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// The store on the configured engine: sled in the data folder, or
-/// PostgreSQL (files still in the data folder).
-fn open_store(
+/// PostgreSQL (files still in the data folder). For `serve` and for the
+/// commands that read a stopped daemon's store.
+pub fn open_store(
     config: &Config,
     secrets: SecretBox,
     tls: Arc<rustls::ClientConfig>,

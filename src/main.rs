@@ -538,14 +538,15 @@ fn verdicts_from_data_folder(
     raw: &[u8],
 ) -> anyhow::Result<serde_json::Value> {
     use anyhow::Context as _;
-    use mailbridge::store::{SledStore, Store as _, secret_box::SecretBox};
+    use mailbridge::store::secret_box::SecretBox;
     let path = &config.storage.path;
     anyhow::ensure!(path.exists(), "no data folder at {}", path.display());
     let secrets = SecretBox::load(
         config.storage.encryption_key.as_deref(),
         &config.storage.key_file(),
     )?;
-    let store = SledStore::open(path, secrets).with_context(|| {
+    let tls = mailbridge::tls::client_config(&config.tls.extra_roots)?;
+    let store = mailbridge::daemon::open_store(config, secrets, tls).with_context(|| {
         format!(
             "opening {} (while the daemon runs it holds the data folder: pass --api http://{})",
             path.display(),
@@ -556,7 +557,6 @@ fn verdicts_from_data_folder(
         &config.smart_address_template(),
         store.secret_key("auto_bcc_key")?,
     )?;
-    let store: std::sync::Arc<dyn mailbridge::store::Store> = std::sync::Arc::new(store);
     let ingest = mailbridge::ingest::Ingest::new(
         store,
         mailbridge::webhook::OutboxSignal::default(),

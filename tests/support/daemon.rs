@@ -32,21 +32,32 @@ pub fn test_config(data: &Path, stack: &Stack, receiver: &Receiver) -> Config {
     config.sync.reauth_confirm_secs = 1;
     config.sync.token_refresh_margin_secs = 2;
     config.server.shutdown_grace_secs = 5;
-    on_the_chosen_engine(&mut config);
+    on_the_chosen_engine(&mut config, data);
     config
 }
 
 /// `TEST_STORE_BACKEND=postgres` (scripts/test.sh's second pass) puts
 /// the daemon's store on the test PostgreSQL, in a schema of its own, so
 /// every integration test runs on both engines. Files (sources, event
-/// bodies) stay in the data folder either way.
-pub fn on_the_chosen_engine(config: &mut Config) {
+/// bodies) stay in the data folder either way. The schema is named after
+/// the data folder, so a test that starts the daemon again on the same
+/// folder finds the same store.
+pub fn on_the_chosen_engine(config: &mut Config, data: &Path) {
     if std::env::var("TEST_STORE_BACKEND").as_deref() != Ok("postgres") {
         return;
     }
     config.storage.backend = mailbridge::config::StorageBackend::Postgres;
     config.storage.postgres.url = Some(test_postgres_url());
-    config.storage.postgres.schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    config.storage.postgres.schema = format!(
+        "t_{}",
+        digest
+            .iter()
+            .take(12)
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    );
     config.storage.postgres.pool_size = 4;
 }
 

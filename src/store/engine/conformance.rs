@@ -425,3 +425,38 @@ fn generated_ids_only_increase() {
         assert!(in_transaction.windows(2).all(|w| w[1] > w[0]), "{name}");
     });
 }
+
+/// A batch is applied in order: of two writes to one key, the later wins
+/// (the store's contact upserts remove and write one key in one batch).
+#[test]
+fn a_batch_that_writes_a_key_twice_leaves_the_last_write() {
+    on_each_engine(|name, engine| {
+        let e = engine.as_engine();
+        let t = Tree::ContactEmails;
+        e.insert(t, b"removed then written", b"old").unwrap();
+        e.insert(t, b"written then removed", b"old").unwrap();
+        e.apply_batch(
+            t,
+            &[
+                (b"removed then written".to_vec(), None),
+                (b"written then removed".to_vec(), Some(b"new".to_vec())),
+                (b"removed then written".to_vec(), Some(b"new".to_vec())),
+                (b"written then removed".to_vec(), None),
+                (b"written twice".to_vec(), Some(b"first".to_vec())),
+                (b"written twice".to_vec(), Some(b"second".to_vec())),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            e.get(t, b"removed then written").unwrap().as_deref(),
+            Some(&b"new"[..]),
+            "{name}"
+        );
+        assert_eq!(e.get(t, b"written then removed").unwrap(), None, "{name}");
+        assert_eq!(
+            e.get(t, b"written twice").unwrap().as_deref(),
+            Some(&b"second"[..]),
+            "{name}"
+        );
+    });
+}

@@ -31,6 +31,9 @@ use crate::store::{StoreError, StoreResult};
 /// The schema layout this build writes; a database at a later one is refused.
 const SCHEMA_VERSION: i32 = 1;
 
+/// Rows a batch writes per statement.
+const BATCH_ROWS: usize = 5_000;
+
 /// Rows a range reads per query.
 const PAGE_ROWS: i64 = 256;
 
@@ -83,6 +86,8 @@ struct Statements {
     reverse_to: Statement,
     reverse_open: Statement,
     count: Statement,
+    upsert_many: Statement,
+    remove_many: Statement,
     next_id: Statement,
 }
 
@@ -127,6 +132,14 @@ impl Statements {
             reverse_to: prepare(range("AND key < $3", "DESC").replace("$LIMIT", "$4"))?,
             reverse_open: prepare(range("", "DESC").replace("$LIMIT", "$3"))?,
             count: prepare(format!("SELECT count(*) FROM {kv} WHERE tree = $1"))?,
+            upsert_many: prepare(format!(
+                "INSERT INTO {kv} (tree, key, value) \
+                 SELECT $1, key, value FROM unnest($2::bytea[], $3::bytea[]) AS batch (key, value) \
+                 ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value"
+            ))?,
+            remove_many: prepare(format!(
+                "DELETE FROM {kv} WHERE tree = $1 AND key = ANY($2::bytea[])"
+            ))?,
             next_id: prepare(format!("SELECT nextval('{schema}.ids')"))?,
         })
     }
@@ -784,21 +797,36 @@ impl Engine for PostgresEngine {
     }
 
     fn apply_batch(&self, tree: Tree, batch: &[(Vec<u8>, Option<Vec<u8>>)]) -> StoreResult<()> {
+        // What the batch leaves, key by key: the last write of a key wins,
+        // as when a batch is applied in order (and one statement may not
+        // touch a row twice).
+        let mut last: std::collections::HashMap<&[u8], Option<&[u8]>> =
+            std::collections::HashMap::with_capacity(batch.len());
+        for (key, value) in batch {
+            last.insert(key.as_slice(), value.as_deref());
+        }
+        let mut removed: Vec<Vec<u8>> = Vec::new();
+        let (mut keys, mut values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        for (key, value) in last {
+            match value {
+                Some(value) => {
+                    keys.push(key.to_vec());
+                    values.push(value.to_vec());
+                }
+                None => removed.push(key.to_vec()),
+            }
+        }
         let lent = self.pool.lend();
         Ok(again_if_closed(|| {
-            let batch = batch.to_vec();
+            let (removed, keys, values) = (removed.clone(), keys.clone(), values.clone());
             lent.connection().run(move |client, statements| {
                 let tree = tree_number(tree);
                 let mut transaction = client.transaction()?;
-                for (key, value) in &batch {
-                    match value {
-                        Some(value) => {
-                            transaction.execute(&statements.upsert, &[&tree, key, value])?;
-                        }
-                        None => {
-                            transaction.execute(&statements.remove, &[&tree, key])?;
-                        }
-                    }
+                for chunk in removed.chunks(BATCH_ROWS) {
+                    transaction.execute(&statements.remove_many, &[&tree, &chunk])?;
+                }
+                for (keys, values) in keys.chunks(BATCH_ROWS).zip(values.chunks(BATCH_ROWS)) {
+                    transaction.execute(&statements.upsert_many, &[&tree, &keys, &values])?;
                 }
                 transaction.commit()
             })
