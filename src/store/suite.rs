@@ -50,9 +50,8 @@ fn open_postgres(path: &std::path::Path) -> anyhow::Result<Box<dyn SuiteStore>> 
         .ok_or_else(|| anyhow::anyhow!("no test PostgreSQL"))?;
     let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
     let schema = format!("s_{}", &data_encoding::HEXLOWER.encode(&digest)[..24]);
-    let engine = engine::postgres::PostgresEngine::open(engine::postgres::testing::options(
-        &url, &schema,
-    ))?;
+    let engine =
+        engine::postgres::PostgresEngine::open(engine::postgres::testing::options(&url, &schema))?;
     Ok(Box::new(kv_store::KvStore::with_engine(
         engine,
         path,
