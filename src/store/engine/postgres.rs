@@ -18,7 +18,11 @@
 use std::{
     collections::VecDeque,
     ops::Bound,
-    sync::{Arc, Condvar, Mutex, mpsc},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -167,6 +171,9 @@ type Job = Box<dyn FnOnce(&mut Session) + Send>;
 /// A connection's thread, reached through its job queue.
 struct Connection {
     jobs: mpsc::Sender<Job>,
+    /// Jobs handed to the thread so far: each is at least one round trip
+    /// to the server (what the benchmark counts per commit).
+    calls: AtomicU64,
 }
 
 impl Connection {
@@ -184,7 +191,10 @@ impl Connection {
                     job(&mut session);
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            calls: AtomicU64::new(0),
+        })
     }
 
     /// Runs `work` on the connection's thread and waits for its answer.
@@ -192,6 +202,7 @@ impl Connection {
         &self,
         work: impl FnOnce(&mut Client, &Statements) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, Failure> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |session| {
             let outcome = match session.connected() {
@@ -392,6 +403,17 @@ impl PostgresEngine {
 
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// Calls made on the connections so far, each at least one round trip
+    /// to the server (BEGIN and COMMIT count as one each): what a commit
+    /// costs in waits on the network, for benchmarks to divide.
+    pub fn round_trips(&self) -> u64 {
+        self.pool
+            .connections
+            .iter()
+            .map(|connection| connection.calls.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Moves the id sequence so that every id it gives from now on is
