@@ -3,7 +3,8 @@
 //! bytea's bytewise order is sled's key order and a range is an index scan.
 //!
 //! Transactions run `SERIALIZABLE` and start over on a serialization failure
-//! or deadlock (SQLSTATE 40001, 40P01), as sled's do on a conflict; nothing
+//! or deadlock (SQLSTATE 40001, 40P01), as sled's do on a conflict, after a
+//! short random wait so that the writers that met do not meet again; nothing
 //! relies on advisory locks or LISTEN/NOTIFY, so the same SQL holds on
 //! CockroachDB and YugabyteDB. A commit is durable when it returns
 //! (`synchronous_commit` as the server has it, `on` by default), so
@@ -41,6 +42,9 @@ const PAGE_ROWS: i64 = 256;
 /// How many times a transaction starts over on serialization failures
 /// before the caller is told.
 const MAX_TRANSACTION_TRIES: u32 = 100;
+
+/// The longest wait before a transaction starts over (see `transaction`).
+const MAX_RETRY_WAIT_MS: u64 = 32;
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -673,7 +677,15 @@ impl Engine for PostgresEngine {
         work: &dyn Fn(&dyn Tx) -> TxResult<R>,
     ) -> StoreResult<R> {
         let mut lent = self.pool.lend();
-        for _ in 0..MAX_TRANSACTION_TRIES {
+        for tries in 0..MAX_TRANSACTION_TRIES {
+            if tries > 0 {
+                // Writers that met in a serialization failure and start
+                // again at once meet again: with 4 writers ingesting, 100
+                // immediate retries in a row failed (bench_engines). A
+                // random wait, growing to MAX_RETRY_WAIT_MS, spreads them.
+                let ceiling = (1u64 << tries.min(6)).min(MAX_RETRY_WAIT_MS);
+                std::thread::sleep(Duration::from_millis(fastrand::u64(0..=ceiling)));
+            }
             lent.connection()
                 .run(|client, _| client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE"))?;
             lent.in_transaction = true;
