@@ -120,27 +120,14 @@ async fn r05_a_send_while_postfix_is_down_stays_queued_and_goes_out_when_it_retu
     daemon.stop().await;
 }
 
-/// What scripts/postgres/start.sh wrote into its env file.
-fn postgres_env(name: &str) -> String {
-    let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
-        format!(
-            "{}/mailbridge-postgres",
-            std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into())
-        )
-    });
-    let env = std::fs::read_to_string(format!("{runtime}/postgres.env"))
-        .expect("scripts/postgres/start.sh has run");
-    env.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("{name} in postgres.env"))
-        .to_string()
-}
-
 /// `pg_ctl stop -m immediate`: the server's processes end at once, as in a
 /// crash; the restart replays its write-ahead log.
 fn crash_postgres() {
-    let pg_ctl = format!("{}/pg_ctl", postgres_env("TEST_POSTGRES_BIN"));
-    let data = postgres_env("TEST_POSTGRES_DATA");
+    let pg_ctl = format!(
+        "{}/pg_ctl",
+        support::daemon::postgres_env("TEST_POSTGRES_BIN")
+    );
+    let data = support::daemon::postgres_env("TEST_POSTGRES_DATA");
     let mut command = if unsafe { libc::geteuid() } == 0 {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &pg_ctl]);

@@ -277,6 +277,18 @@ impl SledStore {
 }
 
 impl<E: Engine> KvStore<E> {
+    /// A tree keyed by sequence numbers (8 bytes, big-endian), from the
+    /// one after `after` (from the start when None).
+    fn after_sequence(&self, tree: Tree, after: Option<u64>) -> super::engine::Entries<'_> {
+        let start = after.map_or(0, |sequence| sequence.saturating_add(1));
+        self.engine.range(
+            tree,
+            Bound::Included(start.to_be_bytes().to_vec()),
+            Bound::Unbounded,
+            Direction::Forward,
+        )
+    }
+
     /// The store over `engine`, with its files in `data_folder`: checks the
     /// data's format and rebuilds the outbox's due index from what is
     /// committed.
@@ -1991,19 +2003,9 @@ impl<E: Engine> Store for KvStore<E> {
         after: Option<u64>,
         limit: usize,
     ) -> StoreResult<Vec<(u64, OutboxEntry)>> {
-        let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
         let mut page = Vec::new();
         let mut unreadable = Vec::new();
-        for item in self
-            .engine
-            .range(
-                Tree::Outbox,
-                Bound::Included(start.to_be_bytes().to_vec()),
-                Bound::Unbounded,
-                Direction::Forward,
-            )
-            .take(limit)
-        {
+        for item in self.after_sequence(Tree::Outbox, after).take(limit) {
             let (k, v) = item?;
             let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 unreadable.push((k, v, "outbox key is not 8 bytes".to_string()));
@@ -2082,18 +2084,8 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
-        let start = after.map(|s| s.saturating_add(1)).unwrap_or(0);
         let mut found = Vec::new();
-        for item in self
-            .engine
-            .range(
-                Tree::DeadLetters,
-                Bound::Included(start.to_be_bytes().to_vec()),
-                Bound::Unbounded,
-                Direction::Forward,
-            )
-            .take(limit)
-        {
+        for item in self.after_sequence(Tree::DeadLetters, after).take(limit) {
             let (k, v) = item?;
             let Ok(bytes) = <[u8; 8]>::try_from(k.as_slice()) else {
                 continue;

@@ -63,9 +63,11 @@ pub fn on_the_chosen_engine(config: &mut Config, data: &Path) {
 
 /// The URL scripts/postgres/start.sh wrote, or `TEST_POSTGRES_URL`.
 pub fn test_postgres_url() -> String {
-    if let Ok(url) = std::env::var("TEST_POSTGRES_URL") {
-        return url;
-    }
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| postgres_env("TEST_POSTGRES_URL"))
+}
+
+/// A value scripts/postgres/start.sh wrote into its env file.
+pub fn postgres_env(name: &str) -> String {
     let runtime = std::env::var("TEST_POSTGRES_RUNTIME").unwrap_or_else(|_| {
         format!(
             "{}/mailbridge-postgres",
@@ -73,10 +75,10 @@ pub fn test_postgres_url() -> String {
         )
     });
     let env = std::fs::read_to_string(format!("{runtime}/postgres.env"))
-        .expect("TEST_STORE_BACKEND=postgres needs scripts/postgres/start.sh to have run");
+        .expect("the test PostgreSQL needs scripts/postgres/start.sh to have run");
     env.lines()
-        .find_map(|line| line.strip_prefix("TEST_POSTGRES_URL="))
-        .expect("postgres.env names the URL")
+        .find_map(|line| line.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in postgres.env"))
         .to_string()
 }
 
